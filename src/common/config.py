@@ -1,0 +1,150 @@
+"""Typed daemon configuration: loaded once (TOML file, then command-line overrides), passed in.
+
+Nothing here runs at import time; :func:`load_config` is called by each daemon's main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+from common.errors import InvalidArgument
+
+DEFAULT_SRCD_PORT = 7301
+DEFAULT_DSTD_PORT = 7302
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    """Settings of one srcd or dstd process."""
+
+    listen: str
+    state_dir: Path
+    host_uuid: str | None = None
+    hostname: str | None = None
+    migration_address: str | None = None
+    migration_ports: tuple[int, int] = (49152, 49215)
+    # Deadline of one RPC to a peer daemon (connect included), seconds.
+    rpc_timeout: float = 30.0
+    # Deadline of a whole migration driven by this daemon, seconds.
+    migration_timeout: float = 600.0
+    # Largest gRPC message either daemon accepts or sends, bytes.
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Largest domain XML accepted, bytes.
+    max_xml_bytes: int = 4 * 1024 * 1024
+    # How long a client-driven migration may sit between two of its phase RPCs, seconds.
+    job_idle_timeout: float = 300.0
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(DaemonConfig)}
+
+
+def _parse_ports(text: str) -> tuple[int, int]:
+    try:
+        lo_s, hi_s = text.split("-", 1)
+        lo, hi = int(lo_s), int(hi_s)
+    except ValueError:
+        raise InvalidArgument(f"migration ports must be MIN-MAX, got {text!r}") from None
+    if not (1 <= lo <= hi <= 65535):
+        raise InvalidArgument(f"migration port range {text!r} is out of 1-65535 or reversed")
+    return lo, hi
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """'HOST:PORT', '[v6]:PORT' or (with a default port) 'HOST' -> (host, port)."""
+    host, sep, port_s = text.rpartition(":")
+    if text.startswith("[") and "]" in text:
+        inner, _, rest = text[1:].partition("]")
+        host = inner
+        port_s = rest[1:] if rest.startswith(":") else ""
+        sep = ":" if port_s else ""
+    if not sep or (not text.startswith("[") and ":" in host):
+        if default_port is None:
+            raise InvalidArgument(f"address {text!r} must be HOST:PORT")
+        host, port_s = text.strip("[]"), str(default_port)
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise InvalidArgument(f"invalid port in address {text!r}") from None
+    if not host or not (0 <= port <= 65535):
+        raise InvalidArgument(f"invalid address {text!r}")
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "state_dir":
+        return Path(value)
+    if name == "migration_ports":
+        if isinstance(value, str):
+            return _parse_ports(value)
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            return _parse_ports(f"{int(value[0])}-{int(value[1])}")
+        raise InvalidArgument(f"migration_ports must be 'MIN-MAX', got {value!r}")
+    if name == "host_uuid" and value is not None:
+        try:
+            return str(uuid.UUID(str(value)))
+        except ValueError:
+            raise InvalidArgument(f"host_uuid {value!r} is not a UUID") from None
+    if name in ("rpc_timeout", "migration_timeout", "job_idle_timeout"):
+        v = float(value)
+        if v <= 0:
+            raise InvalidArgument(f"{name} must be positive")
+        return v
+    if name in ("max_message_bytes", "max_xml_bytes"):
+        return int(value)
+    return value
+
+
+def load_config(
+    args: argparse.Namespace, *, default_port: int, config_file: Path | None
+) -> DaemonConfig:
+    """Merge the TOML file (if any) with command-line options (which win)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with config_file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read config file {config_file}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"config file {config_file}: {exc}") from exc
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise InvalidArgument(f"config file {config_file}: unknown setting {key!r}")
+            values[name] = value
+    for name in _FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    values.setdefault("listen", f"127.0.0.1:{default_port}")
+    if "state_dir" not in values:
+        raise InvalidArgument("--state-dir is required (or state_dir in the config file)")
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    parse_hostport(str(coerced["listen"]), default_port)
+    return DaemonConfig(**coerced)
+
+
+def add_common_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", type=Path, help="TOML config file")
+    ap.add_argument("--listen", help="HOST:PORT to serve on")
+    ap.add_argument("--state-dir", dest="state_dir", help="the host state directory")
+    ap.add_argument("--host-uuid", dest="host_uuid", help="override the host UUID")
+    ap.add_argument("--hostname", help="hostname put in cookies (default: the system's)")
+    ap.add_argument("--rpc-timeout", dest="rpc_timeout", type=float, help="peer RPC deadline, s")
+    ap.add_argument(
+        "--migration-timeout", dest="migration_timeout", type=float,
+        help="deadline of a whole migration, s",
+    )
+    ap.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"])
+    ap.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
