@@ -38,6 +38,8 @@ class DaemonConfig:
     max_xml_bytes: int = 4 * 1024 * 1024
     # How long a client-driven migration may sit between two of its phase RPCs, seconds.
     job_idle_timeout: float = 300.0
+    # Armed failpoints (tests only), from $VMMIGRATE_FAILPOINTS, read by main().
+    failpoints: str = ""
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
 
@@ -143,7 +145,9 @@ def add_common_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--hostname", help="hostname put in cookies (default: the system's)")
     ap.add_argument("--rpc-timeout", dest="rpc_timeout", type=float, help="peer RPC deadline, s")
     ap.add_argument(
-        "--migration-timeout", dest="migration_timeout", type=float,
+        "--migration-timeout",
+        dest="migration_timeout",
+        type=float,
         help="deadline of a whole migration, s",
     )
     ap.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"])

@@ -19,7 +19,9 @@ from common.xmlsafe import parse_untrusted
 
 DEFAULT_MAX_XML_BYTES = 4 * 1024 * 1024
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +79,20 @@ def _memory_kib(el: etree._Element | None) -> int:
         raise XMLError(f"invalid value '{el.text}' for element <{el.tag}>") from None
     unit = (el.get("unit") or "KiB").strip()
     scale = {
-        "b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000,
-        "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-        "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
-        "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+        "b": 1,
+        "bytes": 1,
+        "k": 1024,
+        "kib": 1024,
+        "kb": 1000,
+        "m": 1024**2,
+        "mib": 1024**2,
+        "mb": 1000**2,
+        "g": 1024**3,
+        "gib": 1024**3,
+        "gb": 1000**3,
+        "t": 1024**4,
+        "tib": 1024**4,
+        "tb": 1000**4,
     }.get(unit.lower())
     if scale is None:
         raise XMLError(f"unknown suffix '{unit}'")
@@ -164,10 +176,7 @@ def parse_domain(
 
 
 def _as_text(text: str | bytes) -> str:
-    if isinstance(text, bytes):
-        s = text.decode("utf-8")
-    else:
-        s = text
+    s = text.decode("utf-8") if isinstance(text, bytes) else text
     # An XML declaration names an encoding that no longer applies once we hold text; drop it
     # so the text can be re-parsed from str by lxml.
     if s.startswith("<?xml"):
@@ -182,8 +191,9 @@ def rename(d: DomainDef, new_name: str) -> DomainDef:
     validate_name(new_name)
     if new_name == d.name:
         return d
-    root = parse_untrusted(d.xml, what="domain XML", max_bytes=len(d.xml.encode()) + 1,
-                           error=XMLError)
+    root = parse_untrusted(
+        d.xml, what="domain XML", max_bytes=len(d.xml.encode()) + 1, error=XMLError
+    )
     el = root.find("name")
     assert el is not None  # parse_domain guaranteed it
     el.text = new_name
@@ -192,9 +202,9 @@ def rename(d: DomainDef, new_name: str) -> DomainDef:
 
 def canonical(xml: str) -> bytes:
     """Canonical XML (C14N 2.0) of a document, for equality checks."""
-    root = parse_untrusted(xml, what="domain XML", max_bytes=len(xml.encode()) + 1,
-                           error=XMLError)
-    return etree.tostring(root, method="c14n2", strip_text=True)
+    root = parse_untrusted(xml, what="domain XML", max_bytes=len(xml.encode()) + 1, error=XMLError)
+    out: bytes = etree.tostring(root, method="c14n2", strip_text=True)  # type: ignore[call-overload]
+    return out
 
 
 def check_abi_stable(current: DomainDef, new: DomainDef, *, new_name: str | None) -> None:

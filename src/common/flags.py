@@ -94,9 +94,7 @@ def check_offline_flags(flags: MigrateFlag, *, tunnelled: bool) -> None:
     if flags & (MigrateFlag.NON_SHARED_DISK | MigrateFlag.NON_SHARED_INC):
         raise OperationInvalid("offline migration cannot handle non-shared storage")
     if MigrateFlag.PERSIST_DEST not in flags:
-        raise OperationInvalid(
-            "offline migration must be specified with the persistent flag set"
-        )
+        raise OperationInvalid("offline migration must be specified with the persistent flag set")
     if tunnelled:
         raise OperationInvalid("tunnelled offline migration does not make sense")
 
@@ -118,9 +116,7 @@ def check_api_flags(flags: MigrateFlag) -> None:
     if MigrateFlag.TUNNELLED in flags and MigrateFlag.PARALLEL in flags:
         raise OperationInvalid("flags 'TUNNELLED' and 'PARALLEL' are mutually exclusive")
     if MigrateFlag.TUNNELLED in flags and MigrateFlag.PEER2PEER not in flags:
-        raise OperationInvalid(
-            "cannot perform tunnelled migration without using peer2peer flag"
-        )
+        raise OperationInvalid("cannot perform tunnelled migration without using peer2peer flag")
 
 
 def check_begin_flags(flags: MigrateFlag) -> None:

@@ -12,20 +12,18 @@ from common.errors import InvalidArgument
 
 DEFAULT_MAX_DEPTH = 64
 
-_PARSER_OPTIONS = {
-    "resolve_entities": False,
-    "no_network": True,
-    "load_dtd": False,
-    "dtd_validation": False,
-    "huge_tree": False,
-    "remove_blank_text": False,
-    "collect_ids": False,
-}
-
 
 def _parser() -> etree.XMLParser:
     # A parser object is not safe to share between threads; they are cheap to build.
-    return etree.XMLParser(**_PARSER_OPTIONS)  # type: ignore[call-overload,no-any-return]
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_blank_text=False,
+        collect_ids=False,
+    )
 
 
 def parse_untrusted(

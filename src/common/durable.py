@@ -1,0 +1,140 @@
+"""Crash-safe file primitives for the host state directory (DESIGN.md section 2).
+
+Every file that must survive a crash is written the same way:
+
+    1. create ``.tmp-<random>`` in the *same* directory (same file system, so the rename
+       below is atomic), write all bytes, fsync the file;
+    2. rename it over the target (``os.replace``: readers see the old file or the new one,
+       never a mix);
+    3. fsync the directory, so that the rename itself survives a power cut.
+
+A crash before step 2 leaves only a ``.tmp-*`` file behind, which :func:`clean_temp_files`
+removes at the next start. That cleanup must not run while another process may be writing
+into the same directory; the host store does it under its store-wide lock, and writes
+under that same lock.
+
+OSErrors are translated here, once (STYLE.md 8): ENOSPC and EDQUOT become
+:class:`~common.errors.StorageFull`, everything else :class:`~common.errors.StorageError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from common.errors import StorageError, StorageFull
+
+TEMP_PREFIX = ".tmp-"
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_error(action: str, path: Path, exc: OSError) -> StorageError:
+    """The one translation of an OSError: StorageFull for ENOSPC/EDQUOT, else StorageError."""
+    if exc.errno in _FULL_ERRNOS:
+        return StorageFull(f"cannot {action} {path}: No space left on device")
+    reason = exc.strerror or str(exc)
+    return StorageError(f"cannot {action} {path}: {reason}")
+
+
+@contextlib.contextmanager
+def _translated(action: str, path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(action, path, exc) from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir_raw(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (creations, renames, removals) durable."""
+    with _translated("sync", path):
+        _fsync_dir_raw(path)
+
+
+def atomic_write(path: Path, data: bytes, *, mtime_ns: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically and durably.
+
+    On any failure before the rename, the temp file is removed and the target is untouched.
+    If only the final directory fsync fails, the new content is already in place (but may
+    not survive a power cut); the error is still raised.
+
+    ``mtime_ns`` sets the new file's modification time (and access time) before the
+    rename. The host store uses it to give every version of a file a distinct
+    (inode, mtime) pair, which its parse cache relies on: file systems reuse a freed inode
+    at once, and some keep timestamps at clock-tick granularity.
+    """
+    directory = path.parent
+    tmp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
+    with _translated("write", path):
+        # 0o600: definitions and journal records are the daemons' business only (libvirt
+        # keeps /etc/libvirt/qemu/*.xml 0600 as well).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                _write_all(fd, data)
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir_raw(directory)
+
+
+def durable_unlink(path: Path) -> bool:
+    """Remove ``path`` and make the removal durable. False if it did not exist."""
+    with _translated("remove", path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        _fsync_dir_raw(path.parent)
+    return True
+
+
+def clean_temp_files(directory: Path) -> int:
+    """Remove ``.tmp-*`` files a crashed writer left in ``directory``; returns how many.
+
+    Only call this when no other writer can be active in ``directory`` (see the module
+    docstring): it cannot tell a leftover from a write in progress.
+    """
+    removed = 0
+    with _translated("clean", directory):
+        with os.scandir(directory) as entries:
+            names = [
+                e.name
+                for e in entries
+                if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False)
+            ]
+        for name in names:
+            try:
+                os.unlink(directory / name)
+            except FileNotFoundError:
+                continue
+            removed += 1
+        if removed:
+            _fsync_dir_raw(directory)
+    return removed

@@ -1,0 +1,97 @@
+"""Failpoints: named places in the code where a test can make a daemon crash, fail or stall.
+
+Armed from one string, read once by each daemon's main() from ``VMMIGRATE_FAILPOINTS``:
+
+    VMMIGRATE_FAILPOINTS="dstd.finish.before_persist=crash;srcd.confirm.before=error"
+
+Actions: ``crash`` (the process exits at once with status 137, no cleanup, like SIGKILL),
+``error`` (the phase fails with OperationFailed), ``delay(MS)`` (sleep, then go on).
+An unarmed failpoint costs one dict lookup on an empty dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+
+import structlog
+
+from common.errors import InvalidArgument, OperationFailed
+
+log = structlog.get_logger("vmmigrate.failpoints")
+
+ENV_VAR = "VMMIGRATE_FAILPOINTS"
+
+# Every failpoint in the code base, by daemon. `srcd --list-failpoints` prints these.
+SRCD_FAILPOINTS = (
+    "srcd.begin.after_journal",
+    "srcd.prepare.before",
+    "srcd.prepare.after",
+    "srcd.finish.before",
+    "srcd.finish.after",
+    "srcd.confirm.before",
+    "srcd.confirm.before_undefine",
+    "srcd.confirm.after_undefine",
+    "srcd.confirm.after",
+)
+DSTD_FAILPOINTS = (
+    "dstd.prepare.before_reserve",
+    "dstd.prepare.after_reserve",
+    "dstd.finish.before",
+    "dstd.finish.before_persist",
+    "dstd.finish.after_persist",
+    "dstd.finish.after",
+)
+ALL_FAILPOINTS = frozenset(SRCD_FAILPOINTS + DSTD_FAILPOINTS)
+
+_ACTION_RE = re.compile(r"^(crash|error|delay\((\d+)\))$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    kind: str  # crash | error | delay
+    delay_ms: int = 0
+
+
+class Failpoints:
+    """The armed failpoints of one process."""
+
+    def __init__(self, armed: dict[str, Action] | None = None) -> None:
+        self._armed = armed or {}
+
+    @classmethod
+    def parse(cls, spec: str) -> Failpoints:
+        armed: dict[str, Action] = {}
+        for item in filter(None, (p.strip() for p in spec.split(";"))):
+            name, sep, action = item.partition("=")
+            name, action = name.strip(), action.strip()
+            if not sep or name not in ALL_FAILPOINTS:
+                raise InvalidArgument(f"unknown failpoint {name!r} in {ENV_VAR}")
+            m = _ACTION_RE.match(action)
+            if m is None:
+                raise InvalidArgument(
+                    f"failpoint {name}: unknown action {action!r} (crash, error, delay(MS))"
+                )
+            armed[name] = Action("delay", int(m.group(2))) if m.group(2) else Action(action)
+        return cls(armed)
+
+    @classmethod
+    def from_environ(cls) -> Failpoints:
+        return cls.parse(os.environ.get(ENV_VAR, ""))
+
+    def __bool__(self) -> bool:
+        return bool(self._armed)
+
+    async def hit(self, name: str) -> None:
+        """Run the action armed at ``name``, if any."""
+        action = self._armed.get(name)
+        if action is None:
+            return
+        log.warning("failpoint_hit", failpoint=name, action=action.kind)
+        if action.kind == "crash":
+            os._exit(137)
+        if action.kind == "error":
+            raise OperationFailed(f"failpoint {name} injected an error")
+        await asyncio.sleep(action.delay_ms / 1000)

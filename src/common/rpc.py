@@ -1,0 +1,136 @@
+"""Client side of the wire: channels, deadlines, and gRPC errors translated back to ours.
+
+This is the one place where a foreign error (grpc.aio.AioRpcError) becomes a VmmigrateError
+on the calling side. An error the peer raised on purpose arrives with its class name in the
+trailing metadata and is rebuilt as the same class; an error of the transport itself (peer
+down, deadline passed) becomes PeerUnavailable or Timeout with the peer's address in it.
+
+Servers are not built here (each daemon owns its server); only the pure mapping from our
+errors to a status (:func:`status_of`) is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from common.errors import (
+    ERROR_CLASS_KEY,
+    PeerUnavailable,
+    Timeout,
+    VmmigrateError,
+    error_from_status,
+)
+
+# Never route loopback / namespace traffic through an HTTP proxy from the environment.
+BASE_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.enable_http_proxy", 0),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect quickly after a peer restarts (default backoff grows to minutes).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+SERVER_OPTIONS_BASE: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+)
+
+
+def message_size_options(max_bytes: int) -> tuple[tuple[str, Any], ...]:
+    return (
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+    )
+
+
+def open_channel(address: str, *, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
+    """An insecure channel to HOST:PORT (loopback or a test host's namespace address)."""
+    return grpc.aio.insecure_channel(
+        address, options=BASE_CHANNEL_OPTIONS + message_size_options(max_message_bytes)
+    )
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, Sequence[tuple[str, str]]]:
+    """The gRPC status a server answers with for ``exc`` (pure: no server objects)."""
+    if isinstance(exc, VmmigrateError):
+        return exc.code, exc.message, ((ERROR_CLASS_KEY, type(exc).__name__),)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", ()
+
+
+def _class_name(err: grpc.aio.AioRpcError) -> str | None:
+    md = err.trailing_metadata()
+    if not md:
+        return None
+    for item in tuple(md):  # grpc's stubs type metadata loosely
+        key, value = item[0], item[1]  # type: ignore[index]
+        if key == ERROR_CLASS_KEY:
+            return value if isinstance(value, str) else bytes(value).decode()
+    return None
+
+
+def translate(err: grpc.aio.AioRpcError, peer: str, what: str) -> VmmigrateError:
+    """Our error for a failed call to ``peer`` (``what`` names the peer in messages)."""
+    code = err.code()
+    details = err.details() or code.name
+    cls = _class_name(err)
+    if cls is not None:
+        return error_from_status(code, details, cls)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return PeerUnavailable(f"unable to connect to {what} '{peer}': {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Timeout(f"{what} '{peer}' did not answer before the deadline")
+    return error_from_status(code, f"{what} '{peer}': {details}", None)
+
+
+@contextlib.asynccontextmanager
+async def translated(peer: str, what: str) -> AsyncIterator[None]:
+    """Translate gRPC errors raised inside the block (the one place on the client side)."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as err:
+        raise translate(err, peer, what) from err
+
+
+class Deadline:
+    """An absolute deadline (monotonic clock) with a wall-clock twin for the wire."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+        self.unix_ms = int((time.time() + seconds) * 1000)
+
+    @classmethod
+    def from_unix_ms(cls, unix_ms: int, default: float, cap: float | None = None) -> Deadline:
+        """A deadline received on the wire (0 = none given: use ``default``)."""
+        if unix_ms <= 0:
+            return cls(default)
+        left = unix_ms / 1000 - time.time()
+        if cap is not None:
+            left = min(left, cap)
+        return cls(max(left, 0.0))
+
+    def remaining(self) -> float:
+        return max(self._end - time.monotonic(), 0.0)
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self._end
+
+    def rpc_timeout(self, cap: float) -> float:
+        """Timeout for one RPC: what is left, capped, and never zero (gRPC needs > 0)."""
+        return max(min(self.remaining(), cap), 0.001)
+
+
+async def call(method: Any, request: Any, *, timeout: float, peer: str, what: str) -> Any:
+    """One unary call with a deadline, gRPC errors translated."""
+    async with translated(peer, what):
+        return await method(request, timeout=timeout)

@@ -1,0 +1,3 @@
+from dstd.main import main
+
+main()

@@ -1,0 +1,94 @@
+"""Destination-side migration jobs: what dstd holds for a domain from Prepare to Finish.
+
+An incoming job is a reservation of the name and UUID in the host store (a journal record,
+never a domain definition) plus an entry in this table. Finish turns it into a persisted
+definition or drops it; a job whose Finish never comes (the source died) is dropped when
+its deadline passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import structlog
+
+from common.domainxml import DomainDef
+from common.errors import OperationInvalid
+from common.flags import MigrateFlag
+from common.phase import Phase, advance
+from common.rpc import Deadline
+from common.store import HostStore, JobRecord
+
+log = structlog.get_logger("vmmigrate.dstd.incoming")
+
+
+@dataclasses.dataclass
+class IncomingJob:
+    migration_id: str
+    target: DomainDef  # the definition to persist, already renamed (DEST_NAME)
+    origname: str  # the name on the source (cookies carry it)
+    flags: MigrateFlag
+    record: JobRecord
+    deadline: Deadline
+    replaces: bool  # an inactive definition with the same name and UUID exists here
+    phase: Phase = Phase.PREPARE
+    last_active: float = dataclasses.field(default_factory=time.monotonic)
+    busy: bool = False  # a Finish is running
+
+    @property
+    def offline(self) -> bool:
+        return MigrateFlag.OFFLINE in self.flags
+
+    def advance(self, new: Phase) -> None:
+        self.phase = advance(
+            self.phase, new, migration_id=self.migration_id, domain=self.target.name
+        )
+        self.last_active = time.monotonic()
+
+
+class IncomingTable:
+    def __init__(self, store: HostStore) -> None:
+        self._store = store
+        self._jobs: dict[str, IncomingJob] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, migration_id: str) -> bool:
+        return migration_id in self._jobs
+
+    def add(self, job: IncomingJob) -> None:
+        self._jobs[job.migration_id] = job
+
+    def get(self, migration_id: str, dest_name: str) -> IncomingJob:
+        job = self._jobs.get(migration_id)
+        if job is None:
+            raise OperationInvalid(f"domain '{dest_name}' is not processing incoming migration")
+        return job
+
+    async def drop(self, job: IncomingJob) -> None:
+        """Forget the job and give back its reservation."""
+        self._jobs.pop(job.migration_id, None)
+        await asyncio.to_thread(self._store.release_incoming, job.migration_id)
+
+    def forget(self, job: IncomingJob) -> None:
+        self._jobs.pop(job.migration_id, None)
+
+    async def expire(self, idle_timeout: float) -> int:
+        now = time.monotonic()
+        stale = [
+            j
+            for j in self._jobs.values()
+            if not j.busy and (j.deadline.expired() or now - j.last_active > idle_timeout)
+        ]
+        for job in stale:
+            log.warning("incoming_expired", migration_id=job.migration_id, domain=job.target.name)
+            await self.drop(job)
+        return len(stale)
+
+    async def run_expiry(self, idle_timeout: float, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.expire(idle_timeout)

@@ -1,0 +1,38 @@
+"""dstd: the destination side of migrations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.config import DEFAULT_DSTD_PORT
+from common.daemon import daemon_main
+from common.failpoints import DSTD_FAILPOINTS
+from dstd.server import running_server
+
+
+def _options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--migration-address",
+        dest="migration_address",
+        help="address emulators listen on for incoming migration streams",
+    )
+    ap.add_argument("--migration-ports", dest="migration_ports", help="port range MIN-MAX for them")
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(
+        daemon_main(
+            "dstd",
+            description="vmmigrate destination daemon: the destination side of migrations",
+            default_port=DEFAULT_DSTD_PORT,
+            server_factory=running_server,
+            failpoint_names=DSTD_FAILPOINTS,
+            extra_options=_options,
+            argv=argv,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

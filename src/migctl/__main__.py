@@ -1,0 +1,3 @@
+from migctl.main import main
+
+main()

@@ -1,0 +1,281 @@
+"""migctl: the thin client, with virsh's command and option names.
+
+    migctl [-c|--connect HOST:PORT] COMMAND ...
+
+Errors go to stderr as ``error: MESSAGE`` with exit status 1; success exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc.aio
+
+from common.config import DEFAULT_DSTD_PORT, DEFAULT_SRCD_PORT, format_hostport, parse_hostport
+from common.errors import InvalidArgument, VmmigrateError
+from common.flags import MigrateFlag
+from common.rpc import Deadline, call, open_channel
+from migctl import managed
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
+
+DAEMON = "daemon"
+STATE_WORDS = {
+    pb.DOMAIN_STATE_UNSPECIFIED: "no state",
+    pb.DOMAIN_STATE_RUNNING: "running",
+    pb.DOMAIN_STATE_BLOCKED: "idle",
+    pb.DOMAIN_STATE_PAUSED: "paused",
+    pb.DOMAIN_STATE_SHUTDOWN: "in shutdown",
+    pb.DOMAIN_STATE_SHUTOFF: "shut off",
+    pb.DOMAIN_STATE_CRASHED: "crashed",
+    pb.DOMAIN_STATE_PMSUSPENDED: "pmsuspended",
+}
+# Deadline of a simple API call, and of a whole migration, seconds.
+CALL_TIMEOUT = 30.0
+DEFAULT_MIGRATE_TIMEOUT = 600.0
+
+
+class UsageError(Exception):
+    """A command line that virsh would refuse before talking to any daemon."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _build_parser() -> ArgParser:
+    ap = ArgParser(prog="migctl", description="vmmigrate client (virsh's names)")
+    ap.add_argument(
+        "-c",
+        "--connect",
+        default=os.environ.get("MIGCTL_CONNECT") or f"127.0.0.1:{DEFAULT_SRCD_PORT}",
+        help="srcd address HOST:PORT (default $MIGCTL_CONNECT, else 127.0.0.1:7301)",
+    )
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=ArgParser)
+
+    p = sub.add_parser("define", help="define a domain from an XML file")
+    p.add_argument("file")
+    p = sub.add_parser("undefine", help="undefine a domain")
+    p.add_argument("domain")
+    p = sub.add_parser("list", help="list domains")
+    p.add_argument("--all", action="store_true", help="active and inactive domains")
+    p.add_argument("--inactive", action="store_true", help="inactive domains only")
+    p.add_argument("--name", action="store_true", help="names only, one per line")
+    p.add_argument("--uuid", action="store_true", help="UUIDs only, one per line")
+    for cmd in ("domstate", "dominfo", "domuuid", "domname"):
+        p = sub.add_parser(cmd)
+        p.add_argument("domain")
+    p = sub.add_parser("dumpxml", help="domain XML")
+    p.add_argument("domain")
+    p.add_argument("--inactive", action="store_true")
+
+    p = sub.add_parser("migrate", help="migrate a domain to another host")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--live", action="store_true")
+    mode.add_argument("--offline", action="store_true")
+    p.add_argument("--p2p", action="store_true")
+    p.add_argument("--tunnelled", "--tunneled", action="store_true")
+    p.add_argument("--persistent", action="store_true")
+    p.add_argument("--undefinesource", action="store_true")
+    p.add_argument("--suspend", action="store_true")
+    p.add_argument("--copy-storage-all", action="store_true")
+    p.add_argument("--copy-storage-inc", action="store_true")
+    p.add_argument("--unsafe", action="store_true")
+    p.add_argument("--auto-converge", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--dname")
+    p.add_argument("--xml", metavar="FILE")
+    p.add_argument("--persistent-xml", metavar="FILE")
+    p.add_argument("--bandwidth", type=int, metavar="MiB/s")
+    p.add_argument("--timeout", type=int, metavar="S")
+    p.add_argument("--timeout-suspend", action="store_true")
+    p.add_argument("--migration-id")
+    p.add_argument("domain")
+    p.add_argument("desturi")
+    return ap
+
+
+def _read_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"Failed to open file '{path}': {exc}") from exc
+
+
+def migrate_flags(a: argparse.Namespace) -> MigrateFlag:
+    """virsh's option -> flag mapping (PROTOCOL.md G.1), with its own command-line rules."""
+    if a.timeout is not None:
+        if a.offline or not a.live:
+            raise UsageError("migrate: Unexpected timeout for offline migration")
+        if a.timeout < 1:
+            raise UsageError("migrate: Invalid timeout")
+    elif a.timeout_suspend:
+        raise UsageError("migrate: Unexpected --timeout-* option without --timeout")
+    if a.bandwidth is not None and a.bandwidth < 0:
+        raise UsageError("migrate: Invalid bandwidth")
+    mapping = {
+        "live": MigrateFlag.LIVE,
+        "offline": MigrateFlag.OFFLINE,
+        "p2p": MigrateFlag.PEER2PEER,
+        "tunnelled": MigrateFlag.TUNNELLED,
+        "persistent": MigrateFlag.PERSIST_DEST,
+        "undefinesource": MigrateFlag.UNDEFINE_SOURCE,
+        "suspend": MigrateFlag.PAUSED,
+        "copy_storage_all": MigrateFlag.NON_SHARED_DISK,
+        "copy_storage_inc": MigrateFlag.NON_SHARED_INC,
+        "unsafe": MigrateFlag.UNSAFE,
+        "auto_converge": MigrateFlag.AUTO_CONVERGE,
+    }
+    flags = MigrateFlag(0)
+    for option, flag in mapping.items():
+        if getattr(a, option):
+            flags |= flag
+    return flags
+
+
+def migrate_params(a: argparse.Namespace) -> pb.MigrationParams:
+    if a.dname is not None and not a.dname:
+        raise InvalidArgument("invalid argument: dname must not be empty")
+    return pb.MigrationParams(
+        dest_name=a.dname or "",
+        dest_xml=_read_file(a.xml) if a.xml else "",
+        persist_xml=_read_file(a.persistent_xml) if a.persistent_xml else "",
+        bandwidth_mib=a.bandwidth or 0,
+        timeout_s=a.timeout or 0,
+        timeout_suspend=a.timeout_suspend,
+    )
+
+
+def _dest_address(desturi: str) -> str:
+    host, port = parse_hostport(desturi, DEFAULT_DSTD_PORT)
+    return format_hostport(host, port)
+
+
+def _print_table(rows: list[pb.ListEntry]) -> None:
+    ids = ["-" if e.domain.id < 0 else str(e.domain.id) for e in rows]
+    names = [e.domain.name for e in rows]
+    states = [STATE_WORDS.get(e.state, "no state") for e in rows]
+    wid = max([2, *map(len, ids)])
+    wname = max([4, *map(len, names)])
+    header = f" {'Id':<{wid}}   {'Name':<{wname}}   State"
+    print(header)
+    print("-" * (len(header) + 7))
+    for i, n, s in zip(ids, names, states, strict=True):
+        print(f" {i:<{wid}}   {n:<{wname}}   {s}")
+    print()
+
+
+async def run(a: argparse.Namespace) -> int:
+    address = a.connect
+    channel = open_channel(address)
+    try:
+        return await _dispatch(a, address, channel)
+    finally:
+        await channel.close(None)
+
+
+async def _dispatch(a: argparse.Namespace, address: str, channel: grpc.aio.Channel) -> int:
+    dom = pb_grpc.DomainServiceStub(channel)
+
+    async def rpc(method: Any, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        return await call(method, request, timeout=timeout, peer=address, what=DAEMON)
+
+    cmd = a.command
+    if cmd == "define":
+        r = await rpc(dom.Define, pb.DefineRequest(xml=_read_file(a.file)))
+        print(f"Domain '{r.domain.name}' defined from {a.file}")
+    elif cmd == "undefine":
+        r = await rpc(dom.Undefine, pb.UndefineRequest(domain=a.domain))
+        print(f"Domain '{r.domain.name}' has been undefined")
+    elif cmd == "list":
+        r = await rpc(dom.List, pb.ListRequest(all=a.all or a.inactive))
+        rows = [e for e in r.domains if not a.inactive or e.state == pb.DOMAIN_STATE_SHUTOFF]
+        if a.name or a.uuid:
+            for e in rows:
+                print(e.domain.name if a.name else e.domain.uuid)
+        else:
+            _print_table(rows)
+    elif cmd == "domstate":
+        r = await rpc(dom.GetState, pb.DomainRequest(domain=a.domain))
+        print(STATE_WORDS.get(r.state, "no state"))
+    elif cmd in ("domuuid", "domname"):
+        r = await rpc(dom.GetInfo, pb.DomainRequest(domain=a.domain))
+        print(r.domain.uuid if cmd == "domuuid" else r.domain.name)
+    elif cmd == "dominfo":
+        r = await rpc(dom.GetInfo, pb.DomainRequest(domain=a.domain))
+        rows = [
+            ("Id", "-" if r.domain.id < 0 else str(r.domain.id)),
+            ("Name", r.domain.name),
+            ("UUID", r.domain.uuid),
+            ("OS Type", r.os_type),
+            ("State", STATE_WORDS.get(r.state, "no state")),
+            ("CPU(s)", str(r.vcpus)),
+            ("Max memory", f"{r.max_memory_kib} KiB"),
+            ("Used memory", f"{r.used_memory_kib} KiB"),
+            ("Persistent", "yes" if r.persistent else "no"),
+            ("Autostart", "enable" if r.autostart else "disable"),
+        ]
+        if r.migration_job:
+            rows.append(("Migration job", r.migration_job))
+        for k, v in rows:
+            print(f"{k + ':':<16}{v}")
+        print()
+    elif cmd == "dumpxml":
+        r = await rpc(dom.DumpXML, pb.DumpXMLRequest(domain=a.domain, inactive=a.inactive))
+        sys.stdout.write(r.xml if r.xml.endswith("\n") else r.xml + "\n")
+    elif cmd == "migrate":
+        flags = migrate_flags(a)
+        params = migrate_params(a)
+        dest = _dest_address(a.desturi)
+        seconds = float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
+        if MigrateFlag.PEER2PEER in flags:
+            await rpc(
+                dom.Migrate,
+                pb.MigrateRequest(
+                    domain=a.domain,
+                    dest_uri=dest,
+                    flags=int(flags),
+                    params=params,
+                    migration_id=a.migration_id or "",
+                ),
+                timeout=seconds,
+            )
+        else:
+            await managed.migrate(
+                source=pb_grpc.MigrationSourceServiceStub(channel),
+                source_address=address,
+                dest_address=dest,
+                domain=a.domain,
+                flags=flags,
+                params=params,
+                migration_id=a.migration_id,
+                deadline=Deadline(seconds),
+            )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = _build_parser()
+    try:
+        a = ap.parse_args(argv)
+        code = asyncio.run(run(a))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    except VmmigrateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Client-driven ("managed") migration: migctl runs the v3 sequence itself.
+
+libvirt's virDomainMigrateVersion3Full (PROTOCOL.md A.3), with change protection (the
+source holds the job from Begin to Confirm):
+
+    Begin (source) -> Prepare (destination)   failure: Confirm(cancelled) ends the source job
+    Perform (source, skipped for offline)      failure: Finish(cancelled), no Confirm
+    Finish (destination, always)               cancelled = Finish returned no domain
+    Confirm (source)                           failure: reported as a warning only
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from typing import Any
+
+from common.domainxml import parse_domain
+from common.errors import ArgumentUnsupported, OperationFailed, VmmigrateError
+from common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
+from common.rpc import Deadline, call, open_channel
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
+
+SOURCE = "source host"
+DEST = "destination host"
+RPC_TIMEOUT = 30.0
+
+
+async def migrate(
+    *,
+    source: pb_grpc.MigrationSourceServiceStub,
+    source_address: str,
+    dest_address: str,
+    domain: str,
+    flags: MigrateFlag,
+    params: pb.MigrationParams,
+    migration_id: str | None,
+    deadline: Deadline,
+) -> pb.DomainRef:
+    check_api_flags(flags)
+    mid = migration_id or str(uuid.uuid4())
+    channel = open_channel(dest_address)
+    try:
+        dest = pb_grpc.MigrationDestinationServiceStub(channel)
+        return await _run(
+            source=source,
+            source_address=source_address,
+            dest=dest,
+            dest_address=dest_address,
+            domain=domain,
+            flags=flags,
+            params=params,
+            mid=mid,
+            deadline=deadline,
+        )
+    finally:
+        await channel.close(None)
+
+
+async def _run(
+    *,
+    source: pb_grpc.MigrationSourceServiceStub,
+    source_address: str,
+    dest: pb_grpc.MigrationDestinationServiceStub,
+    dest_address: str,
+    domain: str,
+    flags: MigrateFlag,
+    params: pb.MigrationParams,
+    mid: str,
+    deadline: Deadline,
+) -> pb.DomainRef:
+    def header(f: MigrateFlag, cookie: bytes = b"") -> pb.PhaseHeader:
+        return pb.PhaseHeader(
+            migration_id=mid, flags=int(f), cookie=cookie, deadline_unix_ms=deadline.unix_ms
+        )
+
+    async def to_source(method: Any, request: Any, cleanup: bool = False) -> Any:
+        timeout = RPC_TIMEOUT if cleanup else deadline.rpc_timeout(RPC_TIMEOUT)
+        return await call(method, request, timeout=timeout, peer=source_address, what=SOURCE)
+
+    async def to_dest(method: Any, request: Any, cleanup: bool = False) -> Any:
+        timeout = RPC_TIMEOUT if cleanup else deadline.rpc_timeout(RPC_TIMEOUT)
+        return await call(method, request, timeout=timeout, peer=dest_address, what=DEST)
+
+    caps: pb.CapabilitiesResponse = await to_dest(dest.GetCapabilities, pb.CapabilitiesRequest())
+    if MigrateFlag.OFFLINE in flags and not caps.offline:
+        raise ArgumentUnsupported("offline migration is not supported by the destination host")
+
+    src_flags = flags | MigrateFlag.CHANGE_PROTECTION
+    begun: pb.BeginResponse = await to_source(
+        source.Begin, pb.BeginRequest(header=header(src_flags), domain=domain, params=params)
+    )
+    src_flags = MigrateFlag(begun.flags) | MigrateFlag.CHANGE_PROTECTION
+    destflags = MigrateFlag(begun.flags) & ~SOURCE_ONLY & ~MigrateFlag.CHANGE_PROTECTION
+    source_name = parse_domain(begun.domain_xml, generate_uuid=False).name
+
+    async def confirm(cancelled: bool, cookie: bytes) -> None:
+        try:
+            await to_source(
+                source.Confirm,
+                pb.ConfirmRequest(
+                    header=header(src_flags, cookie), domain=domain, cancelled=cancelled
+                ),
+                cleanup=True,
+            )
+        except VmmigrateError as exc:
+            print(f"warning: Confirm on the source failed: {exc}", file=sys.stderr)
+
+    try:
+        await to_dest(
+            dest.Prepare,
+            pb.PrepareRequest(
+                header=header(destflags, begun.cookie),
+                domain_xml=begun.domain_xml,
+                params=params,
+            ),
+        )
+    except BaseException:
+        # With change protection, Confirm(cancelled) just ends the source's job.
+        await confirm(True, b"")
+        raise
+
+    first_error: VmmigrateError | None = None
+    if MigrateFlag.OFFLINE in flags:
+        perform_cookie, cancelled = b"", False  # Perform skipped, Prepare's cookie dropped
+    else:
+        raise ArgumentUnsupported("live migration is not supported by this client")
+
+    dest_domain: pb.DomainRef | None = None
+    finish_cookie = b""
+    try:
+        finished: pb.FinishResponse = await to_dest(
+            dest.Finish,
+            pb.FinishRequest(
+                header=header(destflags, perform_cookie),
+                dest_name=params.dest_name or source_name,
+                cancelled=cancelled,
+                params=params,
+            ),
+            cleanup=cancelled,
+        )
+        if finished.HasField("domain"):
+            dest_domain = finished.domain
+        finish_cookie = finished.cookie
+    except VmmigrateError as exc:
+        first_error = exc
+    await confirm(dest_domain is None, finish_cookie)
+    if first_error is not None:
+        raise first_error
+    if dest_domain is None:
+        raise OperationFailed("migration failed: the destination did not return a domain")
+    return dest_domain

@@ -1,0 +1,3 @@
+from srcd.main import main
+
+main()

@@ -1,0 +1,135 @@
+"""Source-side migration jobs: what srcd holds for a domain from Begin to Confirm.
+
+A job owns three things, acquired in Begin and given back when it ends (Confirm, a failed
+Prepare, or expiry of a parked client-driven job): the cross-process job lock of the domain,
+the job's journal record, and a place in the job table. They are released by the job's
+cleanup stack, in reverse order of acquisition, whatever ended it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+
+import structlog
+
+from common.domainxml import DomainDef
+from common.errors import OperationInvalid
+from common.flags import MigrateFlag, flag_names
+from common.phase import Phase, advance
+from common.rpc import Deadline
+from common.store import HostStore, JobLock, JobRecord
+
+log = structlog.get_logger("vmmigrate.srcd.jobs")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceParams:
+    """The typed parameters a migration was started with (libvirt's VIR_MIGRATE_PARAM_*)."""
+
+    dest_name: str = ""
+    dest_xml: str = ""
+    persist_xml: str = ""
+    migrate_uri: str = ""
+    bandwidth_mib: int = 0
+
+
+@dataclasses.dataclass
+class SourceJob:
+    """One outgoing migration of one domain."""
+
+    migration_id: str
+    domain: DomainDef
+    flags: MigrateFlag
+    params: SourceParams
+    peer: str
+    deadline: Deadline
+    record: JobRecord
+    lock: JobLock
+    cleanup: contextlib.AsyncExitStack
+    phase: Phase = Phase.BEGIN3
+    last_active: float = dataclasses.field(default_factory=time.monotonic)
+    # Set by the p2p driver while it runs the job; a parked (client-driven) job has none.
+    driven: bool = False
+
+    @property
+    def offline(self) -> bool:
+        return MigrateFlag.OFFLINE in self.flags
+
+    def advance(self, new: Phase) -> None:
+        self.phase = advance(
+            self.phase, new, migration_id=self.migration_id, domain=self.domain.name
+        )
+        self.last_active = time.monotonic()
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+
+class SourceJobTable:
+    """The jobs of this srcd, by migration id. Only the event loop thread touches it."""
+
+    def __init__(self, store: HostStore) -> None:
+        self._store = store
+        self._jobs: dict[str, SourceJob] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: SourceJob) -> None:
+        if job.migration_id in self._jobs:
+            raise OperationInvalid(f"migration id '{job.migration_id}' is already in use")
+        self._jobs[job.migration_id] = job
+        job.cleanup.callback(self._jobs.pop, job.migration_id, None)
+
+    def get(self, migration_id: str, domain: str | None = None) -> SourceJob:
+        job = self._jobs.get(migration_id)
+        if job is None or (domain and domain not in (job.domain.name, job.domain.uuid)):
+            raise OperationInvalid(
+                f"no migration job with id '{migration_id}' is active on this host"
+            )
+        return job
+
+    def for_domain(self, uuid: str) -> SourceJob | None:
+        for job in self._jobs.values():
+            if job.domain.uuid == uuid:
+                return job
+        return None
+
+    async def end(self, job: SourceJob) -> None:
+        """Give back everything the job holds (lock, journal record, table slot)."""
+        await job.cleanup.aclose()
+        log.info(
+            "job_ended",
+            migration_id=job.migration_id,
+            domain=job.domain.name,
+            phase=job.phase.label,
+            flags=flag_names(job.flags),
+        )
+
+    async def expire_idle(self, idle_timeout: float) -> int:
+        """End parked client-driven jobs whose client went away (libvirt aborts them when
+        the client's connection closes; gRPC has no such signal, so an idle time and the
+        migration's own deadline stand in for it). Returns how many ended."""
+        now = time.monotonic()
+        stale = [
+            j
+            for j in self._jobs.values()
+            if not j.driven and (now - j.last_active > idle_timeout or j.deadline.expired())
+        ]
+        for job in stale:
+            log.warning(
+                "job_expired",
+                migration_id=job.migration_id,
+                domain=job.domain.name,
+                phase=job.phase.label,
+            )
+            await self.end(job)
+        return len(stale)
+
+    async def run_expiry(self, idle_timeout: float, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.expire_idle(idle_timeout)

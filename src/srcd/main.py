@@ -1,0 +1,27 @@
+"""srcd: a host's front door and the source side of migrations."""
+
+from __future__ import annotations
+
+import sys
+
+from common.config import DEFAULT_SRCD_PORT
+from common.daemon import daemon_main
+from common.failpoints import SRCD_FAILPOINTS
+from srcd.server import running_server
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(
+        daemon_main(
+            "srcd",
+            description="vmmigrate source daemon: client API and source side of migrations",
+            default_port=DEFAULT_SRCD_PORT,
+            server_factory=running_server,
+            failpoint_names=SRCD_FAILPOINTS,
+            argv=argv,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

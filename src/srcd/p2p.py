@@ -1,0 +1,212 @@
+"""The peer-to-peer driver: srcd runs the whole v3 sequence itself.
+
+It reads like libvirt's failure matrix (PROTOCOL.md A.2):
+
+    begin (local)  -> prepare (destination)   failure: job ends, no Finish, no Confirm
+    perform (local, skipped for offline)       failure: cancelled = True, error kept
+    finish (destination, always)               cancelled = Finish returned no domain
+    confirm (local, always)                    failure: logged, never hides the first error
+
+The first error is the one reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import structlog
+
+from common.errors import ArgumentUnsupported, OperationFailed, VmmigrateError
+from common.flags import SOURCE_ONLY, MigrateFlag
+from common.phase import Phase
+from common.rpc import Deadline, call
+from srcd import phases
+from srcd.context import SourceContext
+from srcd.jobs import SourceJob, SourceParams
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+
+log = structlog.get_logger("vmmigrate.srcd.p2p")
+
+PROTOCOL_VERSION = 3
+DEST = "destination host"
+
+
+@dataclasses.dataclass(frozen=True)
+class P2PResult:
+    migration_id: str
+    dest_domain: pb.DomainRef | None
+    phases: tuple[str, ...]
+
+
+def new_migration_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _params_pb(params: SourceParams) -> pb.MigrationParams:
+    return pb.MigrationParams(
+        dest_name=params.dest_name,
+        persist_xml=params.persist_xml,
+        migrate_uri=params.migrate_uri,
+        bandwidth_mib=params.bandwidth_mib,
+    )
+
+
+class P2PMigration:
+    """One p2p migration. Each method is one step of the sequence; run() is the sequence."""
+
+    def __init__(
+        self,
+        ctx: SourceContext,
+        *,
+        migration_id: str,
+        domain_key: str,
+        dest_uri: str,
+        flags: MigrateFlag,
+        params: SourceParams,
+    ) -> None:
+        self.ctx = ctx
+        self.migration_id = migration_id
+        self.domain_key = domain_key
+        self.dest_uri = dest_uri
+        self.flags = flags | MigrateFlag.PEER2PEER
+        # p2p is already one job: libvirt clears CHANGE_PROTECTION here.
+        self.flags &= ~MigrateFlag.CHANGE_PROTECTION
+        self.params = params
+        self.deadline = Deadline(ctx.config.migration_timeout)
+        self.dest = ctx.peers.destination(dest_uri)
+        self.phases: list[str] = []
+
+    def _header(self, flags: MigrateFlag, cookie: bytes) -> pb.PhaseHeader:
+        return pb.PhaseHeader(
+            migration_id=self.migration_id,
+            flags=int(flags),
+            cookie=cookie,
+            deadline_unix_ms=self.deadline.unix_ms,
+        )
+
+    def _rpc_timeout(self, cleanup: bool = False) -> float:
+        """Per-RPC deadline. Cleanup calls (Finish cancelled) still get a full RPC timeout
+        after the migration's deadline passed: leaving the peer reserved is worse."""
+        cap = self.ctx.config.rpc_timeout
+        return cap if cleanup else self.deadline.rpc_timeout(cap)
+
+    async def check_destination(self) -> None:
+        caps: pb.CapabilitiesResponse = await call(
+            self.dest.GetCapabilities,
+            pb.CapabilitiesRequest(),
+            timeout=self._rpc_timeout(),
+            peer=self.dest_uri,
+            what=DEST,
+        )
+        if caps.protocol_version < PROTOCOL_VERSION:
+            raise ArgumentUnsupported(
+                "Destination libvirt does not support peer-to-peer migration protocol"
+            )
+        if MigrateFlag.OFFLINE in self.flags and not caps.offline:
+            raise ArgumentUnsupported("offline migration is not supported by the destination host")
+
+    async def prepare(
+        self, begin: phases.BeginResult, destflags: MigrateFlag
+    ) -> pb.PrepareResponse:
+        self.phases.append("prepare")
+        await self.ctx.failpoints.hit("srcd.prepare.before")
+        response: pb.PrepareResponse = await call(
+            self.dest.Prepare,
+            pb.PrepareRequest(
+                header=self._header(destflags, begin.cookie),
+                domain_xml=begin.domain_xml,
+                params=_params_pb(self.params),
+            ),
+            timeout=self._rpc_timeout(),
+            peer=self.dest_uri,
+            what=DEST,
+        )
+        await self.ctx.failpoints.hit("srcd.prepare.after")
+        return response
+
+    async def finish(
+        self, job: SourceJob, destflags: MigrateFlag, cookie: bytes, cancelled: bool
+    ) -> pb.FinishResponse:
+        self.phases.append("finish")
+        await self.ctx.failpoints.hit("srcd.finish.before")
+        response: pb.FinishResponse = await call(
+            self.dest.Finish,
+            pb.FinishRequest(
+                header=self._header(destflags, cookie),
+                dest_name=self.params.dest_name or job.domain.name,
+                cancelled=cancelled,
+                params=_params_pb(self.params),
+            ),
+            timeout=self._rpc_timeout(cleanup=cancelled),
+            peer=self.dest_uri,
+            what=DEST,
+        )
+        await self.ctx.failpoints.hit("srcd.finish.after")
+        return response
+
+    async def run(self) -> P2PResult:
+        await self.check_destination()
+        job, begun = await phases.begin(
+            self.ctx,
+            migration_id=self.migration_id,
+            domain_key=self.domain_key,
+            flags=self.flags,
+            params=self.params,
+            peer=self.dest_uri,
+            deadline=self.deadline,
+            driven=True,
+        )
+        self.phases.append("begin")
+        destflags = begun.flags & ~SOURCE_ONLY
+        try:
+            await self.prepare(begun, destflags)
+        except BaseException:
+            await phases.abandon(self.ctx, job)
+            raise
+
+        first_error: VmmigrateError | None = None
+        if job.offline:
+            # Offline: Perform is skipped and Prepare's cookie is thrown away, so Finish
+            # gets no cookie (libvirt does the same).
+            perform_cookie, cancelled = b"", False
+        else:  # pragma: no cover - no domain can run yet, so Begin refused already
+            raise ArgumentUnsupported("live migration is not supported by this source host")
+
+        dest_domain: pb.DomainRef | None = None
+        finish_cookie = b""
+        try:
+            finished = await self.finish(job, destflags, perform_cookie, cancelled)
+            if finished.HasField("domain"):
+                dest_domain = finished.domain
+            finish_cookie = finished.cookie
+        except VmmigrateError as exc:
+            first_error = first_error or exc
+        # After Finish, "cancelled" means only: Finish returned no domain.
+        cancelled = dest_domain is None
+
+        self.phases.append("confirm")
+        try:
+            await phases.confirm(self.ctx, job, cancelled=cancelled, cookie=finish_cookie)
+        except VmmigrateError as exc:
+            # libvirt: "Guest probably left in 'paused' state on source"; never hides the
+            # real error, and a migration whose Finish returned a domain has succeeded.
+            log.warning(
+                "confirm_failed",
+                migration_id=self.migration_id,
+                error=str(exc),
+                cancelled=cancelled,
+            )
+        if first_error is not None:
+            raise first_error
+        if dest_domain is None:
+            raise OperationFailed("migration failed: the destination did not return a domain")
+        log.info(
+            "migration_completed",
+            migration_id=self.migration_id,
+            domain=job.domain.name,
+            dest=self.dest_uri,
+            phases=self.phases,
+            final_phase=Phase.CONFIRM3.label,
+        )
+        return P2PResult(self.migration_id, dest_domain, tuple(self.phases))

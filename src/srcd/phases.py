@@ -1,0 +1,181 @@
+"""The source phases: Begin, Perform, Confirm (libvirt's qemuMigrationSrc*Phase).
+
+One function per phase variant; the p2p driver (p2p.py) and the client-driven RPCs
+(server.py) both call these, so both modes behave the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+
+import structlog
+
+from common.cookie import ACCEPT_CONFIRM, CookieFlag, MigrationCookie, format_cookie, parse_cookie
+from common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
+from common.errors import ArgumentUnsupported, OperationInvalid
+from common.flags import MigrateFlag, check_begin_flags
+from common.phase import Phase
+from common.rpc import Deadline
+from common.store import JobRecord, validate_migration_id
+from srcd.context import SourceContext
+from srcd.jobs import SourceJob, SourceParams
+
+log = structlog.get_logger("vmmigrate.srcd.phases")
+
+
+@dataclasses.dataclass(frozen=True)
+class BeginResult:
+    cookie: bytes
+    domain_xml: str
+    flags: MigrateFlag
+
+
+def _definition_to_send(ctx: SourceContext, current: DomainDef, params: SourceParams) -> DomainDef:
+    """What Prepare receives: the stored definition, or DEST_XML after libvirt's identity
+    check. It always carries the source name: renaming is DEST_NAME's job, on the
+    destination, so that the cookie's name (the source's) and the XML's agree."""
+    if not params.dest_xml:
+        return current
+    new = parse_domain(params.dest_xml, max_bytes=ctx.config.max_xml_bytes, generate_uuid=False)
+    if params.dest_name and new.name == params.dest_name:
+        new = rename(new, current.name)
+    check_abi_stable(current, new, new_name=None)
+    return new
+
+
+def _check_persist_xml(ctx: SourceContext, current: DomainDef, params: SourceParams) -> None:
+    if not params.persist_xml:
+        return
+    new = parse_domain(params.persist_xml, max_bytes=ctx.config.max_xml_bytes, generate_uuid=False)
+    if params.dest_name and new.name == params.dest_name:
+        return check_abi_stable(current, new, new_name=params.dest_name)
+    return check_abi_stable(current, new, new_name=None)
+
+
+async def begin(
+    ctx: SourceContext,
+    *,
+    migration_id: str,
+    domain_key: str,
+    flags: MigrateFlag,
+    params: SourceParams,
+    peer: str,
+    deadline: Deadline,
+    driven: bool,
+) -> tuple[SourceJob, BeginResult]:
+    """Begin: take the domain's migration job and produce the XML and cookie for Prepare.
+
+    On success the job is held (lock, journal record at BEGIN3, table entry) until
+    ctx.jobs.end(). On failure nothing is left behind.
+    """
+    validate_migration_id(migration_id)
+    current = await asyncio.to_thread(ctx.store.lookup, domain_key)
+    async with contextlib.AsyncExitStack() as stack:
+        lock = await asyncio.to_thread(ctx.store.acquire_job, current)
+        stack.callback(lock.release)
+        # libvirt checks, in its order: the job, then "domain is not running" for a
+        # non-offline migration, then the flag rules.
+        if MigrateFlag.OFFLINE not in flags and not ctx.is_active(current):
+            raise OperationInvalid("domain is not running")
+        check_begin_flags(flags)
+        if MigrateFlag.OFFLINE not in flags:
+            raise ArgumentUnsupported("live migration is not supported by this source host")
+        to_send = _definition_to_send(ctx, current, params)
+        _check_persist_xml(ctx, current, params)
+        now = time.time()
+        record = JobRecord(
+            migration_id=migration_id,
+            role="source",
+            domain_name=current.name,
+            domain_uuid=current.uuid,
+            phase=Phase.BEGIN3.label,
+            flags=int(flags),
+            peer=peer,
+            dest_name=params.dest_name,
+            started_unix=now,
+            updated_unix=now,
+        )
+        await asyncio.to_thread(ctx.store.journal_put, record)
+        stack.callback(ctx.store.journal_remove, migration_id)
+        await ctx.failpoints.hit("srcd.begin.after_journal")
+        identity = ctx.store.identity
+        cookie = MigrationCookie(
+            name=current.name,
+            uuid=current.uuid,
+            hostname=identity.hostname,
+            hostuuid=identity.host_uuid,
+            features=CookieFlag.LOCKSTATE,
+        )
+        job = SourceJob(
+            migration_id=migration_id,
+            domain=current,
+            flags=flags,
+            params=params,
+            peer=peer,
+            deadline=deadline,
+            record=record,
+            lock=lock,
+            cleanup=stack.pop_all(),
+            driven=driven,
+        )
+    ctx.jobs.add(job)
+    log.info("phase_begin_done", migration_id=migration_id, domain=current.name)
+    return job, BeginResult(cookie=format_cookie(cookie), domain_xml=to_send.xml, flags=flags)
+
+
+async def _enter_confirm(
+    ctx: SourceContext, job: SourceJob, cancelled: bool, cookie: bytes
+) -> None:
+    job.advance(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
+    job.record = job.record.with_phase(job.phase.label)
+    await asyncio.to_thread(ctx.store.journal_put, job.record)
+    if cookie:
+        parse_cookie(
+            cookie,
+            accept=ACCEPT_CONFIRM,
+            local_hostuuid=ctx.store.identity.host_uuid,
+            expect_uuid=job.domain.uuid,
+        )
+
+
+async def confirm_offline(
+    ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie: bytes
+) -> None:
+    """Confirm of an offline migration, then the job ends.
+
+    Success with UNDEFINE_SOURCE removes the source definition, but only while the domain is
+    inactive (libvirt's rule: a running source is never touched by an offline migration).
+    Cancelled: nothing to undo (offline never changed the source).
+    """
+    try:
+        await ctx.failpoints.hit("srcd.confirm.before")
+        await _enter_confirm(ctx, job, cancelled, cookie)
+        if (
+            not cancelled
+            and MigrateFlag.UNDEFINE_SOURCE in job.flags
+            and not ctx.is_active(job.domain)
+        ):
+            await ctx.failpoints.hit("srcd.confirm.before_undefine")
+            await asyncio.to_thread(ctx.store.undefine, job.domain.uuid, job.lock)
+            log.info("source_undefined", migration_id=job.migration_id, domain=job.domain.name)
+            await ctx.failpoints.hit("srcd.confirm.after_undefine")
+        await ctx.failpoints.hit("srcd.confirm.after")
+    finally:
+        await ctx.jobs.end(job)
+
+
+async def confirm(ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie: bytes) -> None:
+    """Dispatch Confirm to its variant."""
+    if job.offline:
+        await confirm_offline(ctx, job, cancelled=cancelled, cookie=cookie)
+    else:
+        raise ArgumentUnsupported("live migration is not supported by this source host")
+
+
+async def abandon(ctx: SourceContext, job: SourceJob) -> None:
+    """End a job whose Prepare failed: libvirt restores the domain and ends the job, with no
+    Finish and no Confirm. Offline changed nothing, so there is nothing to restore."""
+    await ctx.jobs.end(job)
