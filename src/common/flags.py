@@ -130,8 +130,10 @@ def check_begin_flags(flags: MigrateFlag) -> None:
 
 
 def check_prepare_flags(flags: MigrateFlag) -> None:
-    """Flag checks of the destination's Prepare phase (PROTOCOL.md B.4, PrepareAny order)."""
-    check_api_flags(flags)
+    """Flag checks of the destination's Prepare phase (PROTOCOL.md B.4, PrepareAny order).
+
+    The public-API rules (tunnelled needs p2p ...) belong to the caller's side, as in
+    libvirt, where the client library makes them before any daemon is asked."""
     check_offline_flags(flags, tunnelled=MigrateFlag.TUNNELLED in flags)
     _check_common(flags)
     check_unimplemented(flags)

@@ -18,6 +18,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from common.caps import PROTOCOL_VERSION
 from common.config import DaemonConfig
 from common.errors import InvalidArgument, VmmigrateError
 from common.failpoints import Failpoints
@@ -32,7 +33,6 @@ from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("vmmigrate.dstd")
 
-PROTOCOL_VERSION = 3
 FEATURES = (
     "MIGRATION_V3",
     "MIGRATION_P2P",

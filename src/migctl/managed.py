@@ -15,6 +15,7 @@ import sys
 import uuid
 from typing import Any
 
+from common.caps import check_destination
 from common.domainxml import parse_domain
 from common.errors import ArgumentUnsupported, OperationFailed, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
@@ -84,8 +85,7 @@ async def _run(
         return await call(method, request, timeout=timeout, peer=dest_address, what=DEST)
 
     caps: pb.CapabilitiesResponse = await to_dest(dest.GetCapabilities, pb.CapabilitiesRequest())
-    if MigrateFlag.OFFLINE in flags and not caps.offline:
-        raise ArgumentUnsupported("offline migration is not supported by the destination host")
+    check_destination(caps.protocol_version, caps.offline, flags)
 
     src_flags = flags | MigrateFlag.CHANGE_PROTECTION
     begun: pb.BeginResponse = await to_source(

@@ -17,6 +17,7 @@ import uuid
 
 import structlog
 
+from common.caps import check_destination
 from common.errors import ArgumentUnsupported, OperationFailed, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag
 from common.phase import Phase
@@ -28,7 +29,6 @@ from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.p2p")
 
-PROTOCOL_VERSION = 3
 DEST = "destination host"
 
 
@@ -99,12 +99,7 @@ class P2PMigration:
             peer=self.dest_uri,
             what=DEST,
         )
-        if caps.protocol_version < PROTOCOL_VERSION:
-            raise ArgumentUnsupported(
-                "Destination libvirt does not support peer-to-peer migration protocol"
-            )
-        if MigrateFlag.OFFLINE in self.flags and not caps.offline:
-            raise ArgumentUnsupported("offline migration is not supported by the destination host")
+        check_destination(caps.protocol_version, caps.offline, self.flags)
 
     async def prepare(
         self, begin: phases.BeginResult, destflags: MigrateFlag

@@ -5,7 +5,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers.hosts import Host
 
 _counter = itertools.count()

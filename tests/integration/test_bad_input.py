@@ -7,10 +7,10 @@ import uuid as uuidlib
 
 import grpc
 import pytest
+from helpers.hosts import Host, sample_domain_xml
 
 from common.cookie import CookieFlag, MigrationCookie, format_cookie
 from common.flags import MigrateFlag
-from helpers.hosts import Host, sample_domain_xml
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

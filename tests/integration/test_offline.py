@@ -6,9 +6,9 @@ from __future__ import annotations
 import uuid as uuidlib
 
 import pytest
+from helpers.hosts import Host, sample_domain_xml
 
 from common.domainxml import canonical
-from helpers.hosts import Host, sample_domain_xml
 
 OFFLINE = ("migrate", "--offline", "--persistent")
 
@@ -128,7 +128,7 @@ def test_undefinesource_after_destination_refusal_keeps_source(
 ) -> None:
     """Same name, other UUID on the destination: Prepare refuses, the source is untouched."""
     a, b = hosts
-    name, u = domain
+    name, _ = domain
     other = str(uuidlib.uuid4())
     b.define(sample_domain_xml(name, other), f"{name}-b.xml")
     for mode in (["--p2p"], []):

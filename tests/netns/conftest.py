@@ -6,10 +6,9 @@ import itertools
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from helpers.hosts import Host
 
-from .netlab import SKIP_REASON, Network, NetnsUnavailable, skip_reason, start_hosts
+from .netlab import SKIP_REASON, NetnsUnavailable, Network, skip_reason, start_hosts
 
 _names = itertools.count()
 

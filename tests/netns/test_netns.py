@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers.hosts import Host, sample_domain_xml
 
 from common.domainxml import canonical
-from helpers.hosts import Host, sample_domain_xml
 
 from .netlab import Network, start_hosts
 

@@ -1,0 +1,105 @@
+"""Typed config (TOML + command line), the error tree and its gRPC mapping, failpoints."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from common import errors
+from common.config import add_common_options, load_config, parse_hostport
+from common.failpoints import ALL_FAILPOINTS, Failpoints
+from common.rpc import status_of
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    add_common_options(ap)
+    return ap.parse_args(list(argv))
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    cfg = tmp_path / "srcd.toml"
+    cfg.write_text('listen = "127.0.0.2:9000"\nstate_dir = "/tmp/x"\nrpc_timeout = 5\n'
+                   'host-uuid = "8B3F4DC4-6A8E-5F9B-94A5-4C35BABD8D95"\n')
+    c = load_config(_args("--listen", "127.0.0.3:9001"), default_port=7301, config_file=cfg)
+    assert c.listen == "127.0.0.3:9001"  # the command line wins
+    assert c.state_dir == Path("/tmp/x") and c.rpc_timeout == 5.0
+    assert c.host_uuid == "8b3f4dc4-6a8e-5f9b-94a5-4c35babd8d95"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [('bogus = 1\nstate_dir = "/x"\n', "unknown setting 'bogus'"),
+     ('state_dir = "/x"\nhost_uuid = "nope"\n', "host_uuid 'nope' is not a UUID"),
+     ('state_dir = "/x"\nmigration_ports = "9-1"\n', "out of 1-65535 or reversed"),
+     ('state_dir = "/x"\nrpc_timeout = 0\n', "rpc_timeout must be positive"),
+     ("state_dir = [\n", "config file")],
+)
+def test_config_errors(tmp_path: Path, toml: str, message: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(errors.InvalidArgument, match=message):
+        load_config(_args(), default_port=7301, config_file=cfg)
+
+
+def test_state_dir_required() -> None:
+    with pytest.raises(errors.InvalidArgument, match="--state-dir is required"):
+        load_config(_args(), default_port=7301, config_file=None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.2:7302", ("127.0.0.2", 7302)), ("[::1]:7302", ("::1", 7302)),
+     ("hostb", ("hostb", 7302)), ("[::1]", ("::1", 7302))],
+)
+def test_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text, 7302) == expected
+
+
+def test_hostport_errors() -> None:
+    with pytest.raises(errors.InvalidArgument):
+        parse_hostport("host:notaport", 7302)
+    with pytest.raises(errors.InvalidArgument):
+        parse_hostport("host", None)
+
+
+def test_every_error_class_round_trips_through_a_status() -> None:
+    todo: list[type[errors.VmmigrateError]] = [errors.VmmigrateError]
+    seen = 0
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        code, message, metadata = status_of(cls("boom"))
+        assert code == cls.code and message == "boom"
+        back = errors.error_from_status(code, message, dict(metadata)[errors.ERROR_CLASS_KEY])
+        assert type(back) is cls and str(back) == "boom"
+        seen += 1
+    assert seen >= 18
+
+
+def test_unknown_error_class_falls_back_on_the_code() -> None:
+    e = errors.error_from_status(grpc.StatusCode.ALREADY_EXISTS, "dup", "SomethingNew")
+    assert isinstance(e, errors.DomainExists)
+    e = errors.error_from_status(grpc.StatusCode.UNAVAILABLE, "down", None)
+    assert isinstance(e, errors.PeerUnavailable)
+    code, message, _ = status_of(ValueError("bug"))
+    assert code == grpc.StatusCode.INTERNAL and message == "internal error: ValueError: bug"
+
+
+def test_failpoints_parse_and_act() -> None:
+    fp = Failpoints.parse("dstd.finish.before=error; srcd.confirm.before=delay(5)")
+    assert fp
+    with pytest.raises(errors.OperationFailed, match="failpoint dstd.finish.before injected"):
+        asyncio.run(fp.hit("dstd.finish.before"))
+    asyncio.run(fp.hit("srcd.confirm.before"))
+    asyncio.run(fp.hit("srcd.prepare.before"))  # unarmed: nothing happens
+    assert not Failpoints.parse("")
+    with pytest.raises(errors.InvalidArgument, match="unknown failpoint 'nope'"):
+        Failpoints.parse("nope=crash")
+    with pytest.raises(errors.InvalidArgument, match="unknown action 'explode'"):
+        Failpoints.parse("dstd.finish.before=explode")
+    assert len(ALL_FAILPOINTS) >= 15
