@@ -30,6 +30,13 @@ class PeerPool:
             self._channels[address] = channel
         return pb_grpc.MigrationDestinationServiceStub(channel)
 
+    async def reconnect(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
+        """Drop the channel to ``address`` and open a fresh one."""
+        old = self._channels.pop(address, None)
+        if old is not None:
+            await old.close(None)
+        return self.destination(address)
+
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
         for channel in channels.values():

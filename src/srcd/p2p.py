@@ -18,7 +18,7 @@ import uuid
 import structlog
 
 from common.caps import check_destination
-from common.errors import ArgumentUnsupported, OperationFailed, VmmigrateError
+from common.errors import ArgumentUnsupported, OperationFailed, PeerUnavailable, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag
 from common.phase import Phase
 from common.rpc import Deadline, call
@@ -92,13 +92,28 @@ class P2PMigration:
         return cap if cleanup else self.deadline.rpc_timeout(cap)
 
     async def check_destination(self) -> None:
-        caps: pb.CapabilitiesResponse = await call(
-            self.dest.GetCapabilities,
-            pb.CapabilitiesRequest(),
-            timeout=self._rpc_timeout(),
-            peer=self.dest_uri,
-            what=DEST,
-        )
+        """The first call of a migration. A cached channel that failed earlier (the peer was
+        down or cut off) fails fast until its reconnect backoff ends, with a stale error:
+        on UNAVAILABLE, try once more on a fresh channel, as libvirt opens a new connection
+        for every migration."""
+        request = pb.CapabilitiesRequest()
+        try:
+            caps: pb.CapabilitiesResponse = await call(
+                self.dest.GetCapabilities,
+                request,
+                timeout=self._rpc_timeout(),
+                peer=self.dest_uri,
+                what=DEST,
+            )
+        except PeerUnavailable:
+            self.dest = await self.ctx.peers.reconnect(self.dest_uri)
+            caps = await call(
+                self.dest.GetCapabilities,
+                request,
+                timeout=self._rpc_timeout(),
+                peer=self.dest_uri,
+                what=DEST,
+            )
         check_destination(caps.protocol_version, caps.offline, self.flags)
 
     async def prepare(

@@ -44,7 +44,9 @@ def network(make_network: Callable[[], Network]) -> Iterator[Network]:
 
 
 @pytest.fixture(scope="module")
-def ns_hosts(network: Network, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Host]]:
+def ns_hosts(
+    network: Network, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Host, Host]]:
     """Two hosts in two namespaces, shared by the module's happy-path tests."""
     a, b = start_hosts(network, tmp_path_factory.mktemp("netns-hosts"))
     yield a, b

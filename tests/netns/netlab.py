@@ -38,8 +38,9 @@ class NetnsUnavailable(NetnsError):
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     assert IP is not None
-    r = subprocess.run([IP, *args], capture_output=True, text=True, timeout=30,
-                       stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [IP, *args], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+    )
     if check and r.returncode != 0:
         raise NetnsError(f"ip {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
@@ -86,12 +87,35 @@ class Network:
                 self.created.append(ns)
                 ip("-n", ns, "link", "set", "lo", "up")
             br = self.bridge_ns
-            ip("-n", br, "link", "add", "br0", "type", "bridge",
-               "stp_state", "0", "forward_delay", "0")
+            ip(
+                "-n",
+                br,
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            )
             ip("-n", br, "link", "set", "br0", "up")
             for port, ns, addr in (("va", self.ns_a, self.ip_a), ("vb", self.ns_b, self.ip_b)):
-                ip("-n", br, "link", "add", port, "type", "veth",
-                   "peer", "name", self.IFACE, "netns", ns)
+                ip(
+                    "-n",
+                    br,
+                    "link",
+                    "add",
+                    port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    self.IFACE,
+                    "netns",
+                    ns,
+                )
                 ip("-n", br, "link", "set", port, "master", "br0")
                 ip("-n", br, "link", "set", port, "up")
                 ip("-n", ns, "addr", "add", f"{addr}/24", "dev", self.IFACE)

@@ -1,0 +1,399 @@
+"""The hypervisor driver: one emulator process per running domain, controlled over QMP.
+
+Two emulators speak the same QMP subset: real QEMU (``qemu-system-x86_64``) and simvm (our
+Python stand-in). Which one runs a domain: its XML's ``<emulator>`` when present, else the
+daemon's configured default.
+
+Runtime records live in the host state dir (``run/<uuid>.json``, written atomically), so
+both daemons of a host can control any running domain, and a restarted daemon reattaches to
+running emulators instead of killing them. An emulator runs in a session of its own, so it
+outlives the daemon that started it. A record is trusted only while its pid is alive with
+the same start time (pids get reused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from lxml import etree
+
+from common.domainxml import DomainDef
+from common.durable import atomic_write, durable_unlink
+from common.errors import InvalidArgument, OperationFailed, OperationInvalid
+from common.qmp import QMPClient, QMPError
+
+log = structlog.get_logger("vmmigrate.hypervisor")
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+START_TIMEOUT = 20.0
+
+# QMP run states that libvirt maps to "paused" (everything alive that is not running).
+RUNNING_STATES = frozenset({"running"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeRecord:
+    """A running emulator, as both daemons of the host see it."""
+
+    uuid: str
+    name: str
+    pid: int
+    start_ticks: int  # /proc/PID/stat field 22: detects a reused pid
+    qmp: str  # unix socket path
+    emulator: str  # "simvm" | "qemu"
+    argv: tuple[str, ...]
+    log: str
+    started_unix: float
+    incoming: str = ""  # the -incoming URI for a destination emulator
+
+    def to_json(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["argv"] = list(self.argv)
+        return json.dumps(d, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RuntimeRecord:
+        d = json.loads(data)
+        d["argv"] = tuple(d["argv"])
+        return cls(**d)
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: split after the last ')'
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":  # a zombie is dead
+        return None
+    return int(fields[19])
+
+
+def process_alive(rec: RuntimeRecord) -> bool:
+    return _start_ticks(rec.pid) == rec.start_ticks
+
+
+class Hypervisor(Protocol):
+    """The narrow interface the daemons use."""
+
+    def record(self, uuid: str) -> RuntimeRecord | None: ...
+    async def start(
+        self, d: DomainDef, *, paused: bool = False, incoming: str | None = None
+    ) -> RuntimeRecord: ...
+    async def execute(
+        self,
+        uuid: str,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        timeout: float = 10.0,
+    ) -> Any: ...
+    async def status(self, uuid: str) -> str: ...
+    async def kill(self, uuid: str) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EmulatorSettings:
+    default: str = "simvm"  # simvm | qemu
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_accel: str = "tcg"
+    simvm_dirty_rate: int = 0  # pages/s dirtied by simvm's vCPU
+
+
+def emulator_kind(d: DomainDef, default: str) -> str:
+    path = d.emulator
+    if not path:
+        return default
+    base = os.path.basename(path)
+    if "simvm" in base:
+        return "simvm"
+    if "qemu" in base:
+        return "qemu"
+    raise InvalidArgument(f"unsupported emulator '{path}' for domain '{d.name}'")
+
+
+def _qemu_passthrough(d: DomainDef) -> list[str]:
+    """libvirt's <qemu:commandline><qemu:arg value='...'/> extension, passed to QEMU."""
+    root = etree.fromstring(
+        d.xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True)
+    )
+    return [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+
+
+def build_argv(
+    d: DomainDef,
+    kind: str,
+    settings: EmulatorSettings,
+    qmp: str,
+    *,
+    paused: bool,
+    incoming: str | None,
+) -> list[str]:
+    mib = max(d.memory_kib // 1024, 1)
+    common = [
+        "-name",
+        d.name,
+        "-uuid",
+        d.uuid,
+        "-m",
+        str(mib),
+        "-smp",
+        str(d.vcpus),
+        "-qmp",
+        f"unix:{qmp},server=on,wait=off",
+    ]
+    if paused or incoming:
+        common.append("-S")
+    if incoming:
+        common += ["-incoming", incoming]
+    if kind == "simvm":
+        exe = (
+            d.emulator
+            if d.emulator and os.path.isabs(d.emulator) and os.access(d.emulator, os.X_OK)
+            else ""
+        )
+        head = [exe] if exe else [sys.executable, "-m", "simvm"]
+        extra = ["-dirty-rate", str(settings.simvm_dirty_rate)] if settings.simvm_dirty_rate else []
+        return head + common + extra
+    binary = d.emulator or settings.qemu_binary
+    if not os.path.isabs(binary):
+        found = shutil.which(binary)
+        if found is None:
+            raise OperationFailed(f"emulator '{binary}' is not installed")
+        binary = found
+    return [
+        binary,
+        "-machine",
+        f"pc,accel={settings.qemu_accel}",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "none",
+        "-monitor",
+        "none",
+        *common,
+        *_qemu_passthrough(d),
+    ]
+
+
+class QMPHypervisor:
+    """Starts emulators and talks QMP to them; runtime records in ``run_dir``."""
+
+    def __init__(self, run_dir: Path, settings: EmulatorSettings) -> None:
+        self.run_dir = run_dir
+        self.settings = settings
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._monitors: dict[str, QMPClient] = {}
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._connect_locks: dict[str, asyncio.Lock] = {}
+
+    # ---------------------------------------------------------------- records
+
+    def _path(self, uuid: str) -> Path:
+        return self.run_dir / f"{uuid}.json"
+
+    def record(self, uuid: str) -> RuntimeRecord | None:
+        """The live record of ``uuid``; a stale one (process gone) is removed."""
+        try:
+            rec = RuntimeRecord.from_json(self._path(uuid).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError):
+            log.warning("runtime_record_unreadable", uuid=uuid)
+            return None
+        if process_alive(rec):
+            return rec
+        self.forget(rec)
+        return None
+
+    def records(self) -> list[RuntimeRecord]:
+        out = []
+        for p in sorted(self.run_dir.glob("*.json")):
+            rec = self.record(p.stem)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def forget(self, rec: RuntimeRecord) -> None:
+        with contextlib.suppress(OSError):
+            cur = RuntimeRecord.from_json(self._path(rec.uuid).read_bytes())
+            if cur.pid == rec.pid:
+                durable_unlink(self._path(rec.uuid))
+        mon = self._monitors.pop(rec.uuid, None)
+        if mon is not None:
+            with contextlib.suppress(RuntimeError):  # no loop: nothing to close
+                asyncio.get_running_loop().create_task(mon.close())
+        with contextlib.suppress(OSError):
+            os.unlink(rec.qmp)
+
+    def reap(self) -> None:
+        """Collect exited children (emulators this process started)."""
+        for pid, proc in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[pid]
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(
+        self, d: DomainDef, *, paused: bool = False, incoming: str | None = None
+    ) -> RuntimeRecord:
+        if self.record(d.uuid) is not None:
+            raise OperationInvalid("domain is already running")
+        kind = emulator_kind(d, self.settings.default)
+        qmp = str(self.run_dir / f"{d.uuid}.qmp")
+        logfile = str(self.run_dir / f"{d.uuid}.log")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(qmp)
+        argv = build_argv(d, kind, self.settings, qmp, paused=paused, incoming=incoming)
+        with open(logfile, "ab") as out:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise OperationFailed(f"cannot start emulator {argv[0]}: {exc}") from exc
+        self._children[proc.pid] = proc
+        ticks = _start_ticks(proc.pid) or 0
+        rec = RuntimeRecord(
+            uuid=d.uuid,
+            name=d.name,
+            pid=proc.pid,
+            start_ticks=ticks,
+            qmp=qmp,
+            emulator=kind,
+            argv=tuple(argv),
+            log=logfile,
+            started_unix=time.time(),
+            incoming=incoming or "",
+        )
+        try:
+            await self._wait_monitor(rec, proc)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(proc.wait)
+            self._children.pop(proc.pid, None)
+            raise
+        await asyncio.to_thread(atomic_write, self._path(d.uuid), rec.to_json())
+        log.info(
+            "emulator_started",
+            domain=d.name,
+            pid=proc.pid,
+            emulator=kind,
+            incoming=incoming or None,
+        )
+        return rec
+
+    async def _wait_monitor(self, rec: RuntimeRecord, proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise OperationFailed(
+                    f"emulator for domain '{rec.name}' exited with status {proc.returncode}: "
+                    f"{self.log_tail(rec)}"
+                )
+            if os.path.exists(rec.qmp):
+                mon = QMPClient(rec.name)
+                try:
+                    await mon.connect(rec.qmp, timeout=5)
+                except QMPError:
+                    await asyncio.sleep(0.02)
+                    continue
+                self._monitors[rec.uuid] = mon
+                return
+            await asyncio.sleep(0.01)
+        raise OperationFailed(f"emulator for domain '{rec.name}' did not open its monitor")
+
+    def log_tail(self, rec: RuntimeRecord, limit: int = 400) -> str:
+        try:
+            data = Path(rec.log).read_bytes()[-limit:]
+        except OSError:
+            return ""
+        return data.decode(errors="replace").strip().splitlines()[-1] if data.strip() else ""
+
+    async def monitor(self, uuid: str) -> QMPClient:
+        rec = self.record(uuid)
+        if rec is None:
+            raise OperationInvalid("domain is not running")
+        lock = self._connect_locks.setdefault(uuid, asyncio.Lock())
+        async with lock:
+            mon = self._monitors.get(uuid)
+            if mon is not None and mon.runstate.value == "running":
+                return mon
+            mon = QMPClient(rec.name)
+            await mon.connect(rec.qmp)
+            self._monitors[uuid] = mon
+            return mon
+
+    async def execute(
+        self,
+        uuid: str,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        timeout: float = 10.0,
+    ) -> Any:
+        mon = await self.monitor(uuid)
+        return await mon.execute(command, arguments, timeout=timeout)
+
+    async def status(self, uuid: str) -> str:
+        """QMP run state, or "shutoff" when no emulator runs."""
+        if self.record(uuid) is None:
+            return "shutoff"
+        try:
+            r = await self.execute(uuid, "query-status")
+        except QMPError:
+            return "shutoff" if self.record(uuid) is None else "unknown"
+        return str(r.get("status", "unknown"))
+
+    async def quit(self, uuid: str, timeout: float = 10.0) -> None:
+        """Ask the emulator to quit; kill it if it does not."""
+        rec = self.record(uuid)
+        if rec is None:
+            return
+        with contextlib.suppress(QMPError):
+            await self.execute(uuid, "quit", timeout=timeout)
+        await self._wait_gone(rec, timeout)
+
+    async def kill(self, uuid: str) -> None:
+        rec = self.record(uuid)
+        if rec is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGKILL)
+        await self._wait_gone(rec, 10.0)
+
+    async def _wait_gone(self, rec: RuntimeRecord, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while process_alive(rec):
+            self.reap()
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rec.pid, signal.SIGKILL)
+                deadline = time.monotonic() + timeout
+            await asyncio.sleep(0.01)
+        self.reap()
+        self.forget(rec)
+
+    async def close(self) -> None:
+        """Drop monitor connections; emulators keep running (a restarted daemon reattaches)."""
+        for mon in list(self._monitors.values()):
+            await mon.close()
+        self._monitors.clear()
