@@ -189,6 +189,22 @@ def build_argv(
     ]
 
 
+def _spawn(argv: list[str], logfile: str) -> subprocess.Popen[bytes]:
+    """Start an emulator in a session of its own (it outlives the daemon)."""
+    with open(logfile, "ab") as out:
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise OperationFailed(f"cannot start emulator {argv[0]}: {exc}") from exc
+
+
 class QMPHypervisor:
     """Starts emulators and talks QMP to them; runtime records in ``run_dir``."""
 
@@ -258,18 +274,7 @@ class QMPHypervisor:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(qmp)
         argv = build_argv(d, kind, self.settings, qmp, paused=paused, incoming=incoming)
-        with open(logfile, "ab") as out:
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as exc:
-                raise OperationFailed(f"cannot start emulator {argv[0]}: {exc}") from exc
+        proc = await asyncio.to_thread(_spawn, argv, logfile)
         self._children[proc.pid] = proc
         ticks = _start_ticks(proc.pid) or 0
         rec = RuntimeRecord(
@@ -310,7 +315,7 @@ class QMPHypervisor:
                     f"emulator for domain '{rec.name}' exited with status {proc.returncode}: "
                     f"{self.log_tail(rec)}"
                 )
-            if os.path.exists(rec.qmp):
+            if os.path.exists(rec.qmp):  # noqa: ASYNC240 - one stat of a local path  # noqa: ASYNC240 - a stat on a local socket path
                 mon = QMPClient(rec.name)
                 try:
                     await mon.connect(rec.qmp, timeout=5)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import uuid as uuidlib
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers.hosts import Host, sample_domain_xml
 
 from common.flags import MigrateFlag
-from helpers.hosts import Host, sample_domain_xml
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

@@ -8,8 +8,8 @@ from concurrent import futures
 
 import grpc
 import pytest
-
 from helpers.hosts import Host, sample_domain_xml
+
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

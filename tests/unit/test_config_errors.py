@@ -93,7 +93,7 @@ def test_unknown_error_class_falls_back_on_the_code() -> None:
 def test_failpoints_parse_and_act() -> None:
     fp = Failpoints.parse("dstd.finish.before=error; srcd.confirm.before=delay(5)")
     assert fp
-    with pytest.raises(errors.OperationFailed, match="failpoint dstd.finish.before injected"):
+    with pytest.raises(errors.OperationFailed, match=r"failpoint dstd\.finish\.before injected"):
         asyncio.run(fp.hit("dstd.finish.before"))
     asyncio.run(fp.hit("srcd.confirm.before"))
     asyncio.run(fp.hit("srcd.prepare.before"))  # unarmed: nothing happens

@@ -78,7 +78,7 @@ def test_abi_identity_checks() -> None:
     same = parse_domain(SAMPLE.replace("front end", "changed"))
     check_abi_stable(d, same, new_name=None)
     other = parse_domain(SAMPLE.replace("DCF47DBD", "ACF47DBD"))
-    with pytest.raises(OperationInvalid, match="Target domain uuid acf47dbd-.* does not match source dcf47dbd-"):
+    with pytest.raises(OperationInvalid, match=r"Target domain uuid acf47dbd-.* does not match source dcf47dbd-"):
         check_abi_stable(d, other, new_name=None)
     renamed = rename(same, "x")
     with pytest.raises(OperationInvalid, match="Target domain name 'x' does not match source 'web01'"):
