@@ -38,6 +38,12 @@ class DaemonConfig:
     max_xml_bytes: int = 4 * 1024 * 1024
     # How long a client-driven migration may sit between two of its phase RPCs, seconds.
     job_idle_timeout: float = 300.0
+    # Emulator for domains whose XML names none: "simvm" (built in) or "qemu".
+    emulator: str = "simvm"
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_accel: str = "tcg"
+    # Poll interval of a running migration's statistics, seconds.
+    migration_poll_interval: float = 0.02
     # Armed failpoints (tests only), from $VMMIGRATE_FAILPOINTS, read by main().
     failpoints: str = ""
     log_format: str = "auto"  # auto | json | console
@@ -97,7 +103,9 @@ def _coerce(name: str, value: Any) -> Any:
             return str(uuid.UUID(str(value)))
         except ValueError:
             raise InvalidArgument(f"host_uuid {value!r} is not a UUID") from None
-    if name in ("rpc_timeout", "migration_timeout", "job_idle_timeout"):
+    if name == "emulator" and value not in ("simvm", "qemu"):
+        raise InvalidArgument(f"emulator must be 'simvm' or 'qemu', got {value!r}")
+    if name in ("rpc_timeout", "migration_timeout", "job_idle_timeout", "migration_poll_interval"):
         v = float(value)
         if v <= 0:
             raise InvalidArgument(f"{name} must be positive")
@@ -149,6 +157,11 @@ def add_common_options(ap: argparse.ArgumentParser) -> None:
         dest="migration_timeout",
         type=float,
         help="deadline of a whole migration, s",
+    )
+    ap.add_argument(
+        "--emulator",
+        choices=["simvm", "qemu"],
+        help="emulator for domains whose XML names none (default simvm)",
     )
     ap.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"])
     ap.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])

@@ -29,6 +29,8 @@ SRCD_FAILPOINTS = (
     "srcd.begin.after_journal",
     "srcd.prepare.before",
     "srcd.prepare.after",
+    "srcd.perform.before_migrate",
+    "srcd.perform.after_migrate",
     "srcd.finish.before",
     "srcd.finish.after",
     "srcd.confirm.before",
@@ -39,6 +41,7 @@ SRCD_FAILPOINTS = (
 DSTD_FAILPOINTS = (
     "dstd.prepare.before_reserve",
     "dstd.prepare.after_reserve",
+    "dstd.prepare.after_start",
     "dstd.finish.before",
     "dstd.finish.before_persist",
     "dstd.finish.after_persist",

@@ -57,6 +57,7 @@ class RuntimeRecord:
     log: str
     started_unix: float
     incoming: str = ""  # the -incoming URI for a destination emulator
+    xml: str = ""  # the live definition (a transient domain has no other)
 
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
@@ -288,6 +289,7 @@ class QMPHypervisor:
             log=logfile,
             started_unix=time.time(),
             incoming=incoming or "",
+            xml=d.xml,
         )
         try:
             await self._wait_monitor(rec, proc)
@@ -402,3 +404,20 @@ class QMPHypervisor:
         for mon in list(self._monitors.values()):
             await mon.close()
         self._monitors.clear()
+
+
+def hypervisor_for(
+    state_dir: Path, emulator: str, qemu_binary: str, qemu_accel: str
+) -> QMPHypervisor:
+    """The driver both daemons of a host build over the shared state dir."""
+    return QMPHypervisor(
+        state_dir / "run",
+        EmulatorSettings(default=emulator, qemu_binary=qemu_binary, qemu_accel=qemu_accel),
+    )
+
+
+def domain_state(status: str) -> str:
+    """A QMP run state as libvirt's state word: running, paused, or shut off."""
+    if status == "shutoff":
+        return "shut off"
+    return "running" if status in RUNNING_STATES else "paused"

@@ -6,8 +6,10 @@ import dataclasses
 
 from common.config import DaemonConfig
 from common.failpoints import Failpoints
+from common.hypervisor import QMPHypervisor
 from common.store import HostStore
 from dstd.incoming import IncomingTable
+from dstd.ports import PortAllocator
 
 
 @dataclasses.dataclass
@@ -16,3 +18,5 @@ class DestinationContext:
     store: HostStore
     incoming: IncomingTable
     failpoints: Failpoints
+    hypervisor: QMPHypervisor
+    ports: PortAllocator

@@ -1,9 +1,10 @@
 """Destination-side migration jobs: what dstd holds for a domain from Prepare to Finish.
 
 An incoming job is a reservation of the name and UUID in the host store (a journal record,
-never a domain definition) plus an entry in this table. Finish turns it into a persisted
-definition or drops it; a job whose Finish never comes (the source died) is dropped when
-its deadline passes.
+never a domain definition), plus for a live migration an incoming emulator and a migration
+port, plus an entry in this table. Finish turns it into a running and/or persisted domain,
+or drops it; a job whose Finish never comes (the source died) is dropped when its deadline
+passes. Dropping kills the incoming emulator, frees the port and the reservation.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import structlog
 from common.domainxml import DomainDef
 from common.errors import OperationInvalid
 from common.flags import MigrateFlag
+from common.hypervisor import QMPHypervisor
 from common.phase import Phase, advance
 from common.rpc import Deadline
 from common.store import HostStore, JobRecord
+from dstd.ports import PortAllocator
 
 log = structlog.get_logger("vmmigrate.dstd.incoming")
 
@@ -35,11 +38,19 @@ class IncomingJob:
     replaces: bool  # an inactive definition with the same name and UUID exists here
     phase: Phase = Phase.PREPARE
     last_active: float = dataclasses.field(default_factory=time.monotonic)
-    busy: bool = False  # a Finish is running
+    busy: bool = False  # a Finish or a tunnel stream is running
+    # live migration
+    host: str = ""
+    port: int = 0
+    emulator_started: bool = False
 
     @property
     def offline(self) -> bool:
         return MigrateFlag.OFFLINE in self.flags
+
+    @property
+    def tunnelled(self) -> bool:
+        return MigrateFlag.TUNNELLED in self.flags
 
     def advance(self, new: Phase) -> None:
         self.phase = advance(
@@ -49,8 +60,10 @@ class IncomingJob:
 
 
 class IncomingTable:
-    def __init__(self, store: HostStore) -> None:
+    def __init__(self, store: HostStore, hypervisor: QMPHypervisor, ports: PortAllocator) -> None:
         self._store = store
+        self._hv = hypervisor
+        self._ports = ports
         self._jobs: dict[str, IncomingJob] = {}
 
     def __len__(self) -> int:
@@ -68,27 +81,31 @@ class IncomingTable:
             raise OperationInvalid(f"domain '{dest_name}' is not processing incoming migration")
         return job
 
-    async def drop(self, job: IncomingJob) -> None:
-        """Forget the job and give back its reservation."""
-        self._jobs.pop(job.migration_id, None)
-        await asyncio.to_thread(self._store.release_incoming, job.migration_id)
+    def find(self, migration_id: str) -> IncomingJob | None:
+        return self._jobs.get(migration_id)
 
-    def forget(self, job: IncomingJob) -> None:
+    async def drop(self, job: IncomingJob, *, keep_running: bool = False) -> None:
+        """Forget the job: kill its incoming emulator (unless it now runs the domain), free
+        its port, give back its reservation."""
         self._jobs.pop(job.migration_id, None)
+        if job.emulator_started and not keep_running:
+            await self._hv.kill(job.target.uuid)
+        if job.port:
+            self._ports.release(job.port)
+            job.port = 0
+        await asyncio.to_thread(self._store.release_incoming, job.migration_id)
 
     async def expire(self, idle_timeout: float) -> int:
         now = time.monotonic()
         stale = [
             j
             for j in self._jobs.values()
-            if not j.busy and (j.deadline.expired() or now - j.last_active > idle_timeout)
+            # a live job waits for its stream between Prepare and Finish: only its deadline
+            # bounds it; an offline one has nothing to wait for
+            if not j.busy
+            and (j.deadline.expired() or (j.offline and now - j.last_active > idle_timeout))
         ]
         for job in stale:
             log.warning("incoming_expired", migration_id=job.migration_id, domain=job.target.name)
             await self.drop(job)
         return len(stale)
-
-    async def run_expiry(self, idle_timeout: float, interval: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            await self.expire(idle_timeout)

@@ -1,7 +1,7 @@
 """The destination phases: Prepare and Finish (libvirt's qemuMigrationDst*).
 
-One function per phase variant: prepare_offline, finish_offline; the dispatch is at the top
-(prepare, finish).
+One function per phase variant (prepare_offline / prepare_live, finish_offline /
+finish_live); the dispatch is at the top (prepare, finish).
 """
 
 from __future__ import annotations
@@ -9,15 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 import time
 
 import structlog
 
-from common.cookie import ACCEPT_PREPARE, MigrationCookie, format_cookie, parse_cookie
+from common.config import format_hostport, parse_hostport
+from common.cookie import (
+    ACCEPT_FINISH,
+    ACCEPT_PREPARE,
+    MigrationCookie,
+    format_cookie,
+    parse_cookie,
+)
 from common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
-from common.errors import ArgumentUnsupported, InvalidArgument, NoDomain, OperationInvalid
+from common.errors import InvalidArgument, NoDomain, OperationFailed, OperationInvalid
 from common.flags import MigrateFlag, check_prepare_flags
 from common.phase import Phase
+from common.qmp import QMPError
 from common.rpc import Deadline
 from common.store import JobRecord, validate_migration_id
 from dstd.context import DestinationContext
@@ -25,6 +34,8 @@ from dstd.incoming import IncomingJob
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.dstd.phases")
+
+INCOMING_POLL = 0.005  # seconds between query-status calls while the stream ends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,45 +59,66 @@ def _reply_cookie(ctx: DestinationContext, origname: str, uuid: str) -> bytes:
     )
 
 
-def _target_definition(ctx: DestinationContext, req: PrepareInput) -> tuple[DomainDef, DomainDef]:
-    """(the definition received, the one to persist: PERSIST_XML if given, renamed)."""
+def _definitions(ctx: DestinationContext, req: PrepareInput) -> tuple[DomainDef, DomainDef]:
+    """(the definition received, the one to persist: PERSIST_XML if given), not renamed."""
     if not req.domain_xml:
         raise InvalidArgument("no domain XML passed")
     received = parse_domain(req.domain_xml, max_bytes=ctx.config.max_xml_bytes, generate_uuid=False)
-    target = received
+    persist = received
     if req.persist_xml:
         # libvirt ignores persistent_xml for offline migration (Finish gets no cookie); we
         # honour it, because an operator who passes it expects it to be what is defined.
-        target = parse_domain(
+        persist = parse_domain(
             req.persist_xml, max_bytes=ctx.config.max_xml_bytes, generate_uuid=False
         )
-        new_name = req.dest_name if target.name == req.dest_name else None
-        check_abi_stable(received, target, new_name=new_name)
-    if req.dest_name:
-        target = rename(target, req.dest_name)
-    return received, target
+        new_name = req.dest_name if persist.name == req.dest_name else None
+        check_abi_stable(received, persist, new_name=new_name)
+    return received, persist
 
 
-async def prepare(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
-    """Prepare: validate, reserve the name and UUID, answer with a cookie (and a URI).
+def _renamed(d: DomainDef, dest_name: str) -> DomainDef:
+    return rename(d, dest_name) if dest_name else d
 
-    On failure nothing is reserved. On success the incoming job holds the reservation
-    until Finish, or until its deadline passes without one.
+
+def migration_host(ctx: DestinationContext) -> str:
+    """Where incoming emulators listen: --migration-address, else dstd's own address."""
+    host = ctx.config.migration_address
+    if not host:
+        host, _ = parse_hostport(ctx.config.listen, 0)
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+    if host.startswith("localhost"):
+        raise OperationInvalid(
+            "hostname on destination resolved to localhost, but migration requires an FQDN"
+        )
+    return host
+
+
+async def prepare(
+    ctx: DestinationContext, req: PrepareInput, *, tunnel_rpc: bool = False
+) -> pb.PrepareResponse:
+    """Prepare: validate, reserve the name and UUID, and for a live migration start the
+    incoming emulator; answer with a cookie and the URI to send the stream to.
+
+    On failure nothing is left: no reservation, no emulator, no port. On success the incoming
+    job holds them until Finish, or until its deadline passes without one.
     """
     validate_migration_id(req.migration_id)
     # libvirt's PrepareAny order: the offline trio first, then post-copy, then the rest.
     check_prepare_flags(req.flags)
-    if MigrateFlag.TUNNELLED in req.flags:
+    tunnelled = MigrateFlag.TUNNELLED in req.flags
+    if tunnelled and not tunnel_rpc:
         raise OperationInvalid("Tunnelled migration requested but invalid RPC method called")
-    if MigrateFlag.OFFLINE in req.flags:
-        return await prepare_offline(ctx, req)
-    raise ArgumentUnsupported("live migration is not supported by this destination host")
-
-
-async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
+    if tunnel_rpc and not tunnelled:
+        raise OperationInvalid("PrepareTunnel called but no TUNNELLED flag set")
     if req.migration_id in ctx.incoming:
         raise OperationInvalid(f"migration id '{req.migration_id}' is already in use")
-    received, target = _target_definition(ctx, req)
+    if MigrateFlag.OFFLINE in req.flags:
+        return await prepare_offline(ctx, req)
+    return await prepare_live(ctx, req)
+
+
+def _check_cookie(ctx: DestinationContext, req: PrepareInput, received: DomainDef) -> None:
     parse_cookie(
         req.cookie,
         accept=ACCEPT_PREPARE,
@@ -94,8 +126,11 @@ async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.Prep
         expect_name=received.name,
         expect_uuid=received.uuid,
     )
+
+
+def _record(req: PrepareInput, target: DomainDef) -> JobRecord:
     now = time.time()
-    record = JobRecord(
+    return JobRecord(
         migration_id=req.migration_id,
         role="destination",
         domain_name=target.name,
@@ -108,6 +143,13 @@ async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.Prep
         started_unix=now,
         updated_unix=now,
     )
+
+
+async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
+    received, persist = _definitions(ctx, req)
+    target = _renamed(persist, req.dest_name)
+    _check_cookie(ctx, req, received)
+    record = _record(req, target)
     await ctx.failpoints.hit("dstd.prepare.before_reserve")
     async with contextlib.AsyncExitStack() as undo:
         replaces = await asyncio.to_thread(ctx.store.reserve_incoming, record)
@@ -125,17 +167,59 @@ async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.Prep
         await ctx.failpoints.hit("dstd.prepare.after_reserve")
         undo.pop_all()
     log.info(
-        "incoming_prepared",
-        migration_id=req.migration_id,
-        domain=target.name,
-        replaces=replaces,
+        "incoming_prepared", migration_id=req.migration_id, domain=target.name, replaces=replaces
     )
     # Offline starts nothing and needs no port: the URI stays empty.
     return pb.PrepareResponse(cookie=_reply_cookie(ctx, received.name, received.uuid), uri="")
 
 
+async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
+    received, persist = _definitions(ctx, req)
+    target = _renamed(persist, req.dest_name)
+    running = _renamed(received, req.dest_name)
+    _check_cookie(ctx, req, received)
+    record = _record(req, target)
+    tunnelled = MigrateFlag.TUNNELLED in req.flags
+    await ctx.failpoints.hit("dstd.prepare.before_reserve")
+    async with contextlib.AsyncExitStack() as undo:
+        replaces = await asyncio.to_thread(ctx.store.reserve_incoming, record)
+        job = IncomingJob(
+            migration_id=req.migration_id,
+            target=target,
+            origname=received.name,
+            flags=req.flags,
+            record=record,
+            deadline=req.deadline,
+            replaces=replaces,
+        )
+        ctx.incoming.add(job)
+        undo.push_async_callback(ctx.incoming.drop, job)
+        if ctx.hypervisor.record(target.uuid) is not None:
+            raise OperationInvalid(f"domain '{target.name}' is already active")
+        await ctx.failpoints.hit("dstd.prepare.after_reserve")
+        # A tunnelled stream arrives through dstd itself: the emulator listens on loopback.
+        job.host = "127.0.0.1" if tunnelled else migration_host(ctx)
+        job.port = await asyncio.to_thread(ctx.ports.acquire, job.host)
+        incoming = f"tcp:{format_hostport(job.host, job.port)}"
+        await ctx.hypervisor.start(running, paused=True, incoming=incoming)
+        job.emulator_started = True
+        await ctx.failpoints.hit("dstd.prepare.after_start")
+        undo.pop_all()
+    log.info(
+        "incoming_prepared",
+        migration_id=req.migration_id,
+        domain=target.name,
+        uri=incoming,
+        tunnelled=tunnelled,
+    )
+    return pb.PrepareResponse(
+        cookie=_reply_cookie(ctx, received.name, received.uuid),
+        uri="" if tunnelled else incoming,
+    )
+
+
 async def finish(
-    ctx: DestinationContext, migration_id: str, dest_name: str, cancelled: bool
+    ctx: DestinationContext, migration_id: str, dest_name: str, cancelled: bool, cookie: bytes
 ) -> pb.FinishResponse:
     """Finish: dispatch to its variant. The incoming job always ends here."""
     if not dest_name:
@@ -143,7 +227,7 @@ async def finish(
     job = ctx.incoming.get(migration_id, dest_name)
     if job.target.name != dest_name:
         raise NoDomain(f"no domain with matching name '{dest_name}'")
-    if job.busy:
+    if job.busy and job.phase is Phase.FINISH3:
         raise OperationInvalid(f"Finish of migration '{migration_id}' is already running")
     job.busy = True
     try:
@@ -152,9 +236,27 @@ async def finish(
         job.record = job.record.with_phase(job.phase.label)
         if job.offline:
             return await finish_offline(ctx, job, cancelled)
-        raise ArgumentUnsupported("live migration is not supported by this destination host")
+        return await finish_live(ctx, job, cancelled, cookie)
     finally:
         job.busy = False
+
+
+async def _persist(ctx: DestinationContext, job: IncomingJob) -> None:
+    await asyncio.to_thread(ctx.store.journal_put, job.record)
+    await ctx.failpoints.hit("dstd.finish.before_persist")
+    replaced = await asyncio.to_thread(ctx.store.persist_incoming, job.migration_id, job.target)
+    await ctx.failpoints.hit("dstd.finish.after_persist")
+    log.info(
+        "incoming_persisted",
+        migration_id=job.migration_id,
+        domain=job.target.name,
+        libvirt_event="DEFINED",
+        detail="UPDATED" if replaced else "ADDED",
+    )
+
+
+def _domain(job: IncomingJob, active: bool) -> pb.DomainRef:
+    return pb.DomainRef(name=job.target.name, uuid=job.target.uuid, id=1 if active else -1)
 
 
 async def finish_offline(
@@ -169,21 +271,76 @@ async def finish_offline(
         if cancelled:
             log.info("incoming_cancelled", migration_id=job.migration_id)
             return pb.FinishResponse()
-        await asyncio.to_thread(ctx.store.journal_put, job.record)
-        await ctx.failpoints.hit("dstd.finish.before_persist")
-        replaced = await asyncio.to_thread(ctx.store.persist_incoming, job.migration_id, job.target)
-        await ctx.failpoints.hit("dstd.finish.after_persist")
-        log.info(
-            "incoming_persisted",
-            migration_id=job.migration_id,
-            domain=job.target.name,
-            libvirt_event="DEFINED",
-            detail="UPDATED" if replaced else "ADDED",
-        )
+        await _persist(ctx, job)
         return pb.FinishResponse(
-            domain=pb.DomainRef(name=job.target.name, uuid=job.target.uuid, id=-1),
+            domain=_domain(job, False),
             cookie=_reply_cookie(ctx, job.origname, job.target.uuid),
         )
     finally:
         await ctx.incoming.drop(job)
+        await ctx.failpoints.hit("dstd.finish.after")
+
+
+async def _wait_incoming_done(ctx: DestinationContext, job: IncomingJob) -> None:
+    """Wait until the incoming emulator has the whole stream (it leaves "inmigrate")."""
+    uuid = job.target.uuid
+    limit = time.monotonic() + max(job.deadline.remaining(), ctx.config.rpc_timeout)
+    while True:
+        if ctx.hypervisor.record(uuid) is None:
+            raise OperationFailed("guest unexpectedly quit")
+        try:
+            status = await ctx.hypervisor.status(uuid)
+        except QMPError as exc:
+            raise OperationFailed("guest unexpectedly quit") from exc
+        if status == "shutoff":
+            raise OperationFailed("guest unexpectedly quit")
+        if status != "inmigrate":
+            return
+        if time.monotonic() > limit:
+            raise OperationFailed("incoming migration did not complete before the deadline")
+        await asyncio.sleep(INCOMING_POLL)
+
+
+async def finish_live(
+    ctx: DestinationContext, job: IncomingJob, cancelled: bool, cookie: bytes
+) -> pb.FinishResponse:
+    """Live Finish: wait for the stream's end, persist with PERSIST_DEST, resume unless
+    PAUSED, then answer with the domain.
+
+    cancelled, or any failure: the incoming emulator is killed and the reservation dropped,
+    and Finish returns no domain (or the error).
+    """
+    keep = False
+    try:
+        if cancelled:
+            log.info("incoming_cancelled", migration_id=job.migration_id)
+            return pb.FinishResponse()
+        if cookie:
+            parse_cookie(
+                cookie,
+                accept=ACCEPT_FINISH,
+                local_hostuuid=ctx.store.identity.host_uuid,
+                expect_uuid=job.target.uuid,
+            )
+        await _wait_incoming_done(ctx, job)
+        if MigrateFlag.PERSIST_DEST in job.flags:
+            await _persist(ctx, job)
+        if MigrateFlag.PAUSED not in job.flags:
+            try:
+                await ctx.hypervisor.execute(job.target.uuid, "cont")
+            except QMPError as exc:
+                raise OperationFailed(f"resume operation failed: {exc}") from exc
+        keep = True
+        log.info(
+            "incoming_finished",
+            migration_id=job.migration_id,
+            domain=job.target.name,
+            paused=MigrateFlag.PAUSED in job.flags,
+        )
+        return pb.FinishResponse(
+            domain=_domain(job, True),
+            cookie=_reply_cookie(ctx, job.origname, job.target.uuid),
+        )
+    finally:
+        await ctx.incoming.drop(job, keep_running=keep)
         await ctx.failpoints.hit("dstd.finish.after")

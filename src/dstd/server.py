@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -23,11 +23,14 @@ from common.config import DaemonConfig
 from common.errors import InvalidArgument, VmmigrateError
 from common.failpoints import Failpoints
 from common.flags import parse_flags
+from common.hypervisor import hypervisor_for
 from common.rpc import SERVER_OPTIONS_BASE, Deadline, message_size_options, status_of
 from common.store import HostStore
 from dstd import phases
 from dstd.context import DestinationContext
 from dstd.incoming import IncomingTable
+from dstd.ports import PortAllocator
+from dstd.tunnel import carry_tunnel
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
@@ -83,14 +86,15 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
             host_uuid=identity.host_uuid,
             hostname=identity.hostname,
             offline=True,
-            live=False,
-            tunnelled=False,
+            live=True,
+            tunnelled=True,
             params=True,
             features=list(FEATURES),
         )
 
-    @handler
-    async def Prepare(self, request: pb.PrepareRequest, context: Any) -> pb.PrepareResponse:
+    async def _prepare(
+        self, request: pb.PrepareRequest, context: Any, tunnel_rpc: bool
+    ) -> pb.PrepareResponse:
         h = request.header
         if not h.migration_id:
             raise InvalidArgument("missing migration id")
@@ -109,7 +113,16 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
                 ),
                 peer=context.peer(),
             ),
+            tunnel_rpc=tunnel_rpc,
         )
+
+    @handler
+    async def Prepare(self, request: pb.PrepareRequest, context: Any) -> pb.PrepareResponse:
+        return await self._prepare(request, context, tunnel_rpc=False)
+
+    @handler
+    async def PrepareTunnel(self, request: pb.PrepareRequest, context: Any) -> pb.PrepareResponse:
+        return await self._prepare(request, context, tunnel_rpc=True)
 
     @handler
     async def Finish(self, request: pb.FinishRequest, context: Any) -> pb.FinishResponse:
@@ -118,12 +131,28 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
         if not h.migration_id:
             raise InvalidArgument("missing migration id")
         # Finish must run to its end once started: a client that goes away half-way must
-        # not leave a reservation or a half-done persist behind.
+        # not leave a reservation, an emulator or a half-done persist behind.
         return await asyncio.shield(
             asyncio.ensure_future(
-                phases.finish(self.ctx, h.migration_id, request.dest_name, request.cancelled)
+                phases.finish(
+                    self.ctx, h.migration_id, request.dest_name, request.cancelled, h.cookie
+                )
             )
         )
+
+    async def Tunnel(
+        self, request_iterator: AsyncIterator[pb.TunnelChunk], context: Any
+    ) -> AsyncIterator[pb.TunnelChunk]:
+        """The migration stream of a tunnelled migration (errors end the stream with a
+        status, like every other RPC; a streaming handler cannot use @handler)."""
+        with structlog.contextvars.bound_contextvars(rpc="Tunnel", role="destination"):
+            try:
+                async for chunk in carry_tunnel(self.ctx, request_iterator):
+                    yield chunk
+            except VmmigrateError as exc:
+                code, message, metadata = status_of(exc)
+                log.info("rpc_failed", code=code.name, error=message)
+                await context.abort(code, message, trailing_metadata=tuple(metadata))
 
 
 def recover_incoming_jobs(store: HostStore) -> int:
@@ -146,6 +175,14 @@ def recover_incoming_jobs(store: HostStore) -> int:
     return count
 
 
+async def _housekeeping(ctx: DestinationContext, interval: float = 1.0) -> None:
+    """Drop incoming jobs whose Finish never came; reap emulators this process started."""
+    while True:
+        await asyncio.sleep(interval)
+        ctx.hypervisor.reap()
+        await ctx.incoming.expire(ctx.config.job_idle_timeout)
+
+
 @contextlib.asynccontextmanager
 async def running_server(config: DaemonConfig) -> Any:
     """Start dstd's server; yields (server, bound address, context)."""
@@ -156,11 +193,17 @@ async def running_server(config: DaemonConfig) -> Any:
         max_xml_bytes=config.max_xml_bytes,
     )
     await asyncio.to_thread(recover_incoming_jobs, store)
+    hypervisor = hypervisor_for(
+        config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel
+    )
+    ports = PortAllocator(*config.migration_ports)
     ctx = DestinationContext(
         config=config,
         store=store,
-        incoming=IncomingTable(store),
+        incoming=IncomingTable(store, hypervisor, ports),
         failpoints=Failpoints.parse(config.failpoints),
+        hypervisor=hypervisor,
+        ports=ports,
     )
     server = grpc.aio.server(
         options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes)
@@ -174,7 +217,7 @@ async def running_server(config: DaemonConfig) -> Any:
     await server.start()
     for name in ("", "vmmigrate.v1.MigrationDestinationService"):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    expiry = asyncio.ensure_future(ctx.incoming.run_expiry(config.job_idle_timeout))
+    expiry = asyncio.ensure_future(_housekeeping(ctx))
     host = config.listen.rpartition(":")[0]
     try:
         yield server, f"{host}:{port}", ctx
@@ -182,3 +225,4 @@ async def running_server(config: DaemonConfig) -> Any:
         expiry.cancel()
         await health.enter_graceful_shutdown()
         await server.stop(grace=2.0)
+        await ctx.hypervisor.close()

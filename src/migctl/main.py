@@ -20,7 +20,7 @@ from common.config import DEFAULT_DSTD_PORT, DEFAULT_SRCD_PORT, format_hostport,
 from common.errors import InvalidArgument, VmmigrateError
 from common.flags import MigrateFlag
 from common.rpc import Deadline, call, open_channel
-from migctl import managed
+from migctl import managed, progress
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
@@ -74,6 +74,27 @@ def _build_parser() -> ArgParser:
     p = sub.add_parser("dumpxml", help="domain XML")
     p.add_argument("domain")
     p.add_argument("--inactive", action="store_true")
+
+    for cmd in (
+        "start",
+        "destroy",
+        "shutdown",
+        "suspend",
+        "resume",
+        "domjobabort",
+        "migrate-getspeed",
+    ):
+        p = sub.add_parser(cmd)
+        p.add_argument("domain")
+    p = sub.add_parser("domjobinfo", help="statistics of the domain's migration job")
+    p.add_argument("domain")
+    p.add_argument("--completed", action="store_true", help="the last finished job")
+    p = sub.add_parser("migrate-setspeed", help="maximum migration bandwidth, MiB/s")
+    p.add_argument("domain")
+    p.add_argument("bandwidth", type=int)
+    p = sub.add_parser("migrate-setmaxdowntime", help="maximum tolerable downtime, ms")
+    p.add_argument("domain")
+    p.add_argument("downtime", type=int)
 
     p = sub.add_parser("migrate", help="migrate a domain to another host")
     mode = p.add_mutually_exclusive_group()
@@ -235,7 +256,7 @@ async def _dispatch(a: argparse.Namespace, address: str, channel: grpc.aio.Chann
         dest = _dest_address(a.desturi)
         seconds = float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
         if MigrateFlag.PEER2PEER in flags:
-            await rpc(
+            migration: Any = rpc(
                 dom.Migrate,
                 pb.MigrateRequest(
                     domain=a.domain,
@@ -247,7 +268,7 @@ async def _dispatch(a: argparse.Namespace, address: str, channel: grpc.aio.Chann
                 timeout=seconds,
             )
         else:
-            await managed.migrate(
+            migration = managed.migrate(
                 source=pb_grpc.MigrationSourceServiceStub(channel),
                 source_address=address,
                 dest_address=dest,
@@ -257,7 +278,68 @@ async def _dispatch(a: argparse.Namespace, address: str, channel: grpc.aio.Chann
                 migration_id=a.migration_id,
                 deadline=Deadline(seconds),
             )
+        live = MigrateFlag.OFFLINE not in flags
+        await progress.watch(
+            migration,
+            domains=dom,
+            address=address,
+            domain=a.domain,
+            verbose=a.verbose and live,
+            abortable=live,
+        )
+    elif cmd in LIFECYCLE:
+        method, words = LIFECYCLE[cmd]
+        r = await rpc(getattr(dom, method), pb.DomainRequest(domain=a.domain))
+        print(f"Domain '{r.domain.name}' {words}")
+    elif cmd == "domjobinfo":
+        info = await rpc(dom.GetJobInfo, pb.JobInfoRequest(domain=a.domain, completed=a.completed))
+        print_jobinfo(info)
+    elif cmd == "domjobabort":
+        await rpc(dom.AbortJob, pb.AbortJobRequest(domain=a.domain))
+    elif cmd == "migrate-setspeed":
+        await rpc(dom.SetMaxSpeed, pb.SpeedRequest(domain=a.domain, bandwidth_mib=a.bandwidth))
+    elif cmd == "migrate-getspeed":
+        r = await rpc(dom.GetMaxSpeed, pb.DomainRequest(domain=a.domain))
+        print(r.bandwidth_mib)
+    elif cmd == "migrate-setmaxdowntime":
+        await rpc(dom.SetMaxDowntime, pb.DowntimeRequest(domain=a.domain, downtime_ms=a.downtime))
     return 0
+
+
+LIFECYCLE = {
+    "start": ("Start", "started"),
+    "destroy": ("Destroy", "destroyed"),
+    "shutdown": ("Shutdown", "is being shutdown"),
+    "suspend": ("Suspend", "suspended"),
+    "resume": ("Resume", "resumed"),
+}
+
+
+def print_jobinfo(info: pb.JobInfo) -> None:
+    """virsh domjobinfo's layout."""
+    mib = 1024 * 1024
+    rows = [("Job type", info.type or "None")]
+    if info.type not in ("", "None"):
+        rows += [
+            ("Operation", info.operation),
+            ("Time elapsed", f"{info.time_elapsed_ms:<12} ms"),
+            ("Data processed", f"{info.data_processed / mib:.3f} MiB"),
+            ("Data remaining", f"{info.data_remaining / mib:.3f} MiB"),
+            ("Data total", f"{info.data_total / mib:.3f} MiB"),
+            ("Memory bandwidth", f"{info.memory_bps / mib:.3f} MiB/s"),
+            ("Dirty rate", f"{info.dirty_rate:<12} pages/s"),
+            ("Page size", f"{info.page_size:<12} bytes"),
+            ("Iteration", str(info.iteration)),
+        ]
+        if info.auto_converge_throttle:
+            rows.append(("Auto converge throttle", f"{info.auto_converge_throttle:<12} %"))
+        if info.type == "Completed":
+            rows.append(("Total downtime", f"{info.downtime_ms:<12} ms"))
+        if info.error:
+            rows.append(("Error message", info.error))
+    for k, v in rows:
+        print(f"{k + ':':<18}{v}")
+    print()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from common.caps import check_destination
 from common.domainxml import parse_domain
-from common.errors import ArgumentUnsupported, OperationFailed, VmmigrateError
+from common.errors import OperationFailed, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
 from common.rpc import Deadline, call, open_channel
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -76,8 +76,13 @@ async def _run(
             migration_id=mid, flags=int(f), cookie=cookie, deadline_unix_ms=deadline.unix_ms
         )
 
-    async def to_source(method: Any, request: Any, cleanup: bool = False) -> Any:
-        timeout = RPC_TIMEOUT if cleanup else deadline.rpc_timeout(RPC_TIMEOUT)
+    async def to_source(
+        method: Any, request: Any, cleanup: bool = False, stream: bool = False
+    ) -> Any:
+        if stream:  # Perform: as long as the whole migration may take
+            timeout = max(deadline.remaining(), 1.0)
+        else:
+            timeout = RPC_TIMEOUT if cleanup else deadline.rpc_timeout(RPC_TIMEOUT)
         return await call(method, request, timeout=timeout, peer=source_address, what=SOURCE)
 
     async def to_dest(method: Any, request: Any, cleanup: bool = False) -> Any:
@@ -108,7 +113,7 @@ async def _run(
             print(f"warning: Confirm on the source failed: {exc}", file=sys.stderr)
 
     try:
-        await to_dest(
+        prepared: pb.PrepareResponse = await to_dest(
             dest.Prepare,
             pb.PrepareRequest(
                 header=header(destflags, begun.cookie),
@@ -122,10 +127,32 @@ async def _run(
         raise
 
     first_error: VmmigrateError | None = None
-    if MigrateFlag.OFFLINE in flags:
+    notify_source = True
+    if not prepared.uri and MigrateFlag.OFFLINE not in flags:
+        # libvirt makes this check before the offline shortcut in managed mode
+        first_error = OperationFailed("domainMigratePrepare3 did not set uri")
+        perform_cookie, cancelled = b"", True
+    elif MigrateFlag.OFFLINE in flags:
         perform_cookie, cancelled = b"", False  # Perform skipped, Prepare's cookie dropped
     else:
-        raise ArgumentUnsupported("live migration is not supported by this client")
+        perform_params = pb.MigrationParams()
+        perform_params.CopyFrom(params)
+        perform_params.migrate_uri = prepared.uri
+        try:
+            performed: pb.PerformResponse = await to_source(
+                source.Perform,
+                pb.PerformRequest(
+                    header=header(src_flags, prepared.cookie),
+                    domain=domain,
+                    params=perform_params,
+                ),
+                stream=True,
+            )
+            perform_cookie, cancelled = performed.cookie, False
+        except VmmigrateError as exc:
+            # the source's Perform restored the domain and ended its job: no Confirm
+            first_error, perform_cookie, cancelled = exc, b"", True
+            notify_source = False
 
     dest_domain: pb.DomainRef | None = None
     finish_cookie = b""
@@ -144,8 +171,9 @@ async def _run(
             dest_domain = finished.domain
         finish_cookie = finished.cookie
     except VmmigrateError as exc:
-        first_error = exc
-    await confirm(dest_domain is None, finish_cookie)
+        first_error = first_error or exc
+    if notify_source:
+        await confirm(dest_domain is None, finish_cookie)
     if first_error is not None:
         raise first_error
     if dest_domain is None:

@@ -9,6 +9,7 @@ import grpc.aio
 from common.config import DaemonConfig
 from common.domainxml import DomainDef
 from common.failpoints import Failpoints
+from common.hypervisor import QMPHypervisor
 from common.rpc import open_channel
 from common.store import HostStore
 from srcd.jobs import SourceJobTable
@@ -50,8 +51,14 @@ class SourceContext:
     jobs: SourceJobTable
     peers: PeerPool
     failpoints: Failpoints
+    hypervisor: QMPHypervisor
+    # migrate-setspeed / migrate-setmaxdowntime, per domain UUID (libvirt keeps the speed as
+    # the domain's default for its next migration).
+    max_speed_mib: dict[str, int] = dataclasses.field(default_factory=dict)
+    max_downtime_ms: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The last finished migration job of each domain (domjobinfo --completed).
+    completed_jobs: dict[str, object] = dataclasses.field(default_factory=dict)
 
     def is_active(self, domain: DomainDef) -> bool:
-        """Whether the domain runs on this host. vmmigrate has no emulator driver yet, so no
-        domain can be started and every defined domain is inactive (shut off)."""
-        return False
+        """Whether the domain runs on this host (a live emulator process)."""
+        return self.hypervisor.record(domain.uuid) is not None

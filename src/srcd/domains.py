@@ -1,4 +1,9 @@
-"""The client API on srcd: define, undefine, list, state, info, dumpxml (virsh's meanings)."""
+"""The client API on srcd: definitions and running domains, with virsh's meanings.
+
+A domain is persistent (a definition in the store), transient (running with no definition:
+it arrived by a live migration without --persistent), or both. Its state comes from the
+emulator: no live emulator process means "shut off".
+"""
 
 from __future__ import annotations
 
@@ -7,22 +12,40 @@ import asyncio
 import structlog
 
 from common.domainxml import DomainDef, parse_domain
+from common.errors import JobActive, NoDomain, OperationInvalid
+from common.hypervisor import RuntimeRecord
+from common.qmp import QMPExecuteError
 from srcd.context import SourceContext
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.domains")
 
+_STATES = {
+    "running": pb.DOMAIN_STATE_RUNNING,
+    "paused": pb.DOMAIN_STATE_PAUSED,
+    "shut off": pb.DOMAIN_STATE_SHUTOFF,
+}
+
 
 def domain_ref(d: DomainDef, active: bool = False) -> pb.DomainRef:
-    return pb.DomainRef(name=d.name, uuid=d.uuid, id=0 if active else -1)
+    return pb.DomainRef(name=d.name, uuid=d.uuid, id=1 if active else -1)
+
+
+def _transient(rec: RuntimeRecord) -> DomainDef | None:
+    if not rec.xml:
+        return None
+    return parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
 
 
 class DomainAPI:
     def __init__(self, ctx: SourceContext) -> None:
         self.ctx = ctx
 
-    def state_of(self, d: DomainDef) -> pb.DomainState.ValueType:
-        return pb.DOMAIN_STATE_RUNNING if self.ctx.is_active(d) else pb.DOMAIN_STATE_SHUTOFF
+    async def state_of(self, d: DomainDef) -> pb.DomainState.ValueType:
+        status = await self.ctx.hypervisor.status(d.uuid)
+        if status == "shutoff":
+            return pb.DOMAIN_STATE_SHUTOFF
+        return pb.DOMAIN_STATE_RUNNING if status == "running" else pb.DOMAIN_STATE_PAUSED
 
     async def define(self, xml: str) -> tuple[DomainDef, bool]:
         d = parse_domain(xml, max_bytes=self.ctx.config.max_xml_bytes)
@@ -32,31 +55,114 @@ class DomainAPI:
     async def undefine(self, key: str) -> DomainDef:
         return await asyncio.to_thread(self.ctx.store.undefine, key)
 
-    async def lookup(self, key: str) -> DomainDef:
-        return await asyncio.to_thread(self.ctx.store.lookup, key)
+    def _runtime_domains(self) -> list[DomainDef]:
+        out = []
+        for rec in self.ctx.hypervisor.records():
+            d = _transient(rec)
+            if d is not None:
+                out.append(d)
+        return out
+
+    async def lookup(self, key: str) -> tuple[DomainDef, bool]:
+        """(definition, persistent): a persistent domain, else a transient running one."""
+        d = await asyncio.to_thread(self.ctx.store.find, key)
+        if d is not None:
+            return d, True
+        for t in await asyncio.to_thread(self._runtime_domains):
+            if key in (t.name, t.uuid):
+                return t, False
+        return await asyncio.to_thread(self.ctx.store.lookup, key), True  # raises NoDomain
 
     async def list(self, all_domains: bool) -> list[pb.ListEntry]:
-        domains = await asyncio.to_thread(self.ctx.store.list_domains)
+        defs = await asyncio.to_thread(self.ctx.store.list_domains)
+        known = {d.uuid for d in defs}
+        transient = [
+            t for t in await asyncio.to_thread(self._runtime_domains) if t.uuid not in known
+        ]
         entries = []
-        for d in domains:
-            state = self.state_of(d)
+        for d in sorted([*defs, *transient], key=lambda x: x.name):
+            state = await self.state_of(d)
             if not all_domains and state == pb.DOMAIN_STATE_SHUTOFF:
                 continue
-            entries.append(pb.ListEntry(domain=domain_ref(d), state=state))
+            active = state != pb.DOMAIN_STATE_SHUTOFF
+            entries.append(pb.ListEntry(domain=domain_ref(d, active), state=state))
         return entries
 
     async def info(self, key: str) -> pb.InfoResponse:
-        d = await self.lookup(key)
+        d, persistent = await self.lookup(key)
         job = self.ctx.jobs.for_domain(d.uuid)
+        state = await self.state_of(d)
         return pb.InfoResponse(
-            domain=domain_ref(d),
-            state=self.state_of(d),
+            domain=domain_ref(d, state != pb.DOMAIN_STATE_SHUTOFF),
+            state=state,
             os_type=d.os_type,
             vcpus=d.vcpus,
             max_memory_kib=d.memory_kib,
             used_memory_kib=d.current_memory_kib,
-            persistent=True,
+            persistent=persistent,
             autostart=False,
             description=d.description,
             migration_job=job.migration_id if job else "",
         )
+
+    async def _response(self, d: DomainDef) -> pb.DomainResponse:
+        state = await self.state_of(d)
+        return pb.DomainResponse(
+            domain=domain_ref(d, state != pb.DOMAIN_STATE_SHUTOFF), state=state
+        )
+
+    async def start(self, key: str) -> pb.DomainResponse:
+        d, _ = await self.lookup(key)
+        if self.ctx.is_active(d):
+            raise OperationInvalid("domain is already running")
+        if await asyncio.to_thread(self.ctx.store.job_held, d.uuid):
+            raise JobActive(f"another migration job is already running for domain '{d.name}'")
+        await self.ctx.hypervisor.start(d)
+        log.info("domain_started", domain=d.name)
+        return await self._response(d)
+
+    async def destroy(self, key: str) -> pb.DomainResponse:
+        d, _ = await self.lookup(key)
+        if not self.ctx.is_active(d):
+            raise OperationInvalid("domain is not running")
+        await self.ctx.hypervisor.kill(d.uuid)
+        log.info("domain_destroyed", domain=d.name)
+        return await self._response(d)
+
+    async def shutdown(self, key: str) -> pb.DomainResponse:
+        """ACPI power-down where the emulator has it; simvm has no guest OS to ask, so it is
+        asked to quit (a clean shutdown as far as the host can tell)."""
+        d, _ = await self.lookup(key)
+        if not self.ctx.is_active(d):
+            raise OperationInvalid("domain is not running")
+        try:
+            await self.ctx.hypervisor.execute(d.uuid, "system_powerdown")
+        except QMPExecuteError as exc:
+            if exc.error_class != "CommandNotFound":
+                raise
+            await self.ctx.hypervisor.quit(d.uuid)
+        return await self._response(d)
+
+    async def suspend(self, key: str) -> pb.DomainResponse:
+        d, _ = await self.lookup(key)
+        if not self.ctx.is_active(d):
+            raise OperationInvalid("domain is not running")
+        await self.ctx.hypervisor.execute(d.uuid, "stop")
+        return await self._response(d)
+
+    async def resume(self, key: str) -> pb.DomainResponse:
+        d, _ = await self.lookup(key)
+        if not self.ctx.is_active(d):
+            raise OperationInvalid("domain is not running")
+        if self.ctx.jobs.for_domain(d.uuid) is not None:
+            raise JobActive(f"another migration job is already running for domain '{d.name}'")
+        await self.ctx.hypervisor.execute(d.uuid, "cont")
+        return await self._response(d)
+
+    async def require_known(self, key: str) -> DomainDef:
+        d, _ = await self.lookup(key)
+        return d
+
+
+def no_domain(key: str) -> NoDomain:
+    return NoDomain(f"Domain not found: no domain with matching name '{key}'")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from typing import Any
 
 import structlog
 
@@ -34,6 +35,8 @@ class SourceParams:
     persist_xml: str = ""
     migrate_uri: str = ""
     bandwidth_mib: int = 0
+    timeout_s: int = 0
+    timeout_suspend: bool = False
 
 
 @dataclasses.dataclass
@@ -53,6 +56,14 @@ class SourceJob:
     last_active: float = dataclasses.field(default_factory=time.monotonic)
     # Set by the p2p driver while it runs the job; a parked (client-driven) job has none.
     driven: bool = False
+    # Live migration: was the domain running at Begin (Confirm(cancelled) resumes it only
+    # then), the latest query-migrate statistics, and whether a client asked to abort.
+    was_running: bool = False
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    abort_requested: bool = False
+    outcome: str = ""  # "", "completed", "failed", "cancelled"
+    error: str = ""
 
     @property
     def offline(self) -> bool:

@@ -18,13 +18,15 @@ import uuid
 import structlog
 
 from common.caps import check_destination
-from common.errors import ArgumentUnsupported, OperationFailed, PeerUnavailable, VmmigrateError
+from common.errors import OperationFailed, PeerUnavailable, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag
 from common.phase import Phase
 from common.rpc import Deadline, call
 from srcd import phases
 from srcd.context import SourceContext
 from srcd.jobs import SourceJob, SourceParams
+from srcd.perform import perform_live
+from srcd.tunnel import SourceTunnel
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.p2p")
@@ -49,6 +51,8 @@ def _params_pb(params: SourceParams) -> pb.MigrationParams:
         persist_xml=params.persist_xml,
         migrate_uri=params.migrate_uri,
         bandwidth_mib=params.bandwidth_mib,
+        timeout_s=params.timeout_s,
+        timeout_suspend=params.timeout_suspend,
     )
 
 
@@ -121,8 +125,11 @@ class P2PMigration:
     ) -> pb.PrepareResponse:
         self.phases.append("prepare")
         await self.ctx.failpoints.hit("srcd.prepare.before")
+        method = (
+            self.dest.PrepareTunnel if MigrateFlag.TUNNELLED in destflags else self.dest.Prepare
+        )
         response: pb.PrepareResponse = await call(
-            self.dest.Prepare,
+            method,
             pb.PrepareRequest(
                 header=self._header(destflags, begin.cookie),
                 domain_xml=begin.domain_xml,
@@ -155,6 +162,27 @@ class P2PMigration:
         await self.ctx.failpoints.hit("srcd.finish.after")
         return response
 
+    async def perform(self, job: SourceJob, prepared: pb.PrepareResponse) -> bytes:
+        """Perform (local): the hypervisor stream, direct to the URI Prepare returned, or
+        through the daemons' own connection when tunnelled."""
+        self.phases.append("perform")
+        if MigrateFlag.TUNNELLED not in self.flags:
+            if not prepared.uri:
+                raise OperationFailed("domainMigratePrepare3 did not set uri")
+            return await perform_live(self.ctx, job, uri=prepared.uri)
+        tunnel = SourceTunnel(
+            self.dest, self.dest_uri, self.migration_id, max(self.deadline.remaining(), 1.0)
+        )
+        uri = await tunnel.open()
+        try:
+            cookie = await perform_live(self.ctx, job, uri=uri)
+        except VmmigrateError:
+            tunnel.check()  # a broken tunnel is the real cause
+            raise
+        finally:
+            await tunnel.close()
+        return cookie
+
     async def run(self) -> P2PResult:
         await self.check_destination()
         job, begun = await phases.begin(
@@ -170,7 +198,7 @@ class P2PMigration:
         self.phases.append("begin")
         destflags = begun.flags & ~SOURCE_ONLY
         try:
-            await self.prepare(begun, destflags)
+            prepared = await self.prepare(begun, destflags)
         except BaseException:
             await phases.abandon(self.ctx, job)
             raise
@@ -180,8 +208,12 @@ class P2PMigration:
             # Offline: Perform is skipped and Prepare's cookie is thrown away, so Finish
             # gets no cookie (libvirt does the same).
             perform_cookie, cancelled = b"", False
-        else:  # pragma: no cover - no domain can run yet, so Begin refused already
-            raise ArgumentUnsupported("live migration is not supported by this source host")
+        else:
+            try:
+                perform_cookie = await self.perform(job, prepared)
+                cancelled = False
+            except VmmigrateError as exc:
+                first_error, perform_cookie, cancelled = exc, b"", True
 
         dest_domain: pb.DomainRef | None = None
         finish_cookie = b""

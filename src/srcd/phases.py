@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from typing import Any
 
 import structlog
 
 from common.cookie import ACCEPT_CONFIRM, CookieFlag, MigrationCookie, format_cookie, parse_cookie
 from common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
-from common.errors import ArgumentUnsupported, OperationInvalid
+from common.errors import OperationInvalid
 from common.flags import MigrateFlag, check_begin_flags
 from common.phase import Phase
 from common.rpc import Deadline
@@ -55,6 +56,17 @@ def _check_persist_xml(ctx: SourceContext, current: DomainDef, params: SourcePar
     return check_abi_stable(current, new, new_name=None)
 
 
+async def _lookup(ctx: SourceContext, key: str) -> DomainDef:
+    """A persistent domain, else a transient running one (it has no definition)."""
+    d = await asyncio.to_thread(ctx.store.find, key)
+    if d is not None:
+        return d
+    for rec in ctx.hypervisor.records():
+        if key in (rec.name, rec.uuid) and rec.xml:
+            return parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
+    return await asyncio.to_thread(ctx.store.lookup, key)  # raises NoDomain
+
+
 async def begin(
     ctx: SourceContext,
     *,
@@ -72,17 +84,26 @@ async def begin(
     ctx.jobs.end(). On failure nothing is left behind.
     """
     validate_migration_id(migration_id)
-    current = await asyncio.to_thread(ctx.store.lookup, domain_key)
+    current = await _lookup(ctx, domain_key)
     async with contextlib.AsyncExitStack() as stack:
         lock = await asyncio.to_thread(ctx.store.acquire_job, current)
         stack.callback(lock.release)
         # libvirt checks, in its order: the job, then "domain is not running" for a
         # non-offline migration, then the flag rules.
-        if MigrateFlag.OFFLINE not in flags and not ctx.is_active(current):
+        runtime = ctx.hypervisor.record(current.uuid)
+        if MigrateFlag.OFFLINE not in flags and runtime is None:
             raise OperationInvalid("domain is not running")
         check_begin_flags(flags)
-        if MigrateFlag.OFFLINE not in flags:
-            raise ArgumentUnsupported("live migration is not supported by this source host")
+        was_running = False
+        if runtime is not None:
+            # what is sent is the running definition (libvirt: the live def, also offline)
+            if runtime.xml:
+                current = parse_domain(
+                    runtime.xml, generate_uuid=False, max_bytes=len(runtime.xml.encode()) + 1
+                )
+            was_running = await ctx.hypervisor.status(current.uuid) == "running"
+            if MigrateFlag.OFFLINE not in flags and not was_running:
+                flags |= MigrateFlag.PAUSED  # libvirt: a paused domain stays paused
         to_send = _definition_to_send(ctx, current, params)
         _check_persist_xml(ctx, current, params)
         now = time.time()
@@ -120,6 +141,7 @@ async def begin(
             lock=lock,
             cleanup=stack.pop_all(),
             driven=driven,
+            was_running=was_running,
         )
     ctx.jobs.add(job)
     log.info("phase_begin_done", migration_id=migration_id, domain=current.name)
@@ -167,12 +189,57 @@ async def confirm_offline(
         await ctx.jobs.end(job)
 
 
+async def confirm_live(
+    ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie: bytes
+) -> None:
+    """Confirm of a live migration, then the job ends.
+
+    Success: the domain runs on the destination now; the source emulator quits, and with
+    UNDEFINE_SOURCE the source definition goes. Cancelled: the source resumes if it was
+    running before the migration (QEMU leaves it paused once the stream completed).
+    """
+    uuid = job.domain.uuid
+    try:
+        await ctx.failpoints.hit("srcd.confirm.before")
+        await _enter_confirm(ctx, job, cancelled, cookie)
+        if cancelled:
+            status = await ctx.hypervisor.status(uuid)
+            if job.was_running and status not in ("running", "shutoff"):
+                await ctx.hypervisor.execute(uuid, "cont")
+                log.info("source_resumed", migration_id=job.migration_id, domain=job.domain.name)
+        else:
+            await ctx.hypervisor.quit(uuid)
+            log.info("source_stopped", migration_id=job.migration_id, reason="migrated")
+            defined = await asyncio.to_thread(ctx.store.find, uuid)
+            if MigrateFlag.UNDEFINE_SOURCE in job.flags and defined is not None:
+                await ctx.failpoints.hit("srcd.confirm.before_undefine")
+                await asyncio.to_thread(ctx.store.undefine, uuid, job.lock)
+                log.info("source_undefined", migration_id=job.migration_id)
+                await ctx.failpoints.hit("srcd.confirm.after_undefine")
+        await ctx.failpoints.hit("srcd.confirm.after")
+    finally:
+        job.outcome = job.outcome or ("cancelled" if cancelled else "completed")
+        ctx.completed_jobs[uuid] = job_snapshot(job)
+        await ctx.jobs.end(job)
+
+
+def job_snapshot(job: SourceJob) -> dict[str, Any]:
+    """What domjobinfo --completed shows after the job ended."""
+    return {
+        "migration_id": job.migration_id,
+        "outcome": job.outcome,
+        "error": job.error,
+        "elapsed_ms": int((time.monotonic() - job.started) * 1000),
+        "stats": dict(job.stats),
+    }
+
+
 async def confirm(ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie: bytes) -> None:
     """Dispatch Confirm to its variant."""
     if job.offline:
         await confirm_offline(ctx, job, cancelled=cancelled, cookie=cookie)
     else:
-        raise ArgumentUnsupported("live migration is not supported by this source host")
+        await confirm_live(ctx, job, cancelled=cancelled, cookie=cookie)
 
 
 async def abandon(ctx: SourceContext, job: SourceJob) -> None:

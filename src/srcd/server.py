@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,9 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from common.config import DaemonConfig
-from common.errors import InvalidArgument, VmmigrateError
+from common.errors import InvalidArgument, OperationInvalid, VmmigrateError
 from common.failpoints import Failpoints
 from common.flags import MigrateFlag, check_api_flags, parse_flags
+from common.hypervisor import hypervisor_for
 from common.rpc import SERVER_OPTIONS_BASE, Deadline, message_size_options, status_of
 from common.store import HostStore
 from srcd import phases
@@ -29,6 +31,7 @@ from srcd.context import PeerPool, SourceContext
 from srcd.domains import DomainAPI, domain_ref
 from srcd.jobs import SourceJobTable, SourceParams
 from srcd.p2p import P2PMigration, new_migration_id
+from srcd.perform import UNLIMITED_BPS, perform_live
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
@@ -69,6 +72,8 @@ def params_from_pb(p: pb.MigrationParams) -> SourceParams:
         persist_xml=p.persist_xml,
         migrate_uri=p.migrate_uri,
         bandwidth_mib=p.bandwidth_mib,
+        timeout_s=p.timeout_s,
+        timeout_suspend=p.timeout_suspend,
     )
 
 
@@ -99,8 +104,8 @@ class DomainService(pb_grpc.DomainServiceServicer):
 
     @handler
     async def GetState(self, request: pb.DomainRequest, context: Any) -> pb.StateResponse:
-        d = await self.api.lookup(_require(request.domain, "domain name"))
-        return pb.StateResponse(state=self.api.state_of(d), reason="unknown")
+        d, _ = await self.api.lookup(_require(request.domain, "domain name"))
+        return pb.StateResponse(state=await self.api.state_of(d), reason="unknown")
 
     @handler
     async def GetInfo(self, request: pb.DomainRequest, context: Any) -> pb.InfoResponse:
@@ -108,7 +113,11 @@ class DomainService(pb_grpc.DomainServiceServicer):
 
     @handler
     async def DumpXML(self, request: pb.DumpXMLRequest, context: Any) -> pb.DumpXMLResponse:
-        d = await self.api.lookup(_require(request.domain, "domain name"))
+        d, _ = await self.api.lookup(_require(request.domain, "domain name"))
+        if not request.inactive:
+            rec = self.ctx.hypervisor.record(d.uuid)
+            if rec is not None and rec.xml:
+                return pb.DumpXMLResponse(xml=rec.xml)  # the running definition
         return pb.DumpXMLResponse(xml=d.xml)
 
     @handler
@@ -132,6 +141,123 @@ class DomainService(pb_grpc.DomainServiceServicer):
             dest_domain=result.dest_domain,
             phases=list(result.phases),
         )
+
+    @handler
+    async def Start(self, request: pb.DomainRequest, context: Any) -> pb.DomainResponse:
+        return await self.api.start(_require(request.domain, "domain name"))
+
+    @handler
+    async def Destroy(self, request: pb.DomainRequest, context: Any) -> pb.DomainResponse:
+        return await self.api.destroy(_require(request.domain, "domain name"))
+
+    @handler
+    async def Shutdown(self, request: pb.DomainRequest, context: Any) -> pb.DomainResponse:
+        return await self.api.shutdown(_require(request.domain, "domain name"))
+
+    @handler
+    async def Suspend(self, request: pb.DomainRequest, context: Any) -> pb.DomainResponse:
+        return await self.api.suspend(_require(request.domain, "domain name"))
+
+    @handler
+    async def Resume(self, request: pb.DomainRequest, context: Any) -> pb.DomainResponse:
+        return await self.api.resume(_require(request.domain, "domain name"))
+
+    @handler
+    async def GetJobInfo(self, request: pb.JobInfoRequest, context: Any) -> pb.JobInfo:
+        d = await self.api.require_known(_require(request.domain, "domain name"))
+        if request.completed:
+            snap = self.ctx.completed_jobs.get(d.uuid)
+            if not isinstance(snap, dict):
+                return pb.JobInfo(type="None")
+            return job_info(
+                snap["stats"],
+                snap["migration_id"],
+                snap["elapsed_ms"],
+                _JOB_TYPES.get(snap["outcome"], "Completed"),
+                snap["error"],
+            )
+        job = self.ctx.jobs.for_domain(d.uuid)
+        if job is None or job.offline:
+            return pb.JobInfo(type="None")
+        return job_info(
+            job.stats,
+            job.migration_id,
+            int((time.monotonic() - job.started) * 1000),
+            "Unbounded",
+            "",
+        )
+
+    @handler
+    async def AbortJob(self, request: pb.AbortJobRequest, context: Any) -> pb.DomainResponse:
+        d = await self.api.require_known(_require(request.domain, "domain name"))
+        if not self.ctx.is_active(d):
+            raise OperationInvalid("domain is not running")
+        job = self.ctx.jobs.for_domain(d.uuid)
+        if job is None or job.offline:
+            raise OperationInvalid("no job is active on the domain")
+        job.abort_requested = True
+        log.info("abort_requested", migration_id=job.migration_id, domain=d.name)
+        return pb.DomainResponse(domain=domain_ref(d, True), state=await self.api.state_of(d))
+
+    @handler
+    async def SetMaxSpeed(self, request: pb.SpeedRequest, context: Any) -> pb.SpeedResponse:
+        d = await self.api.require_known(_require(request.domain, "domain name"))
+        if request.bandwidth_mib > MAX_SPEED_MIB:
+            raise InvalidArgument(f"bandwidth must be less than {MAX_SPEED_MIB + 1}")
+        self.ctx.max_speed_mib[d.uuid] = request.bandwidth_mib
+        job = self.ctx.jobs.for_domain(d.uuid)
+        if job is not None and not job.offline and self.ctx.is_active(d):
+            # a running migration takes the new cap at once
+            bps = request.bandwidth_mib * 1024 * 1024 or UNLIMITED_BPS
+            await self.ctx.hypervisor.execute(
+                d.uuid, "migrate-set-parameters", {"max-bandwidth": bps}
+            )
+        return pb.SpeedResponse(bandwidth_mib=request.bandwidth_mib)
+
+    @handler
+    async def GetMaxSpeed(self, request: pb.DomainRequest, context: Any) -> pb.SpeedResponse:
+        d = await self.api.require_known(_require(request.domain, "domain name"))
+        return pb.SpeedResponse(bandwidth_mib=self.ctx.max_speed_mib.get(d.uuid, MAX_SPEED_MIB))
+
+    @handler
+    async def SetMaxDowntime(self, request: pb.DowntimeRequest, context: Any) -> pb.DomainResponse:
+        d = await self.api.require_known(_require(request.domain, "domain name"))
+        if request.downtime_ms == 0:
+            raise InvalidArgument("migrate-setmaxdowntime: Invalid downtime")
+        self.ctx.max_downtime_ms[d.uuid] = request.downtime_ms
+        if self.ctx.jobs.for_domain(d.uuid) is not None and self.ctx.is_active(d):
+            await self.ctx.hypervisor.execute(
+                d.uuid, "migrate-set-parameters", {"downtime-limit": request.downtime_ms}
+            )
+        return pb.DomainResponse(domain=domain_ref(d), state=await self.api.state_of(d))
+
+
+# libvirt's unlimited migration speed (QEMU_DOMAIN_MIG_BANDWIDTH_MAX, MiB/s)
+MAX_SPEED_MIB = 8796093022207
+_JOB_TYPES = {"completed": "Completed", "failed": "Failed", "cancelled": "Cancelled"}
+
+
+def job_info(stats: dict[str, Any], mid: str, elapsed_ms: int, kind: str, error: str) -> pb.JobInfo:
+    ram = stats.get("ram", {})
+    total = int(ram.get("total", 0))
+    remaining = int(ram.get("remaining", 0))
+    return pb.JobInfo(
+        type=kind,
+        operation="Outgoing migration",
+        migration_id=mid,
+        time_elapsed_ms=elapsed_ms,
+        data_total=total,
+        data_processed=int(ram.get("transferred", 0)),
+        data_remaining=remaining,
+        memory_bps=int(float(ram.get("mbps", 0)) * 1_000_000 / 8),
+        dirty_rate=int(ram.get("dirty-pages-rate", 0)),
+        iteration=int(ram.get("dirty-sync-count", 0)),
+        downtime_ms=int(stats.get("downtime", 0)),
+        setup_time_ms=int(stats.get("setup-time", 0)),
+        auto_converge_throttle=int(stats.get("cpu-throttle-percentage", 0)),
+        page_size=int(ram.get("page-size", 4096)),
+        error=error,
+    )
 
 
 class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
@@ -176,7 +302,23 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
         job.touch()
         if job.offline:
             raise InvalidArgument("offline migration has no Perform phase")
-        raise InvalidArgument("live migration is not supported by this source host")
+        uri = request.params.migrate_uri
+        if not uri:
+            raise InvalidArgument("domainMigratePrepare3 did not set uri")
+        job.driven = True  # the job is busy: no expiry while the stream runs
+        try:
+            cookie = await asyncio.shield(
+                asyncio.ensure_future(perform_live(self.ctx, job, uri=uri))
+            )
+        except VmmigrateError:
+            # managed mode: a failed Perform restores the source and ends the job itself;
+            # the client calls Finish(cancelled) and no Confirm (libvirt's A.3).
+            await phases.confirm(self.ctx, job, cancelled=True, cookie=b"")
+            raise
+        finally:
+            job.driven = False
+            job.touch()
+        return pb.PerformResponse(cookie=cookie)
 
     @handler
     async def Confirm(self, request: pb.ConfirmRequest, context: Any) -> pb.ConfirmResponse:
@@ -210,6 +352,14 @@ def recover_source_jobs(store: HostStore) -> int:
     return count
 
 
+async def _housekeeping(ctx: SourceContext, interval: float = 1.0) -> None:
+    """End parked jobs whose client went away; reap emulators this process started."""
+    while True:
+        await asyncio.sleep(interval)
+        ctx.hypervisor.reap()
+        await ctx.jobs.expire_idle(ctx.config.job_idle_timeout)
+
+
 @contextlib.asynccontextmanager
 async def running_server(config: DaemonConfig) -> Any:
     """Start srcd's server; yields (server, bound address, context)."""
@@ -226,6 +376,9 @@ async def running_server(config: DaemonConfig) -> Any:
         jobs=SourceJobTable(store),
         peers=PeerPool(config.max_message_bytes),
         failpoints=Failpoints.parse(config.failpoints),
+        hypervisor=hypervisor_for(
+            config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel
+        ),
     )
     server = grpc.aio.server(
         options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes)
@@ -238,7 +391,7 @@ async def running_server(config: DaemonConfig) -> Any:
     await server.start()
     for name in ("", "vmmigrate.v1.DomainService", "vmmigrate.v1.MigrationSourceService"):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    expiry = asyncio.ensure_future(ctx.jobs.run_expiry(config.job_idle_timeout))
+    expiry = asyncio.ensure_future(_housekeeping(ctx))
     host = config.listen.rpartition(":")[0]
     try:
         yield server, f"{host}:{port}", ctx
@@ -247,3 +400,4 @@ async def running_server(config: DaemonConfig) -> Any:
         await health.enter_graceful_shutdown()
         await server.stop(grace=2.0)
         await ctx.peers.close()
+        await ctx.hypervisor.close()

@@ -517,6 +517,204 @@ class MigrateResponse(_message.Message):
 Global___MigrateResponse: _TypeAlias = MigrateResponse  # noqa: Y015
 
 @_typing.final
+class JobInfo(_message.Message):
+    """Job statistics of a domain's migration (libvirt's domjobinfo), on the source."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    TIME_ELAPSED_MS_FIELD_NUMBER: _builtins.int
+    DATA_TOTAL_FIELD_NUMBER: _builtins.int
+    DATA_PROCESSED_FIELD_NUMBER: _builtins.int
+    DATA_REMAINING_FIELD_NUMBER: _builtins.int
+    MEMORY_BPS_FIELD_NUMBER: _builtins.int
+    DIRTY_RATE_FIELD_NUMBER: _builtins.int
+    ITERATION_FIELD_NUMBER: _builtins.int
+    DOWNTIME_MS_FIELD_NUMBER: _builtins.int
+    SETUP_TIME_MS_FIELD_NUMBER: _builtins.int
+    AUTO_CONVERGE_THROTTLE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """"None", "Unbounded", "Completed", "Failed", "Cancelled" """
+    operation: _builtins.str
+    """"Outgoing migration" """
+    migration_id: _builtins.str
+    time_elapsed_ms: _builtins.int
+    data_total: _builtins.int
+    """bytes"""
+    data_processed: _builtins.int
+    data_remaining: _builtins.int
+    memory_bps: _builtins.int
+    """bytes per second"""
+    dirty_rate: _builtins.int
+    """pages per second"""
+    iteration: _builtins.int
+    downtime_ms: _builtins.int
+    """when completed"""
+    setup_time_ms: _builtins.int
+    auto_converge_throttle: _builtins.int
+    """percent"""
+    page_size: _builtins.int
+    error: _builtins.str
+    """when failed or cancelled"""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        migration_id: _builtins.str = ...,
+        time_elapsed_ms: _builtins.int = ...,
+        data_total: _builtins.int = ...,
+        data_processed: _builtins.int = ...,
+        data_remaining: _builtins.int = ...,
+        memory_bps: _builtins.int = ...,
+        dirty_rate: _builtins.int = ...,
+        iteration: _builtins.int = ...,
+        downtime_ms: _builtins.int = ...,
+        setup_time_ms: _builtins.int = ...,
+        auto_converge_throttle: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_converge_throttle", b"auto_converge_throttle", "data_processed", b"data_processed", "data_remaining", b"data_remaining", "data_total", b"data_total", "dirty_rate", b"dirty_rate", "downtime_ms", b"downtime_ms", "error", b"error", "iteration", b"iteration", "memory_bps", b"memory_bps", "migration_id", b"migration_id", "operation", b"operation", "page_size", b"page_size", "setup_time_ms", b"setup_time_ms", "time_elapsed_ms", b"time_elapsed_ms", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobInfo: _TypeAlias = JobInfo  # noqa: Y015
+
+@_typing.final
+class JobInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    completed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        completed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobInfoRequest: _TypeAlias = JobInfoRequest  # noqa: Y015
+
+@_typing.final
+class AbortJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortJobRequest: _TypeAlias = AbortJobRequest  # noqa: Y015
+
+@_typing.final
+class SpeedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    BANDWIDTH_MIB_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    bandwidth_mib: _builtins.int
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        bandwidth_mib: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_mib", b"bandwidth_mib", "domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeedRequest: _TypeAlias = SpeedRequest  # noqa: Y015
+
+@_typing.final
+class SpeedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BANDWIDTH_MIB_FIELD_NUMBER: _builtins.int
+    bandwidth_mib: _builtins.int
+    def __init__(
+        self,
+        *,
+        bandwidth_mib: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_mib", b"bandwidth_mib"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeedResponse: _TypeAlias = SpeedResponse  # noqa: Y015
+
+@_typing.final
+class DowntimeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    DOWNTIME_MS_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    downtime_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        downtime_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "downtime_ms", b"downtime_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DowntimeRequest: _TypeAlias = DowntimeRequest  # noqa: Y015
+
+@_typing.final
+class DomainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    state: Global___DomainState.ValueType
+    @_builtins.property
+    def domain(self) -> Global___DomainRef: ...
+    def __init__(
+        self,
+        *,
+        domain: Global___DomainRef | None = ...,
+        state: Global___DomainState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainResponse: _TypeAlias = DomainResponse  # noqa: Y015
+
+@_typing.final
 class BeginRequest(_message.Message):
     """---------------------------------------------------------------------------------------
     MigrationSourceService (srcd): the source phases, for client-driven migration
@@ -845,3 +1043,34 @@ class FinishResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FinishResponse: _TypeAlias = FinishResponse  # noqa: Y015
+
+@_typing.final
+class TunnelChunk(_message.Message):
+    """Tunnelled migration: the hypervisor's migration stream, carried over the daemons' own
+    connection. The source sends the stream; the first message names the migration.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    migration_id: _builtins.str
+    """first message only"""
+    data: _builtins.bytes
+    eof: _builtins.bool
+    """the sender closed its side"""
+    def __init__(
+        self,
+        *,
+        migration_id: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        eof: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "migration_id", b"migration_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TunnelChunk: _TypeAlias = TunnelChunk  # noqa: Y015

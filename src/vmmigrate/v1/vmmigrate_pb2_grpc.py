@@ -69,6 +69,56 @@ class DomainServiceStub:
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateResponse.FromString,
                 _registered_method=True)
+        self.Start = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/Start',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+                _registered_method=True)
+        self.Destroy = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/Destroy',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+                _registered_method=True)
+        self.Shutdown = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/Shutdown',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+                _registered_method=True)
+        self.Suspend = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/Suspend',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/Resume',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+                _registered_method=True)
+        self.GetJobInfo = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/GetJobInfo',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.JobInfoRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.AbortJob = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/AbortJob',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.AbortJobRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+                _registered_method=True)
+        self.SetMaxSpeed = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/SetMaxSpeed',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.SpeedRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.SpeedResponse.FromString,
+                _registered_method=True)
+        self.GetMaxSpeed = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/GetMaxSpeed',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.SpeedResponse.FromString,
+                _registered_method=True)
+        self.SetMaxDowntime = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/SetMaxDowntime',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DowntimeRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+                _registered_method=True)
 
 
 class DomainServiceServicer:
@@ -117,6 +167,68 @@ class DomainServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Start(self, request, context):
+        """Running domains.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Destroy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Shutdown(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Suspend(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobInfo(self, request, context):
+        """Migration jobs and their tuning (libvirt's domjobinfo, domjobabort, migrate-set*).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMaxSpeed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMaxSpeed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMaxDowntime(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DomainServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +266,56 @@ def add_DomainServiceServicer_to_server(servicer, server):
                     servicer.Migrate,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateResponse.SerializeToString,
+            ),
+            'Start': grpc.unary_unary_rpc_method_handler(
+                    servicer.Start,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.SerializeToString,
+            ),
+            'Destroy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Destroy,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.SerializeToString,
+            ),
+            'Shutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.Shutdown,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.SerializeToString,
+            ),
+            'Suspend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suspend,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.SerializeToString,
+            ),
+            'GetJobInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobInfo,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.JobInfoRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.JobInfo.SerializeToString,
+            ),
+            'AbortJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortJob,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.AbortJobRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.SerializeToString,
+            ),
+            'SetMaxSpeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMaxSpeed,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.SpeedRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.SpeedResponse.SerializeToString,
+            ),
+            'GetMaxSpeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMaxSpeed,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.SpeedResponse.SerializeToString,
+            ),
+            'SetMaxDowntime': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMaxDowntime,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DowntimeRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +517,276 @@ class DomainService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Start(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/Start',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Destroy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/Destroy',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/Shutdown',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suspend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/Suspend',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/Resume',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/GetJobInfo',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.JobInfoRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/AbortJob',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.AbortJobRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMaxSpeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/SetMaxSpeed',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.SpeedRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.SpeedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMaxSpeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/GetMaxSpeed',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.SpeedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMaxDowntime(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/SetMaxDowntime',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DowntimeRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class MigrationSourceServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -538,6 +970,16 @@ class MigrationDestinationServiceStub:
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.FromString,
                 _registered_method=True)
+        self.PrepareTunnel = channel.unary_unary(
+                '/vmmigrate.v1.MigrationDestinationService/PrepareTunnel',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareResponse.FromString,
+                _registered_method=True)
+        self.Tunnel = channel.stream_stream(
+                '/vmmigrate.v1.MigrationDestinationService/Tunnel',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.TunnelChunk.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.TunnelChunk.FromString,
+                _registered_method=True)
 
 
 class MigrationDestinationServiceServicer:
@@ -561,6 +1003,19 @@ class MigrationDestinationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareTunnel(self, request, context):
+        """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tunnel(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationDestinationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -578,6 +1033,16 @@ def add_MigrationDestinationServiceServicer_to_server(servicer, server):
                     servicer.Finish,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.SerializeToString,
+            ),
+            'PrepareTunnel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareTunnel,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareResponse.SerializeToString,
+            ),
+            'Tunnel': grpc.stream_stream_rpc_method_handler(
+                    servicer.Tunnel,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.TunnelChunk.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.TunnelChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -661,6 +1126,60 @@ class MigrationDestinationService:
             '/vmmigrate.v1.MigrationDestinationService/Finish',
             vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishRequest.SerializeToString,
             vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareTunnel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.MigrationDestinationService/PrepareTunnel',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tunnel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vmmigrate.v1.MigrationDestinationService/Tunnel',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.TunnelChunk.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.TunnelChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,18 @@ class DomainServiceStub:
     DumpXML: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DumpXMLRequest, _vmmigrate_pb2.DumpXMLResponse]
     Migrate: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.MigrateRequest, _vmmigrate_pb2.MigrateResponse]
     """Peer-to-peer migration: srcd drives Begin, Prepare, Perform, Finish, Confirm itself."""
+    Start: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]
+    """Running domains."""
+    Destroy: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]
+    Shutdown: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]
+    Suspend: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]
+    Resume: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]
+    GetJobInfo: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.JobInfoRequest, _vmmigrate_pb2.JobInfo]
+    """Migration jobs and their tuning (libvirt's domjobinfo, domjobabort, migrate-set*)."""
+    AbortJob: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.AbortJobRequest, _vmmigrate_pb2.DomainResponse]
+    SetMaxSpeed: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.SpeedRequest, _vmmigrate_pb2.SpeedResponse]
+    GetMaxSpeed: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.SpeedResponse]
+    SetMaxDowntime: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DowntimeRequest, _vmmigrate_pb2.DomainResponse]
 
 @_typing.type_check_only
 class DomainServiceAsyncStub(DomainServiceStub):
@@ -68,6 +80,18 @@ class DomainServiceAsyncStub(DomainServiceStub):
     DumpXML: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DumpXMLRequest, _vmmigrate_pb2.DumpXMLResponse]  # type: ignore[assignment]
     Migrate: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.MigrateRequest, _vmmigrate_pb2.MigrateResponse]  # type: ignore[assignment]
     """Peer-to-peer migration: srcd drives Begin, Prepare, Perform, Finish, Confirm itself."""
+    Start: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
+    """Running domains."""
+    Destroy: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
+    Shutdown: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
+    Suspend: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
+    Resume: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
+    GetJobInfo: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.JobInfoRequest, _vmmigrate_pb2.JobInfo]  # type: ignore[assignment]
+    """Migration jobs and their tuning (libvirt's domjobinfo, domjobabort, migrate-set*)."""
+    AbortJob: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.AbortJobRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
+    SetMaxSpeed: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.SpeedRequest, _vmmigrate_pb2.SpeedResponse]  # type: ignore[assignment]
+    GetMaxSpeed: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.SpeedResponse]  # type: ignore[assignment]
+    SetMaxDowntime: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DowntimeRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
 
 class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -120,6 +144,78 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_vmmigrate_pb2.MigrateResponse, _abc.Awaitable[_vmmigrate_pb2.MigrateResponse]]:
         """Peer-to-peer migration: srcd drives Begin, Prepare, Perform, Finish, Confirm itself."""
 
+    @_abc_1.abstractmethod
+    def Start(
+        self,
+        request: _vmmigrate_pb2.DomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.DomainResponse, _abc.Awaitable[_vmmigrate_pb2.DomainResponse]]:
+        """Running domains."""
+
+    @_abc_1.abstractmethod
+    def Destroy(
+        self,
+        request: _vmmigrate_pb2.DomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.DomainResponse, _abc.Awaitable[_vmmigrate_pb2.DomainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Shutdown(
+        self,
+        request: _vmmigrate_pb2.DomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.DomainResponse, _abc.Awaitable[_vmmigrate_pb2.DomainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Suspend(
+        self,
+        request: _vmmigrate_pb2.DomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.DomainResponse, _abc.Awaitable[_vmmigrate_pb2.DomainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Resume(
+        self,
+        request: _vmmigrate_pb2.DomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.DomainResponse, _abc.Awaitable[_vmmigrate_pb2.DomainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetJobInfo(
+        self,
+        request: _vmmigrate_pb2.JobInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.JobInfo, _abc.Awaitable[_vmmigrate_pb2.JobInfo]]:
+        """Migration jobs and their tuning (libvirt's domjobinfo, domjobabort, migrate-set*)."""
+
+    @_abc_1.abstractmethod
+    def AbortJob(
+        self,
+        request: _vmmigrate_pb2.AbortJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.DomainResponse, _abc.Awaitable[_vmmigrate_pb2.DomainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetMaxSpeed(
+        self,
+        request: _vmmigrate_pb2.SpeedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.SpeedResponse, _abc.Awaitable[_vmmigrate_pb2.SpeedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetMaxSpeed(
+        self,
+        request: _vmmigrate_pb2.DomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.SpeedResponse, _abc.Awaitable[_vmmigrate_pb2.SpeedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetMaxDowntime(
+        self,
+        request: _vmmigrate_pb2.DowntimeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.DomainResponse, _abc.Awaitable[_vmmigrate_pb2.DomainResponse]]: ...
+
 def add_DomainServiceServicer_to_server(servicer: DomainServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class MigrationSourceServiceStub:
@@ -170,6 +266,9 @@ class MigrationDestinationServiceStub:
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.CapabilitiesRequest, _vmmigrate_pb2.CapabilitiesResponse]
     Prepare: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareRequest, _vmmigrate_pb2.PrepareResponse]
     Finish: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishRequest, _vmmigrate_pb2.FinishResponse]
+    PrepareTunnel: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareRequest, _vmmigrate_pb2.PrepareResponse]
+    """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned)."""
+    Tunnel: _grpc.StreamStreamMultiCallable[_vmmigrate_pb2.TunnelChunk, _vmmigrate_pb2.TunnelChunk]
 
 @_typing.type_check_only
 class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
@@ -177,6 +276,9 @@ class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.CapabilitiesRequest, _vmmigrate_pb2.CapabilitiesResponse]  # type: ignore[assignment]
     Prepare: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareRequest, _vmmigrate_pb2.PrepareResponse]  # type: ignore[assignment]
     Finish: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishRequest, _vmmigrate_pb2.FinishResponse]  # type: ignore[assignment]
+    PrepareTunnel: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareRequest, _vmmigrate_pb2.PrepareResponse]  # type: ignore[assignment]
+    """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned)."""
+    Tunnel: _aio.StreamStreamMultiCallable[_vmmigrate_pb2.TunnelChunk, _vmmigrate_pb2.TunnelChunk]  # type: ignore[assignment]
 
 class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -199,5 +301,20 @@ class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vmmigrate_pb2.FinishRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vmmigrate_pb2.FinishResponse, _abc.Awaitable[_vmmigrate_pb2.FinishResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PrepareTunnel(
+        self,
+        request: _vmmigrate_pb2.PrepareRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.PrepareResponse, _abc.Awaitable[_vmmigrate_pb2.PrepareResponse]]:
+        """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned)."""
+
+    @_abc_1.abstractmethod
+    def Tunnel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_vmmigrate_pb2.TunnelChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_vmmigrate_pb2.TunnelChunk], _abc.AsyncIterator[_vmmigrate_pb2.TunnelChunk]]: ...
 
 def add_MigrationDestinationServiceServicer_to_server(servicer: MigrationDestinationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

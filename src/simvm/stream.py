@@ -1,0 +1,287 @@
+"""The simvm migration stream: a format of our own, carried over one TCP connection.
+
+Source to destination (all integers little-endian)::
+
+    header   magic "SIMVMRAM" | u16 version (1) | u16 flags (0) | u32 page size
+             | u64 page count | 16 bytes VM uuid                              (40 bytes)
+    records, each opened by a one-byte tag:
+      'P'  page batch   u32 n | n entries (u32 page index, u32 CRC32, u8 kind)
+                        | the data of the entries of kind NORMAL, in entry order
+                        kind NORMAL (0): a page of data follows in the data block
+                        kind ZERO   (1): an all-zero page, no data ("duplicate" in QEMU's
+                                         statistics); its CRC32 is that of a zero page
+      'I'  end of pass  u32 pass number (1 = the full first pass) | u32 pages in the pass
+      'E'  end          32 bytes: sha256 of the whole guest memory after the last pass
+
+Destination to source (the return path)::
+
+      0x06 ACK          the memory arrived and its sha256 matches the declared one
+      0x15 NAK          u16 length | UTF-8 reason: the destination refuses the stream
+
+Every check is the destination's: a page CRC that does not match, a pass whose page count
+differs from what arrived, a page index out of range, an unknown tag, an end of stream
+before 'E', or a final sha256 that differs, each raise :class:`StreamError`. Corruption the
+CRCs cannot see (a flipped bit in a page index lands a good page in the wrong place) is
+caught by the final sha256.
+
+Functions here do no socket I/O beyond the two small reader/writer helpers at the bottom;
+the encoder works on a memoryview of guest memory, so it is testable in-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import socket
+import struct
+import uuid as uuidlib
+import zlib
+from collections.abc import Callable, Sequence
+
+MAGIC = b"SIMVMRAM"
+VERSION = 1
+PAGE_SIZE = 4096
+
+TAG_PAGES = b"P"
+TAG_END_OF_PASS = b"I"
+TAG_END = b"E"
+ACK = b"\x06"
+NAK = b"\x15"
+
+HEADER = struct.Struct("<8sHHIQ16s")
+BATCH_HEAD = struct.Struct("<I")
+ENTRY = struct.Struct("<IIB")
+END_OF_PASS = struct.Struct("<II")
+NAK_HEAD = struct.Struct("<H")
+SHA256_LEN = 32
+
+# A batch larger than this is refused before allocating for it: a corrupted count must not
+# make the destination allocate gigabytes.
+MAX_BATCH_PAGES = 4096
+
+
+class StreamError(Exception):
+    """The stream is malformed, corrupted, truncated or refused."""
+
+
+class PageKind(enum.IntEnum):
+    NORMAL = 0  # data follows in the batch's data block
+    ZERO = 1  # all-zero page, no data on the wire
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    page_size: int
+    page_count: int
+    vm_uuid: str
+
+    def pack(self) -> bytes:
+        return HEADER.pack(
+            MAGIC, VERSION, 0, self.page_size, self.page_count, uuidlib.UUID(self.vm_uuid).bytes
+        )
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Header:
+        magic, version, _flags, page_size, page_count, ubytes = HEADER.unpack(raw)
+        if magic != MAGIC:
+            raise StreamError(f"not a simvm migration stream (magic {magic!r})")
+        if version != VERSION:
+            raise StreamError(f"unsupported stream version {version} (this simvm speaks {VERSION})")
+        return cls(page_size, page_count, str(uuidlib.UUID(bytes=ubytes)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One encoded page batch: ``head`` then ``data`` go on the wire."""
+
+    head: bytes
+    data: bytes
+    normal: int  # pages sent with data
+    zero: int  # all-zero pages sent as an index only
+
+    @property
+    def wire_bytes(self) -> int:
+        return len(self.head) + len(self.data)
+
+
+ZERO_PAGE = bytes(PAGE_SIZE)
+ZERO_CRC = zlib.crc32(ZERO_PAGE)
+
+
+def encode_batch(memory: memoryview, pages: Sequence[int], page_size: int = PAGE_SIZE) -> Batch:
+    """Copy ``pages`` out of ``memory`` and encode them as one 'P' record.
+
+    The pages are copied first and the CRCs computed on the copy, so a vCPU writing a page
+    meanwhile can never make a CRC disagree with the data sent (the page is dirty again
+    and goes in a later pass).
+    """
+    if pages and pages[-1] - pages[0] == len(pages) - 1:
+        # a contiguous run (the first pass): one copy
+        start = pages[0] * page_size
+        snapshot = bytes(memory[start : start + len(pages) * page_size])
+    else:
+        snapshot = b"".join(memory[p * page_size : (p + 1) * page_size] for p in pages)
+    view = memoryview(snapshot)
+    zero_page = ZERO_PAGE if page_size == PAGE_SIZE else bytes(page_size)
+    entries = bytearray(BATCH_HEAD.size + ENTRY.size * len(pages) + 1)
+    entries[0:1] = TAG_PAGES
+    BATCH_HEAD.pack_into(entries, 1, len(pages))
+    pos = 1 + BATCH_HEAD.size
+    zero_slots: list[int] = []
+    for i, page in enumerate(pages):
+        chunk = view[i * page_size : (i + 1) * page_size]
+        if chunk == zero_page:
+            ENTRY.pack_into(entries, pos, page, zlib.crc32(chunk), PageKind.ZERO)
+            zero_slots.append(i)
+        else:
+            ENTRY.pack_into(entries, pos, page, zlib.crc32(chunk), PageKind.NORMAL)
+        pos += ENTRY.size
+    if zero_slots:
+        skip = set(zero_slots)
+        data = b"".join(
+            view[i * page_size : (i + 1) * page_size] for i in range(len(pages)) if i not in skip
+        )
+    else:
+        data = snapshot
+    return Batch(bytes(entries), data, len(pages) - len(zero_slots), len(zero_slots))
+
+
+def encode_end_of_pass(number: int, pages: int) -> bytes:
+    return TAG_END_OF_PASS + END_OF_PASS.pack(number, pages)
+
+
+def encode_end(sha256: bytes) -> bytes:
+    if len(sha256) != SHA256_LEN:
+        raise ValueError("sha256 digest must be 32 bytes")
+    return TAG_END + sha256
+
+
+def encode_nak(reason: str) -> bytes:
+    raw = reason.encode("utf-8", "replace")[:0xFFFF]
+    return NAK + NAK_HEAD.pack(len(raw)) + raw
+
+
+class StreamReader:
+    """Exact reads from a byte stream (a socket's buffered file); EOF is a StreamError."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        self._raw = raw
+        self.received = 0
+
+    def read(self, n: int) -> bytes:
+        data = self._raw.read(n)
+        if data is None or len(data) != n:
+            got = 0 if data is None else len(data)
+            raise StreamError(f"stream ended early: wanted {n} bytes, got {got}")
+        self.received += n
+        return data
+
+    def read_into(self, buf: memoryview) -> None:
+        filled = 0
+        while filled < len(buf):
+            n = self._raw.readinto(buf[filled:])
+            if not n:
+                raise StreamError(f"stream ended early: wanted {len(buf)} bytes, got {filled}")
+            filled += n
+        self.received += filled
+
+
+class Loader:
+    """The destination's decoder: applies a stream to ``memory``, checking everything.
+
+    ``run()`` returns the sha256 the source declared (already checked against memory).
+    """
+
+    def __init__(self, reader: StreamReader, memory: memoryview, header: Header) -> None:
+        self._reader = reader
+        self._memory = memory
+        self._ps = header.page_size
+        self._count = header.page_count
+        self._scratch = memoryview(bytearray(MAX_BATCH_PAGES * header.page_size))
+        self.passes = 0
+        self.pages_loaded = 0
+        self._in_pass = 0
+
+    def run(self, sha256_of_memory: Callable[[], bytes]) -> bytes:
+        """Read records until 'E'; ``sha256_of_memory`` digests memory once all has arrived."""
+        while True:
+            tag = self._reader.read(1)
+            if tag == TAG_PAGES:
+                self._load_batch()
+            elif tag == TAG_END_OF_PASS:
+                number, pages = END_OF_PASS.unpack(self._reader.read(END_OF_PASS.size))
+                if number != self.passes + 1:
+                    raise StreamError(f"pass {number} ended, expected pass {self.passes + 1}")
+                if pages != self._in_pass:
+                    raise StreamError(
+                        f"pass {number} announced {pages} pages but {self._in_pass} arrived"
+                    )
+                self.passes = number
+                self._in_pass = 0
+            elif tag == TAG_END:
+                declared = self._reader.read(SHA256_LEN)
+                actual = sha256_of_memory()
+                if actual != declared:
+                    raise StreamError(
+                        f"memory checksum mismatch: source declared {declared.hex()}, "
+                        f"memory has {actual.hex()}"
+                    )
+                return declared
+            else:
+                raise StreamError(f"invalid record tag {tag!r}")
+
+    def _load_batch(self) -> None:
+        (n,) = BATCH_HEAD.unpack(self._reader.read(BATCH_HEAD.size))
+        if not 0 < n <= MAX_BATCH_PAGES:
+            raise StreamError(f"invalid page batch size {n}")
+        table = self._reader.read(ENTRY.size * n)
+        entries = [ENTRY.unpack_from(table, i * ENTRY.size) for i in range(n)]
+        ps = self._ps
+        normal = sum(1 for _, _, kind in entries if kind == PageKind.NORMAL)
+        data = self._scratch[: normal * ps]
+        self._reader.read_into(data)
+        mem = self._memory
+        slot = 0
+        for index, crc, kind in entries:
+            if index >= self._count:
+                raise StreamError(f"page index {index} out of range (guest has {self._count})")
+            if kind == PageKind.NORMAL:
+                page = data[slot * ps : (slot + 1) * ps]
+                slot += 1
+                if zlib.crc32(page) != crc:
+                    raise StreamError(f"page {index}: CRC32 mismatch (corrupted page data)")
+                mem[index * ps : (index + 1) * ps] = page
+            elif kind == PageKind.ZERO:
+                if crc != ZERO_CRC:
+                    raise StreamError(f"page {index}: CRC32 mismatch on a zero page")
+                mem[index * ps : (index + 1) * ps] = bytes(ps)
+            else:
+                raise StreamError(f"page {index}: invalid page kind {kind}")
+        self._in_pass += n
+        self.pages_loaded += n
+
+
+def read_return_path(sock: socket.socket) -> tuple[bool, str]:
+    """Block for the destination's verdict: (True, "") on ACK, (False, reason) otherwise."""
+    tag = _recv_exact(sock, 1)
+    if tag == ACK:
+        return True, ""
+    if tag == NAK:
+        (n,) = NAK_HEAD.unpack(_recv_exact(sock, NAK_HEAD.size))
+        return False, _recv_exact(sock, n).decode("utf-8", "replace")
+    if not tag:
+        return False, ""
+    return False, f"invalid return-path byte {tag!r}"
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    parts: list[bytes] = []
+    left = n
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)

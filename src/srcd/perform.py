@@ -1,0 +1,200 @@
+"""The source's Perform phase for a live migration (libvirt's qemuMigrationSrcRun).
+
+Policy and mechanism are kept apart: :func:`decide` is a pure function of the job's
+situation (tested with tables); :func:`perform_live` does the I/O: QMP migrate, then watch
+the migration (MIGRATION events, and query-migrate for statistics) until it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from typing import Any
+
+import structlog
+
+from common.cookie import MigrationCookie, format_cookie
+from common.errors import OperationAborted, OperationFailed
+from common.flags import MigrateFlag
+from common.phase import Phase
+from common.qmp import QMPError
+from srcd.context import SourceContext
+from srcd.jobs import SourceJob
+
+log = structlog.get_logger("vmmigrate.srcd.perform")
+
+UNLIMITED_BPS = 2**53  # QMP max-bandwidth takes bytes/s; libvirt's "unlimited"
+STATS_INTERVAL = 0.25  # seconds between query-migrate calls while waiting for events
+
+
+class Action(enum.Enum):
+    WAIT = "wait"  # keep watching
+    SUSPEND = "suspend"  # --timeout passed with --timeout-suspend: pause the guest
+    CANCEL_TIMEOUT = "cancel_timeout"  # --timeout passed without it: abort the migration
+    CANCEL_ABORT = "cancel_abort"  # a client asked (domjobabort, Ctrl-C)
+
+
+def decide(
+    *,
+    elapsed: float,
+    timeout_s: int,
+    timeout_suspend: bool,
+    suspended: bool,
+    abort_requested: bool,
+    cancelling: bool,
+) -> Action:
+    """What to do next in a running migration (no I/O: a table-testable policy)."""
+    if cancelling:
+        return Action.WAIT
+    if abort_requested:
+        return Action.CANCEL_ABORT
+    if timeout_s and elapsed >= timeout_s:
+        if timeout_suspend:
+            return Action.WAIT if suspended else Action.SUSPEND
+        return Action.CANCEL_TIMEOUT
+    return Action.WAIT
+
+
+def bandwidth_bps(ctx: SourceContext, job: SourceJob) -> int:
+    mib = job.params.bandwidth_mib or ctx.max_speed_mib.get(job.domain.uuid, 0)
+    return mib * 1024 * 1024 if mib else UNLIMITED_BPS
+
+
+async def perform_live(ctx: SourceContext, job: SourceJob, *, uri: str) -> bytes:
+    """Migrate the running domain's memory to ``uri``; returns the cookie for Finish.
+
+    On success the source is left paused (postmigrate) for Confirm to stop it. On failure
+    the error is raised and the source is left for Confirm(cancelled) to resume.
+    """
+    job.advance(Phase.PERFORM3)
+    job.record = job.record.with_phase(job.phase.label)
+    await asyncio.to_thread(ctx.store.journal_put, job.record)
+    hv = ctx.hypervisor
+    uuid = job.domain.uuid
+    params: dict[str, Any] = {"max-bandwidth": bandwidth_bps(ctx, job)}
+    downtime = ctx.max_downtime_ms.get(uuid)
+    if downtime:
+        params["downtime-limit"] = downtime
+    caps = [
+        {"capability": "auto-converge", "state": MigrateFlag.AUTO_CONVERGE in job.flags},
+        {"capability": "events", "state": True},
+    ]
+    mon = await hv.monitor(uuid)
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    unsubscribe = mon.on_event(
+        lambda e: events.put_nowait(e) if e.get("event") == "MIGRATION" else None
+    )
+    try:
+        await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+        await mon.execute("migrate-set-parameters", params)
+        await ctx.failpoints.hit("srcd.perform.before_migrate")
+        await mon.execute("migrate", {"uri": uri})
+        log.info(
+            "perform_started",
+            migration_id=job.migration_id,
+            uri=uri,
+            bandwidth=params["max-bandwidth"],
+        )
+        await _watch(ctx, job, events)
+        await ctx.failpoints.hit("srcd.perform.after_migrate")
+    except QMPError as exc:
+        job.outcome, job.error = "failed", str(exc)
+        if hv.record(uuid) is None:
+            raise OperationFailed("domain unexpectedly quit during migration") from exc
+        raise OperationFailed(f"job 'migration out' failed: {exc}") from exc
+    finally:
+        unsubscribe()
+    job.advance(Phase.PERFORM3_DONE)
+    job.record = job.record.with_phase(job.phase.label)
+    await asyncio.to_thread(ctx.store.journal_put, job.record)
+    identity = ctx.store.identity
+    return format_cookie(
+        MigrationCookie(
+            name=job.domain.name,
+            uuid=uuid,
+            hostname=identity.hostname,
+            hostuuid=identity.host_uuid,
+            statistics=_cookie_stats(job.stats),
+        )
+    )
+
+
+def _cookie_stats(info: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    ram = info.get("ram", {})
+    now_ms = int(time.time() * 1000)
+    pairs = [
+        ("started", str(now_ms - int(info.get("total-time", 0)))),
+        ("stopped", str(now_ms)),
+        ("sent", str(now_ms)),
+        ("time_elapsed", str(info.get("total-time", 0))),
+        ("downtime", str(info.get("downtime", 0))),
+        ("setup_time", str(info.get("setup-time", 0))),
+        ("memory_total", str(ram.get("total", 0))),
+        ("memory_processed", str(ram.get("transferred", 0))),
+        ("memory_remaining", str(ram.get("remaining", 0))),
+        ("memory_bps", str(int(ram.get("mbps", 0) * 1_000_000 / 8))),
+        ("memory_dirty_rate", str(ram.get("dirty-pages-rate", 0))),
+        ("memory_iteration", str(ram.get("dirty-sync-count", 0))),
+        ("memory_page_size", str(ram.get("page-size", 4096))),
+    ]
+    return tuple(pairs)
+
+
+async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[str, Any]]) -> None:
+    hv = ctx.hypervisor
+    uuid = job.domain.uuid
+    suspended = cancelling = timed_out = False
+    started = time.monotonic()
+    while True:
+        info = await hv.execute(uuid, "query-migrate")
+        if info:
+            job.stats = info
+        status = str(info.get("status", ""))
+        if status == "completed":
+            job.outcome = "completed"
+            log.info(
+                "perform_completed",
+                migration_id=job.migration_id,
+                downtime_ms=info.get("downtime"),
+                total_ms=info.get("total-time"),
+            )
+            return
+        if status == "failed":
+            job.outcome, job.error = "failed", str(info.get("error-desc", "unexpectedly failed"))
+            raise OperationFailed(f"job 'migration out' failed: {job.error}")
+        if status == "cancelled":
+            job.outcome = "cancelled"
+            if timed_out:
+                job.error = "migration timed out"
+                raise OperationAborted(
+                    f"operation aborted: migration did not complete within {job.params.timeout_s} s"
+                )
+            job.error = "canceled by client"
+            raise OperationAborted("operation aborted: job 'migration out' canceled by client")
+        action = decide(
+            elapsed=time.monotonic() - started,
+            timeout_s=job.params.timeout_s,
+            timeout_suspend=job.params.timeout_suspend,
+            suspended=suspended,
+            abort_requested=job.abort_requested,
+            cancelling=cancelling,
+        )
+        if action is Action.SUSPEND:
+            log.info("timeout_suspend", migration_id=job.migration_id)
+            await hv.execute(uuid, "stop")
+            suspended = True
+        elif action in (Action.CANCEL_ABORT, Action.CANCEL_TIMEOUT):
+            log.info("migration_cancel", migration_id=job.migration_id, reason=action.value)
+            timed_out = action is Action.CANCEL_TIMEOUT
+            cancelling = True
+            await hv.execute(uuid, "migrate_cancel")
+        # sleep until the next event, the next statistics poll, or an abort request
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(
+                min(STATS_INTERVAL, ctx.config.migration_poll_interval * 10)
+            ):
+                await events.get()
+                while not events.empty():
+                    events.get_nowait()
