@@ -1,0 +1,57 @@
+"""A tiny synchronous QMP client for tests: talk to a domain's emulator directly."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+
+def runtime_record(state_dir: Path, uuid: str) -> dict[str, Any] | None:
+    path = state_dir / "run" / f"{uuid}.json"
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+class QMP:
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rwb")
+        greeting = json.loads(self.file.readline())
+        assert "QMP" in greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = json.loads(self.file.readline())
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise RuntimeError(f"{name}: {reply['error']}")
+            return reply.get("return")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self) -> QMP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def qmp_for(state_dir: Path, uuid: str) -> QMP:
+    rec = runtime_record(state_dir, uuid)
+    assert rec is not None, f"domain {uuid} is not running under {state_dir}"
+    return QMP(rec["qmp"])

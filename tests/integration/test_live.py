@@ -1,0 +1,275 @@
+"""Live migration with simvm: real srcd/dstd processes, real emulator processes, real memory.
+
+The destination's memory must hash to what the source declared at switchover (simvm proves
+it with x-simvm-checksum); after any failure the domain runs on exactly one host.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid as uuidlib
+
+import pytest
+
+from helpers.hosts import Host, sample_domain_xml
+from helpers.qmp import qmp_for, runtime_record
+
+LIVE = ("migrate", "--live", "--persistent")
+
+
+def start_domain(h: Host, name: str, memory_mib: int = 32) -> str:
+    u = str(uuidlib.uuid4())
+    h.define(sample_domain_xml(name, u, memory_mib=memory_mib), f"{name}.xml")
+    out = h.migctl("start", name).stdout
+    assert out.strip() == f"Domain '{name}' started"
+    return u
+
+
+def state(h: Host, name: str) -> str:
+    r = h.migctl("domstate", name, check=False)
+    return r.stdout.strip() if r.returncode == 0 else "absent"
+
+
+def checksum(h: Host, u: str) -> dict[str, object]:
+    with qmp_for(h.state_dir, u) as q:
+        result: dict[str, object] = q.cmd("x-simvm-checksum")
+        return result
+
+
+def set_dirty_rate(h: Host, u: str, pages: int) -> None:
+    with qmp_for(h.state_dir, u) as q:
+        q.cmd("x-simvm-set-dirty-rate", **{"pages-per-second": pages})
+
+
+def runs_on_exactly_one(a: Host, b: Host, u: str) -> str:
+    ra, rb = runtime_record(a.state_dir, u), runtime_record(b.state_dir, u)
+    alive = [h for h, r in ((a, ra), (b, rb)) if r is not None and _alive(r["pid"])]
+    assert len(alive) == 1, f"domain runs on {[h.name for h in alive]}"
+    return alive[0].name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:
+        stat = fh.read()
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_lifecycle_and_states(hosts: tuple[Host, Host], domname: str) -> None:
+    a, _ = hosts
+    u = start_domain(a, domname)
+    assert state(a, domname) == "running"
+    listed = a.migctl("list").stdout
+    assert domname in listed and "running" in listed
+    assert a.migctl("suspend", domname).stdout.strip() == f"Domain '{domname}' suspended"
+    assert state(a, domname) == "paused"
+    assert a.migctl("resume", domname).stdout.strip() == f"Domain '{domname}' resumed"
+    r = a.migctl("start", domname, check=False)
+    assert r.returncode == 1 and r.stderr.strip() == "error: domain is already running"
+    info = a.migctl("dominfo", domname).stdout
+    assert "State:          running" in info
+    assert a.migctl("destroy", domname).stdout.strip() == f"Domain '{domname}' destroyed"
+    assert state(a, domname) == "shut off"
+    assert runtime_record(a.state_dir, u) is None
+
+
+@pytest.mark.parametrize("mode", [["--p2p"], [], ["--p2p", "--tunnelled"]],
+                         ids=["p2p", "managed", "tunnelled"])
+def test_live_migration_moves_memory_intact(hosts: tuple[Host, Host], domname: str,
+                                            mode: list[str]) -> None:
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=64)
+    set_dirty_rate(a, u, 2000)
+    before = a.migctl("dumpxml", domname).stdout
+    a.migctl(*LIVE, *mode, "--undefinesource", domname, b.dst)
+    assert state(b, domname) == "running"
+    assert state(a, domname) == "absent"  # undefined, and its emulator quit
+    assert runtime_record(a.state_dir, u) is None
+    sums = checksum(b, u)
+    assert sums["source-sha256"] == sums["sha256"]
+    assert b.migctl("dumpxml", domname, "--inactive").stdout.strip() == before.strip()
+    assert a.journal() == [] and b.journal() == []
+    # the completed job's statistics stay on the source... which no longer has the domain;
+    # migrate back and look there
+    b.migctl(*LIVE, "--p2p", domname, a.dst)
+    assert state(a, domname) == "running" and state(b, domname) == "shut off"
+    info = b.migctl("domjobinfo", domname, "--completed").stdout
+    assert "Job type:         Completed" in info
+    assert "Total downtime:" in info
+    a.migctl("destroy", domname)
+
+
+def test_live_suspend_and_dname_and_transient(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname)
+    new = f"{domname}-b"
+    # without --persistent the domain arrives transient; --suspend leaves it paused
+    a.migctl("migrate", "--live", "--p2p", "--suspend", "--dname", new, domname, b.dst)
+    assert state(b, new) == "paused"
+    info = b.migctl("dominfo", new).stdout
+    assert "Persistent:     no" in info and u in info
+    assert state(a, domname) == "shut off"  # still defined on the source
+    b.migctl("resume", new)
+    assert state(b, new) == "running"
+    b.migctl("destroy", new)
+    assert state(b, new) == "absent"  # transient: gone once stopped
+
+
+def test_offline_migration_of_running_domain_leaves_it_running(hosts: tuple[Host, Host],
+                                                               domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname)
+    a.migctl("migrate", "--offline", "--persistent", "--p2p", "--undefinesource", domname, b.dst)
+    assert state(a, domname) == "running"  # libvirt's rule: a running source is not touched
+    assert state(b, domname) == "shut off"
+    assert runs_on_exactly_one(a, b, u) == "A"
+    a.migctl("destroy", domname)
+
+
+def test_live_migration_of_inactive_domain(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    a.define(sample_domain_xml(domname), f"{domname}.xml")
+    r = a.migctl(*LIVE, "--p2p", domname, b.dst, check=False)
+    assert r.returncode == 1 and r.stderr.strip() == "error: domain is not running"
+
+
+def _slow_migration(a: Host, domname: str, extra: list[str], b: Host) -> subprocess.Popen[str]:
+    """Start a live migration that takes a while (low bandwidth), in the background."""
+    cmd = [sys.executable, "-m", "migctl", "-c", a.src, *LIVE, "--p2p", *extra, domname, b.dst]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_job(a: Host, domname: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "Unbounded" in a.migctl("domjobinfo", domname).stdout:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the migration job never showed up")
+
+
+def test_domjobabort_from_another_client(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=64)
+    before = checksum(a, u)["sha256"]
+    proc = _slow_migration(a, domname, ["--bandwidth", "4"], b)
+    _wait_job(a, domname)
+    info = a.migctl("domjobinfo", domname).stdout
+    assert "Operation:        Outgoing migration" in info
+    a.migctl("domjobabort", domname)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert err.strip() == "error: operation aborted: job 'migration out' canceled by client"
+    assert state(a, domname) == "running" and state(b, domname) == "absent"
+    assert runs_on_exactly_one(a, b, u) == "A"
+    assert checksum(a, u)["sha256"] == before  # no dirtying: memory exactly as it was
+    assert a.journal() == [] and b.journal() == []
+    r = a.migctl("domjobabort", domname, check=False)
+    assert r.stderr.strip() == "error: no job is active on the domain"
+    a.migctl("destroy", domname)
+
+
+def test_ctrl_c_aborts_cleanly(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=64)
+    proc = _slow_migration(a, domname, ["--bandwidth", "4", "--verbose"], b)
+    _wait_job(a, domname)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "canceled by client" in err
+    assert "Migration: [" in out
+    assert state(a, domname) == "running" and runs_on_exactly_one(a, b, u) == "A"
+    a.migctl("destroy", domname)
+
+
+def test_destination_emulator_dies_mid_transfer(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=64)
+    before = checksum(a, u)["sha256"]
+    proc = _slow_migration(a, domname, ["--bandwidth", "4"], b)
+    _wait_job(a, domname)
+    rec = runtime_record(b.state_dir, u)
+    assert rec is not None
+    os.kill(rec["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and err.startswith("error: job 'migration out' failed"), err
+    assert state(a, domname) == "running"
+    assert runs_on_exactly_one(a, b, u) == "A"
+    assert checksum(a, u)["sha256"] == before
+    assert b.journal() == [] and state(b, domname) == "absent"
+    a.migctl("destroy", domname)
+
+
+def test_timeout_without_suspend_aborts(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=16)
+    set_dirty_rate(a, u, 20000)  # ~80 MiB/s of dirtying against a 2 MiB/s cap
+    r = a.migctl(*LIVE, "--p2p", "--bandwidth", "2", "--timeout", "1", domname, b.dst,
+                 check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "error: operation aborted: migration did not complete within 1 s"
+    assert state(a, domname) == "running" and runs_on_exactly_one(a, b, u) == "A"
+    a.migctl("destroy", domname)
+
+
+def test_timeout_suspend_completes(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=16)
+    set_dirty_rate(a, u, 20000)
+    a.migctl(*LIVE, "--p2p", "--bandwidth", "64", "--timeout", "1", "--timeout-suspend",
+             domname, b.dst)
+    assert state(b, domname) == "running" and runs_on_exactly_one(a, b, u) == "B"
+    sums = checksum(b, u)
+    assert sums["source-sha256"] == sums["sha256"]
+    b.migctl("destroy", domname)
+
+
+def test_auto_converge(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=16)
+    set_dirty_rate(a, u, 20000)
+    a.migctl(*LIVE, "--p2p", "--bandwidth", "16", "--auto-converge", domname, b.dst,
+             timeout=120)
+    assert state(b, domname) == "running" and runs_on_exactly_one(a, b, u) == "B"
+    b.migctl("destroy", domname)
+
+
+def test_setspeed_getspeed_and_verbose(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=32)
+    assert a.migctl("migrate-getspeed", domname).stdout.strip() == "8796093022207"
+    a.migctl("migrate-setspeed", domname, "16")
+    assert a.migctl("migrate-getspeed", domname).stdout.strip() == "16"
+    a.migctl("migrate-setmaxdowntime", domname, "50")
+    r = a.migctl(*LIVE, "--p2p", "--verbose", domname, b.dst)
+    percents = [int(p) for p in __import__("re").findall(r"\[\s*(\d+) %\]", r.stdout)]
+    assert percents and percents[-1] == 100
+    assert percents == sorted(percents)  # never backwards
+    assert runs_on_exactly_one(a, b, u) == "B"
+    b.migctl("destroy", domname)
+
+
+def test_two_live_migrations_of_one_domain(hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=64)
+    proc = _slow_migration(a, domname, ["--bandwidth", "16"], b)
+    _wait_job(a, domname)
+    results: list[str] = []
+    t = threading.Thread(target=lambda: results.append(
+        a.migctl(*LIVE, "--p2p", domname, b.dst, check=False).stderr))
+    t.start()
+    t.join()
+    assert results == [f"error: another migration job is already running for domain '{domname}'\n"]
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert runs_on_exactly_one(a, b, u) == "B"
+    b.migctl("destroy", domname)
