@@ -58,6 +58,12 @@ class RuntimeRecord:
     started_unix: float
     incoming: str = ""  # the -incoming URI for a destination emulator
     xml: str = ""  # the live definition (a transient domain has no other)
+    # QEMU serves one client per monitor: each daemon gets a monitor of its own (role ->
+    # socket), ``qmp`` stays free for tools. simvm serves many clients on one socket.
+    monitors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def monitor_path(self, role: str) -> str:
+        return self.monitors.get(role, self.qmp)
 
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
@@ -133,6 +139,17 @@ def _qemu_passthrough(d: DomainDef) -> list[str]:
     return [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
 
 
+MONITOR_ROLES = ("srcd", "dstd")
+
+
+def monitor_paths(kind: str, qmp: str) -> dict[str, str]:
+    """QEMU serves one client per monitor: one extra monitor per daemon role."""
+    if kind != "qemu":
+        return {}
+    base = qmp.removesuffix(".qmp")
+    return {role: f"{base}.{role}.qmp" for role in MONITOR_ROLES}
+
+
 def build_argv(
     d: DomainDef,
     kind: str,
@@ -155,6 +172,8 @@ def build_argv(
         "-qmp",
         f"unix:{qmp},server=on,wait=off",
     ]
+    for path in monitor_paths(kind, qmp).values():
+        common += ["-qmp", f"unix:{path},server=on,wait=off"]
     if paused or incoming:
         common.append("-S")
     if incoming:
@@ -209,7 +228,8 @@ def _spawn(argv: list[str], logfile: str) -> subprocess.Popen[bytes]:
 class QMPHypervisor:
     """Starts emulators and talks QMP to them; runtime records in ``run_dir``."""
 
-    def __init__(self, run_dir: Path, settings: EmulatorSettings) -> None:
+    def __init__(self, run_dir: Path, settings: EmulatorSettings, role: str = "srcd") -> None:
+        self.role = role
         self.run_dir = run_dir
         self.settings = settings
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,8 +273,9 @@ class QMPHypervisor:
         if mon is not None:
             with contextlib.suppress(RuntimeError):  # no loop: nothing to close
                 asyncio.get_running_loop().create_task(mon.close())
-        with contextlib.suppress(OSError):
-            os.unlink(rec.qmp)
+        for path in (rec.qmp, *rec.monitors.values()):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def reap(self) -> None:
         """Collect exited children (emulators this process started)."""
@@ -290,6 +311,7 @@ class QMPHypervisor:
             started_unix=time.time(),
             incoming=incoming or "",
             xml=d.xml,
+            monitors=monitor_paths(kind, qmp),
         )
         try:
             await self._wait_monitor(rec, proc)
@@ -317,10 +339,11 @@ class QMPHypervisor:
                     f"emulator for domain '{rec.name}' exited with status {proc.returncode}: "
                     f"{self.log_tail(rec)}"
                 )
-            if os.path.exists(rec.qmp):  # noqa: ASYNC240 - one stat of a local path  # noqa: ASYNC240 - a stat on a local socket path
+            path = rec.monitor_path(self.role)
+            if os.path.exists(path):  # noqa: ASYNC240 - one stat of a local socket path
                 mon = QMPClient(rec.name)
                 try:
-                    await mon.connect(rec.qmp, timeout=5)
+                    await mon.connect(path, timeout=5)
                 except QMPError:
                     await asyncio.sleep(0.02)
                     continue
@@ -346,7 +369,7 @@ class QMPHypervisor:
             if mon is not None and mon.runstate.value == "running":
                 return mon
             mon = QMPClient(rec.name)
-            await mon.connect(rec.qmp)
+            await mon.connect(rec.monitor_path(self.role))
             self._monitors[uuid] = mon
             return mon
 
@@ -407,12 +430,14 @@ class QMPHypervisor:
 
 
 def hypervisor_for(
-    state_dir: Path, emulator: str, qemu_binary: str, qemu_accel: str
+    state_dir: Path, emulator: str, qemu_binary: str, qemu_accel: str, role: str
 ) -> QMPHypervisor:
-    """The driver both daemons of a host build over the shared state dir."""
+    """The driver both daemons of a host build over the shared state dir (``role``: which
+    of the emulator's monitors this daemon uses)."""
     return QMPHypervisor(
         state_dir / "run",
         EmulatorSettings(default=emulator, qemu_binary=qemu_binary, qemu_accel=qemu_accel),
+        role=role,
     )
 
 

@@ -194,7 +194,7 @@ async def running_server(config: DaemonConfig) -> Any:
     )
     await asyncio.to_thread(recover_incoming_jobs, store)
     hypervisor = hypervisor_for(
-        config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel
+        config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel, "dstd"
     )
     ports = PortAllocator(*config.migration_ports)
     ctx = DestinationContext(

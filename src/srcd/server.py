@@ -377,7 +377,7 @@ async def running_server(config: DaemonConfig) -> Any:
         peers=PeerPool(config.max_message_bytes),
         failpoints=Failpoints.parse(config.failpoints),
         hypervisor=hypervisor_for(
-            config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel
+            config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel, "srcd"
         ),
     )
     server = grpc.aio.server(
