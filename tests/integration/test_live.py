@@ -148,9 +148,11 @@ def _slow_migration(a: Host, domname: str, extra: list[str], b: Host) -> subproc
 
 
 def _wait_job(a: Host, domname: str, timeout: float = 10) -> None:
+    """Wait until the memory stream is flowing (not only the job taken in Begin)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "Unbounded" in a.migctl("domjobinfo", domname).stdout:
+        info = a.migctl("domjobinfo", domname).stdout
+        if "Unbounded" in info and "Data processed:   0.000 MiB" not in info:
             return
         time.sleep(0.05)
     raise AssertionError("the migration job never showed up")
