@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -209,6 +211,21 @@ def build_argv(
     ]
 
 
+# A unix socket path holds at most 107 bytes; "<uuid>.srcd.qmp" takes 46 of them.
+_MAX_SOCKET_DIR = 60
+
+
+def socket_dir_for(run_dir: Path) -> Path:
+    """Where the QMP sockets go: the run dir itself, or, when its path is too long for a
+    unix socket, a private directory under the system temp dir named after it."""
+    if len(os.fsencode(run_dir)) <= _MAX_SOCKET_DIR:
+        return run_dir
+    digest = hashlib.sha256(os.fsencode(run_dir.resolve())).hexdigest()[:16]
+    d = Path(tempfile.gettempdir()) / f"vmmigrate-{digest}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
 def _spawn(argv: list[str], logfile: str) -> subprocess.Popen[bytes]:
     """Start an emulator in a session of its own (it outlives the daemon)."""
     with open(logfile, "ab") as out:
@@ -231,6 +248,7 @@ class QMPHypervisor:
     def __init__(self, run_dir: Path, settings: EmulatorSettings, role: str = "srcd") -> None:
         self.role = role
         self.run_dir = run_dir
+        self.socket_dir = socket_dir_for(run_dir)
         self.settings = settings
         run_dir.mkdir(parents=True, exist_ok=True)
         self._monitors: dict[str, QMPClient] = {}
@@ -291,7 +309,7 @@ class QMPHypervisor:
         if self.record(d.uuid) is not None:
             raise OperationInvalid("domain is already running")
         kind = emulator_kind(d, self.settings.default)
-        qmp = str(self.run_dir / f"{d.uuid}.qmp")
+        qmp = str(self.socket_dir / f"{d.uuid}.qmp")
         logfile = str(self.run_dir / f"{d.uuid}.log")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(qmp)

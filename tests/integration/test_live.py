@@ -275,3 +275,26 @@ def test_two_live_migrations_of_one_domain(hosts: tuple[Host, Host], domname: st
     assert proc.returncode == 0
     assert runs_on_exactly_one(a, b, u) == "B"
     b.migctl("destroy", domname)
+
+
+def test_restarted_daemons_reattach_to_running_domains(fresh_hosts: tuple[Host, Host]) -> None:
+    """Emulators outlive their daemons: a restarted srcd sees the domain running and can
+    still control and migrate it."""
+    a, b = fresh_hosts
+    a.start()
+    b.start()
+    u = start_domain(a, "survivor")
+    rec = runtime_record(a.state_dir, u)
+    assert rec is not None
+    assert a.srcd is not None and a.dstd is not None
+    a.srcd.kill()
+    a.dstd.kill()
+    assert _alive(rec["pid"])
+    a.start()
+    assert state(a, "survivor") == "running"
+    a.migctl("suspend", "survivor")
+    assert state(a, "survivor") == "paused"
+    a.migctl("resume", "survivor")
+    a.migctl(*LIVE, "--p2p", "--undefinesource", "survivor", b.dst)
+    assert state(b, "survivor") == "running" and not _alive(rec["pid"])
+    b.migctl("destroy", "survivor")
