@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import structlog
 
@@ -145,10 +146,12 @@ def _record(req: PrepareInput, target: DomainDef) -> JobRecord:
     )
 
 
-async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
-    received, persist = _definitions(ctx, req)
-    target = _renamed(persist, req.dest_name)
-    _check_cookie(ctx, req, received)
+@contextlib.asynccontextmanager
+async def _reserved(
+    ctx: DestinationContext, req: PrepareInput, received: DomainDef, target: DomainDef
+) -> AsyncIterator[IncomingJob]:
+    """Reserve the name and UUID for an incoming job; the reservation (and whatever the
+    block adds to the job) is given back if the block fails."""
     record = _record(req, target)
     await ctx.failpoints.hit("dstd.prepare.before_reserve")
     async with contextlib.AsyncExitStack() as undo:
@@ -165,11 +168,22 @@ async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.Prep
         ctx.incoming.add(job)
         undo.push_async_callback(ctx.incoming.drop, job)
         await ctx.failpoints.hit("dstd.prepare.after_reserve")
+        yield job
         undo.pop_all()
+
+
+async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
+    received, persist = _definitions(ctx, req)
+    target = _renamed(persist, req.dest_name)
+    _check_cookie(ctx, req, received)
+    async with _reserved(ctx, req, received, target) as job:
+        pass  # offline starts nothing and needs no port: the URI stays empty
     log.info(
-        "incoming_prepared", migration_id=req.migration_id, domain=target.name, replaces=replaces
+        "incoming_prepared",
+        migration_id=req.migration_id,
+        domain=target.name,
+        replaces=job.replaces,
     )
-    # Offline starts nothing and needs no port: the URI stays empty.
     return pb.PrepareResponse(cookie=_reply_cookie(ctx, received.name, received.uuid), uri="")
 
 
@@ -178,25 +192,10 @@ async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.Prepare
     target = _renamed(persist, req.dest_name)
     running = _renamed(received, req.dest_name)
     _check_cookie(ctx, req, received)
-    record = _record(req, target)
     tunnelled = MigrateFlag.TUNNELLED in req.flags
-    await ctx.failpoints.hit("dstd.prepare.before_reserve")
-    async with contextlib.AsyncExitStack() as undo:
-        replaces = await asyncio.to_thread(ctx.store.reserve_incoming, record)
-        job = IncomingJob(
-            migration_id=req.migration_id,
-            target=target,
-            origname=received.name,
-            flags=req.flags,
-            record=record,
-            deadline=req.deadline,
-            replaces=replaces,
-        )
-        ctx.incoming.add(job)
-        undo.push_async_callback(ctx.incoming.drop, job)
+    async with _reserved(ctx, req, received, target) as job:
         if ctx.hypervisor.record(target.uuid) is not None:
             raise OperationInvalid(f"domain '{target.name}' is already active")
-        await ctx.failpoints.hit("dstd.prepare.after_reserve")
         # A tunnelled stream arrives through dstd itself: the emulator listens on loopback.
         job.host = "127.0.0.1" if tunnelled else migration_host(ctx)
         job.port = await asyncio.to_thread(ctx.ports.acquire, job.host)
@@ -204,7 +203,6 @@ async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.Prepare
         await ctx.hypervisor.start(running, paused=True, incoming=incoming)
         job.emulator_started = True
         await ctx.failpoints.hit("dstd.prepare.after_start")
-        undo.pop_all()
     log.info(
         "incoming_prepared",
         migration_id=req.migration_id,

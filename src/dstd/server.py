@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
 from common.caps import PROTOCOL_VERSION
 from common.config import DaemonConfig
+from common.daemon import abort_with, grpc_server, rpc_handler
 from common.errors import InvalidArgument, VmmigrateError
 from common.failpoints import Failpoints
 from common.flags import parse_flags
 from common.hypervisor import hypervisor_for
-from common.rpc import SERVER_OPTIONS_BASE, Deadline, message_size_options, status_of
+from common.rpc import Deadline
 from common.store import HostStore
 from dstd import phases
 from dstd.context import DestinationContext
@@ -44,32 +42,7 @@ FEATURES = (
     "MIGRATION_PARAMS",
 )
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
-
-
-def handler(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Bind log context for the RPC and translate errors to a gRPC status."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
-        header = getattr(request, "header", None)
-        mid = getattr(header, "migration_id", "")
-        with structlog.contextvars.bound_contextvars(
-            rpc=fn.__name__, role="destination", migration_id=mid or None, peer=context.peer()
-        ):
-            try:
-                return await fn(self, request, context)
-            except Exception as exc:
-                code, message, metadata = status_of(exc)
-                if isinstance(exc, VmmigrateError):
-                    log.info("rpc_failed", code=code.name, error=message)
-                else:
-                    log.exception("rpc_crashed")
-                await context.abort(code, message, trailing_metadata=tuple(metadata))
-
-    return wrapper
+handler = rpc_handler("destination")
 
 
 class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
@@ -150,9 +123,7 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
                 async for chunk in carry_tunnel(self.ctx, request_iterator):
                     yield chunk
             except VmmigrateError as exc:
-                code, message, metadata = status_of(exc)
-                log.info("rpc_failed", code=code.name, error=message)
-                await context.abort(code, message, trailing_metadata=tuple(metadata))
+                await abort_with(context, exc, log)
 
 
 def recover_incoming_jobs(store: HostStore) -> int:
@@ -175,17 +146,15 @@ def recover_incoming_jobs(store: HostStore) -> int:
     return count
 
 
-async def _housekeeping(ctx: DestinationContext, interval: float = 1.0) -> None:
+async def _housekeeping(ctx: DestinationContext) -> None:
     """Drop incoming jobs whose Finish never came; reap emulators this process started."""
-    while True:
-        await asyncio.sleep(interval)
-        ctx.hypervisor.reap()
-        await ctx.incoming.expire(ctx.config.job_idle_timeout)
+    ctx.hypervisor.reap()
+    await ctx.incoming.expire(ctx.config.job_idle_timeout)
 
 
 @contextlib.asynccontextmanager
-async def running_server(config: DaemonConfig) -> Any:
-    """Start dstd's server; yields (server, bound address, context)."""
+async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, DestinationContext]]:
+    """Start dstd's server; yields (bound address, context)."""
     store = HostStore(
         config.state_dir,
         host_uuid=config.host_uuid,
@@ -205,24 +174,19 @@ async def running_server(config: DaemonConfig) -> Any:
         hypervisor=hypervisor,
         ports=ports,
     )
-    server = grpc.aio.server(
-        options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes)
-    )
-    pb_grpc.add_MigrationDestinationServiceServicer_to_server(
-        MigrationDestinationService(ctx), server
-    )
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(config.listen)
-    await server.start()
-    for name in ("", "vmmigrate.v1.MigrationDestinationService"):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    expiry = asyncio.ensure_future(_housekeeping(ctx))
-    host = config.listen.rpartition(":")[0]
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_MigrationDestinationServiceServicer_to_server(
+            MigrationDestinationService(ctx), server
+        )
+
     try:
-        yield server, f"{host}:{port}", ctx
+        async with grpc_server(
+            config,
+            register,
+            ("vmmigrate.v1.MigrationDestinationService",),
+            lambda: _housekeeping(ctx),
+        ) as address:
+            yield address, ctx
     finally:
-        expiry.cancel()
-        await health.enter_graceful_shutdown()
-        await server.stop(grace=2.0)
         await ctx.hypervisor.close()

@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
 from common.config import DaemonConfig
+from common.daemon import grpc_server, rpc_handler
 from common.errors import InvalidArgument, OperationInvalid, VmmigrateError
 from common.failpoints import Failpoints
 from common.flags import MigrateFlag, check_api_flags, parse_flags
 from common.hypervisor import hypervisor_for
-from common.rpc import SERVER_OPTIONS_BASE, Deadline, message_size_options, status_of
+from common.rpc import Deadline
 from common.store import HostStore
 from srcd import phases
 from srcd.context import PeerPool, SourceContext
@@ -37,32 +35,7 @@ from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("vmmigrate.srcd")
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
-
-
-def handler(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Bind log context for the RPC and translate errors to a gRPC status."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
-        header = getattr(request, "header", None)
-        mid = getattr(header, "migration_id", "") or getattr(request, "migration_id", "")
-        with structlog.contextvars.bound_contextvars(
-            rpc=fn.__name__, role="source", migration_id=mid or None
-        ):
-            try:
-                return await fn(self, request, context)
-            except Exception as exc:
-                code, message, metadata = status_of(exc)
-                if isinstance(exc, VmmigrateError):
-                    log.info("rpc_failed", code=code.name, error=message)
-                else:
-                    log.exception("rpc_crashed")
-                await context.abort(code, message, trailing_metadata=tuple(metadata))
-
-    return wrapper
+handler = rpc_handler("source")
 
 
 def params_from_pb(p: pb.MigrationParams) -> SourceParams:
@@ -352,17 +325,15 @@ def recover_source_jobs(store: HostStore) -> int:
     return count
 
 
-async def _housekeeping(ctx: SourceContext, interval: float = 1.0) -> None:
+async def _housekeeping(ctx: SourceContext) -> None:
     """End parked jobs whose client went away; reap emulators this process started."""
-    while True:
-        await asyncio.sleep(interval)
-        ctx.hypervisor.reap()
-        await ctx.jobs.expire_idle(ctx.config.job_idle_timeout)
+    ctx.hypervisor.reap()
+    await ctx.jobs.expire_idle(ctx.config.job_idle_timeout)
 
 
 @contextlib.asynccontextmanager
-async def running_server(config: DaemonConfig) -> Any:
-    """Start srcd's server; yields (server, bound address, context)."""
+async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, SourceContext]]:
+    """Start srcd's server; yields (bound address, context)."""
     store = HostStore(
         config.state_dir,
         host_uuid=config.host_uuid,
@@ -380,24 +351,19 @@ async def running_server(config: DaemonConfig) -> Any:
             config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel, "srcd"
         ),
     )
-    server = grpc.aio.server(
-        options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes)
-    )
-    pb_grpc.add_DomainServiceServicer_to_server(DomainService(ctx), server)
-    pb_grpc.add_MigrationSourceServiceServicer_to_server(MigrationSourceService(ctx), server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(config.listen)
-    await server.start()
-    for name in ("", "vmmigrate.v1.DomainService", "vmmigrate.v1.MigrationSourceService"):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    expiry = asyncio.ensure_future(_housekeeping(ctx))
-    host = config.listen.rpartition(":")[0]
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_DomainServiceServicer_to_server(DomainService(ctx), server)
+        pb_grpc.add_MigrationSourceServiceServicer_to_server(MigrationSourceService(ctx), server)
+
     try:
-        yield server, f"{host}:{port}", ctx
+        async with grpc_server(
+            config,
+            register,
+            ("vmmigrate.v1.DomainService", "vmmigrate.v1.MigrationSourceService"),
+            lambda: _housekeeping(ctx),
+        ) as address:
+            yield address, ctx
     finally:
-        expiry.cancel()
-        await health.enter_graceful_shutdown()
-        await server.stop(grace=2.0)
         await ctx.peers.close()
         await ctx.hypervisor.close()
