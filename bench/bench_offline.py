@@ -300,6 +300,7 @@ async def latency(
         res: dict[str, Any] = summarize(times)
         res["label"] = label
         res["cpu_ms_per_migration"] = cpu.per_migration_ms(len(times))
+        res["samples_ms"] = [round(t, 3) for t in times]
         out[key] = res
         a, b = await client.names("A"), await client.names("B")
         assert name in a and name not in b, (a, b)
@@ -500,7 +501,12 @@ def table(results: dict[str, Any]) -> str:
         pr = results["profile"]
         lines += ["", f"profile (py-spy attached, not clean numbers): {json.dumps(pr)}"]
     lines.append(f"daemon RSS at end (MiB): {json.dumps(results['rss_mib_end'])}")
-    lines.append(f"total runtime: {results['runtime_s']:.1f} s")
+    lines.append(f"idle CPU (ms per s): {json.dumps(results['idle_cpu_ms_per_s'])}")
+    lines.append(
+        f"total runtime: {results['runtime_s']:.1f} s; load average before "
+        f"{results['loadavg_before']}, after {results['loadavg_after']} (2 cores: the bench "
+        "itself adds ~1-2; much more means other work ran alongside)"
+    )
     return "\n".join(lines)
 
 
@@ -520,6 +526,11 @@ async def run(args: argparse.Namespace, a: Host, b: Host) -> dict[str, Any]:
     await client.ready()
     results: dict[str, Any] = {}
     try:
+        with CpuMeter(pids) as idle:  # background cost (keepalives, timers), for reference
+            await asyncio.sleep(args.idle_s)
+        results["idle_cpu_ms_per_s"] = {
+            k: round(v * 1000 / args.idle_s, 2) for k, v in idle.used.items()
+        }
         print(f"latency: {args.warmup} warm-up + {args.n} timed migrations per mode", flush=True)
         results["latency"] = await latency(client, pids, args.warmup, args.n)
         levels = [int(x) for x in args.clients.split(",")]
@@ -545,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results as JSON to this path")
     ap.add_argument("--ips", default="127.0.0.2,127.0.0.3", help="loopback IPs of hosts A,B")
     ap.add_argument("--workdir", help="keep state and daemon logs here (default: temp dir)")
+    ap.add_argument("--idle-s", type=float, default=3.0, help="idle CPU sample, seconds")
     ap.add_argument("--profile", metavar="DIR", help="also run a p2p loop under py-spy")
     ap.add_argument("--profile-rate", type=int, default=1000, help="py-spy samples/s")
     args = ap.parse_args(argv)
@@ -561,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
             "managed_flags": hex(int(MANAGED_FLAGS)),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
         },
+        # Other work on the machine skews every number here: compare these with ~0.
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }
     ip_a, ip_b = args.ips.split(",")
     with contextlib.ExitStack() as stack:
@@ -583,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             for h in hosts:  # Daemon.stop() signals its own Popen (by pid), nothing broader
                 h.stop()
     results["runtime_s"] = round(time.perf_counter() - started, 1)
+    results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -70,7 +70,9 @@ def fsync_dir(path: Path) -> None:
         _fsync_dir_raw(path)
 
 
-def atomic_write(path: Path, data: bytes, *, mtime_ns: int | None = None) -> None:
+def atomic_write(
+    path: Path, data: bytes, *, mtime_ns: int | None = None, durable: bool = True
+) -> None:
     """Replace ``path`` with ``data`` atomically and durably.
 
     On any failure before the rename, the temp file is removed and the target is untouched.
@@ -81,6 +83,9 @@ def atomic_write(path: Path, data: bytes, *, mtime_ns: int | None = None) -> Non
     rename. The host store uses it to give every version of a file a distinct
     (inode, mtime) pair, which its parse cache relies on: file systems reuse a freed inode
     at once, and some keep timestamps at clock-tick granularity.
+
+    ``durable=False`` keeps the atomicity (readers see the old or the new content, never a
+    mix) but skips both fsyncs: for records whose loss in a crash is harmless.
     """
     directory = path.parent
     tmp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
@@ -93,7 +98,8 @@ def atomic_write(path: Path, data: bytes, *, mtime_ns: int | None = None) -> Non
                 _write_all(fd, data)
                 if mtime_ns is not None:
                     os.utime(fd, ns=(mtime_ns, mtime_ns))
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -101,17 +107,20 @@ def atomic_write(path: Path, data: bytes, *, mtime_ns: int | None = None) -> Non
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir_raw(directory)
+        if durable:
+            _fsync_dir_raw(directory)
 
 
-def durable_unlink(path: Path) -> bool:
-    """Remove ``path`` and make the removal durable. False if it did not exist."""
+def durable_unlink(path: Path, *, durable: bool = True) -> bool:
+    """Remove ``path`` and make the removal durable. False if it did not exist.
+    ``durable=False``: a plain unlink, for records that may harmlessly come back."""
     with _translated("remove", path):
         try:
             os.unlink(path)
         except FileNotFoundError:
             return False
-        _fsync_dir_raw(path.parent)
+        if durable:
+            _fsync_dir_raw(path.parent)
     return True
 
 

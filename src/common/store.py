@@ -736,8 +736,10 @@ class HostStore:
             rec = dataclasses.replace(rec, domain_uuid=uuid)
             if mine is not None and mine.started_unix:
                 rec = dataclasses.replace(rec, started_unix=mine.started_unix)
-            self._journal_write(rec)
-        log.info(
+            # Not fsync'd: a reservation lost in a crash was never a definition, and the
+            # restarted dstd drops reservations anyway. Both daemons still see it at once.
+            self._journal_write(rec, durable=False)
+        log.debug(
             "incoming_reserved",
             migration_id=rec.migration_id,
             name=name,
@@ -782,7 +784,8 @@ class HostStore:
         with self._locked():
             rec = self._journal_read(migration_id)
             if rec is not None and rec.role == ROLE_DESTINATION:
-                durable_unlink(self._journal_path(migration_id))
+                # a reservation that comes back after a crash is dropped at start-up
+                durable_unlink(self._journal_path(migration_id), durable=False)
 
     # ------------------------------------------------------------------ journal
 
@@ -828,16 +831,18 @@ class HostStore:
                 records.append(rec)
         return records
 
-    def _journal_write(self, rec: JobRecord) -> None:
+    def _journal_write(self, rec: JobRecord, *, durable: bool = True) -> None:
         now = time.time()
         started = rec.started_unix or now
         stamped = dataclasses.replace(
             rec, pid=os.getpid(), started_unix=started, updated_unix=rec.updated_unix or now
         )
-        atomic_write(self._journal_path(rec.migration_id), _record_to_bytes(stamped))
+        atomic_write(
+            self._journal_path(rec.migration_id), _record_to_bytes(stamped), durable=durable
+        )
 
-    def journal_put(self, rec: JobRecord) -> None:
-        """Write (or rewrite) a journal record durably.
+    def journal_put(self, rec: JobRecord, *, durable: bool = True) -> None:
+        """Write (or rewrite) a journal record (durably unless told otherwise).
 
         The store stamps ``pid`` with the writing process, and fills ``started_unix`` /
         ``updated_unix`` when they are 0. A record may not change role.
@@ -852,7 +857,7 @@ class HostStore:
                     f"migration id '{rec.migration_id}' is already in use by a {old.role} "
                     f"job for domain '{old.domain_name}'"
                 )
-            self._journal_write(rec)
+            self._journal_write(rec, durable=durable)
 
     def journal_get(self, migration_id: str) -> JobRecord | None:
         validate_migration_id(migration_id)
@@ -863,8 +868,11 @@ class HostStore:
         records = [r for r in self._read_journal() if role is None or r.role == role]
         return sorted(records, key=lambda r: (r.started_unix, r.migration_id))
 
-    def journal_remove(self, migration_id: str) -> None:
-        """Remove a record durably; no error if absent."""
+    def journal_remove(self, migration_id: str, *, durable: bool = True) -> None:
+        """Remove a record (durably unless told otherwise); no error if absent.
+
+        A finished job's record need not go durably: if it comes back after a crash,
+        recovery finds the job already complete and drops it again."""
         validate_migration_id(migration_id)
         with self._locked():
-            durable_unlink(self._journal_path(migration_id))
+            durable_unlink(self._journal_path(migration_id), durable=durable)

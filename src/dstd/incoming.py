@@ -9,7 +9,6 @@ passes. Dropping kills the incoming emulator, frees the port and the reservation
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 
@@ -93,7 +92,7 @@ class IncomingTable:
         if job.port:
             self._ports.release(job.port)
             job.port = 0
-        await asyncio.to_thread(self._store.release_incoming, job.migration_id)
+        self._store.release_incoming(job.migration_id)  # a plain unlink: no thread hand-off
 
     async def expire(self, idle_timeout: float) -> int:
         now = time.monotonic()

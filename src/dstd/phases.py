@@ -155,7 +155,7 @@ async def _reserved(
     record = _record(req, target)
     await ctx.failpoints.hit("dstd.prepare.before_reserve")
     async with contextlib.AsyncExitStack() as undo:
-        replaces = await asyncio.to_thread(ctx.store.reserve_incoming, record)
+        replaces = ctx.store.reserve_incoming(record)  # not fsync'd: no thread hand-off
         job = IncomingJob(
             migration_id=req.migration_id,
             target=target,
@@ -240,7 +240,10 @@ async def finish(
 
 
 async def _persist(ctx: DestinationContext, job: IncomingJob) -> None:
-    await asyncio.to_thread(ctx.store.journal_put, job.record)
+    if not job.offline:
+        # Live: a dstd restarted after this point finds FINISH3 and keeps a running domain.
+        # Offline needs no record: the definition is written atomically or not at all.
+        await asyncio.to_thread(ctx.store.journal_put, job.record)
     await ctx.failpoints.hit("dstd.finish.before_persist")
     replaced = await asyncio.to_thread(ctx.store.persist_incoming, job.migration_id, job.target)
     await ctx.failpoints.hit("dstd.finish.after_persist")

@@ -47,7 +47,7 @@ class Emulator:
         uuid: str,
         machine: Machine,
         emit: EmitFn,
-        request_exit: Callable[[int], None],
+        request_exit: Callable[[int, str], None],
         autostart: bool,
     ) -> None:
         self.name = name
@@ -80,9 +80,8 @@ class Emulator:
         inc.start()
 
     def _incoming_failed(self, reason: str) -> None:
-        # QEMU: "load of migration failed", then exit(EXIT_FAILURE)
-        log.error("load of migration failed: %s", reason)
-        self._request_exit(1)
+        # QEMU reports "load of migration failed" and exits with EXIT_FAILURE
+        self._request_exit(1, reason)
 
     def migrate_incoming(self, uri: str) -> None:
         if not self.incoming_deferred:
@@ -107,10 +106,10 @@ class Emulator:
         }
 
     def stop(self) -> None:
-        state = self.machine.state
-        if state is RunState.INMIGRATE:
-            self._set_autostart(False)  # QEMU: stay paused once the memory has arrived
-        elif state is RunState.RUNNING:
+        # QEMU: while inmigrate, stay paused once the memory has arrived
+        if self.machine.state is RunState.INMIGRATE and self._set_autostart(False):
+            return
+        if self.machine.state is RunState.RUNNING:
             self.machine.transition(RunState.PAUSED)
         # QEMU's vm_stop does nothing when the VM is not running
 
@@ -120,18 +119,18 @@ class Emulator:
             raise CommandError("Migration is not finalized yet")
         if state is RunState.SHUTDOWN:
             raise CommandError("Resetting the Virtual Machine is required")
-        if state is RunState.INMIGRATE:
-            self._set_autostart(True)  # QEMU: start as soon as the memory has arrived
+        # QEMU: while inmigrate, start as soon as the memory has arrived
+        if state is RunState.INMIGRATE and self._set_autostart(True):
             return
         self.machine.transition(RunState.RUNNING)
 
-    def _set_autostart(self, on: bool) -> None:
+    def _set_autostart(self, on: bool) -> bool:
+        """False when the incoming memory arrived meanwhile (act on the new state)."""
         self._autostart = on
-        if self.incoming is not None:
-            self.incoming.autostart = on
+        return self.incoming is None or self.incoming.set_autostart(on)
 
     def quit(self) -> None:
-        self._request_exit(0)
+        self._request_exit(0, "host-qmp-quit")
 
     # -- outgoing migration -----------------------------------------------------------
 
@@ -146,7 +145,14 @@ class Emulator:
             parse_tcp_uri(uri)
         except ValueError:
             raise CommandError("Parameter 'uri' expects a valid migration protocol") from None
-        job = OutgoingMigration(self.machine, self.uuid, uri, self.params, self.caps, self._emit)
+        job = OutgoingMigration(
+            self.machine,
+            vm_uuid=self.uuid,
+            uri=uri,
+            params=self.params,
+            caps=self.caps,
+            emit=self._emit,
+        )
         self.outgoing = job
         job.start()
 

@@ -18,6 +18,8 @@ status 1, as QEMU does after a failed incoming migration.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import socket
 import threading
@@ -49,7 +51,9 @@ class IncomingMigration:
         self._addr = parse_tcp_uri(uri)
         self._on_failure = on_failure
         self.status = StatusCell("destination", emit, lambda: caps.events)
-        self.autostart = autostart
+        self._autostart = autostart
+        self._arrival = threading.Lock()  # orders cont/stop against the memory's arrival
+        self._arrived = False
         self.source_sha256: str | None = None
         self.error = ""
         self._listener: socket.socket | None = None
@@ -77,13 +81,20 @@ class IncomingMigration:
     def start(self) -> None:
         self._thread.start()
 
+    def set_autostart(self, on: bool) -> bool:
+        """cont / stop while inmigrate; False once the memory has arrived (too late: the
+        run state has moved, and the caller acts on it instead)."""
+        with self._arrival:
+            if self._arrived:
+                return False
+            self._autostart = on
+            return True
+
     def close(self) -> None:
         for sock in (self._listener, self._conn):
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):  # a listener, or already disconnected
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # a listener, or already disconnected
                 sock.close()
 
     def info(self) -> dict[str, Any]:
@@ -114,13 +125,15 @@ class IncomingMigration:
             self._fail(conn, str(exc) or type(exc).__name__)
             return
         self.source_sha256 = declared.hex()
-        self._machine.transition(RunState.RUNNING if self.autostart else RunState.PAUSED)
+        with self._arrival:
+            self._arrived = True
+            self._machine.transition(RunState.RUNNING if self._autostart else RunState.PAUSED)
         self.status.advance(MigrationStatus.COMPLETED)
         conn.close()
 
     def _load(self, conn: socket.socket) -> bytes:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = stream.StreamReader(conn.makefile("rb", buffering=1 << 20))
+        reader = stream.StreamReader(io.BufferedReader(socket.SocketIO(conn, "rb"), 1 << 20))
         header = stream.Header.parse(reader.read(stream.HEADER.size))
         m = self._machine
         if header.page_size != m.page_size:
@@ -141,9 +154,7 @@ class IncomingMigration:
     def _fail(self, conn: socket.socket, reason: str) -> None:
         self.error = reason
         self.status.advance(MigrationStatus.FAILED)
-        try:
+        with contextlib.suppress(OSError):  # the source is gone already: nobody to tell
             conn.sendall(stream.encode_nak(reason))
-        except OSError:
-            pass  # the source is gone already: nobody to tell
         conn.close()
         self._on_failure(reason)

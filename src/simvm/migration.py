@@ -70,14 +70,14 @@ class StatusCell:
 
     def advance(self, new: MigrationStatus) -> bool:
         """Move to ``new``; False (and no change) when that is not a forward step."""
-        with self._lock:
+        with self._lock:  # emitting under the lock keeps events in transition order
             old = self.value
             if new not in _ALLOWED[old]:
                 return False
             self.value = new
-        log.info("migration status %s -> %s (%s)", old.value, new.value, self._role)
-        if self._events():  # QEMU sends MIGRATION only with the "events" capability on
-            self._emit("MIGRATION", {"status": new.value})
+            log.info("migration status %s -> %s (%s)", old.value, new.value, self._role)
+            if self._events():  # QEMU sends MIGRATION only with the "events" capability on
+                self._emit("MIGRATION", {"status": new.value})
         return True
 
 

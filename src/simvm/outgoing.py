@@ -17,12 +17,19 @@ either way the VM first goes back to running if the switchover had stopped it (Q
 resumes the source), and only then is the final status set, so a client that sees
 ``failed`` or ``cancelled`` already sees the VM running.
 
+The point of no return is sending 'E': after it, the destination may start the guest as
+soon as its checksum matches, so migrate_cancel is ignored from then on and the
+destination's verdict alone decides between ``completed`` and ``failed``. (Before it, a
+cancelled stream is incomplete and the destination refuses it.) If the ACK is lost on the
+way back, both sides run: the same window QEMU has, and why libvirt confirms afterwards.
+
 A second thread reads the return path for the whole migration, so a NAK the destination
 sends before closing is not lost behind our own failing writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -75,6 +82,7 @@ class OutgoingMigration:
     def __init__(
         self,
         machine: Machine,
+        *,
         vm_uuid: str,
         uri: str,
         params: Parameters,
@@ -93,7 +101,10 @@ class OutgoingMigration:
         self._sock_lock = threading.Lock()
         self._verdict: tuple[bool, str] | None = None
         self._verdict_ready = threading.Event()
+        self._scratch = memoryview(bytearray(BATCH_PAGES * machine.page_size))
         self._return_path: threading.Thread | None = None
+        self._past_return = False  # 'E' sent: migrate_cancel no longer applies
+        self._stopped_from: RunState | None = None  # run state the switchover stopped
         self._thread = threading.Thread(target=self._run, name="simvm-migrate-out", daemon=True)
         # statistics (written by the migration thread, read by query-migrate)
         self._auto_converge = caps.auto_converge
@@ -121,9 +132,13 @@ class OutgoingMigration:
 
     def cancel(self) -> None:
         """migrate_cancel: tear the stream down; the thread rolls the VM back."""
-        if not self.status.advance(MigrationStatus.CANCELLING):
-            return
-        self._cancel.set()
+        with self._sock_lock:
+            if self._past_return:
+                log.info("migrate_cancel ignored: the end of the stream is already sent")
+                return
+            if not self.status.advance(MigrationStatus.CANCELLING):
+                return
+            self._cancel.set()
         self._shutdown_socket()
 
     def join(self, timeout: float) -> None:
@@ -167,9 +182,7 @@ class OutgoingMigration:
             )
         if self._auto_converge:
             info["cpu-throttle-percentage"] = (
-                self._machine.throttle
-                if status is MigrationStatus.ACTIVE
-                else self._final_throttle
+                self._machine.throttle if status is MigrationStatus.ACTIVE else self._final_throttle
             )
         if status is MigrationStatus.FAILED:
             info["error-desc"] = self.error
@@ -178,21 +191,19 @@ class OutgoingMigration:
     # -- the migration thread ---------------------------------------------------------
 
     def _run(self) -> None:
-        was_running = False
         try:
             self._setup()
             last = self._precopy()
-            was_running = self._machine.state is RunState.RUNNING
             self._switchover(last)
         except BaseException as exc:
             if self._return_path is not None and not self._cancel.is_set():
                 # the destination's NAK may still be on its way behind our failed write
                 self._verdict_ready.wait(1.0)
-            # the VM goes back first, then the final status (see the module docstring)
+            # the VM goes back first, then the final status (see the module docstring);
+            # a VM that was not running goes to postmigrate, as QEMU does
             if self._machine.state is RunState.FINISH_MIGRATE:
-                self._machine.transition(
-                    RunState.RUNNING if was_running else RunState.POSTMIGRATE
-                )
+                was_running = self._stopped_from is RunState.RUNNING
+                self._machine.transition(RunState.RUNNING if was_running else RunState.POSTMIGRATE)
             self._end = time.monotonic()
             self._cleanup()
             if self._cancel.is_set():
@@ -220,10 +231,8 @@ class OutgoingMigration:
     def _shutdown_socket(self) -> None:
         with self._sock_lock:
             if self._sock is not None:
-                try:
+                with contextlib.suppress(OSError):  # not connected (yet, or any more)
                     self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # not connected (yet, or any more): nothing to interrupt
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -254,12 +263,17 @@ class OutgoingMigration:
             raise _Cancelled
 
     def _read_return_path(self, sock: socket.socket) -> None:
+        verdict: tuple[bool, str] = (False, "")
         try:
-            self._verdict = stream.read_return_path(sock)
+            verdict = stream.read_return_path(sock)
         except OSError as exc:
-            self._verdict = (False, "")
             log.debug("return path closed: %s", exc)
+        self._verdict = verdict
         self._verdict_ready.set()
+        if not verdict[0]:
+            # the destination gave up (or went away): interrupt a sender that may be
+            # blocked on a peer that no longer reads, as QEMU's return path does
+            self._shutdown_socket()
 
     def _precopy(self) -> list[int]:
         """Passes until :func:`decide` says switch over; returns the pages still dirty."""
@@ -273,7 +287,7 @@ class OutgoingMigration:
             started = time.monotonic()
             sent_before = self._transferred
             self._send_pages(pending, bucket)
-            self._send([stream.encode_end_of_pass(number, len(pending))])
+            self._send([stream.encode_end_of_pass(number, len(pending), final=False)])
             elapsed = time.monotonic() - started
             sent = self._transferred - sent_before
             if elapsed > 0.001 and sent >= 64 * 1024:
@@ -290,11 +304,20 @@ class OutgoingMigration:
                 self._caps.auto_converge,
                 m.throttle,
             )
+            log.info(
+                "pass %d: %d bytes in %.3f s (%.0f MB/s), %d pages dirtied meanwhile",
+                number,
+                sent,
+                elapsed,
+                sent / elapsed / 1e6 if elapsed > 0 else 0.0,
+                dirtied,
+            )
             if decision.switchover:
                 return pending
             if decision.throttle != m.throttle:
-                log.info("auto-converge: vCPU throttled %d%% -> %d%%", m.throttle,
-                         decision.throttle)
+                log.info(
+                    "auto-converge: vCPU throttled %d%% -> %d%%", m.throttle, decision.throttle
+                )
                 m.throttle = decision.throttle
             if self._caps.events:
                 self._emit("MIGRATION_PASS", {"pass": number + 1})
@@ -302,7 +325,7 @@ class OutgoingMigration:
     def _switchover(self, pending: list[int]) -> None:
         m = self._machine
         stopped_at = time.monotonic()
-        m.transition(RunState.FINISH_MIGRATE)
+        self._stopped_from = m.transition(RunState.FINISH_MIGRATE)
         # the vCPU cannot write any more: these are the last dirty pages
         last = sorted(set(pending) | set(m.sync_dirty()))
         digest: list[bytes] = []
@@ -310,18 +333,21 @@ class OutgoingMigration:
         hasher.start()  # hashlib drops the GIL: hash while the last pages go out
         self._send_pages(last, None)  # QEMU ignores the rate limit for the final pass too
         self._passes += 1
-        self._send([stream.encode_end_of_pass(self._passes, len(last))])
+        self._send([stream.encode_end_of_pass(self._passes, len(last), final=True)])
         hasher.join()
+        with self._sock_lock:
+            self._check_cancel()
+            self._past_return = True
         self._send([stream.encode_end(digest[0])])
         if not self._verdict_ready.wait(ACK_TIMEOUT):
             raise MigrationError("the destination did not acknowledge the memory checksum")
-        self._check_cancel()
         assert self._verdict is not None
         ok, reason = self._verdict
         if not ok:
             raise MigrationError(_refusal(reason))
         self._downtime = time.monotonic() - stopped_at
         self._remaining = 0
+        log.info("switchover: %d pages, downtime %.3f s", len(last), self._downtime)
 
     def _send_pages(self, pages: Sequence[int], bucket: TokenBucket | None) -> None:
         m = self._machine
@@ -330,7 +356,7 @@ class OutgoingMigration:
             self._check_cancel()
             n = bucket.batch_pages(m.page_size, BATCH_PAGES) if bucket else BATCH_PAGES
             chunk = pages[i : i + n]
-            batch = stream.encode_batch(m.view, chunk, m.page_size)
+            batch = stream.encode_batch(m.view, chunk, self._scratch, m.page_size)
             if bucket is not None:
                 bucket.take(batch.wire_bytes, self._cancel)
                 self._check_cancel()
@@ -340,7 +366,7 @@ class OutgoingMigration:
             i += len(chunk)
             self._remaining = (len(pages) - i) * m.page_size
 
-    def _send(self, parts: list[bytes]) -> None:
+    def _send(self, parts: list[bytes | memoryview]) -> None:
         sock = self._sock
         assert sock is not None
         try:
@@ -349,7 +375,7 @@ class OutgoingMigration:
         except OSError as exc:
             self._check_cancel()
             raise MigrationError(f"Unable to write to socket: {exc.strerror or exc}") from exc
-        self._transferred += sum(len(p) for p in parts)
+        self._transferred += sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
 
 
 def _refusal(reason: str) -> str:
@@ -363,4 +389,3 @@ def _describe(exc: BaseException, verdict: tuple[bool, str] | None) -> str:
     if verdict is not None and not verdict[0] and verdict[1]:
         return _refusal(verdict[1])
     return str(exc) or type(exc).__name__
-

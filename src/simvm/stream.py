@@ -11,21 +11,24 @@ Source to destination (all integers little-endian)::
                         kind ZERO   (1): an all-zero page, no data ("duplicate" in QEMU's
                                          statistics); its CRC32 is that of a zero page
       'I'  end of pass  u32 pass number (1 = the full first pass) | u32 pages in the pass
-      'E'  end          32 bytes: sha256 of the whole guest memory after the last pass
+                        | u8 final (1: the source VM is stopped, memory is complete;
+                        only 'E' may follow)
+      'E'  end          32 bytes: sha256 of the whole guest memory after the final pass
 
 Destination to source (the return path)::
 
       0x06 ACK          the memory arrived and its sha256 matches the declared one
       0x15 NAK          u16 length | UTF-8 reason: the destination refuses the stream
 
-Every check is the destination's: a page CRC that does not match, a pass whose page count
-differs from what arrived, a page index out of range, an unknown tag, an end of stream
-before 'E', or a final sha256 that differs, each raise :class:`StreamError`. Corruption the
-CRCs cannot see (a flipped bit in a page index lands a good page in the wrong place) is
-caught by the final sha256.
+Every check is the destination's: a bad magic or version, a page CRC that does not match,
+a pass whose number or page count differs from what arrived, a page index out of range, an
+unknown tag, a record after the final pass, an end of stream before 'E', or a final sha256
+that differs, each raise :class:`StreamError`. Corruption the CRCs cannot see (a flipped
+bit in a page index lands a good page in the wrong place) is caught by the final sha256.
 
-Functions here do no socket I/O beyond the two small reader/writer helpers at the bottom;
-the encoder works on a memoryview of guest memory, so it is testable in-process.
+Nothing here touches a socket except :func:`read_return_path`: the encoder works on a
+memoryview of guest memory and the loader on any binary file, so both are testable
+in-process.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ NAK = b"\x15"
 HEADER = struct.Struct("<8sHHIQ16s")
 BATCH_HEAD = struct.Struct("<I")
 ENTRY = struct.Struct("<IIB")
-END_OF_PASS = struct.Struct("<II")
+END_OF_PASS = struct.Struct("<IIB")
 NAK_HEAD = struct.Struct("<H")
 SHA256_LEN = 32
 
@@ -96,7 +99,7 @@ class Batch:
     """One encoded page batch: ``head`` then ``data`` go on the wire."""
 
     head: bytes
-    data: bytes
+    data: memoryview
     normal: int  # pages sent with data
     zero: int  # all-zero pages sent as an index only
 
@@ -109,46 +112,49 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_CRC = zlib.crc32(ZERO_PAGE)
 
 
-def encode_batch(memory: memoryview, pages: Sequence[int], page_size: int = PAGE_SIZE) -> Batch:
-    """Copy ``pages`` out of ``memory`` and encode them as one 'P' record.
+def encode_batch(
+    memory: memoryview, pages: Sequence[int], out: memoryview, page_size: int = PAGE_SIZE
+) -> Batch:
+    """Copy ``pages`` out of ``memory`` into ``out`` and encode them as one 'P' record.
 
     The pages are copied first and the CRCs computed on the copy, so a vCPU writing a page
     meanwhile can never make a CRC disagree with the data sent (the page is dirty again
-    and goes in a later pass).
+    and goes in a later pass). ``out`` is reused from batch to batch (a fresh buffer per
+    batch costs more in page faults than the copy itself); ``Batch.data`` points into it.
     """
-    if pages and pages[-1] - pages[0] == len(pages) - 1:
-        # a contiguous run (the first pass): one copy
-        start = pages[0] * page_size
-        snapshot = bytes(memory[start : start + len(pages) * page_size])
+    n = len(pages)
+    if n > MAX_BATCH_PAGES or len(out) < n * page_size:
+        raise ValueError(f"batch of {n} pages does not fit")
+    if n and pages[-1] - pages[0] == n - 1:
+        start = pages[0] * page_size  # a contiguous run (the first pass): one copy
+        out[: n * page_size] = memory[start : start + n * page_size]
     else:
-        snapshot = b"".join(memory[p * page_size : (p + 1) * page_size] for p in pages)
-    view = memoryview(snapshot)
+        for i, page in enumerate(pages):
+            out[i * page_size : (i + 1) * page_size] = memory[
+                page * page_size : (page + 1) * page_size
+            ]
     zero_page = ZERO_PAGE if page_size == PAGE_SIZE else bytes(page_size)
-    entries = bytearray(BATCH_HEAD.size + ENTRY.size * len(pages) + 1)
-    entries[0:1] = TAG_PAGES
-    BATCH_HEAD.pack_into(entries, 1, len(pages))
+    head = bytearray(1 + BATCH_HEAD.size + ENTRY.size * n)
+    head[0:1] = TAG_PAGES
+    BATCH_HEAD.pack_into(head, 1, n)
     pos = 1 + BATCH_HEAD.size
-    zero_slots: list[int] = []
+    kept = 0  # normal pages so far; once a zero page is seen they move down in ``out``
     for i, page in enumerate(pages):
-        chunk = view[i * page_size : (i + 1) * page_size]
+        chunk = out[i * page_size : (i + 1) * page_size]
+        crc = zlib.crc32(chunk)
         if chunk == zero_page:
-            ENTRY.pack_into(entries, pos, page, zlib.crc32(chunk), PageKind.ZERO)
-            zero_slots.append(i)
+            ENTRY.pack_into(head, pos, page, crc, PageKind.ZERO)
         else:
-            ENTRY.pack_into(entries, pos, page, zlib.crc32(chunk), PageKind.NORMAL)
+            ENTRY.pack_into(head, pos, page, crc, PageKind.NORMAL)
+            if kept != i:
+                out[kept * page_size : (kept + 1) * page_size] = chunk
+            kept += 1
         pos += ENTRY.size
-    if zero_slots:
-        skip = set(zero_slots)
-        data = b"".join(
-            view[i * page_size : (i + 1) * page_size] for i in range(len(pages)) if i not in skip
-        )
-    else:
-        data = snapshot
-    return Batch(bytes(entries), data, len(pages) - len(zero_slots), len(zero_slots))
+    return Batch(bytes(head), out[: kept * page_size], kept, n - kept)
 
 
-def encode_end_of_pass(number: int, pages: int) -> bytes:
-    return TAG_END_OF_PASS + END_OF_PASS.pack(number, pages)
+def encode_end_of_pass(number: int, pages: int, *, final: bool) -> bytes:
+    return TAG_END_OF_PASS + END_OF_PASS.pack(number, pages, int(final))
 
 
 def encode_end(sha256: bytes) -> bytes:
@@ -190,7 +196,9 @@ class StreamReader:
 class Loader:
     """The destination's decoder: applies a stream to ``memory``, checking everything.
 
-    ``run()`` returns the sha256 the source declared (already checked against memory).
+    When the final pass ends, the loader hashes memory at once (the source hashes its own
+    meanwhile, so the two hashes overlap and the downtime pays for about one), then checks
+    the digest in 'E' against it. :meth:`run` returns the checked digest.
     """
 
     def __init__(self, reader: StreamReader, memory: memoryview, header: Header) -> None:
@@ -204,24 +212,21 @@ class Loader:
         self._in_pass = 0
 
     def run(self, sha256_of_memory: Callable[[], bytes]) -> bytes:
-        """Read records until 'E'; ``sha256_of_memory`` digests memory once all has arrived."""
+        """Read records until 'E'; ``sha256_of_memory`` digests memory after the final pass."""
+        actual: bytes | None = None
         while True:
             tag = self._reader.read(1)
+            if actual is not None and tag != TAG_END:
+                raise StreamError(f"record {tag!r} after the final pass")
             if tag == TAG_PAGES:
                 self._load_batch()
             elif tag == TAG_END_OF_PASS:
-                number, pages = END_OF_PASS.unpack(self._reader.read(END_OF_PASS.size))
-                if number != self.passes + 1:
-                    raise StreamError(f"pass {number} ended, expected pass {self.passes + 1}")
-                if pages != self._in_pass:
-                    raise StreamError(
-                        f"pass {number} announced {pages} pages but {self._in_pass} arrived"
-                    )
-                self.passes = number
-                self._in_pass = 0
+                if self._end_of_pass():
+                    actual = sha256_of_memory()
             elif tag == TAG_END:
                 declared = self._reader.read(SHA256_LEN)
-                actual = sha256_of_memory()
+                if actual is None:
+                    raise StreamError("end of stream before the final pass")
                 if actual != declared:
                     raise StreamError(
                         f"memory checksum mismatch: source declared {declared.hex()}, "
@@ -231,33 +236,51 @@ class Loader:
             else:
                 raise StreamError(f"invalid record tag {tag!r}")
 
+    def _end_of_pass(self) -> bool:
+        number, pages, final = END_OF_PASS.unpack(self._reader.read(END_OF_PASS.size))
+        if number != self.passes + 1:
+            raise StreamError(f"pass {number} ended, expected pass {self.passes + 1}")
+        if pages != self._in_pass:
+            raise StreamError(f"pass {number} announced {pages} pages but {self._in_pass} arrived")
+        if final not in (0, 1):
+            raise StreamError(f"pass {number}: invalid final flag {final}")
+        self.passes = number
+        self._in_pass = 0
+        return bool(final)
+
     def _load_batch(self) -> None:
         (n,) = BATCH_HEAD.unpack(self._reader.read(BATCH_HEAD.size))
         if not 0 < n <= MAX_BATCH_PAGES:
             raise StreamError(f"invalid page batch size {n}")
         table = self._reader.read(ENTRY.size * n)
         entries = [ENTRY.unpack_from(table, i * ENTRY.size) for i in range(n)]
-        ps = self._ps
-        normal = sum(1 for _, _, kind in entries if kind == PageKind.NORMAL)
-        data = self._scratch[: normal * ps]
-        self._reader.read_into(data)
-        mem = self._memory
-        slot = 0
-        for index, crc, kind in entries:
+        for index, _crc, kind in entries:
             if index >= self._count:
                 raise StreamError(f"page index {index} out of range (guest has {self._count})")
-            if kind == PageKind.NORMAL:
-                page = data[slot * ps : (slot + 1) * ps]
-                slot += 1
-                if zlib.crc32(page) != crc:
-                    raise StreamError(f"page {index}: CRC32 mismatch (corrupted page data)")
-                mem[index * ps : (index + 1) * ps] = page
-            elif kind == PageKind.ZERO:
+            if kind not in (PageKind.NORMAL, PageKind.ZERO):
+                raise StreamError(f"page {index}: invalid page kind {kind}")
+        ps = self._ps
+        mem = self._memory
+        first = entries[0][0]
+        normal = sum(1 for _, _, kind in entries if kind == PageKind.NORMAL)
+        # a contiguous run of data pages (the first pass) goes straight into guest memory
+        # and is checked in place: a bad page fails the whole migration anyway
+        direct = normal == n and entries[-1][0] - first == n - 1
+        data = mem[first * ps : (first + n) * ps] if direct else self._scratch[: normal * ps]
+        self._reader.read_into(data)
+        slot = 0
+        for index, crc, kind in entries:
+            if kind == PageKind.ZERO:
                 if crc != ZERO_CRC:
                     raise StreamError(f"page {index}: CRC32 mismatch on a zero page")
-                mem[index * ps : (index + 1) * ps] = bytes(ps)
-            else:
-                raise StreamError(f"page {index}: invalid page kind {kind}")
+                mem[index * ps : (index + 1) * ps] = ZERO_PAGE if ps == PAGE_SIZE else bytes(ps)
+                continue
+            page = data[slot * ps : (slot + 1) * ps]
+            slot += 1
+            if zlib.crc32(page) != crc:
+                raise StreamError(f"page {index}: CRC32 mismatch (corrupted page data)")
+            if not direct:
+                mem[index * ps : (index + 1) * ps] = page
         self._in_pass += n
         self.pages_loaded += n
 

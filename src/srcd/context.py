@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import grpc.aio
 
@@ -13,6 +14,7 @@ from common.hypervisor import QMPHypervisor
 from common.rpc import open_channel
 from common.store import HostStore
 from srcd.jobs import SourceJobTable
+from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 
@@ -20,9 +22,23 @@ class PeerPool:
     """One long-lived channel per destination address, so migrations reuse warm
     connections (gRPC reconnects by itself after a peer restarts)."""
 
+    # How long a destination's capabilities are trusted without asking again. libvirt asks
+    # on every migration; back-to-back migrations to one host (an evacuation) need not.
+    CAPS_TTL = 5.0
+
     def __init__(self, max_message_bytes: int) -> None:
         self._max = max_message_bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._caps: dict[str, tuple[float, pb.CapabilitiesResponse]] = {}
+
+    def cached_caps(self, address: str) -> pb.CapabilitiesResponse | None:
+        entry = self._caps.get(address)
+        if entry is None or time.monotonic() - entry[0] > self.CAPS_TTL:
+            return None
+        return entry[1]
+
+    def remember_caps(self, address: str, caps: pb.CapabilitiesResponse) -> None:
+        self._caps[address] = (time.monotonic(), caps)
 
     def destination(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
         channel = self._channels.get(address)
@@ -33,6 +49,7 @@ class PeerPool:
 
     async def reconnect(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
         """Drop the channel to ``address`` and open a fresh one."""
+        self._caps.pop(address, None)
         old = self._channels.pop(address, None)
         if old is not None:
             await old.close(None)

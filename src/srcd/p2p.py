@@ -100,6 +100,10 @@ class P2PMigration:
         down or cut off) fails fast until its reconnect backoff ends, with a stale error:
         on UNAVAILABLE, try once more on a fresh channel, as libvirt opens a new connection
         for every migration."""
+        cached = self.ctx.peers.cached_caps(self.dest_uri)
+        if cached is not None:
+            check_destination(cached.protocol_version, cached.offline, self.flags)
+            return
         request = pb.CapabilitiesRequest()
         try:
             caps: pb.CapabilitiesResponse = await call(
@@ -118,6 +122,7 @@ class P2PMigration:
                 peer=self.dest_uri,
                 what=DEST,
             )
+        self.ctx.peers.remember_caps(self.dest_uri, caps)
         check_destination(caps.protocol_version, caps.offline, self.flags)
 
     async def prepare(
@@ -199,8 +204,11 @@ class P2PMigration:
         destflags = begun.flags & ~SOURCE_ONLY
         try:
             prepared = await self.prepare(begun, destflags)
-        except BaseException:
+        except BaseException as exc:
             await phases.abandon(self.ctx, job)
+            if isinstance(exc, PeerUnavailable):
+                # the next migration asks the peer afresh, on a fresh channel
+                await self.ctx.peers.reconnect(self.dest_uri)
             raise
 
         first_error: VmmigrateError | None = None

@@ -58,13 +58,14 @@ def _check_persist_xml(ctx: SourceContext, current: DomainDef, params: SourcePar
 
 async def _lookup(ctx: SourceContext, key: str) -> DomainDef:
     """A persistent domain, else a transient running one (it has no definition)."""
-    d = await asyncio.to_thread(ctx.store.find, key)
+    # store reads are cheap (cached scans, no fsync): done on the loop, no thread hand-off
+    d = ctx.store.find(key)
     if d is not None:
         return d
     for rec in ctx.hypervisor.records():
         if key in (rec.name, rec.uuid) and rec.xml:
             return parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
-    return await asyncio.to_thread(ctx.store.lookup, key)  # raises NoDomain
+    return ctx.store.lookup(key)  # raises NoDomain
 
 
 async def begin(
@@ -86,7 +87,7 @@ async def begin(
     validate_migration_id(migration_id)
     current = await _lookup(ctx, domain_key)
     async with contextlib.AsyncExitStack() as stack:
-        lock = await asyncio.to_thread(ctx.store.acquire_job, current)
+        lock = ctx.store.acquire_job(current)  # an flock, no fsync
         stack.callback(lock.release)
         # libvirt checks, in its order: the job, then "domain is not running" for a
         # non-offline migration, then the flag rules.
@@ -120,7 +121,8 @@ async def begin(
             updated_unix=now,
         )
         await asyncio.to_thread(ctx.store.journal_put, record)
-        stack.callback(ctx.store.journal_remove, migration_id)
+        # a finished job's record may harmlessly come back after a crash: no fsync
+        stack.callback(ctx.store.journal_remove, migration_id, durable=False)
         await ctx.failpoints.hit("srcd.begin.after_journal")
         identity = ctx.store.identity
         cookie = MigrationCookie(
@@ -153,7 +155,11 @@ async def _enter_confirm(
 ) -> None:
     job.advance(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
     job.record = job.record.with_phase(job.phase.label)
-    await asyncio.to_thread(ctx.store.journal_put, job.record)
+    if not job.offline:
+        # Live: a crash from here on must kill (CONFIRM3) or resume (CONFIRM3_CANCELLED)
+        # the source on restart. Offline needs no record of it: an offline job found at
+        # BEGIN3 after a crash is settled by asking the destination about Finish.
+        await asyncio.to_thread(ctx.store.journal_put, job.record)
     if cookie:
         parse_cookie(
             cookie,

@@ -1,0 +1,7 @@
+"""``python -m simvm ...``: the same as the ``simvm`` console script."""
+
+import sys
+
+from simvm.main import main
+
+sys.exit(main())
