@@ -128,7 +128,10 @@ def _all_classes() -> dict[str, type[VmmigrateError]]:
     todo: list[type[VmmigrateError]] = [VmmigrateError]
     while todo:
         cls = todo.pop()
-        found[cls.__name__] = cls
+        # Only this module's classes are rebuilt from the wire: others (QMP errors...) may
+        # take other constructor arguments, and fall back on their status code.
+        if cls.__module__ == __name__:
+            found[cls.__name__] = cls
         todo.extend(cls.__subclasses__())
     return found
 
