@@ -247,7 +247,7 @@ async def _persist(ctx: DestinationContext, job: IncomingJob) -> None:
     await ctx.failpoints.hit("dstd.finish.before_persist")
     replaced = await asyncio.to_thread(ctx.store.persist_incoming, job.migration_id, job.target)
     await ctx.failpoints.hit("dstd.finish.after_persist")
-    log.info(
+    log.debug(
         "incoming_persisted",
         migration_id=job.migration_id,
         domain=job.target.name,

@@ -112,7 +112,7 @@ class SourceJobTable:
     async def end(self, job: SourceJob) -> None:
         """Give back everything the job holds (lock, journal record, table slot)."""
         await job.cleanup.aclose()
-        log.info(
+        log.debug(
             "job_ended",
             migration_id=job.migration_id,
             domain=job.domain.name,

@@ -146,7 +146,7 @@ async def begin(
             was_running=was_running,
         )
     ctx.jobs.add(job)
-    log.info("phase_begin_done", migration_id=migration_id, domain=current.name)
+    log.debug("phase_begin_done", migration_id=migration_id, domain=current.name)
     return job, BeginResult(cookie=format_cookie(cookie), domain_xml=to_send.xml, flags=flags)
 
 
@@ -188,7 +188,7 @@ async def confirm_offline(
         ):
             await ctx.failpoints.hit("srcd.confirm.before_undefine")
             await asyncio.to_thread(ctx.store.undefine, job.domain.uuid, job.lock)
-            log.info("source_undefined", migration_id=job.migration_id, domain=job.domain.name)
+            log.debug("source_undefined", migration_id=job.migration_id, domain=job.domain.name)
             await ctx.failpoints.hit("srcd.confirm.after_undefine")
         await ctx.failpoints.hit("srcd.confirm.after")
     finally:
