@@ -11,6 +11,7 @@ errors to a status (:func:`status_of`) is shared.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -134,3 +135,20 @@ async def call(method: Any, request: Any, *, timeout: float, peer: str, what: st
     """One unary call with a deadline, gRPC errors translated."""
     async with translated(peer, what):
         return await method(request, timeout=timeout)
+
+
+async def call_retrying(
+    method: Any, request: Any, *, timeout: float, peer: str, what: str, until: float
+) -> Any:
+    """call(), retried with backoff while the peer is unreachable (UNAVAILABLE or no answer
+    before the deadline), until the monotonic time ``until``. Only for RPCs that are
+    idempotent by migration id: a retry returns the first answer."""
+    delay = 0.1
+    while True:
+        try:
+            return await call(method, request, timeout=timeout, peer=peer, what=what)
+        except (PeerUnavailable, Timeout):
+            if time.monotonic() + delay >= until:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -10,6 +10,7 @@ from common.hypervisor import QMPHypervisor
 from common.store import HostStore
 from dstd.incoming import IncomingTable
 from dstd.ports import PortAllocator
+from dstd.results import FinishResults
 
 
 @dataclasses.dataclass
@@ -20,3 +21,4 @@ class DestinationContext:
     failpoints: Failpoints
     hypervisor: QMPHypervisor
     ports: PortAllocator
+    results: FinishResults = dataclasses.field(default_factory=FinishResults)

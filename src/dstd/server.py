@@ -18,7 +18,7 @@ import structlog
 from common.caps import PROTOCOL_VERSION
 from common.config import DaemonConfig
 from common.daemon import abort_with, grpc_server, rpc_handler
-from common.errors import InvalidArgument, VmmigrateError
+from common.errors import InvalidArgument, NoDomain, OperationInvalid, VmmigrateError
 from common.failpoints import Failpoints
 from common.flags import parse_flags
 from common.hypervisor import hypervisor_for
@@ -103,14 +103,20 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
         parse_flags(h.flags, "finish")
         if not h.migration_id:
             raise InvalidArgument("missing migration id")
-        # Finish must run to its end once started: a client that goes away half-way must
-        # not leave a reservation, an emulator or a half-done persist behind.
-        return await asyncio.shield(
-            asyncio.ensure_future(
-                phases.finish(
-                    self.ctx, h.migration_id, request.dest_name, request.cancelled, h.cookie
-                )
+        # Finish must run to its end once started (a client that goes away half-way must
+        # not leave a reservation, an emulator or a half-done persist behind), and a retry
+        # of it (same migration id) gets the first answer: the work is done once.
+        if not request.dest_name:
+            raise NoDomain("missing domain name")
+        if h.migration_id not in self.ctx.incoming and h.migration_id not in self.ctx.results:
+            raise OperationInvalid(
+                f"domain '{request.dest_name}' is not processing incoming migration"
             )
+        return await self.ctx.results.run_once(
+            h.migration_id,
+            lambda: phases.finish(
+                self.ctx, h.migration_id, request.dest_name, request.cancelled, h.cookie
+            ),
         )
 
     async def Tunnel(
@@ -149,6 +155,7 @@ def recover_incoming_jobs(store: HostStore) -> int:
 async def _housekeeping(ctx: DestinationContext) -> None:
     """Drop incoming jobs whose Finish never came; reap emulators this process started."""
     ctx.hypervisor.reap()
+    ctx.results.expire()
     await ctx.incoming.expire(ctx.config.job_idle_timeout)
 
 

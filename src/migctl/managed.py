@@ -12,14 +12,15 @@ source holds the job from Begin to Confirm):
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 from typing import Any
 
 from common.caps import check_destination
 from common.domainxml import parse_domain
-from common.errors import OperationFailed, VmmigrateError
+from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
-from common.rpc import Deadline, call, open_channel
+from common.rpc import Deadline, call, call_retrying, open_channel
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
@@ -157,7 +158,8 @@ async def _run(
     dest_domain: pb.DomainRef | None = None
     finish_cookie = b""
     try:
-        finished: pb.FinishResponse = await to_dest(
+        # Finish is idempotent by migration id: a lost answer is asked for again.
+        finished: pb.FinishResponse = await call_retrying(
             dest.Finish,
             pb.FinishRequest(
                 header=header(destflags, perform_cookie),
@@ -165,11 +167,24 @@ async def _run(
                 cancelled=cancelled,
                 params=params,
             ),
-            cleanup=cancelled,
+            timeout=RPC_TIMEOUT if cancelled else deadline.rpc_timeout(RPC_TIMEOUT),
+            peer=dest_address,
+            what=DEST,
+            until=time.monotonic() + RPC_TIMEOUT,
         )
         if finished.HasField("domain"):
             dest_domain = finished.domain
         finish_cookie = finished.cookie
+    except (PeerUnavailable, Timeout) as exc:
+        if MigrateFlag.OFFLINE not in flags and not cancelled:
+            # The destination may be running the domain: no Confirm(cancelled), which would
+            # resume it here too. The source's parked job ends by itself later.
+            raise OperationFailed(
+                f"Lost connection to destination host during Finish ({exc}): domain "
+                f"'{source_name}' is left paused on the source, as the destination may be "
+                "running it; check it there before resuming it here"
+            ) from exc
+        first_error = first_error or exc
     except VmmigrateError as exc:
         first_error = first_error or exc
     if notify_source:

@@ -62,6 +62,7 @@ class SourceJob:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.monotonic)
     abort_requested: bool = False
+    peer_lost: bool = False
     outcome: str = ""  # "", "completed", "failed", "cancelled"
     error: str = ""
 
@@ -108,6 +109,9 @@ class SourceJobTable:
             if job.domain.uuid == uuid:
                 return job
         return None
+
+    def forget(self, job: SourceJob) -> None:
+        self._jobs.pop(job.migration_id, None)
 
     async def end(self, job: SourceJob) -> None:
         """Give back everything the job holds (lock, journal record, table slot)."""

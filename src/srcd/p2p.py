@@ -13,15 +13,16 @@ The first error is the one reported.
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 
 import structlog
 
 from common.caps import check_destination
-from common.errors import OperationFailed, PeerUnavailable, VmmigrateError
+from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag
 from common.phase import Phase
-from common.rpc import Deadline, call
+from common.rpc import Deadline, call, call_retrying
 from srcd import phases
 from srcd.context import SourceContext
 from srcd.jobs import SourceJob, SourceParams
@@ -152,7 +153,10 @@ class P2PMigration:
     ) -> pb.FinishResponse:
         self.phases.append("finish")
         await self.ctx.failpoints.hit("srcd.finish.before")
-        response: pb.FinishResponse = await call(
+        # Finish is idempotent by migration id: when the answer is lost (link down, peer
+        # busy), ask again for a while instead of guessing its outcome.
+        rpc_timeout = self.ctx.config.rpc_timeout
+        response: pb.FinishResponse = await call_retrying(
             self.dest.Finish,
             pb.FinishRequest(
                 header=self._header(destflags, cookie),
@@ -160,12 +164,23 @@ class P2PMigration:
                 cancelled=cancelled,
                 params=_params_pb(self.params),
             ),
-            timeout=self._rpc_timeout(cleanup=cancelled),
+            timeout=rpc_timeout if cancelled else self.deadline.rpc_timeout(rpc_timeout),
             peer=self.dest_uri,
             what=DEST,
+            until=time.monotonic() + rpc_timeout,
         )
         await self.ctx.failpoints.hit("srcd.finish.after")
         return response
+
+    async def probe(self) -> None:
+        """Is the destination still there? (keepalive during Perform)"""
+        await call(
+            self.dest.GetCapabilities,
+            pb.CapabilitiesRequest(),
+            timeout=self.ctx.config.rpc_timeout,
+            peer=self.dest_uri,
+            what=DEST,
+        )
 
     async def perform(self, job: SourceJob, prepared: pb.PrepareResponse) -> bytes:
         """Perform (local): the hypervisor stream, direct to the URI Prepare returned, or
@@ -174,13 +189,13 @@ class P2PMigration:
         if MigrateFlag.TUNNELLED not in self.flags:
             if not prepared.uri:
                 raise OperationFailed("domainMigratePrepare3 did not set uri")
-            return await perform_live(self.ctx, job, uri=prepared.uri)
+            return await perform_live(self.ctx, job, uri=prepared.uri, probe=self.probe)
         tunnel = SourceTunnel(
             self.dest, self.dest_uri, self.migration_id, max(self.deadline.remaining(), 1.0)
         )
         uri = await tunnel.open()
         try:
-            cookie = await perform_live(self.ctx, job, uri=uri)
+            cookie = await perform_live(self.ctx, job, uri=uri, probe=self.probe)
         except VmmigrateError:
             tunnel.check()  # a broken tunnel is the real cause
             raise
@@ -230,6 +245,18 @@ class P2PMigration:
             if finished.HasField("domain"):
                 dest_domain = finished.domain
             finish_cookie = finished.cookie
+        except (PeerUnavailable, Timeout) as exc:
+            if not job.offline and not cancelled:
+                # The stream completed and Finish may have started the domain there: resuming
+                # it here could run it twice. Leave it paused for a decision (libvirt's
+                # PERFORM3_DONE rule), and say so.
+                await phases.leave_paused(self.ctx, job)
+                raise OperationFailed(
+                    f"Lost connection to destination host during Finish ({exc}): domain "
+                    f"'{job.domain.name}' is left paused here, as the destination may be "
+                    "running it; check it there before resuming it here"
+                ) from exc
+            first_error = first_error or exc
         except VmmigrateError as exc:
             first_error = first_error or exc
         # After Finish, "cancelled" means only: Finish returned no domain.

@@ -11,12 +11,19 @@ import asyncio
 import contextlib
 import enum
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
 from common.cookie import MigrationCookie, format_cookie
-from common.errors import OperationAborted, OperationFailed
+from common.errors import (
+    OperationAborted,
+    OperationFailed,
+    PeerUnavailable,
+    Timeout,
+    VmmigrateError,
+)
 from common.flags import MigrateFlag
 from common.phase import Phase
 from common.qmp import QMPError
@@ -34,6 +41,8 @@ class Action(enum.Enum):
     SUSPEND = "suspend"  # --timeout passed with --timeout-suspend: pause the guest
     CANCEL_TIMEOUT = "cancel_timeout"  # --timeout passed without it: abort the migration
     CANCEL_ABORT = "cancel_abort"  # a client asked (domjobabort, Ctrl-C)
+    CANCEL_PEER_LOST = "cancel_peer_lost"  # the destination stopped answering (keepalive)
+    CANCEL_DEADLINE = "cancel_deadline"  # the whole migration's deadline passed
 
 
 def decide(
@@ -44,12 +53,18 @@ def decide(
     suspended: bool,
     abort_requested: bool,
     cancelling: bool,
+    peer_lost: bool = False,
+    deadline_passed: bool = False,
 ) -> Action:
     """What to do next in a running migration (no I/O: a table-testable policy)."""
     if cancelling:
         return Action.WAIT
     if abort_requested:
         return Action.CANCEL_ABORT
+    if peer_lost:
+        return Action.CANCEL_PEER_LOST
+    if deadline_passed:
+        return Action.CANCEL_DEADLINE
     if timeout_s and elapsed >= timeout_s:
         if timeout_suspend:
             return Action.WAIT if suspended else Action.SUSPEND
@@ -62,7 +77,26 @@ def bandwidth_bps(ctx: SourceContext, job: SourceJob) -> int:
     return mib * 1024 * 1024 if mib else UNLIMITED_BPS
 
 
-async def perform_live(ctx: SourceContext, job: SourceJob, *, uri: str) -> bytes:
+Probe = Callable[[], Awaitable[None]]
+
+
+async def _keepalive(job: SourceJob, probe: Probe, interval: float) -> None:
+    """libvirt's keepalive on the destination connection during Perform: a destination
+    that stops answering marks the job, and the watch loop cancels the stream (a dead
+    peer's TCP connection can otherwise hang for many minutes)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await probe()
+        except (PeerUnavailable, Timeout) as exc:
+            log.warning("peer_lost", migration_id=job.migration_id, error=str(exc))
+            job.peer_lost = True
+            return
+
+
+async def perform_live(
+    ctx: SourceContext, job: SourceJob, *, uri: str, probe: Probe | None = None
+) -> bytes:
     """Migrate the running domain's memory to ``uri``; returns the cookie for Finish.
 
     On success the source is left paused (postmigrate) for Confirm to stop it. On failure
@@ -81,6 +115,7 @@ async def perform_live(ctx: SourceContext, job: SourceJob, *, uri: str) -> bytes
         {"capability": "auto-converge", "state": MigrateFlag.AUTO_CONVERGE in job.flags},
         {"capability": "events", "state": True},
     ]
+    keepalive: asyncio.Task[None] | None = None
     mon = await hv.monitor(uuid)
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     unsubscribe = mon.on_event(
@@ -91,6 +126,10 @@ async def perform_live(ctx: SourceContext, job: SourceJob, *, uri: str) -> bytes
         await mon.execute("migrate-set-parameters", params)
         await ctx.failpoints.hit("srcd.perform.before_migrate")
         await mon.execute("migrate", {"uri": uri})
+        if probe is not None:
+            keepalive = asyncio.ensure_future(
+                _keepalive(job, probe, max(ctx.config.rpc_timeout / 3, 0.5))
+            )
         log.info(
             "perform_started",
             migration_id=job.migration_id,
@@ -106,6 +145,8 @@ async def perform_live(ctx: SourceContext, job: SourceJob, *, uri: str) -> bytes
         raise OperationFailed(f"job 'migration out' failed: {exc}") from exc
     finally:
         unsubscribe()
+        if keepalive is not None:
+            keepalive.cancel()
     job.advance(Phase.PERFORM3_DONE)
     job.record = job.record.with_phase(job.phase.label)
     await asyncio.to_thread(ctx.store.journal_put, job.record)
@@ -142,10 +183,29 @@ def _cookie_stats(info: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _cancelled_error(job: SourceJob, reason: Action) -> VmmigrateError:
+    if reason is Action.CANCEL_TIMEOUT:
+        job.error = "migration timed out"
+        return OperationAborted(
+            f"operation aborted: migration did not complete within {job.params.timeout_s} s"
+        )
+    if reason is Action.CANCEL_PEER_LOST:
+        job.error = "Lost connection to destination host"
+        return OperationFailed("Lost connection to destination host")
+    if reason is Action.CANCEL_DEADLINE:
+        job.error = "deadline passed"
+        return Timeout(
+            f"migration did not complete before its deadline ({job.deadline.seconds:.0f} s)"
+        )
+    job.error = "canceled by client"
+    return OperationAborted("operation aborted: job 'migration out' canceled by client")
+
+
 async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[str, Any]]) -> None:
     hv = ctx.hypervisor
     uuid = job.domain.uuid
-    suspended = cancelling = timed_out = False
+    suspended = cancelling = False
+    reason = Action.WAIT
     started = time.monotonic()
     while True:
         info = await hv.execute(uuid, "query-migrate")
@@ -164,15 +224,11 @@ async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[
         if status == "failed":
             job.outcome, job.error = "failed", str(info.get("error-desc", "unexpectedly failed"))
             raise OperationFailed(f"job 'migration out' failed: {job.error}")
+        if status == "failed" and reason is Action.CANCEL_PEER_LOST:
+            status = "cancelled"  # the stream broke as we cancelled it: the cause is the peer
         if status == "cancelled":
             job.outcome = "cancelled"
-            if timed_out:
-                job.error = "migration timed out"
-                raise OperationAborted(
-                    f"operation aborted: migration did not complete within {job.params.timeout_s} s"
-                )
-            job.error = "canceled by client"
-            raise OperationAborted("operation aborted: job 'migration out' canceled by client")
+            raise _cancelled_error(job, reason)
         action = decide(
             elapsed=time.monotonic() - started,
             timeout_s=job.params.timeout_s,
@@ -180,14 +236,16 @@ async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[
             suspended=suspended,
             abort_requested=job.abort_requested,
             cancelling=cancelling,
+            peer_lost=job.peer_lost,
+            deadline_passed=job.deadline.expired(),
         )
         if action is Action.SUSPEND:
             log.info("timeout_suspend", migration_id=job.migration_id)
             await hv.execute(uuid, "stop")
             suspended = True
-        elif action in (Action.CANCEL_ABORT, Action.CANCEL_TIMEOUT):
+        elif action is not Action.WAIT:
             log.info("migration_cancel", migration_id=job.migration_id, reason=action.value)
-            timed_out = action is Action.CANCEL_TIMEOUT
+            reason = action
             cancelling = True
             await hv.execute(uuid, "migrate_cancel")
         # sleep until the next event, the next statistics poll, or an abort request

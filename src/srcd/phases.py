@@ -248,6 +248,22 @@ async def confirm(ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie
         await confirm_live(ctx, job, cancelled=cancelled, cookie=cookie)
 
 
+async def leave_paused(ctx: SourceContext, job: SourceJob) -> None:
+    """End a live job whose Finish outcome is unknown without resuming the source: it may
+    be running on the destination. The journal record stays at PERFORM3_DONE (durable)."""
+    job.outcome, job.error = "failed", "Finish outcome unknown"
+    log.error(
+        "source_left_paused",
+        migration_id=job.migration_id,
+        domain=job.domain.name,
+        phase=job.phase.label,
+    )
+    job.cleanup.pop_all()  # keep the journal record for recovery; release the rest here
+    job.lock.release()
+    ctx.jobs.forget(job)
+    ctx.completed_jobs[job.domain.uuid] = job_snapshot(job)
+
+
 async def abandon(ctx: SourceContext, job: SourceJob) -> None:
     """End a job whose Prepare failed: libvirt restores the domain and ends the job, with no
     Finish and no Confirm. Offline changed nothing, so there is nothing to restore."""

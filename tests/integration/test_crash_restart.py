@@ -62,7 +62,7 @@ def test_destination_crashes_during_p2p(fresh_hosts: tuple[Host, Host], failpoin
     """p2p with the destination crashing inside Prepare or Finish (a failpoint): the source
     is untouched; after restart the destination holds nothing half-made."""
     a, b = fresh_hosts
-    a.start()
+    a.start(srcd_args=["--rpc-timeout", "2"])  # how long a lost Finish answer is asked for
     b.start(env={"VMMIGRATE_FAILPOINTS": f"{failpoint}=crash"})
     u = str(uuidlib.uuid4())
     a.define(sample_domain_xml("victim", u), "victim.xml")
