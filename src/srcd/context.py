@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
@@ -75,6 +76,8 @@ class SourceContext:
     max_downtime_ms: dict[str, int] = dataclasses.field(default_factory=dict)
     # The last finished migration job of each domain (domjobinfo --completed).
     completed_jobs: dict[str, object] = dataclasses.field(default_factory=dict)
+    # Tasks that outlive an RPC (settling a migration whose Finish answer was lost).
+    background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
 
     def is_active(self, domain: DomainDef) -> bool:
         """Whether the domain runs on this host (a live emulator process)."""

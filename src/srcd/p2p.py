@@ -250,11 +250,13 @@ class P2PMigration:
                 # The stream completed and Finish may have started the domain there: resuming
                 # it here could run it twice. Leave it paused for a decision (libvirt's
                 # PERFORM3_DONE rule), and say so.
-                await phases.leave_paused(self.ctx, job)
+                phases.settle_later(
+                    self.ctx, job, lambda: self.finish(job, destflags, perform_cookie, False)
+                )
                 raise OperationFailed(
                     f"Lost connection to destination host during Finish ({exc}): domain "
-                    f"'{job.domain.name}' is left paused here, as the destination may be "
-                    "running it; check it there before resuming it here"
+                    f"'{job.domain.name}' stays paused here until the destination answers "
+                    "whether it runs it (then it is stopped here, or resumed)"
                 ) from exc
             first_error = first_error or exc
         except VmmigrateError as exc:

@@ -10,19 +10,21 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
 from common.cookie import ACCEPT_CONFIRM, CookieFlag, MigrationCookie, format_cookie, parse_cookie
 from common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
-from common.errors import OperationInvalid
+from common.errors import OperationInvalid, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import MigrateFlag, check_begin_flags
 from common.phase import Phase
 from common.rpc import Deadline
 from common.store import JobRecord, validate_migration_id
 from srcd.context import SourceContext
 from srcd.jobs import SourceJob, SourceParams
+from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.phases")
 
@@ -248,20 +250,46 @@ async def confirm(ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie
         await confirm_live(ctx, job, cancelled=cancelled, cookie=cookie)
 
 
-async def leave_paused(ctx: SourceContext, job: SourceJob) -> None:
-    """End a live job whose Finish outcome is unknown without resuming the source: it may
-    be running on the destination. The journal record stays at PERFORM3_DONE (durable)."""
-    job.outcome, job.error = "failed", "Finish outcome unknown"
+AskFinish = Callable[[], Awaitable[pb.FinishResponse]]
+
+
+def settle_later(ctx: SourceContext, job: SourceJob, ask: AskFinish) -> asyncio.Task[None]:
+    """A live job whose Finish outcome is unknown (the answer was lost with the link): the
+    source stays paused, never resumed blindly (it may run on the destination now), and the
+    job stays held while the destination is asked again, in the background, until it
+    answers: a domain there -> stop the source (Confirm success); none -> resume it
+    (Confirm cancelled). Beyond libvirt, which leaves such a domain paused for a human."""
+    job.driven = True  # not a parked client job: no idle expiry
     log.error(
-        "source_left_paused",
+        "finish_outcome_unknown",
         migration_id=job.migration_id,
         domain=job.domain.name,
         phase=job.phase.label,
     )
-    job.cleanup.pop_all()  # keep the journal record for recovery; release the rest here
-    job.lock.release()
-    ctx.jobs.forget(job)
-    ctx.completed_jobs[job.domain.uuid] = job_snapshot(job)
+
+    async def settle() -> None:
+        while True:
+            try:
+                finished = await ask()
+            except (PeerUnavailable, Timeout):
+                await asyncio.sleep(1.0)
+                continue
+            except VmmigrateError as exc:
+                # the destination knows nothing of it any more: it never ran it
+                log.warning("finish_outcome_refused", migration_id=job.migration_id, error=str(exc))
+                finished = pb.FinishResponse()
+            break
+        cancelled = not finished.HasField("domain")
+        log.info("finish_outcome_settled", migration_id=job.migration_id, cancelled=cancelled)
+        try:
+            await confirm(ctx, job, cancelled=cancelled, cookie=finished.cookie)
+        except VmmigrateError as exc:
+            log.error("confirm_failed", migration_id=job.migration_id, error=str(exc))
+
+    task = asyncio.ensure_future(settle())
+    ctx.background.add(task)
+    task.add_done_callback(ctx.background.discard)
+    return task
 
 
 async def abandon(ctx: SourceContext, job: SourceJob) -> None:
