@@ -15,7 +15,6 @@ import time
 import uuid as uuidlib
 
 import pytest
-
 from helpers.hosts import Host, sample_domain_xml
 from helpers.qmp import qmp_for, runtime_record
 
@@ -167,7 +166,7 @@ def test_domjobabort_from_another_client(hosts: tuple[Host, Host], domname: str)
     info = a.migctl("domjobinfo", domname).stdout
     assert "Operation:        Outgoing migration" in info
     a.migctl("domjobabort", domname)
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert err.strip() == "error: operation aborted: job 'migration out' canceled by client"
     assert state(a, domname) == "running" and state(b, domname) == "absent"

@@ -6,7 +6,6 @@ import shutil
 import uuid as uuidlib
 
 import pytest
-
 from helpers.hosts import Host
 from helpers.qmp import qmp_for, runtime_record
 
