@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-echo "== ruff" && .venv/bin/ruff check src tests bench scripts && .venv/bin/ruff format --check src bench
+echo "== ruff" && .venv/bin/ruff check src tests bench scripts && .venv/bin/ruff format --check src
 echo "== mypy --strict" && .venv/bin/mypy
 echo "== pytest"
 exec .venv/bin/python -m pytest "$@"
