@@ -16,7 +16,8 @@ from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.dstd.tunnel")
 
-CHUNK = 1024 * 1024
+CHUNK = 4 * 1024 * 1024
+READ_BUFFER = 8 * 1024 * 1024
 
 
 async def carry_tunnel(
@@ -31,7 +32,7 @@ async def carry_tunnel(
         raise OperationInvalid(f"no tunnelled incoming migration with id '{first.migration_id}'")
     structlog.contextvars.bind_contextvars(migration_id=job.migration_id)
     try:
-        reader, writer = await asyncio.open_connection(job.host, job.port)
+        reader, writer = await asyncio.open_connection(job.host, job.port, limit=READ_BUFFER)
     except OSError as exc:
         raise OperationFailed(f"cannot reach the incoming emulator: {exc}") from exc
     received = 0

@@ -196,6 +196,7 @@ class P2PMigration:
         uri = await tunnel.open()
         try:
             cookie = await perform_live(self.ctx, job, uri=uri, probe=self.probe)
+            await tunnel.drain(self.ctx.config.rpc_timeout)
         except VmmigrateError:
             tunnel.check()  # a broken tunnel is the real cause
             raise

@@ -214,6 +214,13 @@ async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[
         status = str(info.get("status", ""))
         if status == "completed":
             job.outcome = "completed"
+            # QEMU may say "completed" a moment before it fills in its totals
+            for _ in range(50):
+                if info.get("total-time"):
+                    break
+                await asyncio.sleep(0.001)
+                info = await hv.execute(uuid, "query-migrate")
+            job.stats = info
             log.info(
                 "perform_completed",
                 migration_id=job.migration_id,
