@@ -17,7 +17,6 @@ import uuid
 from typing import Any
 
 from common.caps import check_destination
-from common.domainxml import parse_domain
 from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
 from common.rpc import Deadline, call, call_retrying, open_channel
@@ -99,7 +98,7 @@ async def _run(
     )
     src_flags = MigrateFlag(begun.flags) | MigrateFlag.CHANGE_PROTECTION
     destflags = MigrateFlag(begun.flags) & ~SOURCE_ONLY & ~MigrateFlag.CHANGE_PROTECTION
-    source_name = parse_domain(begun.domain_xml, generate_uuid=False).name
+    source_name = begun.domain_name
 
     async def confirm(cancelled: bool, cookie: bytes) -> None:
         try:

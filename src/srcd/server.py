@@ -247,7 +247,7 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
             raise InvalidArgument("use DomainService.Migrate for peer-to-peer migration")
         if h.cookie:
             raise InvalidArgument("received unexpected cookie in the Begin phase")
-        _job, begun = await phases.begin(
+        job, begun = await phases.begin(
             self.ctx,
             migration_id=_require(h.migration_id, "migration id"),
             domain_key=_require(request.domain, "domain name"),
@@ -262,7 +262,10 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
             driven=False,
         )
         return pb.BeginResponse(
-            cookie=begun.cookie, domain_xml=begun.domain_xml, flags=int(begun.flags)
+            cookie=begun.cookie,
+            domain_xml=begun.domain_xml,
+            flags=int(begun.flags),
+            domain_name=job.domain.name,
         )
 
     @handler

@@ -755,21 +755,25 @@ class BeginResponse(_message.Message):
     COOKIE_FIELD_NUMBER: _builtins.int
     DOMAIN_XML_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
     cookie: _builtins.bytes
     domain_xml: _builtins.str
     """what Prepare must receive"""
     flags: _builtins.int
     """flags after Begin (PAUSED added for a paused domain)"""
+    domain_name: _builtins.str
+    """the domain's name on the source (Finish needs it)"""
     def __init__(
         self,
         *,
         cookie: _builtins.bytes = ...,
         domain_xml: _builtins.str = ...,
         flags: _builtins.int = ...,
+        domain_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cookie", b"cookie", "domain_xml", b"domain_xml", "flags", b"flags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cookie", b"cookie", "domain_name", b"domain_name", "domain_xml", b"domain_xml", "flags", b"flags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
