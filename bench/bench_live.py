@@ -2,35 +2,41 @@
 """Live migration benchmark: raw QMP baseline vs vmmigrate, direct vs tunnelled.
 
 One QEMU guest (TCG, default 512 MiB of RAM, 400 MiB of it random data loaded at 1 MiB with
-QEMU's ``-device loader``, so no page is a zero page) is live-migrated over loopback, in
-one run:
+QEMU's ``-device loader``, so no page is a zero page) is live-migrated over loopback. All
+variants run in one process, in rounds (one migration of each variant per round), so that
+background load on a shared machine falls on all of them alike:
 
-  raw       two bare QEMU processes started here (source running, destination
-            ``-incoming tcp:127.0.0.3:PORT -S``), events capability on both, max-bandwidth
-            --bandwidth-mib, ``migrate``, wait for the MIGRATION completed event, then
-            ``cont`` the destination as soon as it has the whole stream; both killed. --n
-            times. Wall time = ``migrate`` sent -> completed seen by this client.
-  direct    two hosts (srcd + dstd each, on 127.0.0.2 and 127.0.0.3, as separate
-            processes), the domain defined on A and started with migctl, then migrated
-            A -> B -> A ... with ``migctl migrate --live --p2p --persistent --bandwidth B``
-            (no --undefinesource, so the host it left still answers ``domjobinfo
-            --completed``), --n times timed as a subprocess; then --n times more with the
-            p2p Migrate RPC called in-process on a warm channel (no migctl start-up).
-  tunnelled the same two loops with ``--p2p --tunnelled``.
+  raw          two bare QEMUs started here (source running, destination ``-incoming
+               tcp:127.0.0.3:PORT -S``), events capability on both, max-bandwidth
+               --bandwidth-mib, ``migrate``, wait for the MIGRATION completed event, then
+               ``cont`` the destination as soon as it has the whole stream; both killed.
+               Wall time = ``migrate`` sent -> completed seen by this client.
+  raw_chain    the same client, ping-pong like vmmigrate's guest: every hop's source is the
+               previous hop's (resumed) destination. QEMU 7.2 switches over early from such
+               a source (large downtime, fast) and late from a fresh one (tiny downtime,
+               slow), so this is the like-for-like baseline for vmmigrate.
+  direct_*     two hosts (srcd + dstd each, on 127.0.0.2 and 127.0.0.3, separate
+               processes), the domain defined on A and started with migctl, then migrated
+               A -> B -> A ... with ``migctl migrate --live --p2p --persistent --bandwidth
+               B`` timed as a subprocess (direct_migctl), and with the p2p Migrate RPC
+               called in-process on a warm channel (direct_rpc, no migctl start-up). No
+               --undefinesource: the host the domain left answers ``domjobinfo --completed``.
+  tunnelled_*  the same with ``--tunnelled``.
 
 For every migration: wall time, QEMU's downtime and total-time (``domjobinfo --completed``
-on the host the domain left, and srcd's ``perform_completed`` log line), RAM transferred,
-throughput (transferred / total-time), the guest-visible pause (QMP STOP event on the
-source -> RESUME event on the destination, read on the emulators' spare monitor sockets:
-both QEMUs run on this machine, so their event timestamps share a clock) and a timeline of
-the daemons' log events. CPU seconds of the four daemons per migration are reported too.
+and srcd's ``perform_completed`` log line), RAM transferred, throughput (transferred /
+total-time), wall minus total-time (time outside QEMU's transfer), the guest-visible pause
+(QMP STOP on the source -> RESUME on the destination, read on the emulators' spare monitor
+sockets: both QEMUs share this machine's clock), 8 sampled guest RAM words checked on the
+destination, a timeline of the daemons' log events, the daemons' CPU seconds and the
+machine's CPU use.
 
     .venv/bin/python bench/bench_live.py [--n 5] [--json /tmp/live.json] [--profile DIR]
 
-With --profile DIR an extra, separately reported loop of direct and tunnelled RPC
-migrations runs with py-spy attached to the four daemons (py-spy in the venv or on PATH);
-its numbers are not the clean ones. This is a benchmark script, not a test; every process
-it starts is stopped (by pid) before it exits.
+With --profile DIR extra, separately reported loops of direct and tunnelled RPC migrations
+run with py-spy attached to the four daemons (py-spy in the venv or on PATH), and migctl's
+imports are timed with ``-X importtime``; those numbers are not the clean ones. This is a
+benchmark script, not a test; every process it starts is stopped (by pid) before it exits.
 """
 
 from __future__ import annotations
@@ -376,26 +382,46 @@ def domain_xml(name: str, uuid: str, mem_mib: int, fill: Path) -> str:
 # 1. raw QMP baseline
 
 
-def raw_once(work: Path, i: int, args: argparse.Namespace, fill: Path) -> dict[str, Any]:
-    port = free_port(IP_B)
-    sa, sb = work / f"raw{i}-src.qmp", work / f"raw{i}-dst.qmp"
-    for p in (sa, sb):
+class RawQEMU:
+    """One bare QEMU started by this script, with its QMP connection."""
+
+    def __init__(self, argv: list[str], qmp: Path, log: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    log = work / "raw-qemu.log"
-    t_spawn = time.perf_counter()
-    pd = spawn([*raw_argv(args.mem, fill, sb), "-S", "-incoming", f"tcp:{IP_B}:{port}"], log)
-    ps = spawn(raw_argv(args.mem, fill, sa), log)
-    qa = qb = None
+            qmp.unlink()
+        t0 = time.perf_counter()
+        self.proc = spawn(argv, log)
+        self.qmp = QMP(str(qmp))
+        self.startup_ms = round((time.perf_counter() - t0) * 1e3, 1)
+
+    def stop(self) -> None:
+        self.qmp.close()
+        stop_proc(self.proc)
+
+
+def raw_hop(
+    src: RawQEMU, work: Path, tag: str, args: argparse.Namespace, fill: Path
+) -> tuple[dict[str, Any], RawQEMU]:
+    """Migrate ``src`` to a new bare destination QEMU (``-incoming ... -S``) and resume it
+    there as soon as it has the whole stream; returns the row and the destination."""
+    port = free_port(IP_B)
+    dst = RawQEMU(
+        [
+            *raw_argv(args.mem, fill, work / f"{tag}-dst.qmp"),
+            "-S",
+            "-incoming",
+            f"tcp:{IP_B}:{port}",
+        ],
+        work / f"{tag}-dst.qmp",
+        work / "raw-qemu.log",
+    )
     try:
-        qb = QMP(str(sb))
-        t_dst_ready = time.perf_counter()
-        qa = QMP(str(sa))
+        qa, qb = src.qmp, dst.qmp
         caps = [{"capability": "events", "state": True}]
         qa.cmd("migrate-set-capabilities", capabilities=caps)
         qb.cmd("migrate-set-capabilities", capabilities=caps)
         qa.cmd("migrate-set-parameters", **{"max-bandwidth": args.bandwidth_mib << 20})
-        time.sleep(args.settle)  # let the guest (SeaBIOS) run a bit, as the reference
+        time.sleep(args.settle)  # let the guest run a bit, as the reference does
+        qa.events.clear()
         cpu0 = cpu_times()
         t0 = time.perf_counter()
         qa.cmd("migrate", uri=f"tcp:{IP_B}:{port}")
@@ -404,47 +430,85 @@ def raw_once(work: Path, i: int, args: argparse.Namespace, fill: Path) -> dict[s
         machine_busy = busy_pct(cpu0, cpu_times())
         info = qa.cmd("query-migrate")
         if info.get("status") != "completed":
-            raise RuntimeError(f"raw migration {i} ended {info.get('status')}: {info}")
+            raise RuntimeError(f"raw migration {tag} ended {info.get('status')}: {info}")
         # QEMU emits "completed" before its migration thread fills in total-time and
-        # downtime (it needs the BQL for that): query again until they are there.
+        # downtime (it needs the BQL for that): query again until both are there.
         polls = 0
-        while not info.get("total-time") and polls < 1000:
+        while (not info.get("total-time") or "downtime" not in info) and polls < 1000:
             time.sleep(0.001)
             polls += 1
             info = qa.cmd("query-migrate")
-        # the destination: resume as soon as it has the whole stream (as a tight orchestrator)
         qb.wait_event(is_migration("completed"))
         qb.cmd("cont")
         t2 = time.perf_counter()
         stop = qa.wait_event(lambda e: e.get("event") == "STOP")
         resume = qb.wait_event(lambda e: e.get("event") == "RESUME")
         words_ok = ram_words_ok(qb, fill_samples(fill))
-        ram = info.get("ram", {})
-        total_ms = int(info.get("total-time", 0))
-        row = {
-            "run": i + 1,
-            "wall_ms": round((t1 - t0) * 1e3, 1),
-            "wall_to_dst_running_ms": round((t2 - t0) * 1e3, 1),
-            "dst_qemu_startup_ms": round((t_dst_ready - t_spawn) * 1e3, 1),
-            "total_ms": total_ms,
-            "downtime_ms": int(info.get("downtime", 0)),
-            "setup_ms": int(info.get("setup-time", 0)),
-            "transferred": int(ram.get("transferred", 0)),
-            "dirty_sync": int(ram.get("dirty-sync-count", 0)),
-            "stats_requeried": polls,
-            "ram_words_ok": words_ok,
-            "machine_busy_pct": machine_busy,
-            "guest_pause_ms": round((event_unix(resume) - event_unix(stop)) * 1e3, 1),
-        }
-        row["pause_minus_downtime_ms"] = round(row["guest_pause_ms"] - row["downtime_ms"], 1)
-        row["throughput_MBps"] = round(row["transferred"] / max(total_ms, 1) / 1e3, 1)
+    except BaseException:
+        dst.stop()
+        raise
+    ram = info.get("ram", {})
+    total_ms = int(info.get("total-time", 0))
+    row: dict[str, Any] = {
+        "run": tag,
+        "wall_ms": round((t1 - t0) * 1e3, 1),
+        "wall_to_dst_running_ms": round((t2 - t0) * 1e3, 1),
+        "dst_qemu_startup_ms": dst.startup_ms,
+        "total_ms": total_ms,
+        "downtime_ms": int(info.get("downtime", 0)),
+        "setup_ms": int(info.get("setup-time", 0)),
+        "transferred": int(ram.get("transferred", 0)),
+        "precopy_MiB": round(int(ram.get("precopy-bytes", 0)) / 2**20, 1),
+        "downtime_MiB": round(int(ram.get("downtime-bytes", 0)) / 2**20, 1),
+        "dirty_sync": int(ram.get("dirty-sync-count", 0)),
+        "stats_requeried": polls,
+        "ram_words_ok": words_ok,
+        "machine_busy_pct": machine_busy,
+        "guest_pause_ms": round((event_unix(resume) - event_unix(stop)) * 1e3, 1),
+    }
+    row["pause_minus_downtime_ms"] = round(row["guest_pause_ms"] - row["downtime_ms"], 1)
+    row["throughput_MBps"] = round(row["transferred"] / max(total_ms, 1) / 1e3, 1)
+    row["overhead_ms"] = round(row["wall_ms"] - total_ms, 1)
+    return row, dst
+
+
+def raw_once(work: Path, i: int, args: argparse.Namespace, fill: Path) -> dict[str, Any]:
+    """The baseline as specified: a fresh pair of QEMUs per migration, both killed after."""
+    src = RawQEMU(
+        raw_argv(args.mem, fill, work / f"raw{i}-src.qmp"),
+        work / f"raw{i}-src.qmp",
+        work / "raw-qemu.log",
+    )
+    try:
+        row, dst = raw_hop(src, work, f"raw{i}", args, fill)
+        dst.stop()
         return row
     finally:
-        for q in (qa, qb):
-            if q is not None:
-                q.close()
-        stop_proc(ps)
-        stop_proc(pd)
+        src.stop()
+
+
+class RawChain:
+    """The baseline migrated the way vmmigrate's guest is, ping-pong: every hop's source is
+    the previous hop's destination (resumed), the old source is killed after the hop."""
+
+    def __init__(self, work: Path, args: argparse.Namespace, fill: Path) -> None:
+        self.work, self.args, self.fill = work, args, fill
+        self.hops = 0
+        self.src = RawQEMU(
+            raw_argv(args.mem, fill, work / "chain0-src.qmp"),
+            work / "chain0-src.qmp",
+            work / "raw-qemu.log",
+        )
+
+    def hop(self) -> dict[str, Any]:
+        self.hops += 1
+        row, dst = raw_hop(self.src, self.work, f"chain{self.hops}", self.args, self.fill)
+        self.src.stop()
+        self.src = dst
+        return row
+
+    def stop(self) -> None:
+        self.src.stop()
 
 
 # ---------------------------------------------------------------------------------------
@@ -559,7 +623,11 @@ def timeline(frm: Host, to: Host, mid: str, t_start_unix: float) -> dict[str, fl
     for kind, host in (("srcd", frm), ("dstd", to)):
         for e in log_events(host, kind, mid):
             name = str(e.get("event"))
-            if name in TIMELINE_EVENTS[kind] and "timestamp" in e:
+            if name == "phase_advanced":  # e.g. srcd.->perform3, dstd.->finish3
+                name = f"->{e.get('new')}"
+            elif name not in TIMELINE_EVENTS[kind]:
+                continue
+            if "timestamp" in e:
                 key = f"{kind}.{name}"
                 if key not in out:  # first occurrence (incoming_prepared is logged twice)
                     out[key] = round((iso_to_unix(str(e["timestamp"])) - t_start_unix) * 1e3, 1)
@@ -741,8 +809,8 @@ class Bench:
             raise RuntimeError(f"domjobinfo --completed on {frm_k}: job type {job['type']!r}")
         pc = perform_completed(frm, mid)
         total_ms = int(pc.get("total_ms") or 0)
-        # srcd reads query-migrate right after QEMU's "completed" event; QEMU fills in
-        # total-time and downtime a moment later, so srcd may have kept zeros: flag them
+        # QEMU says "completed" a moment before it fills in total-time and downtime; srcd
+        # re-reads query-migrate until they are there. Zeros would mean it gave up: flag them
         stats_missing = total_ms == 0
         words_ok = await asyncio.to_thread(self.ram_check, to)
         row: dict[str, Any] = {
@@ -767,6 +835,7 @@ class Bench:
             else round(pause - job["downtime_ms"], 1),
             "ram_words_ok": words_ok,
             "machine_busy_pct": machine_busy,
+            "overhead_ms": None if stats_missing else round(wall * 1e3 - total_ms, 1),
             "daemon_cpu_s": cpu,
             "timeline_ms": timeline(frm, to, mid, t_unix),
         }
@@ -795,7 +864,7 @@ class Bench:
 
 async def run_all(
     a: Host, b: Host, args: argparse.Namespace, fill: Path, work: Path, profile_dir: Path | None
-) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], dict[str, Any], Bench]:
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], dict[str, Any], Bench]:
     """Everything in rounds, so that the machine's background load falls on every variant
     alike: round i = one raw migration, then one vmmigrate migration of each variant."""
     name = "bench-live"
@@ -806,8 +875,9 @@ async def run_all(
     migctl(a.src, "start", name)
     bench = Bench(a, b, name, uuid, args, fill)
     await bench.open()
-    raw: list[dict[str, Any]] = []
+    raw: dict[str, list[dict[str, Any]]] = {"raw": [], "raw_chain": []}
     results: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    chain: RawChain | None = None
     extra: dict[str, Any] = {}
 
     async def one(key: str, tunnelled: bool, client: str) -> None:
@@ -822,74 +892,26 @@ async def run_all(
         walls = [migctl(a.src, "domstate", name)[0] * 1e3 for _ in range(3)]
         extra["migctl_domstate_wall_ms"] = summarize(walls)
         await asyncio.sleep(args.settle)
+        chain = await asyncio.to_thread(RawChain, work, args, fill)
         for i in range(args.n):
-            print(f"round {i + 1}/{args.n} (srcd as is)", flush=True)
+            print(f"round {i + 1}/{args.n}", flush=True)
             row = await asyncio.to_thread(raw_once, work, i, args, fill)
             print(f"  raw {json.dumps(row)}", flush=True)
-            raw.append(row)
+            raw["raw"].append(row)
+            row = await asyncio.to_thread(chain.hop)
+            print(f"  raw_chain {json.dumps(row)}", flush=True)
+            raw["raw_chain"].append(row)
             await one("direct_migctl", False, "migctl")
             await one("direct_rpc", False, "rpc")
             await one("tunnelled_migctl", True, "migctl")
             await one("tunnelled_rpc", True, "rpc")
-        if args.drain_shim:
-            # srcd as is cancels the tunnel pump as soon as QEMU reports "completed" (see
-            # DRAIN_SHIM): restart both srcd with the proposed fix and measure again, with
-            # a direct reference under the same conditions.
-            await bench.close()
-            env = drain_shim_env(work)
-            for h in (a, b):
-                h.start_srcd(env=env)
-            await bench.open()
-            for i in range(args.n):
-                print(f"round {i + 1}/{args.n} (srcd with the tunnel drain shim)", flush=True)
-                await one("shim_direct_rpc", False, "rpc")
-                await one("tunnelled_drain_migctl", True, "migctl")
-                await one("tunnelled_drain_rpc", True, "rpc")
         if profile_dir is not None:
             extra["profile"] = await profile(bench, args, profile_dir)
     finally:
         await bench.close()
+        if chain is not None:
+            chain.stop()
     return raw, dict(results), extra, bench
-
-
-# The proposed fix for srcd's tunnel (bench only, --drain-shim): SourceTunnel.close() as is
-# cancels the pump task, so the bytes QEMU already wrote into srcd's socket but srcd has
-# not yet forwarded are lost when QEMU reports "completed" first; the destination QEMU then
-# fails with "error while loading state section id 2(ram)". The shim lets the pump finish
-# (source EOF -> eof chunk -> destination EOF) before closing. Loaded into srcd through a
-# sitecustomize.py on PYTHONPATH; src/ is not changed.
-DRAIN_SHIM = """
-import os
-if os.environ.get("BENCH_TUNNEL_DRAIN") == "1":
-    import asyncio
-    import contextlib
-
-    import srcd.tunnel as _tunnel
-
-    _close = _tunnel.SourceTunnel.close
-
-    async def close(self):
-        if self._server is not None:
-            self._server.close()
-        task = self._task
-        if task is not None and not task.done() and self.error is None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(task), 60)
-        await _close(self)
-
-    _tunnel.SourceTunnel.close = close
-"""
-
-
-def drain_shim_env(work: Path) -> dict[str, str]:
-    d = work / "drain-shim"
-    d.mkdir(exist_ok=True)
-    (d / "sitecustomize.py").write_text(DRAIN_SHIM)
-    path = os.environ.get("PYTHONPATH", "")
-    return {
-        "PYTHONPATH": f"{d}{os.pathsep}{path}" if path else str(d),
-        "BENCH_TUNNEL_DRAIN": "1",
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -1016,38 +1038,45 @@ async def profile(bench: Bench, args: argparse.Namespace, out: Path) -> dict[str
 # report
 
 
-def analyse(raw: list[dict[str, Any]], vm: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+RAW_KEYS = (
+    "wall_ms",
+    "overhead_ms",
+    "wall_to_dst_running_ms",
+    "dst_qemu_startup_ms",
+    "total_ms",
+    "downtime_ms",
+    "downtime_MiB",
+    "guest_pause_ms",
+    "pause_minus_downtime_ms",
+    "machine_busy_pct",
+    "throughput_MBps",
+)
+VM_KEYS = (
+    "wall_ms",
+    "overhead_ms",
+    "job_elapsed_ms",
+    "total_ms",
+    "downtime_ms",
+    "guest_pause_ms",
+    "pause_minus_downtime_ms",
+    "machine_busy_pct",
+    "throughput_MBps",
+)
+
+
+def analyse(
+    raw: dict[str, list[dict[str, Any]]], vm: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
     def col(rows: list[dict[str, Any]], key: str) -> list[float]:
         return [float(r[key]) for r in rows if r.get(key) is not None and not r.get("error")]
 
-    out: dict[str, Any] = {"raw": {}}
-    for key in (
-        "wall_ms",
-        "wall_to_dst_running_ms",
-        "dst_qemu_startup_ms",
-        "total_ms",
-        "downtime_ms",
-        "guest_pause_ms",
-        "pause_minus_downtime_ms",
-        "machine_busy_pct",
-        "throughput_MBps",
-    ):
-        out["raw"][key] = summarize(col(raw, key))
+    out: dict[str, Any] = {}
+    for base, rows in raw.items():
+        out[base] = {key: summarize(col(rows, key)) for key in RAW_KEYS}
+        out[base]["ram_words_ok"] = [r.get("ram_words_ok") for r in rows]
     for name, rows in vm.items():
         ok = [r for r in rows if not r.get("error")]
-        out[name] = {
-            key: summarize(col(ok, key))
-            for key in (
-                "wall_ms",
-                "job_elapsed_ms",
-                "total_ms",
-                "downtime_ms",
-                "guest_pause_ms",
-                "pause_minus_downtime_ms",
-        "machine_busy_pct",
-                "throughput_MBps",
-            )
-        }
+        out[name] = {key: summarize(col(ok, key)) for key in VM_KEYS}
         out[name]["failed"] = len(rows) - len(ok)
         out[name]["qemu_stats_missing"] = sum(bool(r.get("qemu_stats_missing")) for r in ok)
         out[name]["ram_words_ok"] = [r.get("ram_words_ok") for r in ok]
@@ -1068,47 +1097,56 @@ def analyse(raw: list[dict[str, Any]], vm: dict[str, list[dict[str, Any]]]) -> d
             k: round(statistics.median(v), 3) for k, v in cpu.items()
         }
 
-    raw_wall = out["raw"]["wall_ms"]["median"]
-    raw_down_med = out["raw"]["downtime_ms"]["median"]
-    raw_down_max = out["raw"]["downtime_ms"]["max"]
     targets: dict[str, Any] = {}
     for name in vm:
         if not out[name]["wall_ms"].get("n"):
-            targets[name] = {"wall_met": False, "downtime_met": False, "no_successful_run": True}
+            targets[name] = {"no_successful_run": True}
             continue
-        wall = out[name]["wall_ms"]["median"]
-        d_med = out[name]["downtime_ms"]["median"]
-        d_max = out[name]["downtime_ms"]["max"]
-        targets[name] = {
-            "wall_minus_raw_ms": round(wall - raw_wall, 1),
-            "wall_met": wall - raw_wall <= TARGET_WALL_OVER_RAW_MS,
-            "downtime_median_minus_raw_ms": round(d_med - raw_down_med, 1),
-            "downtime_max_minus_raw_ms": round(d_max - raw_down_max, 1),
-            "downtime_met": d_med - raw_down_med <= TARGET_DOWNTIME_OVER_RAW_MS
-            and d_max - raw_down_max <= TARGET_DOWNTIME_OVER_RAW_MS,
-        }
+        t: dict[str, Any] = {}
+        for base in raw:
+            b = out[base]
+            wall = out[name]["wall_ms"]["median"] - b["wall_ms"]["median"]
+            x: dict[str, Any] = {
+                "wall_minus_raw_ms": round(wall, 1),
+                "wall_met": wall <= TARGET_WALL_OVER_RAW_MS,
+            }
+            if out[name]["downtime_ms"].get("n"):
+                d_med = out[name]["downtime_ms"]["median"] - b["downtime_ms"]["median"]
+                d_max = out[name]["downtime_ms"]["max"] - b["downtime_ms"]["max"]
+                x.update(
+                    downtime_median_minus_raw_ms=round(d_med, 1),
+                    downtime_max_minus_raw_ms=round(d_max, 1),
+                    downtime_met=d_med <= TARGET_DOWNTIME_OVER_RAW_MS
+                    and d_max <= TARGET_DOWNTIME_OVER_RAW_MS,
+                )
+            if out[name]["overhead_ms"].get("n"):
+                x["overhead_minus_raw_ms"] = round(
+                    out[name]["overhead_ms"]["median"] - b["overhead_ms"]["median"], 1
+                )
+            if out[name]["pause_minus_downtime_ms"].get("n"):
+                x["pause_minus_downtime_minus_raw_ms"] = round(
+                    out[name]["pause_minus_downtime_ms"]["median"]
+                    - b["pause_minus_downtime_ms"]["median"],
+                    1,
+                )
+            t[f"vs_{base}"] = x
+        targets[name] = t
 
-    def tput(prefix: str) -> float:
-        xs = col(vm.get(f"{prefix}_migctl", []) + vm.get(f"{prefix}_rpc", []), "throughput_MBps")
+    def tput(*names: str) -> float:
+        xs = [x for n in names for x in col(vm.get(n, []), "throughput_MBps")]
         return statistics.median(xs) if xs else 0.0
 
-    direct = tput("direct")
+    direct = tput("direct_migctl", "direct_rpc")
     th: dict[str, Any] = {
-        "raw_MBps": out["raw"]["throughput_MBps"]["median"],
+        "raw_MBps": out["raw"]["throughput_MBps"].get("median", 0.0),
+        "raw_chain_MBps": out["raw_chain"]["throughput_MBps"].get("median", 0.0),
         "direct_MBps": round(direct, 1),
     }
-    shim_direct = statistics.median(col(vm.get("shim_direct_rpc", []), "throughput_MBps") or [0])
-    if shim_direct:
-        th["shim_direct_MBps"] = round(shim_direct, 1)
-    for prefix in ("tunnelled", "tunnelled_drain"):
-        if f"{prefix}_rpc" not in vm:
-            continue
-        t = tput(prefix)
-        ref = shim_direct if prefix == "tunnelled_drain" and shim_direct else direct
-        ratio = t / ref if ref and t else 0.0
-        th[f"{prefix}_MBps"] = round(t, 1)
-        th[f"{prefix}_ratio"] = round(ratio, 3)
-        th[f"{prefix}_ratio_met"] = ratio >= TARGET_TUNNEL_RATIO
+    tunnelled = tput("tunnelled_migctl", "tunnelled_rpc")
+    ratio = tunnelled / direct if direct and tunnelled else 0.0
+    th["tunnelled_MBps"] = round(tunnelled, 1)
+    th["tunnelled_ratio"] = round(ratio, 3)
+    th["tunnelled_ratio_met"] = ratio >= TARGET_TUNNEL_RATIO
     targets["throughput"] = th
     out["targets"] = targets
     return out
@@ -1118,74 +1156,87 @@ def table(results: dict[str, Any]) -> str:
     s = results["summary"]
     m = results["machine"]
     c = results["config"]
-    names = [k for k in s if k not in ("raw", "targets")]
+    bases = ["raw", "raw_chain"]
+    names = [k for k in s if k not in (*bases, "targets")]
     lines = [
-        f"machine: {m['nproc']} CPUs {m['cpu_model']}, kernel {m['kernel']}, {m['qemu']}",
+        f"machine: {m['nproc']} CPUs {m['cpu_model']}, kernel {m['kernel']}, {m['qemu']}, "
+        f"load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end",
         f"guest: {c['mem_mib']} MiB RAM, {c['fill_mib']} MiB random; max-bandwidth "
         f"{c['bandwidth_mib']} MiB/s; n={c['n']}",
         "",
-        f"{'run':<24}{'ok':>5}{'wall ms med/min/max':>24}{'QEMU total':>12}"
-        f"{'downtime med/max':>18}{'pause med/max':>15}{'pause-dt':>10}{'MB/s':>8}{'busy%':>7}",
+        f"{'run':<23}{'ok':>6}{'wall ms med/min/max':>21}{'wall-total':>11}{'QEMU total':>11}"
+        f"{'downtime med/max':>17}{'pause med/max':>14}{'pause-dt':>9}{'MB/s':>7}{'busy%':>6}",
     ]
 
-    def fmt(x: dict[str, float], key: str = "median", w: int = 0) -> str:
+    def fmt(x: dict[str, float], key: str = "median") -> str:
         return f"{x[key]:.0f}" if x.get("n") else "-"
 
-    for name in ["raw", *names]:
+    for name in [*bases, *names]:
         r = s[name]
         n = r["wall_ms"].get("n", 0)
         total = n + r.get("failed", 0)
         w, d, p = r["wall_ms"], r["downtime_ms"], r["guest_pause_ms"]
         lines.append(
-            f"{name:<24}{f'{n}/{total}':>5}"
-            f"{fmt(w) + '/' + fmt(w, 'min') + '/' + fmt(w, 'max'):>24}"
-            f"{fmt(r['total_ms']):>12}{fmt(d) + '/' + fmt(d, 'max'):>18}"
-            f"{fmt(p) + '/' + fmt(p, 'max'):>15}{fmt(r['pause_minus_downtime_ms']):>10}"
-            f"{(str(r['throughput_MBps']['median']) if r['throughput_MBps'].get('n') else '-'):>8}"
-            f"{fmt(r['machine_busy_pct']):>7}"
+            f"{name:<23}{f'{n}/{total}':>6}"
+            f"{fmt(w) + '/' + fmt(w, 'min') + '/' + fmt(w, 'max'):>21}"
+            f"{fmt(r['overhead_ms']):>11}{fmt(r['total_ms']):>11}"
+            f"{fmt(d) + '/' + fmt(d, 'max'):>17}"
+            f"{fmt(p) + '/' + fmt(p, 'max'):>14}{fmt(r['pause_minus_downtime_ms']):>9}"
+            f"{fmt(r['throughput_MBps']):>7}{fmt(r['machine_busy_pct']):>6}"
         )
-    raw = s["raw"]
     for name in names:
         if s[name].get("qemu_stats_missing"):
             lines.append(
                 f"{name}: {s[name]['qemu_stats_missing']} run(s) where srcd recorded QEMU "
-                "total-time/downtime as 0 (read before QEMU filled them in); left out above"
+                "total-time/downtime as 0 (QEMU had not filled them in); left out above"
             )
-    checks = [w for name in names for w in s[name]["ram_words_ok"]]
-    lines.append(f"RAM check (8 sampled words on the destination): {checks.count(8)}/"
-                 f"{len(checks)} migrations all 8 correct")
+    checks = [w for name in [*bases, *names] for w in s[name]["ram_words_ok"]]
+    lines.append(
+        f"RAM check (8 sampled words on the destination): {checks.count(8)}/"
+        f"{len(checks)} migrations all 8 correct"
+    )
+    raw = s["raw"]
     lines += [
         "",
-        f"raw: destination QEMU start-up {raw['dst_qemu_startup_ms']['median']:.0f} ms, "
-        f"migrate -> destination running {raw['wall_to_dst_running_ms']['median']:.0f} ms",
+        f"raw: destination QEMU start-up {fmt(raw['dst_qemu_startup_ms'])} ms, migrate -> "
+        f"destination running {fmt(raw['wall_to_dst_running_ms'])} ms; MiB sent while "
+        f"stopped: raw {fmt(raw['downtime_MiB'])}, raw_chain "
+        f"{fmt(s['raw_chain']['downtime_MiB'])} (median)",
         "migctl start-up + one RPC (domstate): "
         f"{results['extra']['migctl_domstate_wall_ms']['median']:.0f} ms",
         "",
-        "targets:",
+        f"targets (wall <= raw + {TARGET_WALL_OVER_RAW_MS:.0f} ms, downtime median and max <= "
+        f"raw + {TARGET_DOWNTIME_OVER_RAW_MS:.0f} ms), against raw | raw_chain:",
     ]
     t = s["targets"]
     for name in names:
         x = t[name]
         if x.get("no_successful_run"):
-            lines.append(f"  {name:<23} no successful migration: {s[name].get('errors')}")
+            lines.append(f"  {name:<23} no successful migration")
             continue
-        lines.append(
-            f"  {name:<23} wall - raw = {x['wall_minus_raw_ms']:+.0f} ms "
-            f"({'met' if x['wall_met'] else 'MISSED'}, <= +{TARGET_WALL_OVER_RAW_MS:.0f}); "
-            f"downtime - raw: median {x['downtime_median_minus_raw_ms']:+.0f}, max "
-            f"{x['downtime_max_minus_raw_ms']:+.0f} ms "
-            f"({'met' if x['downtime_met'] else 'MISSED'}, <= +{TARGET_DOWNTIME_OVER_RAW_MS:.0f})"
-        )
+        parts = []
+        for base in bases:
+            y = x[f"vs_{base}"]
+            part = f"wall {y['wall_minus_raw_ms']:+.0f} {'ok' if y['wall_met'] else 'MISS'}"
+            if "downtime_met" in y:
+                part += (
+                    f", downtime {y['downtime_median_minus_raw_ms']:+.0f}/"
+                    f"{y['downtime_max_minus_raw_ms']:+.0f} "
+                    f"{'ok' if y['downtime_met'] else 'MISS'}"
+                )
+            if "overhead_minus_raw_ms" in y:
+                part += f", wall-total {y['overhead_minus_raw_ms']:+.0f}"
+            parts.append(part)
+        lines.append(f"  {name:<23} " + " | ".join(parts))
     th = t["throughput"]
-    line = f"  throughput: raw {th['raw_MBps']} MB/s, direct {th['direct_MBps']} MB/s"
-    if "shim_direct_MBps" in th:
-        line += f" (with the shim: {th['shim_direct_MBps']} MB/s, the drain ratio's reference)"
-    for prefix in ("tunnelled", "tunnelled_drain"):
-        if f"{prefix}_MBps" in th:
-            line += (
-                f"; {prefix} {th[prefix + '_MBps']} MB/s, ratio {th[prefix + '_ratio']} "
-                f"({'met' if th[prefix + '_ratio_met'] else 'MISSED'}, >= {TARGET_TUNNEL_RATIO})"
-            )
+    line = (
+        f"  throughput MB/s: raw {th['raw_MBps']}, raw_chain {th['raw_chain_MBps']}, "
+        f"direct {th['direct_MBps']}"
+    )
+    line += (
+        f"; tunnelled {th['tunnelled_MBps']}, ratio {th['tunnelled_ratio']} "
+        f"({'ok' if th['tunnelled_ratio_met'] else 'MISS'}, >= {TARGET_TUNNEL_RATIO})"
+    )
     lines.append(line)
     for name in names:
         if s[name].get("errors"):
@@ -1272,12 +1323,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=0.5, help="seconds between migrations")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--workdir", help="keep everything here (default: a temp dir, removed)")
-    ap.add_argument(
-        "--no-drain-shim",
-        dest="drain_shim",
-        action="store_false",
-        help="skip the tunnelled loops with srcd's proposed tunnel-drain fix",
-    )
     ap.add_argument("--profile", metavar="DIR", help="also run RPC loops under py-spy")
     ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples/s")
     args = ap.parse_args(argv)

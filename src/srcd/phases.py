@@ -122,7 +122,15 @@ async def begin(
             started_unix=now,
             updated_unix=now,
         )
-        await asyncio.to_thread(ctx.store.journal_put, record)
+        if MigrateFlag.OFFLINE in flags:
+            # Offline, the record need not survive a power cut: the source changes only in
+            # Confirm (--undefinesource, itself durable), after the destination persisted
+            # its copy, so without the record the domain is at worst defined on both hosts,
+            # never lost. It still survives a crash of srcd itself (the page cache does).
+            ctx.store.journal_put(record, durable=False)
+        else:
+            # Live: a restarted srcd must find it to resume or stop the source.
+            await asyncio.to_thread(ctx.store.journal_put, record)
         # a finished job's record may harmlessly come back after a crash: no fsync
         stack.callback(ctx.store.journal_remove, migration_id, durable=False)
         await ctx.failpoints.hit("srcd.begin.after_journal")
