@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up, then show vmmigrate on two hosts on loopback (127.0.0.2 and 127.0.0.3):
 # a domain defined on host A, migrated offline p2p with --undefinesource to host B, and back
-# client-driven; each host's list shown after each step.
+# client-driven; each host's list shown after each step; then started and migrated live.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -61,4 +61,10 @@ echo "== and back, client-driven (migctl drives Begin, Prepare, Finish, Confirm 
 run "$BIN/migctl" -c "$B_SRC" migrate --offline --persistent --undefinesource demo-vm "$A_DST"
 lists
 run "$BIN/migctl" -c "$A_SRC" dominfo demo-vm
+echo
+echo "== live: start it (simvm, the built-in emulator) and move it while it runs"
+run "$BIN/migctl" -c "$A_SRC" start demo-vm
+run "$BIN/migctl" -c "$A_SRC" migrate --live --p2p --persistent --undefinesource --verbose demo-vm "$B_DST"
+lists
+run "$BIN/migctl" -c "$B_SRC" destroy demo-vm
 echo "demo finished"

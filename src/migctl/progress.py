@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Awaitable
 from typing import Any, TextIO, TypeVar
 
@@ -33,6 +34,18 @@ class Progress:
         self.out = out
         self.best = 0
         self.shown = False
+        self._last: tuple[float, int] | None = None
+        self._speed = 0.0
+
+    def speed(self, info: pb.JobInfo) -> float:
+        """Bytes/s: the emulator's figure, else measured from what was processed."""
+        if info.memory_bps:
+            return float(info.memory_bps)
+        now = time.monotonic()
+        if self._last is not None and now > self._last[0] and info.data_processed > self._last[1]:
+            self._speed = (info.data_processed - self._last[1]) / (now - self._last[0])
+        self._last = (now, info.data_processed)
+        return self._speed
 
     def percent(self, info: pb.JobInfo) -> int:
         if info.data_total:
@@ -43,7 +56,7 @@ class Progress:
     def line(self, info: pb.JobInfo) -> str:
         pct = self.percent(info)
         return (
-            f"Migration: [{pct:3d} %] {info.memory_bps / MIB:8.1f} MiB/s, "
+            f"Migration: [{pct:3d} %] {self.speed(info) / MIB:8.1f} MiB/s, "
             f"{info.data_remaining / MIB:8.1f} MiB remaining"
         )
 
