@@ -12,54 +12,20 @@ import subprocess
 import sys
 import threading
 import time
-import uuid as uuidlib
 
 import pytest
 from helpers.hosts import Host, sample_domain_xml
-from helpers.qmp import qmp_for, runtime_record
+from helpers.live import (
+    alive,
+    checksum,
+    runs_on_exactly_one,
+    set_dirty_rate,
+    start_domain,
+    state,
+)
+from helpers.qmp import runtime_record
 
 LIVE = ("migrate", "--live", "--persistent")
-
-
-def start_domain(h: Host, name: str, memory_mib: int = 32) -> str:
-    u = str(uuidlib.uuid4())
-    h.define(sample_domain_xml(name, u, memory_mib=memory_mib), f"{name}.xml")
-    out = h.migctl("start", name).stdout
-    assert out.strip() == f"Domain '{name}' started"
-    return u
-
-
-def state(h: Host, name: str) -> str:
-    r = h.migctl("domstate", name, check=False)
-    return r.stdout.strip() if r.returncode == 0 else "absent"
-
-
-def checksum(h: Host, u: str) -> dict[str, object]:
-    with qmp_for(h.state_dir, u) as q:
-        result: dict[str, object] = q.cmd("x-simvm-checksum")
-        return result
-
-
-def set_dirty_rate(h: Host, u: str, pages: int) -> None:
-    with qmp_for(h.state_dir, u) as q:
-        q.cmd("x-simvm-set-dirty-rate", **{"pages-per-second": pages})
-
-
-def runs_on_exactly_one(a: Host, b: Host, u: str) -> str:
-    ra, rb = runtime_record(a.state_dir, u), runtime_record(b.state_dir, u)
-    alive = [h for h, r in ((a, ra), (b, rb)) if r is not None and _alive(r["pid"])]
-    assert len(alive) == 1, f"domain runs on {[h.name for h in alive]}"
-    return alive[0].name
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:
-        stat = fh.read()
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def test_lifecycle_and_states(hosts: tuple[Host, Host], domname: str) -> None:
@@ -288,12 +254,12 @@ def test_restarted_daemons_reattach_to_running_domains(fresh_hosts: tuple[Host, 
     assert a.srcd is not None and a.dstd is not None
     a.srcd.kill()
     a.dstd.kill()
-    assert _alive(rec["pid"])
+    assert alive(rec["pid"])
     a.start()
     assert state(a, "survivor") == "running"
     a.migctl("suspend", "survivor")
     assert state(a, "survivor") == "paused"
     a.migctl("resume", "survivor")
     a.migctl(*LIVE, "--p2p", "--undefinesource", "survivor", b.dst)
-    assert state(b, "survivor") == "running" and not _alive(rec["pid"])
+    assert state(b, "survivor") == "running" and not alive(rec["pid"])
     b.migctl("destroy", "survivor")

@@ -21,12 +21,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from helpers.hosts import Host, sample_domain_xml
+from helpers.hosts import Host
+from helpers.live import (
+    alive,
+    checksum,
+    running_on,
+    runs_on_exactly_one,
+    set_dirty_rate,
+    start_domain,
+    state,
+)
 from helpers.qmp import qmp_for, runtime_record
 
 from .netlab import Network
@@ -63,55 +71,6 @@ PHASE_DSTD_MIGRATION_TIMEOUT = 10.0
 # -- helpers ----------------------------------------------------------------------------
 
 
-def start_domain(h: Host, name: str, memory_mib: int = 32) -> str:
-    u = str(uuidlib.uuid4())
-    h.define(sample_domain_xml(name, u, memory_mib=memory_mib), f"{name}.xml")
-    assert h.migctl("start", name).stdout.strip() == f"Domain '{name}' started"
-    return u
-
-
-def state(h: Host, name: str) -> str:
-    r = h.migctl("domstate", name, check=False)
-    return r.stdout.strip() if r.returncode == 0 else "absent"
-
-
-def checksum(h: Host, u: str) -> dict[str, object]:
-    with qmp_for(h.state_dir, u) as q:
-        result: dict[str, object] = q.cmd("x-simvm-checksum")
-        return result
-
-
-def set_dirty_rate(h: Host, u: str, pages: int) -> None:
-    with qmp_for(h.state_dir, u) as q:
-        q.cmd("x-simvm-set-dirty-rate", **{"pages-per-second": pages})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:
-        stat = fh.read()
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def running_on(a: Host, b: Host, u: str) -> list[str]:
-    """The hosts whose emulator for ``u`` is alive (paused or running)."""
-    out = []
-    for h in (a, b):
-        rec = runtime_record(h.state_dir, u)
-        if rec is not None and _alive(rec["pid"]):
-            out.append(h.name)
-    return out
-
-
-def runs_on_exactly_one(a: Host, b: Host, u: str) -> str:
-    alive = running_on(a, b, u)
-    assert len(alive) == 1, f"domain runs on {alive}"
-    return alive[0]
-
-
 def kill_emulators(*hosts: Host) -> None:
     """Kill (by pid) every emulator a host's runtime records name: they outlive their
     daemons, and a namespace is deleted only once nothing of ours runs in it."""
@@ -122,7 +81,7 @@ def kill_emulators(*hosts: Host) -> None:
                 pid = int(json.loads(path.read_text())["pid"])
             except (OSError, ValueError, KeyError):
                 continue
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -157,7 +116,7 @@ def wait_flowing(a: Host, name: str, timeout: float = 15) -> None:
 def qmp_status(h: Host, u: str) -> str:
     """The emulator's run state (query-status), or "absent"."""
     rec = runtime_record(h.state_dir, u)
-    if rec is None or not _alive(rec["pid"]):
+    if rec is None or not alive(rec["pid"]):
         return "absent"
     try:
         with qmp_for(h.state_dir, u) as q:
