@@ -114,6 +114,8 @@ async def prepare(
         raise OperationInvalid("PrepareTunnel called but no TUNNELLED flag set")
     if req.migration_id in ctx.incoming:
         raise OperationInvalid(f"migration id '{req.migration_id}' is already in use")
+    if req.migration_id in ctx.results:
+        raise OperationInvalid(f"migration '{req.migration_id}' has already ended")
     if MigrateFlag.OFFLINE in req.flags:
         return await prepare_offline(ctx, req)
     return await prepare_live(ctx, req)

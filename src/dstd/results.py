@@ -34,6 +34,13 @@ class FinishResults:
             fut = entry[1]
         return await asyncio.shield(fut)
 
+    def tombstone(self, migration_id: str) -> None:
+        """Record a migration as ended with no domain (cancelled before Prepare arrived)."""
+        fut: asyncio.Future[pb.FinishResponse] = asyncio.get_running_loop().create_future()
+        fut.set_result(pb.FinishResponse())
+        self._results[migration_id] = (time.monotonic(), fut)
+        self._trim()
+
     def _trim(self) -> None:
         if len(self._results) > MAX_RESULTS:
             oldest = sorted(self._results.items(), key=lambda kv: kv[1][0])

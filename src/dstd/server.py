@@ -109,6 +109,12 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
         if not request.dest_name:
             raise NoDomain("missing domain name")
         if h.migration_id not in self.ctx.incoming and h.migration_id not in self.ctx.results:
+            if request.cancelled:
+                # A source that could not learn whether its Prepare arrived cancels it
+                # blindly: remember the id, so that a Prepare delivered late (a TCP
+                # retransmission after a partition) is refused instead of reserving.
+                self.ctx.results.tombstone(h.migration_id)
+                return pb.FinishResponse()
             raise OperationInvalid(
                 f"domain '{request.dest_name}' is not processing incoming migration"
             )

@@ -12,6 +12,7 @@ The first error is the one reported.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -172,6 +173,38 @@ class P2PMigration:
         await self.ctx.failpoints.hit("srcd.finish.after")
         return response
 
+    def _cancel_remote_prepare(self, job: SourceJob, destflags: MigrateFlag) -> None:
+        dest_name = self.params.dest_name or job.domain.name
+        request = pb.FinishRequest(
+            header=self._header(destflags, b""), dest_name=dest_name, cancelled=True
+        )
+        ctx, peer, mid = self.ctx, self.dest_uri, self.migration_id
+
+        async def cancel() -> None:
+            # gRPC keepalive closes a silent connection within ~15 s, so no Prepare can
+            # arrive much later than that: a minute of asking is plenty.
+            until = time.monotonic() + max(4 * ctx.config.rpc_timeout, 60.0)
+            while time.monotonic() < until:
+                try:
+                    await call(
+                        ctx.peers.destination(peer).Finish,
+                        request,
+                        timeout=ctx.config.rpc_timeout,
+                        peer=peer,
+                        what=DEST,
+                    )
+                    log.info("remote_prepare_cancelled", migration_id=mid)
+                    return
+                except (PeerUnavailable, Timeout):
+                    await asyncio.sleep(1.0)
+                except VmmigrateError as exc:
+                    log.info("remote_prepare_cancel_refused", migration_id=mid, error=str(exc))
+                    return
+
+        task = asyncio.ensure_future(cancel())
+        ctx.background.add(task)
+        task.add_done_callback(ctx.background.discard)
+
     async def probe(self) -> None:
         """Is the destination still there? (keepalive during Perform)"""
         await call(
@@ -222,6 +255,12 @@ class P2PMigration:
             prepared = await self.prepare(begun, destflags)
         except BaseException as exc:
             await phases.abandon(self.ctx, job)
+            if isinstance(exc, (PeerUnavailable, Timeout)):
+                # Did Prepare arrive? Unknown: it may still (a TCP retransmission after a
+                # partition) and reserve the domain there. Cancel it blindly, in the
+                # background, until the peer answers: Finish(cancelled) is idempotent and
+                # leaves a tombstone that refuses a late Prepare.
+                self._cancel_remote_prepare(job, destflags)
             if isinstance(exc, PeerUnavailable):
                 # the next migration asks the peer afresh, on a fresh channel
                 await self.ctx.peers.reconnect(self.dest_uri)

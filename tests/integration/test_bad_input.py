@@ -235,3 +235,23 @@ def test_silent_destination_hits_the_deadline(tmp_path_factory: pytest.TempPathF
         assert domname in a.names() and a.journal() == []
     finally:
         a.stop()
+
+
+def test_cancel_before_prepare_refuses_a_late_prepare(hosts: tuple[Host, Host],
+                                                      domname: str) -> None:
+    """A source that lost track of its Prepare cancels it blindly; a Prepare delivered
+    after that (a retransmission after a partition) must not reserve anything."""
+    _, b = hosts
+    u = str(uuidlib.uuid4())
+    mid = f"late-{domname}"
+    ch, stub = _dest_stub(b)
+    with ch:
+        r = stub.Finish(pb.FinishRequest(
+            header=pb.PhaseHeader(migration_id=mid, flags=OFFLINE_FLAGS),
+            dest_name=domname, cancelled=True), timeout=10)
+        assert not r.HasField("domain")
+        with pytest.raises(grpc.RpcError) as err:
+            _prepare(stub, _cookie(domname, u), sample_domain_xml(domname, u), mid=mid)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details() == f"migration '{mid}' has already ended"
+    assert b.journal() == [] and domname not in b.names()

@@ -27,7 +27,7 @@ PARTITION_RPC_TIMEOUT = 2.0
 # client's own calls, a loaded CI machine)
 SLACK = 8.0
 # how long after the link comes back a migration may still fail (see migrate_until_ok)
-RECONNECT_GRACE = 5.0
+RECONNECT_GRACE = 10.0
 
 
 def dumpxml(h: Host, name: str) -> str:
@@ -161,11 +161,15 @@ def test_partition_fails_cleanly_then_recovers(
     assert b.journal() == []
 
     # Right after the link returns, the kernel may still hold B's neighbour entry as FAILED
-    # for a moment (connects fail with EHOSTUNREACH; srcd retries once on a fresh channel):
-    # a migration started in that window fails at once, changing nothing. Retry within it.
+    # for a moment (connects fail with EHOSTUNREACH; srcd retries once on a fresh channel);
+    # and on a warm connection the Prepare sent during the cut may arrive late (TCP
+    # retransmission) and hold the domain on B until srcd's background Finish(cancelled)
+    # drops it. A migration started in that window fails at once, changing nothing.
     failures = migrate_until_ok(a, b, name, within=RECONNECT_GRACE)
     for err in failures:
-        assert err.startswith(f"error: unable to connect to destination host '{b.dst}': "), err
+        assert err.startswith(f"error: unable to connect to destination host '{b.dst}': ") or (
+            err == f"error: another migration job is already running for domain '{name}'"
+        ), err
     assert name in b.names() and name not in a.names()
     assert dumpxml(b, name).strip() == before.strip()
     assert b.migctl("domuuid", name).stdout.strip() == u
