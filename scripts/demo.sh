@@ -7,10 +7,16 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 BIN=$PWD/.venv/bin
 WORK=$(mktemp -d /tmp/vmmigrate-demo.XXXXXX)
-PIDS=()
+# The daemons' pids go to a file: start() runs in a $(...) subshell, which cannot change
+# this shell's variables.
+PIDFILE="$WORK/pids"
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ -f "$PIDFILE" ]; then
+    while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$PIDFILE"
+    while read -r pid; do
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    done <"$PIDFILE"
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -19,7 +25,7 @@ trap cleanup EXIT
 start() {
   local daemon=$1 ip=$2 state=$3 log="$WORK/$1-$2.log"
   "$BIN/$daemon" --listen "$ip:0" --state-dir "$state" --log-format json >"$log" 2>&1 &
-  PIDS+=($!)
+  echo $! >>"$PIDFILE"
   for _ in $(seq 200); do
     if grep -q '"daemon_ready"' "$log" 2>/dev/null; then
       "$BIN/python" -c 'import json,sys; print(next(json.loads(l)["listen"] for l in open(sys.argv[1]) if "daemon_ready" in l))' "$log"

@@ -152,6 +152,23 @@ class Host:
         for d in (self.srcd, self.dstd):
             if d is not None:
                 d.stop()
+        self.kill_emulators()
+
+    def kill_emulators(self) -> None:
+        """Emulators outlive their daemons (by design): kill, by pid, those this host's
+        runtime records name, so that no test leaves a guest running."""
+        run = self.state_dir / "run"
+        for path in sorted(run.glob("*.json")) if run.exists() else []:
+            try:
+                rec = json.loads(path.read_text())
+                pid = int(rec["pid"])
+                with open(f"/proc/{pid}/stat") as fh:
+                    stat = fh.read()
+            except (OSError, ValueError, KeyError):
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z" and int(fields[19]) == int(rec.get("start_ticks", -1)):
+                os.kill(pid, signal.SIGKILL)
 
     def migctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "migctl", "-c", self.src, *args]
