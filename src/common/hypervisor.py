@@ -41,9 +41,6 @@ log = structlog.get_logger("vmmigrate.hypervisor")
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 START_TIMEOUT = 20.0
 
-# QMP run states that libvirt maps to "paused" (everything alive that is not running).
-RUNNING_STATES = frozenset({"running"})
-
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeRecord:
@@ -457,10 +454,3 @@ def hypervisor_for(
         EmulatorSettings(default=emulator, qemu_binary=qemu_binary, qemu_accel=qemu_accel),
         role=role,
     )
-
-
-def domain_state(status: str) -> str:
-    """A QMP run state as libvirt's state word: running, paused, or shut off."""
-    if status == "shutoff":
-        return "shut off"
-    return "running" if status in RUNNING_STATES else "paused"

@@ -9,7 +9,7 @@ import time
 import grpc.aio
 
 from common.config import DaemonConfig
-from common.domainxml import DomainDef
+from common.domainxml import DomainDef, parse_domain
 from common.failpoints import Failpoints
 from common.hypervisor import QMPHypervisor
 from common.rpc import open_channel
@@ -78,6 +78,26 @@ class SourceContext:
     completed_jobs: dict[str, object] = dataclasses.field(default_factory=dict)
     # Tasks that outlive an RPC (settling a migration whose Finish answer was lost).
     background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+
+    def transient_domains(self) -> list[DomainDef]:
+        """Running domains with no definition here (they arrived by a live migration
+        without --persistent): their running XML is all there is."""
+        return [
+            parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
+            for rec in self.hypervisor.records()
+            if rec.xml and self.store.find(rec.uuid) is None
+        ]
+
+    def lookup(self, key: str) -> tuple[DomainDef, bool]:
+        """(definition, persistent): a persistent domain, else a transient running one.
+        Cheap (cached store scans, small record files): called on the event loop."""
+        d = self.store.find(key)
+        if d is not None:
+            return d, True
+        for t in self.transient_domains():
+            if key in (t.name, t.uuid):
+                return t, False
+        return self.store.lookup(key), True  # raises NoDomain
 
     def is_active(self, domain: DomainDef) -> bool:
         """Whether the domain runs on this host (a live emulator process)."""

@@ -12,8 +12,7 @@ import asyncio
 import structlog
 
 from common.domainxml import DomainDef, parse_domain
-from common.errors import JobActive, NoDomain, OperationInvalid
-from common.hypervisor import RuntimeRecord
+from common.errors import JobActive, OperationInvalid
 from common.qmp import QMPExecuteError
 from srcd.context import SourceContext
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -29,12 +28,6 @@ _STATES = {
 
 def domain_ref(d: DomainDef, active: bool = False) -> pb.DomainRef:
     return pb.DomainRef(name=d.name, uuid=d.uuid, id=1 if active else -1)
-
-
-def _transient(rec: RuntimeRecord) -> DomainDef | None:
-    if not rec.xml:
-        return None
-    return parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
 
 
 class DomainAPI:
@@ -55,30 +48,14 @@ class DomainAPI:
     async def undefine(self, key: str) -> DomainDef:
         return await asyncio.to_thread(self.ctx.store.undefine, key)
 
-    def _runtime_domains(self) -> list[DomainDef]:
-        out = []
-        for rec in self.ctx.hypervisor.records():
-            d = _transient(rec)
-            if d is not None:
-                out.append(d)
-        return out
-
     async def lookup(self, key: str) -> tuple[DomainDef, bool]:
-        """(definition, persistent): a persistent domain, else a transient running one."""
-        d = await asyncio.to_thread(self.ctx.store.find, key)
-        if d is not None:
-            return d, True
-        for t in await asyncio.to_thread(self._runtime_domains):
-            if key in (t.name, t.uuid):
-                return t, False
-        return await asyncio.to_thread(self.ctx.store.lookup, key), True  # raises NoDomain
+        """(definition, persistent): see SourceContext.lookup."""
+        return self.ctx.lookup(key)
 
     async def list(self, all_domains: bool) -> list[pb.ListEntry]:
         defs = await asyncio.to_thread(self.ctx.store.list_domains)
         known = {d.uuid for d in defs}
-        transient = [
-            t for t in await asyncio.to_thread(self._runtime_domains) if t.uuid not in known
-        ]
+        transient = [t for t in self.ctx.transient_domains() if t.uuid not in known]
         entries = []
         for d in sorted([*defs, *transient], key=lambda x: x.name):
             state = await self.state_of(d)
@@ -162,7 +139,3 @@ class DomainAPI:
     async def require_known(self, key: str) -> DomainDef:
         d, _ = await self.lookup(key)
         return d
-
-
-def no_domain(key: str) -> NoDomain:
-    return NoDomain(f"Domain not found: no domain with matching name '{key}'")

@@ -8,7 +8,6 @@ cleanup stack, in reverse order of acquisition, whatever ended it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import time
@@ -22,6 +21,7 @@ from common.flags import MigrateFlag, flag_names
 from common.phase import Phase, advance
 from common.rpc import Deadline
 from common.store import HostStore, JobLock, JobRecord
+from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.jobs")
 
@@ -37,6 +37,30 @@ class SourceParams:
     bandwidth_mib: int = 0
     timeout_s: int = 0
     timeout_suspend: bool = False
+
+    @classmethod
+    def from_pb(cls, p: pb.MigrationParams) -> SourceParams:
+        return cls(
+            dest_name=p.dest_name,
+            dest_xml=p.dest_xml,
+            persist_xml=p.persist_xml,
+            migrate_uri=p.migrate_uri,
+            bandwidth_mib=p.bandwidth_mib,
+            timeout_s=p.timeout_s,
+            timeout_suspend=p.timeout_suspend,
+        )
+
+    def to_pb(self) -> pb.MigrationParams:
+        """What the destination gets. DEST_XML stays out: Begin checked it, and Prepare
+        receives it as the domain XML itself."""
+        return pb.MigrationParams(
+            dest_name=self.dest_name,
+            persist_xml=self.persist_xml,
+            migrate_uri=self.migrate_uri,
+            bandwidth_mib=self.bandwidth_mib,
+            timeout_s=self.timeout_s,
+            timeout_suspend=self.timeout_suspend,
+        )
 
 
 @dataclasses.dataclass
@@ -110,9 +134,6 @@ class SourceJobTable:
                 return job
         return None
 
-    def forget(self, job: SourceJob) -> None:
-        self._jobs.pop(job.migration_id, None)
-
     async def end(self, job: SourceJob) -> None:
         """Give back everything the job holds (lock, journal record, table slot)."""
         await job.cleanup.aclose()
@@ -143,8 +164,3 @@ class SourceJobTable:
             )
             await self.end(job)
         return len(stale)
-
-    async def run_expiry(self, idle_timeout: float, interval: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            await self.expire_idle(idle_timeout)

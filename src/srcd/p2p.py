@@ -47,17 +47,6 @@ def new_migration_id() -> str:
     return str(uuid.uuid4())
 
 
-def _params_pb(params: SourceParams) -> pb.MigrationParams:
-    return pb.MigrationParams(
-        dest_name=params.dest_name,
-        persist_xml=params.persist_xml,
-        migrate_uri=params.migrate_uri,
-        bandwidth_mib=params.bandwidth_mib,
-        timeout_s=params.timeout_s,
-        timeout_suspend=params.timeout_suspend,
-    )
-
-
 class P2PMigration:
     """One p2p migration. Each method is one step of the sequence; run() is the sequence."""
 
@@ -140,7 +129,7 @@ class P2PMigration:
             pb.PrepareRequest(
                 header=self._header(destflags, begin.cookie),
                 domain_xml=begin.domain_xml,
-                params=_params_pb(self.params),
+                params=self.params.to_pb(),
             ),
             timeout=self._rpc_timeout(),
             peer=self.dest_uri,
@@ -163,7 +152,7 @@ class P2PMigration:
                 header=self._header(destflags, cookie),
                 dest_name=self.params.dest_name or job.domain.name,
                 cancelled=cancelled,
-                params=_params_pb(self.params),
+                params=self.params.to_pb(),
             ),
             timeout=rpc_timeout if cancelled else self.deadline.rpc_timeout(rpc_timeout),
             peer=self.dest_uri,

@@ -58,18 +58,6 @@ def _check_persist_xml(ctx: SourceContext, current: DomainDef, params: SourcePar
     return check_abi_stable(current, new, new_name=None)
 
 
-async def _lookup(ctx: SourceContext, key: str) -> DomainDef:
-    """A persistent domain, else a transient running one (it has no definition)."""
-    # store reads are cheap (cached scans, no fsync): done on the loop, no thread hand-off
-    d = ctx.store.find(key)
-    if d is not None:
-        return d
-    for rec in ctx.hypervisor.records():
-        if key in (rec.name, rec.uuid) and rec.xml:
-            return parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
-    return ctx.store.lookup(key)  # raises NoDomain
-
-
 async def begin(
     ctx: SourceContext,
     *,
@@ -87,7 +75,7 @@ async def begin(
     ctx.jobs.end(). On failure nothing is left behind.
     """
     validate_migration_id(migration_id)
-    current = await _lookup(ctx, domain_key)
+    current, _ = ctx.lookup(domain_key)
     async with contextlib.AsyncExitStack() as stack:
         lock = ctx.store.acquire_job(current)  # an flock, no fsync
         stack.callback(lock.release)

@@ -38,18 +38,6 @@ log = structlog.get_logger("vmmigrate.srcd")
 handler = rpc_handler("source")
 
 
-def params_from_pb(p: pb.MigrationParams) -> SourceParams:
-    return SourceParams(
-        dest_name=p.dest_name,
-        dest_xml=p.dest_xml,
-        persist_xml=p.persist_xml,
-        migrate_uri=p.migrate_uri,
-        bandwidth_mib=p.bandwidth_mib,
-        timeout_s=p.timeout_s,
-        timeout_suspend=p.timeout_suspend,
-    )
-
-
 def _require(value: str, what: str) -> str:
     if not value:
         raise InvalidArgument(f"missing {what}")
@@ -103,7 +91,7 @@ class DomainService(pb_grpc.DomainServiceServicer):
             domain_key=_require(request.domain, "domain name"),
             dest_uri=_require(request.dest_uri, "destination URI"),
             flags=flags,
-            params=params_from_pb(request.params),
+            params=SourceParams.from_pb(request.params),
         )
         structlog.contextvars.bind_contextvars(migration_id=migration.migration_id)
         # The migration runs to its end (Finish, Confirm) even if the client goes away:
@@ -252,7 +240,7 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
             migration_id=_require(h.migration_id, "migration id"),
             domain_key=_require(request.domain, "domain name"),
             flags=flags,
-            params=params_from_pb(request.params),
+            params=SourceParams.from_pb(request.params),
             peer="",
             deadline=Deadline.from_unix_ms(
                 h.deadline_unix_ms,

@@ -333,31 +333,17 @@ def test_writer_dying_mid_change_leaves_readers_rescanning(tmp_path: Path) -> No
     assert [d.name for d in reader.list_domains()] == ["db"]
 
 
-def test_storage_full_leaves_the_store_consistent(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs")
-    try:
-        s = HostStore(mnt)
-        small = mkdef("small", U1)
-        s.define(small)
-        with pytest.raises(StorageFull, match="No space left on device"):
-            s.define(mkdef("big", U2, description="x" * 200_000))
-        with pytest.raises(StorageFull):
-            s.define(mkdef("small", U1, description="y" * 200_000))
-        assert s.list_domains() == [small]
-        assert [p for p in all_files(mnt) if p.name.startswith(".tmp-")] == []
-        s.close()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+def test_storage_full_leaves_the_store_consistent(tiny_fs: Path) -> None:
+    s = HostStore(tiny_fs)
+    small = mkdef("small", U1)
+    s.define(small)
+    with pytest.raises(StorageFull, match="No space left on device"):
+        s.define(mkdef("big", U2, description="x" * 200_000))
+    with pytest.raises(StorageFull):
+        s.define(mkdef("small", U1, description="y" * 200_000))
+    assert s.list_domains() == [small]
+    assert [p for p in all_files(tiny_fs) if p.name.startswith(".tmp-")] == []
+    s.close()
 
 
 # ---------------------------------------------------------------- source job lock
