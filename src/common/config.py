@@ -42,6 +42,15 @@ class DaemonConfig:
     emulator: str = "simvm"
     qemu_binary: str = "qemu-system-x86_64"
     qemu_accel: str = "tcg"
+    # Host limits: migrations this host runs at once as destination (dstd) and as source
+    # (srcd). A busy destination answers RESOURCE_EXHAUSTED (the source retries with backoff
+    # until its deadline); a busy source queues a migration until a slot frees or its
+    # deadline passes. 0 = no limit.
+    max_incoming: int = 64
+    max_outgoing: int = 64
+    # How long a destination remembers how a migration ended (for a source that asks again
+    # after a lost answer or a restart), seconds.
+    outcome_ttl: float = 24 * 3600.0
     # Poll interval of a running migration's statistics, seconds.
     migration_poll_interval: float = 0.02
     # Armed failpoints (tests only), from $VMMIGRATE_FAILPOINTS, read by main().
@@ -105,13 +114,24 @@ def _coerce(name: str, value: Any) -> Any:
             raise InvalidArgument(f"host_uuid {value!r} is not a UUID") from None
     if name == "emulator" and value not in ("simvm", "qemu"):
         raise InvalidArgument(f"emulator must be 'simvm' or 'qemu', got {value!r}")
-    if name in ("rpc_timeout", "migration_timeout", "job_idle_timeout", "migration_poll_interval"):
+    if name in (
+        "rpc_timeout",
+        "migration_timeout",
+        "job_idle_timeout",
+        "migration_poll_interval",
+        "outcome_ttl",
+    ):
         v = float(value)
         if v <= 0:
             raise InvalidArgument(f"{name} must be positive")
         return v
     if name in ("max_message_bytes", "max_xml_bytes"):
         return int(value)
+    if name in ("max_incoming", "max_outgoing"):
+        n = int(value)
+        if n < 0:
+            raise InvalidArgument(f"{name} must be 0 (no limit) or more")
+        return n
     return value
 
 

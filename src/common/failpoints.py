@@ -45,6 +45,7 @@ DSTD_FAILPOINTS = (
     "dstd.finish.before",
     "dstd.finish.before_persist",
     "dstd.finish.after_persist",
+    "dstd.finish.after_outcome",
     "dstd.finish.after",
 )
 ALL_FAILPOINTS = frozenset(SRCD_FAILPOINTS + DSTD_FAILPOINTS)

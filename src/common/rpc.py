@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
 from common.errors import (
     ERROR_CLASS_KEY,
+    HostBusy,
     PeerUnavailable,
     Timeout,
     VmmigrateError,
     error_from_status,
 )
+
+T = TypeVar("T")
 
 # Never route loopback / namespace traffic through an HTTP proxy from the environment.
 BASE_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -152,3 +156,17 @@ async def call_retrying(
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def retry_busy(attempt: Callable[[], Awaitable[T]], deadline: Deadline) -> T:
+    """``attempt()``, again with backoff (and jitter) while the peer answers that it is
+    busy (RESOURCE_EXHAUSTED: a host limit), until ``deadline``."""
+    delay = 0.05
+    while True:
+        try:
+            return await attempt()
+        except HostBusy:
+            if deadline.remaining() <= delay:
+                raise
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)

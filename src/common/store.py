@@ -11,6 +11,10 @@ methods through ``asyncio.to_thread``). Layout::
       jobs/<migration_id>.json  the job journal: one record per migration in flight, on
                               either role; a destination record IS the reservation of the
                               incoming name + UUID (it never creates a definition)
+      outcomes/<migration_id>.json  destination: how each incoming migration ended
+                              ("finished" or "cancelled"), kept for a while so that a
+                              source that lost Finish's answer, or restarted, can ask again
+                              (a restarted dstd answers the same)
       locks/store.lock        the store-wide lock (see below)
       locks/<uuid>.job        the per-domain source migration job lock
 
@@ -127,12 +131,31 @@ class JobRecord:
     started_unix: float = 0.0
     updated_unix: float = 0.0
     pid: int = 0  # process that wrote it (stamped by the store)
+    was_running: bool = False  # source, live: was the domain running at Begin
+    source_name: str = ""  # destination: the domain's name on the source
 
     def with_phase(self, phase: str) -> JobRecord:
         return dataclasses.replace(self, phase=phase, updated_unix=time.time())
 
 
-_RECORD_TYPES: dict[str, type] = {"str": str, "int": int, "float": float}
+_RECORD_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
+OUTCOME_FINISHED = "finished"
+OUTCOME_CANCELLED = "cancelled"
+OUTCOMES = (OUTCOME_FINISHED, OUTCOME_CANCELLED)
+
+
+@dataclass(frozen=True)
+class MigrationOutcome:
+    """How an incoming migration ended on the destination (what its Finish answered)."""
+
+    migration_id: str
+    outcome: str  # OUTCOME_FINISHED | OUTCOME_CANCELLED
+    domain_name: str = ""  # finished: the domain's name here, and the source's name
+    domain_uuid: str = ""
+    origname: str = ""
+    active: bool = False  # finished live: the domain runs here
+    ended_unix: float = 0.0
 
 
 def _record_to_bytes(rec: JobRecord) -> bytes:
@@ -154,7 +177,7 @@ def _record_from_bytes(data: bytes) -> JobRecord:
         want = _RECORD_TYPES[str(f.type)]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, want) or isinstance(value, bool):
+        if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
             raise ValueError(f"field {f.name!r} is not a {want.__name__}")
         values[f.name] = value
     return JobRecord(**values)
@@ -268,6 +291,7 @@ class HostStore:
         self.state_dir = Path(state_dir)
         self._domains = self.state_dir / "domains"
         self._jobs = self.state_dir / "jobs"
+        self._outcomes = self.state_dir / "outcomes"
         self._locks = self.state_dir / "locks"
         self._max_xml_bytes = max_xml_bytes
         override = None
@@ -276,7 +300,7 @@ class HostStore:
             if not _host_uuid_valid(override):
                 raise InvalidArgument(f"invalid host uuid {host_uuid!r}")
         try:
-            for d in (self.state_dir, self._domains, self._jobs, self._locks):
+            for d in (self.state_dir, self._domains, self._jobs, self._outcomes, self._locks):
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create {self.state_dir}: {exc.strerror}") from exc
@@ -291,7 +315,7 @@ class HostStore:
         with self._locked():
             if len(os.pread(self._lock_fd, 8, 0)) != 8:
                 self._write_generation(0)
-            for d in (self.state_dir, self._domains, self._jobs):
+            for d in (self.state_dir, self._domains, self._jobs, self._outcomes):
                 n = clean_temp_files(d)
                 if n:
                     log.info("store_temp_files_removed", directory=str(d), count=n)
@@ -876,3 +900,53 @@ class HostStore:
         validate_migration_id(migration_id)
         with self._locked():
             durable_unlink(self._journal_path(migration_id), durable=durable)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _outcome_path(self, migration_id: str) -> Path:
+        return self._outcomes / f"{migration_id}.json"
+
+    def outcome_put(self, outcome: MigrationOutcome, *, durable: bool = True) -> None:
+        """Remember how an incoming migration ended (before Finish answers).
+
+        A finished outcome is written durably: a restarted dstd must give the same answer.
+        A cancelled one need not be: an unknown migration id is answered as cancelled."""
+        validate_migration_id(outcome.migration_id)
+        if outcome.outcome not in OUTCOMES:
+            raise InvalidArgument(f"invalid migration outcome {outcome.outcome!r}")
+        stamped = dataclasses.replace(outcome, ended_unix=outcome.ended_unix or time.time())
+        data = json.dumps(dataclasses.asdict(stamped), sort_keys=True).encode("utf-8")
+        atomic_write(self._outcome_path(outcome.migration_id), data, durable=durable)
+
+    def outcome_get(self, migration_id: str) -> MigrationOutcome | None:
+        validate_migration_id(migration_id)
+        path = self._outcome_path(migration_id)
+        try:
+            obj = json.loads(path.read_bytes())
+            fields = {f.name for f in dataclasses.fields(MigrationOutcome)}
+            if not isinstance(obj, dict) or obj.get("migration_id") != migration_id:
+                raise ValueError("not an outcome record for this migration id")
+            got = MigrationOutcome(**{k: v for k, v in obj.items() if k in fields})
+            if got.outcome not in OUTCOMES:
+                raise ValueError(f"unknown outcome {got.outcome!r}")
+            return got
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            self._unreadable(str(path), str(exc))
+            return None
+
+    def outcomes_expire(self, max_age: float) -> int:
+        """Forget outcomes older than ``max_age`` seconds (by file mtime); returns how many."""
+        cutoff = time.time() - max_age
+        count = 0
+        try:
+            with os.scandir(self._outcomes) as entries:
+                old = [e.path for e in entries if e.stat().st_mtime < cutoff]
+        except OSError as exc:
+            raise StorageError(f"cannot list {self._outcomes}: {exc.strerror}") from exc
+        for path in old:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                count += 1
+        return count

@@ -10,7 +10,7 @@ from common.hypervisor import QMPHypervisor
 from common.store import HostStore
 from dstd.incoming import IncomingTable
 from dstd.ports import PortAllocator
-from dstd.results import FinishResults
+from dstd.results import FinishResults, PrepareAnswers
 
 
 @dataclasses.dataclass
@@ -21,4 +21,5 @@ class DestinationContext:
     failpoints: Failpoints
     hypervisor: QMPHypervisor
     ports: PortAllocator
-    results: FinishResults = dataclasses.field(default_factory=FinishResults)
+    results: FinishResults
+    prepares: PrepareAnswers = dataclasses.field(default_factory=PrepareAnswers)

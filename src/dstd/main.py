@@ -18,6 +18,12 @@ def _options(ap: argparse.ArgumentParser) -> None:
         help="address emulators listen on for incoming migration streams",
     )
     ap.add_argument("--migration-ports", dest="migration_ports", help="port range MIN-MAX for them")
+    ap.add_argument(
+        "--max-incoming",
+        dest="max_incoming",
+        type=int,
+        help="incoming migrations at once (default 64, 0 = no limit)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

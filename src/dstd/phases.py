@@ -24,12 +24,24 @@ from common.cookie import (
     parse_cookie,
 )
 from common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
-from common.errors import InvalidArgument, NoDomain, OperationFailed, OperationInvalid
+from common.errors import (
+    HostBusy,
+    InvalidArgument,
+    NoDomain,
+    OperationFailed,
+    OperationInvalid,
+)
 from common.flags import MigrateFlag, check_prepare_flags
 from common.phase import Phase
 from common.qmp import QMPError
 from common.rpc import Deadline
-from common.store import JobRecord, validate_migration_id
+from common.store import (
+    OUTCOME_CANCELLED,
+    OUTCOME_FINISHED,
+    JobRecord,
+    MigrationOutcome,
+    validate_migration_id,
+)
 from dstd.context import DestinationContext
 from dstd.incoming import IncomingJob
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -114,11 +126,21 @@ async def prepare(
         raise OperationInvalid("PrepareTunnel called but no TUNNELLED flag set")
     if req.migration_id in ctx.incoming:
         raise OperationInvalid(f"migration id '{req.migration_id}' is already in use")
-    if req.migration_id in ctx.results:
-        raise OperationInvalid(f"migration '{req.migration_id}' has already ended")
+    check_not_ended(ctx, req.migration_id)
+    limit = ctx.config.max_incoming
+    if limit and len(ctx.incoming) >= limit:
+        raise HostBusy(
+            f"too many incoming migrations on this host ({len(ctx.incoming)}, "
+            f"max_incoming {limit}): try again later"
+        )
     if MigrateFlag.OFFLINE in req.flags:
         return await prepare_offline(ctx, req)
     return await prepare_live(ctx, req)
+
+
+def check_not_ended(ctx: DestinationContext, migration_id: str) -> None:
+    if ctx.results.known(migration_id):
+        raise OperationInvalid(f"migration '{migration_id}' has already ended")
 
 
 def _check_cookie(ctx: DestinationContext, req: PrepareInput, received: DomainDef) -> None:
@@ -131,9 +153,10 @@ def _check_cookie(ctx: DestinationContext, req: PrepareInput, received: DomainDe
     )
 
 
-def _record(req: PrepareInput, target: DomainDef) -> JobRecord:
+def _record(req: PrepareInput, received: DomainDef, target: DomainDef) -> JobRecord:
     now = time.time()
     return JobRecord(
+        source_name=received.name,
         migration_id=req.migration_id,
         role="destination",
         domain_name=target.name,
@@ -154,7 +177,7 @@ async def _reserved(
 ) -> AsyncIterator[IncomingJob]:
     """Reserve the name and UUID for an incoming job; the reservation (and whatever the
     block adds to the job) is given back if the block fails."""
-    record = _record(req, target)
+    record = _record(req, received, target)
     await ctx.failpoints.hit("dstd.prepare.before_reserve")
     async with contextlib.AsyncExitStack() as undo:
         replaces = ctx.store.reserve_incoming(record)  # not fsync'd: no thread hand-off
@@ -237,15 +260,63 @@ async def finish(
         if job.offline:
             return await finish_offline(ctx, job, cancelled)
         return await finish_live(ctx, job, cancelled, cookie)
+    except BaseException:
+        # the answer is an error: no domain here (a retry gets the same error; a
+        # restarted dstd answers "no domain"), unless it had finished already
+        if ctx.results.ended(migration_id) is None:
+            _remember_cancelled(ctx, migration_id)
+        raise
     finally:
         job.busy = False
 
 
+def _remember_cancelled(ctx: DestinationContext, migration_id: str) -> None:
+    """Not durable: a migration id a restarted dstd does not know is answered as
+    cancelled anyway. Best effort: the disk may be what failed."""
+    with contextlib.suppress(Exception):
+        ctx.store.outcome_put(
+            MigrationOutcome(migration_id=migration_id, outcome=OUTCOME_CANCELLED),
+            durable=False,
+        )
+
+
+def cancelled_answer(ctx: DestinationContext, job: IncomingJob) -> pb.FinishResponse:
+    log.info("incoming_cancelled", migration_id=job.migration_id)
+    _remember_cancelled(ctx, job.migration_id)
+    return pb.FinishResponse()
+
+
+async def finished_answer(
+    ctx: DestinationContext, job: IncomingJob, active: bool
+) -> pb.FinishResponse:
+    """Remember, durably, that the migration finished here, then build the answer: from
+    here on, the source is told the domain is here, even by a restarted dstd."""
+    outcome = MigrationOutcome(
+        migration_id=job.migration_id,
+        outcome=OUTCOME_FINISHED,
+        domain_name=job.target.name,
+        domain_uuid=job.target.uuid,
+        origname=job.origname,
+        active=active,
+    )
+    await asyncio.to_thread(ctx.store.outcome_put, outcome)
+    await ctx.failpoints.hit("dstd.finish.after_outcome")
+    return answer_for(ctx, outcome)
+
+
+def answer_for(ctx: DestinationContext, outcome: MigrationOutcome) -> pb.FinishResponse:
+    """Finish's answer for a migration that ended (also after a restart of dstd)."""
+    if outcome.outcome != OUTCOME_FINISHED:
+        return pb.FinishResponse()
+    return pb.FinishResponse(
+        domain=pb.DomainRef(
+            name=outcome.domain_name, uuid=outcome.domain_uuid, id=1 if outcome.active else -1
+        ),
+        cookie=_reply_cookie(ctx, outcome.origname, outcome.domain_uuid),
+    )
+
+
 async def _persist(ctx: DestinationContext, job: IncomingJob) -> None:
-    if not job.offline:
-        # Live: a dstd restarted after this point finds FINISH3 and keeps a running domain.
-        # Offline needs no record: the definition is written atomically or not at all.
-        await asyncio.to_thread(ctx.store.journal_put, job.record)
     await ctx.failpoints.hit("dstd.finish.before_persist")
     replaced = await asyncio.to_thread(ctx.store.persist_incoming, job.migration_id, job.target)
     await ctx.failpoints.hit("dstd.finish.after_persist")
@@ -258,10 +329,6 @@ async def _persist(ctx: DestinationContext, job: IncomingJob) -> None:
     )
 
 
-def _domain(job: IncomingJob, active: bool) -> pb.DomainRef:
-    return pb.DomainRef(name=job.target.name, uuid=job.target.uuid, id=1 if active else -1)
-
-
 async def finish_offline(
     ctx: DestinationContext, job: IncomingJob, cancelled: bool
 ) -> pb.FinishResponse:
@@ -272,13 +339,9 @@ async def finish_offline(
     """
     try:
         if cancelled:
-            log.info("incoming_cancelled", migration_id=job.migration_id)
-            return pb.FinishResponse()
+            return cancelled_answer(ctx, job)
         await _persist(ctx, job)
-        return pb.FinishResponse(
-            domain=_domain(job, False),
-            cookie=_reply_cookie(ctx, job.origname, job.target.uuid),
-        )
+        return await finished_answer(ctx, job, active=False)
     finally:
         await ctx.incoming.drop(job)
         await ctx.failpoints.hit("dstd.finish.after")
@@ -316,8 +379,10 @@ async def finish_live(
     keep = False
     try:
         if cancelled:
-            log.info("incoming_cancelled", migration_id=job.migration_id)
-            return pb.FinishResponse()
+            return cancelled_answer(ctx, job)
+        # A dstd restarted from here on finds FINISH3: it completes a migration whose
+        # stream arrived whole, and kills an incomplete one.
+        await asyncio.to_thread(ctx.store.journal_put, job.record)
         if cookie:
             parse_cookie(
                 cookie,
@@ -333,6 +398,7 @@ async def finish_live(
                 await ctx.hypervisor.execute(job.target.uuid, "cont")
             except QMPError as exc:
                 raise OperationFailed(f"resume operation failed: {exc}") from exc
+        answer = await finished_answer(ctx, job, active=True)
         keep = True
         log.info(
             "incoming_finished",
@@ -340,10 +406,7 @@ async def finish_live(
             domain=job.target.name,
             paused=MigrateFlag.PAUSED in job.flags,
         )
-        return pb.FinishResponse(
-            domain=_domain(job, True),
-            cookie=_reply_cookie(ctx, job.origname, job.target.uuid),
-        )
+        return answer
     finally:
         await ctx.incoming.drop(job, keep_running=keep)
         await ctx.failpoints.hit("dstd.finish.after")

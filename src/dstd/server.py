@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,11 +24,13 @@ from common.failpoints import Failpoints
 from common.flags import parse_flags
 from common.hypervisor import hypervisor_for
 from common.rpc import Deadline
-from common.store import HostStore
+from common.store import HostStore, validate_migration_id
 from dstd import phases
 from dstd.context import DestinationContext
 from dstd.incoming import IncomingTable
 from dstd.ports import PortAllocator
+from dstd.recovery import recover_incoming_jobs
+from dstd.results import FinishResults
 from dstd.tunnel import carry_tunnel
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -72,21 +75,35 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
         if not h.migration_id:
             raise InvalidArgument("missing migration id")
         cfg = self.ctx.config
-        return await phases.prepare(
-            self.ctx,
-            phases.PrepareInput(
-                migration_id=h.migration_id,
-                flags=parse_flags(h.flags, "prepare"),
-                cookie=h.cookie,
-                domain_xml=request.domain_xml,
-                dest_name=request.params.dest_name,
-                persist_xml=request.params.persist_xml,
-                deadline=Deadline.from_unix_ms(
-                    h.deadline_unix_ms, cfg.migration_timeout, cap=cfg.migration_timeout
-                ),
-                peer=context.peer(),
+        req = phases.PrepareInput(
+            migration_id=h.migration_id,
+            flags=parse_flags(h.flags, "prepare"),
+            cookie=h.cookie,
+            domain_xml=request.domain_xml,
+            dest_name=request.params.dest_name,
+            persist_xml=request.params.persist_xml,
+            deadline=Deadline.from_unix_ms(
+                h.deadline_unix_ms, cfg.migration_timeout, cap=cfg.migration_timeout
             ),
-            tunnel_rpc=tunnel_rpc,
+            peer=context.peer(),
+        )
+        validate_migration_id(req.migration_id)
+        phases.check_not_ended(self.ctx, req.migration_id)
+        prepares = self.ctx.prepares
+        if req.migration_id in prepares and req.migration_id not in self.ctx.incoming:
+            prepares.forget(req.migration_id)  # its job ended: the answer is stale
+
+        async def prepare() -> pb.PrepareResponse:
+            try:
+                return await phases.prepare(self.ctx, req, tunnel_rpc=tunnel_rpc)
+            except BaseException:
+                prepares.forget(req.migration_id)  # a failed Prepare may be tried again
+                raise
+
+        # A retried Prepare (same migration id, same request: the answer was lost) gets
+        # the first answer; the work is done once.
+        return await prepares.run_once(
+            req.migration_id, prepare, fingerprint=_fingerprint(request, tunnel_rpc)
         )
 
     @handler
@@ -108,18 +125,22 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
         # of it (same migration id) gets the first answer: the work is done once.
         if not request.dest_name:
             raise NoDomain("missing domain name")
-        if h.migration_id not in self.ctx.incoming and h.migration_id not in self.ctx.results:
+        mid = h.migration_id
+        if mid not in self.ctx.incoming and mid not in self.ctx.results:
+            ended = self.ctx.results.ended(mid)
+            if ended is not None:
+                return phases.answer_for(self.ctx, ended)
             if request.cancelled:
                 # A source that could not learn whether its Prepare arrived cancels it
                 # blindly: remember the id, so that a Prepare delivered late (a TCP
                 # retransmission after a partition) is refused instead of reserving.
-                self.ctx.results.tombstone(h.migration_id)
+                self.ctx.results.tombstone(mid)
                 return pb.FinishResponse()
             raise OperationInvalid(
                 f"domain '{request.dest_name}' is not processing incoming migration"
             )
         return await self.ctx.results.run_once(
-            h.migration_id,
+            mid,
             lambda: phases.finish(
                 self.ctx, h.migration_id, request.dest_name, request.cancelled, h.cookie
             ),
@@ -138,30 +159,23 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
                 await abort_with(context, exc, log)
 
 
-def recover_incoming_jobs(store: HostStore) -> int:
-    """Drop incoming migrations left by a previous dstd.
-
-    PREPARE: nothing was defined; the reservation goes (libvirt kills an unfinished incoming
-    migration). FINISH3 (offline): the definition was persisted atomically or not at all,
-    and the source, whose Finish call failed, kept its own: the domain is not lost either way.
-    """
-    count = 0
-    for rec in store.journal_list(role="destination"):
-        log.warning(
-            "stale_incoming_job_dropped",
-            migration_id=rec.migration_id,
-            domain=rec.domain_name,
-            phase=rec.phase,
-        )
-        store.release_incoming(rec.migration_id)
-        count += 1
-    return count
+def _fingerprint(request: pb.PrepareRequest, tunnel_rpc: bool) -> str:
+    """What makes a Prepare a retry of another: the same request, byte for byte (the
+    deadline aside: a retry may carry a later one)."""
+    same = pb.PrepareRequest()
+    same.CopyFrom(request)
+    same.header.deadline_unix_ms = 0
+    digest = hashlib.sha256(same.SerializeToString(deterministic=True))
+    digest.update(b"tunnel" if tunnel_rpc else b"")
+    return digest.hexdigest()
 
 
 async def _housekeeping(ctx: DestinationContext) -> None:
     """Drop incoming jobs whose Finish never came; reap emulators this process started."""
     ctx.hypervisor.reap()
     ctx.results.expire()
+    ctx.prepares.expire()
+    await asyncio.to_thread(ctx.store.outcomes_expire, ctx.config.outcome_ttl)
     await ctx.incoming.expire(ctx.config.job_idle_timeout)
 
 
@@ -174,10 +188,11 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
         hostname=config.hostname,
         max_xml_bytes=config.max_xml_bytes,
     )
-    await asyncio.to_thread(recover_incoming_jobs, store)
     hypervisor = hypervisor_for(
         config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel, "dstd"
     )
+    # before serving: every Finish is answered from a settled state
+    await recover_incoming_jobs(store, hypervisor)
     ports = PortAllocator(*config.migration_ports)
     ctx = DestinationContext(
         config=config,
@@ -186,6 +201,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
         failpoints=Failpoints.parse(config.failpoints),
         hypervisor=hypervisor,
         ports=ports,
+        results=FinishResults(store),
     )
 
     def register(server: grpc.aio.Server) -> None:

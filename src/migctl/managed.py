@@ -19,13 +19,14 @@ from typing import Any
 from common.caps import check_destination
 from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
-from common.rpc import Deadline, call, call_retrying, open_channel
+from common.rpc import Deadline, call, call_retrying, open_channel, retry_busy
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 SOURCE = "source host"
 DEST = "destination host"
 RPC_TIMEOUT = 30.0
+RETRY_WINDOW = 3.0  # how long an idempotent call whose answer was lost is asked again, s
 
 
 async def migrate(
@@ -94,7 +95,10 @@ async def _run(
 
     src_flags = flags | MigrateFlag.CHANGE_PROTECTION
     begun: pb.BeginResponse = await to_source(
-        source.Begin, pb.BeginRequest(header=header(src_flags), domain=domain, params=params)
+        source.Begin,
+        pb.BeginRequest(
+            header=header(src_flags), domain=domain, params=params, dest_address=dest_address
+        ),
     )
     src_flags = MigrateFlag(begun.flags) | MigrateFlag.CHANGE_PROTECTION
     destflags = MigrateFlag(begun.flags) & ~SOURCE_ONLY & ~MigrateFlag.CHANGE_PROTECTION
@@ -102,24 +106,36 @@ async def _run(
 
     async def confirm(cancelled: bool, cookie: bytes) -> None:
         try:
-            await to_source(
+            # idempotent by migration id: a lost answer is asked for again
+            await call_retrying(
                 source.Confirm,
                 pb.ConfirmRequest(
                     header=header(src_flags, cookie), domain=domain, cancelled=cancelled
                 ),
-                cleanup=True,
+                timeout=RPC_TIMEOUT,
+                peer=source_address,
+                what=SOURCE,
+                until=time.monotonic() + RETRY_WINDOW,
             )
         except VmmigrateError as exc:
             print(f"warning: Confirm on the source failed: {exc}", file=sys.stderr)
 
     try:
-        prepared: pb.PrepareResponse = await to_dest(
-            dest.Prepare,
-            pb.PrepareRequest(
-                header=header(destflags, begun.cookie),
-                domain_xml=begun.domain_xml,
-                params=params,
+        prepare_request = pb.PrepareRequest(
+            header=header(destflags, begun.cookie), domain_xml=begun.domain_xml, params=params
+        )
+        # idempotent by migration id: asked again if the answer is lost, and with backoff
+        # while the destination is busy (its host limit), until the deadline
+        prepared: pb.PrepareResponse = await retry_busy(
+            lambda: call_retrying(
+                dest.Prepare,
+                prepare_request,
+                timeout=deadline.rpc_timeout(RPC_TIMEOUT),
+                peer=dest_address,
+                what=DEST,
+                until=time.monotonic() + RETRY_WINDOW,
             ),
+            deadline,
         )
     except BaseException:
         # With change protection, Confirm(cancelled) just ends the source's job.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 
@@ -10,6 +11,7 @@ import grpc.aio
 
 from common.config import DaemonConfig
 from common.domainxml import DomainDef, parse_domain
+from common.errors import HostBusy
 from common.failpoints import Failpoints
 from common.hypervisor import QMPHypervisor
 from common.rpc import open_channel
@@ -62,6 +64,48 @@ class PeerPool:
             await channel.close(None)
 
 
+class OutgoingSlots:
+    """The host limit on outgoing migrations (max_outgoing, 0 = none): a migration beyond
+    it waits for a slot, in arrival order, until its deadline."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._sem = asyncio.Semaphore(limit) if limit else None
+
+    async def acquire(self, wait: float) -> None:
+        if self._sem is None:
+            return
+        try:
+            await asyncio.wait_for(self._sem.acquire(), max(wait, 0.001))
+        except TimeoutError:
+            raise HostBusy(
+                f"too many outgoing migrations on this host (max_outgoing {self.limit}): "
+                f"no slot freed within {wait:.0f} s"
+            ) from None
+
+    def release(self) -> None:
+        if self._sem is not None:
+            self._sem.release()
+
+
+class EndedJobs:
+    """How recent jobs ended (migration id -> Confirm was cancelled), so that a retried
+    Confirm gets the first answer."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._ended: collections.OrderedDict[str, bool] = collections.OrderedDict()
+
+    def add(self, migration_id: str, cancelled: bool) -> None:
+        self._ended[migration_id] = cancelled
+        while len(self._ended) > self.LIMIT:
+            self._ended.popitem(last=False)
+
+    def get(self, migration_id: str) -> bool | None:
+        return self._ended.get(migration_id)
+
+
 @dataclasses.dataclass
 class SourceContext:
     config: DaemonConfig
@@ -70,6 +114,8 @@ class SourceContext:
     peers: PeerPool
     failpoints: Failpoints
     hypervisor: QMPHypervisor
+    outgoing: OutgoingSlots
+    ended: EndedJobs = dataclasses.field(default_factory=EndedJobs)
     # migrate-setspeed / migrate-setmaxdowntime, per domain UUID (libvirt keeps the speed as
     # the domain's default for its next migration).
     max_speed_mib: dict[str, int] = dataclasses.field(default_factory=dict)

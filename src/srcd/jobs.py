@@ -145,22 +145,13 @@ class SourceJobTable:
             flags=flag_names(job.flags),
         )
 
-    async def expire_idle(self, idle_timeout: float) -> int:
-        """End parked client-driven jobs whose client went away (libvirt aborts them when
-        the client's connection closes; gRPC has no such signal, so an idle time and the
-        migration's own deadline stand in for it). Returns how many ended."""
+    def stale(self, idle_timeout: float) -> list[SourceJob]:
+        """Parked client-driven jobs whose client went away: idle too long, or past the
+        migration's deadline (libvirt aborts them when the client's connection closes;
+        gRPC has no such signal, so an idle time and the deadline stand in for it)."""
         now = time.monotonic()
-        stale = [
+        return [
             j
             for j in self._jobs.values()
             if not j.driven and (now - j.last_active > idle_timeout or j.deadline.expired())
         ]
-        for job in stale:
-            log.warning(
-                "job_expired",
-                migration_id=job.migration_id,
-                domain=job.domain.name,
-                phase=job.phase.label,
-            )
-            await self.end(job)
-        return len(stale)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from common.config import DEFAULT_SRCD_PORT
 from common.daemon import daemon_main
 from common.failpoints import SRCD_FAILPOINTS
 from srcd.server import running_server
+
+
+def _options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--max-outgoing",
+        dest="max_outgoing",
+        type=int,
+        help="outgoing migrations at once; more wait for a slot (default 64, 0 = no limit)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
             default_port=DEFAULT_SRCD_PORT,
             server_factory=running_server,
             failpoint_names=SRCD_FAILPOINTS,
+            extra_options=_options,
             argv=argv,
         )
     )

@@ -23,7 +23,7 @@ from common.caps import check_destination
 from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag
 from common.phase import Phase
-from common.rpc import Deadline, call, call_retrying
+from common.rpc import Deadline, call, call_retrying, retry_busy
 from srcd import phases
 from srcd.context import SourceContext
 from srcd.jobs import SourceJob, SourceParams
@@ -34,6 +34,8 @@ from vmmigrate.v1 import vmmigrate_pb2 as pb
 log = structlog.get_logger("vmmigrate.srcd.p2p")
 
 DEST = "destination host"
+# How long a Prepare whose answer was lost (UNAVAILABLE, no answer) is asked again, seconds.
+PREPARE_RETRY_WINDOW = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,16 +126,24 @@ class P2PMigration:
         method = (
             self.dest.PrepareTunnel if MigrateFlag.TUNNELLED in destflags else self.dest.Prepare
         )
-        response: pb.PrepareResponse = await call(
-            method,
-            pb.PrepareRequest(
-                header=self._header(destflags, begin.cookie),
-                domain_xml=begin.domain_xml,
-                params=self.params.to_pb(),
+        request = pb.PrepareRequest(
+            header=self._header(destflags, begin.cookie),
+            domain_xml=begin.domain_xml,
+            params=self.params.to_pb(),
+        )
+        # Prepare is idempotent by migration id: a lost answer is asked for again (briefly:
+        # a peer that stays away fails the migration); a busy destination is asked again
+        # with backoff until the migration's deadline.
+        response: pb.PrepareResponse = await retry_busy(
+            lambda: call_retrying(
+                method,
+                request,
+                timeout=self._rpc_timeout(),
+                peer=self.dest_uri,
+                what=DEST,
+                until=time.monotonic() + PREPARE_RETRY_WINDOW,
             ),
-            timeout=self._rpc_timeout(),
-            peer=self.dest_uri,
-            what=DEST,
+            self.deadline,
         )
         await self.ctx.failpoints.hit("srcd.prepare.after")
         return response
@@ -275,13 +285,19 @@ class P2PMigration:
                 dest_domain = finished.domain
             finish_cookie = finished.cookie
         except (PeerUnavailable, Timeout) as exc:
-            if not job.offline and not cancelled:
-                # The stream completed and Finish may have started the domain there: resuming
-                # it here could run it twice. Leave it paused for a decision (libvirt's
-                # PERFORM3_DONE rule), and say so.
+            if not cancelled:
+                # Finish may have run there: guessing could run the domain twice (live) or
+                # leave it defined on both hosts (offline, --undefinesource). The job stays
+                # held, a live domain paused, until the destination answers; and say so.
                 phases.settle_later(
                     self.ctx, job, lambda: self.finish(job, destflags, perform_cookie, False)
                 )
+                if job.offline:
+                    raise OperationFailed(
+                        f"Lost connection to destination host during Finish ({exc}): whether "
+                        f"domain '{job.domain.name}' is defined there is settled when the "
+                        "destination answers (until then its definition stays here)"
+                    ) from exc
                 raise OperationFailed(
                     f"Lost connection to destination host during Finish ({exc}): domain "
                     f"'{job.domain.name}' stays paused here until the destination answers "

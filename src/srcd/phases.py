@@ -68,6 +68,7 @@ async def begin(
     peer: str,
     deadline: Deadline,
     driven: bool,
+    queue_wait: float | None = None,
 ) -> tuple[SourceJob, BeginResult]:
     """Begin: take the domain's migration job and produce the XML and cookie for Prepare.
 
@@ -79,6 +80,10 @@ async def begin(
     async with contextlib.AsyncExitStack() as stack:
         lock = ctx.store.acquire_job(current)  # an flock, no fsync
         stack.callback(lock.release)
+        # the host limit: wait for an outgoing slot (the domain's job is already ours, so
+        # a second migration of it is refused at once rather than queued)
+        await ctx.outgoing.acquire(deadline.remaining() if queue_wait is None else queue_wait)
+        stack.callback(ctx.outgoing.release)
         # libvirt checks, in its order: the job, then "domain is not running" for a
         # non-offline migration, then the flag rules.
         runtime = ctx.hypervisor.record(current.uuid)
@@ -109,6 +114,7 @@ async def begin(
             dest_name=params.dest_name,
             started_unix=now,
             updated_unix=now,
+            was_running=was_running,
         )
         if MigrateFlag.OFFLINE in flags:
             # Offline, the record need not survive a power cut: the source changes only in
@@ -189,6 +195,7 @@ async def confirm_offline(
             log.debug("source_undefined", migration_id=job.migration_id, domain=job.domain.name)
             await ctx.failpoints.hit("srcd.confirm.after_undefine")
         await ctx.failpoints.hit("srcd.confirm.after")
+        ctx.ended.add(job.migration_id, cancelled)
     finally:
         await ctx.jobs.end(job)
 
@@ -221,6 +228,7 @@ async def confirm_live(
                 log.info("source_undefined", migration_id=job.migration_id)
                 await ctx.failpoints.hit("srcd.confirm.after_undefine")
         await ctx.failpoints.hit("srcd.confirm.after")
+        ctx.ended.add(job.migration_id, cancelled)
     finally:
         job.outcome = job.outcome or ("cancelled" if cancelled else "completed")
         ctx.completed_jobs[uuid] = job_snapshot(job)
@@ -250,13 +258,15 @@ AskFinish = Callable[[], Awaitable[pb.FinishResponse]]
 
 
 def settle_later(ctx: SourceContext, job: SourceJob, ask: AskFinish) -> asyncio.Task[None]:
-    """A live job whose Finish outcome is unknown (the answer was lost with the link): the
-    source stays paused, never resumed blindly (it may run on the destination now), and the
-    job stays held while the destination is asked again, in the background, until it
-    answers: a domain there -> stop the source (Confirm success); none -> resume it
-    (Confirm cancelled). Beyond libvirt, which leaves such a domain paused for a human."""
+    """Settle a job whose Finish outcome is unknown (the answer was lost with the link, or
+    srcd restarted, or the client went away): the job stays held, and a live source stays
+    paused, never resumed blindly (it may run on the destination now), while the
+    destination is asked again, in the background, until it answers: a domain there ->
+    Confirm success (the source stops, --undefinesource applies); none -> Confirm
+    cancelled (a live source resumes). Beyond libvirt, which leaves such a domain paused
+    for a human."""
     job.driven = True  # not a parked client job: no idle expiry
-    log.error(
+    log.warning(
         "finish_outcome_unknown",
         migration_id=job.migration_id,
         domain=job.domain.name,
@@ -264,11 +274,13 @@ def settle_later(ctx: SourceContext, job: SourceJob, ask: AskFinish) -> asyncio.
     )
 
     async def settle() -> None:
+        delay = 0.2
         while True:
             try:
                 finished = await ask()
             except (PeerUnavailable, Timeout):
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
                 continue
             except VmmigrateError as exc:
                 # the destination knows nothing of it any more: it never ran it

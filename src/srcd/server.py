@@ -25,11 +25,12 @@ from common.hypervisor import hypervisor_for
 from common.rpc import Deadline
 from common.store import HostStore
 from srcd import phases
-from srcd.context import PeerPool, SourceContext
+from srcd.context import OutgoingSlots, PeerPool, SourceContext
 from srcd.domains import DomainAPI, domain_ref
 from srcd.jobs import SourceJobTable, SourceParams
 from srcd.p2p import P2PMigration, new_migration_id
 from srcd.perform import UNLIMITED_BPS, perform_live
+from srcd.recovery import expire_parked, recover_source_jobs
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
@@ -241,13 +242,14 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
             domain_key=_require(request.domain, "domain name"),
             flags=flags,
             params=SourceParams.from_pb(request.params),
-            peer="",
+            peer=request.dest_address,
             deadline=Deadline.from_unix_ms(
                 h.deadline_unix_ms,
                 self.ctx.config.migration_timeout,
                 cap=self.ctx.config.migration_timeout,
             ),
             driven=False,
+            queue_wait=min(self.ctx.config.rpc_timeout / 2, 10.0),
         )
         return pb.BeginResponse(
             cookie=begun.cookie,
@@ -288,7 +290,10 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
     async def Confirm(self, request: pb.ConfirmRequest, context: Any) -> pb.ConfirmResponse:
         h = request.header
         parse_flags(h.flags, "confirm")
-        job = self.ctx.jobs.get(_require(h.migration_id, "migration id"), request.domain)
+        mid = _require(h.migration_id, "migration id")
+        if self.ctx.ended.get(mid) == request.cancelled:
+            return pb.ConfirmResponse()  # a retry: the job ended the way it asks
+        job = self.ctx.jobs.get(mid, request.domain)
         if job.driven:
             raise InvalidArgument(
                 f"migration '{job.migration_id}' is driven by the source host itself"
@@ -297,29 +302,10 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
         return pb.ConfirmResponse()
 
 
-def recover_source_jobs(store: HostStore) -> int:
-    """Forget source jobs left by a previous srcd (the lock died with its process).
-
-    An offline migration never changed the source before Confirm, and Confirm undefines the
-    source (with --undefinesource) before the record goes, so dropping the record leaves the
-    domain defined here: never lost (libvirt's BEGIN3 rule: forget the job)."""
-    count = 0
-    for rec in store.journal_list(role="source"):
-        log.warning(
-            "stale_source_job_dropped",
-            migration_id=rec.migration_id,
-            domain=rec.domain_name,
-            phase=rec.phase,
-        )
-        store.journal_remove(rec.migration_id)
-        count += 1
-    return count
-
-
 async def _housekeeping(ctx: SourceContext) -> None:
     """End parked jobs whose client went away; reap emulators this process started."""
     ctx.hypervisor.reap()
-    await ctx.jobs.expire_idle(ctx.config.job_idle_timeout)
+    await expire_parked(ctx)
 
 
 @contextlib.asynccontextmanager
@@ -331,7 +317,6 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
         hostname=config.hostname,
         max_xml_bytes=config.max_xml_bytes,
     )
-    await asyncio.to_thread(recover_source_jobs, store)
     ctx = SourceContext(
         config=config,
         store=store,
@@ -341,7 +326,10 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
         hypervisor=hypervisor_for(
             config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel, "srcd"
         ),
+        outgoing=OutgoingSlots(config.max_outgoing),
     )
+    # before serving: the journal's jobs are held again, then settled in the background
+    recover_source_jobs(ctx)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_DomainServiceServicer_to_server(DomainService(ctx), server)

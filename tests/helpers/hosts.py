@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 READY_TIMEOUT = 20.0
@@ -41,14 +41,15 @@ def sample_domain_xml(name: str, uuid: str | None = None, memory_mib: int = 64) 
 
 
 class Daemon:
-    def __init__(self, kind: str, host: Host, extra: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(self, kind: str, host: Host, extra: Sequence[str] = (), env: dict[str, str] | None = None,
+                 port: int = 0) -> None:
         self.kind = kind
         self.host = host
         self.log_path = host.workdir / f"{kind}.log"
         self.address = ""
         args = [
             sys.executable, "-m", kind,
-            "--listen", f"{host.ip}:0",
+            "--listen", f"{host.ip}:{port}",
             "--state-dir", str(host.state_dir),
             "--log-format", "json",
             *extra,
@@ -74,6 +75,10 @@ class Daemon:
                     return
             time.sleep(0.02)
         raise RuntimeError(f"{self.kind} not ready after {READY_TIMEOUT}s:\n{self.output()}")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
 
     def output(self) -> str:
         with self.log_path.open("rb") as fh:
@@ -127,15 +132,19 @@ class Host:
         return self
 
     def start_srcd(self, extra: Sequence[str] = (), env: dict[str, str] | None = None) -> Daemon:
+        port = 0
         if self.srcd is not None:
             self.srcd.stop()  # a restart: the old process is gone or goes now
-        self.srcd = Daemon("srcd", self, extra, env)
+            port = self.srcd.port  # a restarted daemon keeps its address, as on a real host
+        self.srcd = Daemon("srcd", self, extra, env, port)
         return self.srcd
 
     def start_dstd(self, extra: Sequence[str] = (), env: dict[str, str] | None = None) -> Daemon:
+        port = 0
         if self.dstd is not None:
             self.dstd.stop()
-        self.dstd = Daemon("dstd", self, extra, env)
+            port = self.dstd.port
+        self.dstd = Daemon("dstd", self, extra, env, port)
         return self.dstd
 
     @property
@@ -196,3 +205,17 @@ class Host:
     def journal(self) -> list[Path]:
         d = self.state_dir / "jobs"
         return sorted(d.glob("*.json")) if d.exists() else []
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+def settled(*hosts: Host, timeout: float = 30.0) -> None:
+    """Wait until no host has a migration job left in its journal (recovery has run)."""
+    wait_until(lambda: all(h.journal() == [] for h in hosts), timeout, "empty journals")

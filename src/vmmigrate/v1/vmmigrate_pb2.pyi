@@ -725,8 +725,13 @@ class BeginRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     DOMAIN_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    DEST_ADDRESS_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     """name or UUID"""
+    dest_address: _builtins.str
+    """The destination dstd's address (HOST:PORT), when the client knows it: a source that
+    restarts, or whose client goes away, asks it by migration id how the migration ended.
+    """
     @_builtins.property
     def header(self) -> Global___PhaseHeader:
         """cookie must be empty"""
@@ -739,10 +744,11 @@ class BeginRequest(_message.Message):
         header: Global___PhaseHeader | None = ...,
         domain: _builtins.str = ...,
         params: Global___MigrationParams | None = ...,
+        dest_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "header", b"header", "params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest_address", b"dest_address", "domain", b"domain", "header", b"header", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,121 @@
+"""What a starting dstd does with the incoming migrations a previous dstd left behind.
+
+It runs before the server answers anything, so that every Finish (a retry from a source
+that lost the answer, or a restarted source asking how its migration ended) is answered
+from a settled state, and each migration is settled to exactly one outcome, remembered in
+the store:
+
+| left behind                                   | what happens                         | outcome   |
+|-----------------------------------------------|--------------------------------------|-----------|
+| an outcome already written                    | the reservation goes                 | as written|
+| offline, the definition is here, as sent      | the reservation goes                 | finished  |
+| offline, otherwise                            | the reservation goes                 | cancelled |
+| live PREPARE (libvirt: kill it)               | incoming emulator killed             | cancelled |
+| live FINISH3, the stream arrived whole        | Finish completed: persisted with     | finished  |
+|                                               | --persistent, resumed unless paused  |           |
+| live FINISH3, stream incomplete or emulator   | emulator killed                      | cancelled |
+| gone (libvirt: kill unless running)           |                                      |           |
+
+libvirt keeps a FINISH3 domain only if it already runs, and never recovers offline
+migrations; completing a FINISH3 whose stream is whole is the same decision made one step
+later, and safe: the source never resumes while Finish's outcome is unknown to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from common.domainxml import parse_domain
+from common.errors import VmmigrateError
+from common.flags import MigrateFlag
+from common.hypervisor import QMPHypervisor
+from common.phase import Phase
+from common.qmp import QMPError
+from common.store import (
+    OUTCOME_CANCELLED,
+    OUTCOME_FINISHED,
+    HostStore,
+    JobRecord,
+    MigrationOutcome,
+)
+
+log = structlog.get_logger("vmmigrate.dstd.recovery")
+
+
+def _outcome(rec: JobRecord, what: str, active: bool = False) -> MigrationOutcome:
+    finished = what == OUTCOME_FINISHED
+    return MigrationOutcome(
+        migration_id=rec.migration_id,
+        outcome=what,
+        domain_name=rec.domain_name if finished else "",
+        domain_uuid=rec.domain_uuid if finished else "",
+        origname=(rec.source_name or rec.domain_name) if finished else "",
+        active=active,
+    )
+
+
+async def _settle_offline(store: HostStore, rec: JobRecord) -> str:
+    here = store.find(rec.domain_uuid)
+    if here is not None and rec.xml and here.xml == rec.xml:
+        return OUTCOME_FINISHED
+    return OUTCOME_CANCELLED
+
+
+async def _settle_live(store: HostStore, hv: QMPHypervisor, rec: JobRecord) -> tuple[str, bool]:
+    uuid = rec.domain_uuid
+    status = "shutoff"
+    if hv.record(uuid) is not None:
+        try:
+            status = await hv.status(uuid)
+        except (QMPError, VmmigrateError, OSError) as exc:
+            log.warning("recovery_status_failed", migration_id=rec.migration_id, error=str(exc))
+            status = "unknown"
+    if rec.phase == Phase.FINISH3.label and status in ("running", "paused"):
+        flags = MigrateFlag(rec.flags)
+        if MigrateFlag.PERSIST_DEST in flags:
+            target = parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
+            await asyncio.to_thread(store.persist_incoming, rec.migration_id, target)
+        if MigrateFlag.PAUSED not in flags and status == "paused":
+            await hv.execute(uuid, "cont")
+        return OUTCOME_FINISHED, True
+    if hv.record(uuid) is not None:
+        await hv.kill(uuid)
+    return OUTCOME_CANCELLED, False
+
+
+async def recover_incoming_jobs(store: HostStore, hv: QMPHypervisor) -> int:
+    """Settle every incoming migration in the journal (see the module's table); returns
+    how many were found."""
+    records = await asyncio.to_thread(store.journal_list, "destination")
+    for rec in records:
+        known = await asyncio.to_thread(store.outcome_get, rec.migration_id)
+        active = False
+        if known is not None:
+            what = known.outcome
+        elif MigrateFlag.OFFLINE in MigrateFlag(rec.flags):
+            what = await _settle_offline(store, rec)
+        else:
+            try:
+                what, active = await _settle_live(store, hv, rec)
+            except (QMPError, VmmigrateError, OSError) as exc:
+                log.error("recovery_failed", migration_id=rec.migration_id, error=str(exc))
+                if hv.record(rec.domain_uuid) is not None:
+                    await hv.kill(rec.domain_uuid)
+                what = OUTCOME_CANCELLED
+        if known is None:
+            await asyncio.to_thread(
+                store.outcome_put,
+                _outcome(rec, what, active),
+                durable=what == OUTCOME_FINISHED,
+            )
+        await asyncio.to_thread(store.release_incoming, rec.migration_id)
+        log.warning(
+            "incoming_job_recovered",
+            migration_id=rec.migration_id,
+            domain=rec.domain_name,
+            phase=rec.phase,
+            outcome=what,
+        )
+    return len(records)
