@@ -3,3 +3,18 @@ from pathlib import Path
 
 # Tests import the helpers package from tests/ (the product itself is pip-installed).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    """Print the fault matrix's table (tests/integration/test_fault_matrix.py) if it ran."""
+    import os
+
+    for name, module in list(sys.modules.items()):
+        if name.endswith("test_fault_matrix") and hasattr(module, "fault_table"):
+            table = module.fault_table()
+            if table:
+                terminalreporter.write_sep("=", "fault matrix")  # type: ignore[attr-defined]
+                terminalreporter.write_line(table)  # type: ignore[attr-defined]
+                out = os.environ.get("VMMIGRATE_FAULT_TABLE")
+                if out:
+                    module.write_table(Path(out))

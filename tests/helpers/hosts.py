@@ -190,8 +190,18 @@ class Host:
         return r
 
     def names(self) -> list[str]:
-        out = self.migctl("list", "--all", "--name").stdout
-        return [line for line in out.splitlines() if line]
+        if self.prefix:  # in a network namespace: only a process inside it can connect
+            out = self.migctl("list", "--all", "--name").stdout
+            return [line for line in out.splitlines() if line]
+        # the same List RPC migctl sends, without a client process per check
+        import grpc
+
+        from vmmigrate.v1 import vmmigrate_pb2 as pb
+        from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(self.src, options=[("grpc.enable_http_proxy", 0)]) as ch:
+            r = pb_grpc.DomainServiceStub(ch).List(pb.ListRequest(all=True), timeout=30)
+        return [e.domain.name for e in r.domains]
 
     def define(self, xml: str, filename: str) -> str:
         path = self.workdir / filename
