@@ -55,6 +55,7 @@ class DaemonConfig:
     migration_poll_interval: float = 0.02
     # Armed failpoints (tests only), from $VMMIGRATE_FAILPOINTS, read by main().
     failpoints: str = ""
+    failpoint_seed: str = ""  # from $VMMIGRATE_FAILPOINT_SEED: repeatable random faults
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
 

@@ -20,7 +20,7 @@ from grpc_health.v1._async import HealthServicer
 
 from common.config import DaemonConfig, add_common_options, load_config
 from common.errors import VmmigrateError
-from common.failpoints import ENV_VAR, Failpoints
+from common.failpoints import ENV_VAR, SEED_VAR, Failpoints
 from common.log import setup_logging
 from common.rpc import SERVER_OPTIONS_BASE, message_size_options, status_of
 
@@ -51,6 +51,7 @@ def daemon_main(
         return 0
     try:
         args.failpoints = os.environ.get(ENV_VAR, "")
+        args.failpoint_seed = os.environ.get(SEED_VAR, "")
         Failpoints.parse(args.failpoints)
         config = load_config(args, default_port=default_port, config_file=args.config)
     except VmmigrateError as exc:

@@ -6,6 +6,8 @@ Armed from one string, read once by each daemon's main() from ``VMMIGRATE_FAILPO
 
 Actions: ``crash`` (the process exits at once with status 137, no cleanup, like SIGKILL),
 ``error`` (the phase fails with OperationFailed), ``delay(MS)`` (sleep, then go on).
+``ACTION@PCT`` fires only on PCT percent of the hits, at random (soak tests); the random
+sequence is seeded from ``VMMIGRATE_FAILPOINT_SEED`` when set.
 An unarmed failpoint costs one dict lookup on an empty dict.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import random
 import re
 
 import structlog
@@ -50,23 +53,26 @@ DSTD_FAILPOINTS = (
 )
 ALL_FAILPOINTS = frozenset(SRCD_FAILPOINTS + DSTD_FAILPOINTS)
 
-_ACTION_RE = re.compile(r"^(crash|error|delay\((\d+)\))$")
+_ACTION_RE = re.compile(r"^(crash|error|delay\((\d+)\))(?:@(\d+(?:\.\d+)?))?$")
+SEED_VAR = "VMMIGRATE_FAILPOINT_SEED"
 
 
 @dataclasses.dataclass(frozen=True)
 class Action:
     kind: str  # crash | error | delay
     delay_ms: int = 0
+    percent: float = 100.0  # how often it fires when hit
 
 
 class Failpoints:
     """The armed failpoints of one process."""
 
-    def __init__(self, armed: dict[str, Action] | None = None) -> None:
+    def __init__(self, armed: dict[str, Action] | None = None, seed: str | None = None) -> None:
         self._armed = armed or {}
+        self._random = random.Random(seed)
 
     @classmethod
-    def parse(cls, spec: str) -> Failpoints:
+    def parse(cls, spec: str, seed: str | None = None) -> Failpoints:
         armed: dict[str, Action] = {}
         for item in filter(None, (p.strip() for p in spec.split(";"))):
             name, sep, action = item.partition("=")
@@ -76,14 +82,19 @@ class Failpoints:
             m = _ACTION_RE.match(action)
             if m is None:
                 raise InvalidArgument(
-                    f"failpoint {name}: unknown action {action!r} (crash, error, delay(MS))"
+                    f"failpoint {name}: unknown action {action!r} "
+                    "(crash, error, delay(MS), each optionally @PERCENT)"
                 )
-            armed[name] = Action("delay", int(m.group(2))) if m.group(2) else Action(action)
-        return cls(armed)
+            percent = float(m.group(3)) if m.group(3) else 100.0
+            if not 0 < percent <= 100:
+                raise InvalidArgument(f"failpoint {name}: percent must be in (0, 100]")
+            kind = "delay" if m.group(2) else m.group(1)
+            armed[name] = Action(kind, int(m.group(2) or 0), percent)
+        return cls(armed, seed)
 
     @classmethod
     def from_environ(cls) -> Failpoints:
-        return cls.parse(os.environ.get(ENV_VAR, ""))
+        return cls.parse(os.environ.get(ENV_VAR, ""), os.environ.get(SEED_VAR))
 
     def __bool__(self) -> bool:
         return bool(self._armed)
@@ -92,6 +103,8 @@ class Failpoints:
         """Run the action armed at ``name``, if any."""
         action = self._armed.get(name)
         if action is None:
+            return
+        if action.percent < 100 and self._random.random() * 100 >= action.percent:
             return
         log.warning("failpoint_hit", failpoint=name, action=action.kind)
         if action.kind == "crash":

@@ -802,6 +802,25 @@ class HostStore:
         )
         return replaced
 
+    def unpersist_incoming(self, migration_id: str, previous: DomainDef | None) -> None:
+        """Undo :meth:`persist_incoming` of a Finish that failed afterwards: put back the
+        definition it replaced, or remove the one it added (the reservation still holds)."""
+        validate_migration_id(migration_id)
+        with self._locked():
+            rec = self._journal_read(migration_id)
+            if rec is None or rec.role != ROLE_DESTINATION:
+                raise OperationInvalid(f"no incoming migration with id '{migration_id}'")
+            defs = self._scan()
+            if previous is not None:
+                self._write_def(previous, defs)
+            else:
+                path = self._def_path(_require_uuid(rec.domain_uuid, "domain uuid"))
+                with self._changing_domains():
+                    durable_unlink(path)
+                self._cache.pop(path.name, None)
+                self._remember([x for x in defs if not _same_uuid(x.uuid, rec.domain_uuid)])
+        log.warning("incoming_persist_undone", migration_id=migration_id)
+
     def release_incoming(self, migration_id: str) -> None:
         """Drop an incoming reservation; no error if there is none."""
         validate_migration_id(migration_id)

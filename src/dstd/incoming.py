@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -42,6 +43,8 @@ class IncomingJob:
     host: str = ""
     port: int = 0
     emulator_started: bool = False
+    # set once Finish persisted the definition: takes it back if Finish fails afterwards
+    undo_persist: Callable[[], None] | None = None
 
     @property
     def offline(self) -> bool:

@@ -260,14 +260,35 @@ async def finish(
         if job.offline:
             return await finish_offline(ctx, job, cancelled)
         return await finish_live(ctx, job, cancelled, cookie)
-    except BaseException:
+    except Exception as exc:
+        ended = ctx.results.ended(migration_id)
+        if ended is not None and ended.outcome == OUTCOME_FINISHED:
+            # past the commit point (the outcome is on disk): the answer is the domain,
+            # whatever failed afterwards; a retry or a restarted dstd says the same
+            log.error("finish_failed_after_commit", migration_id=migration_id, error=str(exc))
+            return answer_for(ctx, ended)
         # the answer is an error: no domain here (a retry gets the same error; a
-        # restarted dstd answers "no domain"), unless it had finished already
-        if ctx.results.ended(migration_id) is None:
+        # restarted dstd answers "no domain"); the job ends (if the variant had not run)
+        if ended is None:
             _remember_cancelled(ctx, migration_id)
+        await ctx.incoming.drop(job)
         raise
     finally:
         job.busy = False
+
+
+async def _undo_persist(ctx: DestinationContext, job: IncomingJob) -> None:
+    """A Finish failed after persisting: take the definition back (before the
+    reservation goes)."""
+    if job.undo_persist is None:
+        return
+    if ctx.results.ended(job.migration_id) is not None:
+        return  # it had finished: the answer stands
+    try:
+        await asyncio.to_thread(job.undo_persist)
+    except Exception as exc:  # the disk may be what failed: say so, keep the error
+        log.error("incoming_persist_undo_failed", migration_id=job.migration_id, error=str(exc))
+    job.undo_persist = None
 
 
 def _remember_cancelled(ctx: DestinationContext, migration_id: str) -> None:
@@ -300,7 +321,6 @@ async def finished_answer(
         active=active,
     )
     await asyncio.to_thread(ctx.store.outcome_put, outcome)
-    await ctx.failpoints.hit("dstd.finish.after_outcome")
     return answer_for(ctx, outcome)
 
 
@@ -318,7 +338,11 @@ def answer_for(ctx: DestinationContext, outcome: MigrationOutcome) -> pb.FinishR
 
 async def _persist(ctx: DestinationContext, job: IncomingJob) -> None:
     await ctx.failpoints.hit("dstd.finish.before_persist")
+    previous = await asyncio.to_thread(ctx.store.find, job.target.uuid)
     replaced = await asyncio.to_thread(ctx.store.persist_incoming, job.migration_id, job.target)
+    # A Finish that fails after this point must not leave the definition here: the source
+    # keeps its own when Finish fails (the domain would be defined on both hosts).
+    job.undo_persist = lambda: ctx.store.unpersist_incoming(job.migration_id, previous)
     await ctx.failpoints.hit("dstd.finish.after_persist")
     log.debug(
         "incoming_persisted",
@@ -341,7 +365,12 @@ async def finish_offline(
         if cancelled:
             return cancelled_answer(ctx, job)
         await _persist(ctx, job)
-        return await finished_answer(ctx, job, active=False)
+        answer = await finished_answer(ctx, job, active=False)
+        await ctx.failpoints.hit("dstd.finish.after_outcome")
+        return answer
+    except BaseException:
+        await _undo_persist(ctx, job)
+        raise
     finally:
         await ctx.incoming.drop(job)
         await ctx.failpoints.hit("dstd.finish.after")
@@ -400,6 +429,7 @@ async def finish_live(
                 raise OperationFailed(f"resume operation failed: {exc}") from exc
         answer = await finished_answer(ctx, job, active=True)
         keep = True
+        await ctx.failpoints.hit("dstd.finish.after_outcome")
         log.info(
             "incoming_finished",
             migration_id=job.migration_id,
@@ -407,6 +437,9 @@ async def finish_live(
             paused=MigrateFlag.PAUSED in job.flags,
         )
         return answer
+    except BaseException:
+        await _undo_persist(ctx, job)
+        raise
     finally:
         await ctx.incoming.drop(job, keep_running=keep)
         await ctx.failpoints.hit("dstd.finish.after")

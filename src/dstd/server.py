@@ -198,7 +198,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
         config=config,
         store=store,
         incoming=IncomingTable(store, hypervisor, ports),
-        failpoints=Failpoints.parse(config.failpoints),
+        failpoints=Failpoints.parse(config.failpoints, config.failpoint_seed or None),
         hypervisor=hypervisor,
         ports=ports,
         results=FinishResults(store),

@@ -145,13 +145,21 @@ class SourceJobTable:
             flags=flag_names(job.flags),
         )
 
-    def stale(self, idle_timeout: float) -> list[SourceJob]:
+    def stale(self, idle_timeout: float, done_timeout: float) -> list[SourceJob]:
         """Parked client-driven jobs whose client went away: idle too long, or past the
         migration's deadline (libvirt aborts them when the client's connection closes;
-        gRPC has no such signal, so an idle time and the deadline stand in for it)."""
+        gRPC has no such signal, so an idle time and the deadline stand in for it). A job
+        whose stream completed (PERFORM3_DONE) waits only for the client's Finish, so it
+        is given up sooner (``done_timeout``): its domain is paused meanwhile."""
         now = time.monotonic()
+
+        def limit(j: SourceJob) -> float:
+            return (
+                min(idle_timeout, done_timeout) if j.phase is Phase.PERFORM3_DONE else idle_timeout
+            )
+
         return [
             j
             for j in self._jobs.values()
-            if not j.driven and (now - j.last_active > idle_timeout or j.deadline.expired())
+            if not j.driven and (now - j.last_active > limit(j) or j.deadline.expired())
         ]

@@ -145,7 +145,6 @@ class P2PMigration:
             ),
             self.deadline,
         )
-        await self.ctx.failpoints.hit("srcd.prepare.after")
         return response
 
     async def finish(
@@ -169,7 +168,6 @@ class P2PMigration:
             what=DEST,
             until=time.monotonic() + rpc_timeout,
         )
-        await self.ctx.failpoints.hit("srcd.finish.after")
         return response
 
     def _cancel_remote_prepare(self, job: SourceJob, destflags: MigrateFlag) -> None:
@@ -266,7 +264,14 @@ class P2PMigration:
             raise
 
         first_error: VmmigrateError | None = None
-        if job.offline:
+        try:
+            await self.ctx.failpoints.hit("srcd.prepare.after")
+        except VmmigrateError as exc:
+            # Prepare succeeded there: from here on a failure goes through Finish(cancelled)
+            first_error = exc
+        if first_error is not None:
+            perform_cookie, cancelled = b"", True
+        elif job.offline:
             # Offline: Perform is skipped and Prepare's cookie is thrown away, so Finish
             # gets no cookie (libvirt does the same).
             perform_cookie, cancelled = b"", False
@@ -306,6 +311,14 @@ class P2PMigration:
             first_error = first_error or exc
         except VmmigrateError as exc:
             first_error = first_error or exc
+            # Finish failed (here or there): make sure the destination lets go of the
+            # incoming job now rather than at its deadline (idempotent: a Finish that
+            # answered already keeps its answer)
+            self._cancel_remote_prepare(job, destflags)
+        try:
+            await self.ctx.failpoints.hit("srcd.finish.after")
+        except VmmigrateError as exc:
+            first_error = first_error or exc  # reported; Finish's answer still decides
         # After Finish, "cancelled" means only: Finish returned no domain.
         cancelled = dest_domain is None
 

@@ -176,34 +176,32 @@ async def _enter_confirm(
 async def confirm_offline(
     ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie: bytes
 ) -> None:
-    """Confirm of an offline migration, then the job ends.
+    """Confirm of an offline migration (the caller ends the job).
 
     Success with UNDEFINE_SOURCE removes the source definition, but only while the domain is
     inactive (libvirt's rule: a running source is never touched by an offline migration).
     Cancelled: nothing to undo (offline never changed the source).
     """
-    try:
-        await ctx.failpoints.hit("srcd.confirm.before")
-        await _enter_confirm(ctx, job, cancelled, cookie)
-        if (
-            not cancelled
-            and MigrateFlag.UNDEFINE_SOURCE in job.flags
-            and not ctx.is_active(job.domain)
-        ):
-            await ctx.failpoints.hit("srcd.confirm.before_undefine")
-            await asyncio.to_thread(ctx.store.undefine, job.domain.uuid, job.lock)
-            log.debug("source_undefined", migration_id=job.migration_id, domain=job.domain.name)
-            await ctx.failpoints.hit("srcd.confirm.after_undefine")
-        await ctx.failpoints.hit("srcd.confirm.after")
-        ctx.ended.add(job.migration_id, cancelled)
-    finally:
-        await ctx.jobs.end(job)
+    await ctx.failpoints.hit("srcd.confirm.before")
+    await _enter_confirm(ctx, job, cancelled, cookie)
+    if (
+        not cancelled
+        and MigrateFlag.UNDEFINE_SOURCE in job.flags
+        and not ctx.is_active(job.domain)
+        and ctx.store.find(job.domain.uuid) is not None  # a retry: it may be gone already
+    ):
+        await ctx.failpoints.hit("srcd.confirm.before_undefine")
+        await asyncio.to_thread(ctx.store.undefine, job.domain.uuid, job.lock)
+        log.debug("source_undefined", migration_id=job.migration_id, domain=job.domain.name)
+        await ctx.failpoints.hit("srcd.confirm.after_undefine")
+    await ctx.failpoints.hit("srcd.confirm.after")
+    ctx.ended.add(job.migration_id, cancelled)
 
 
 async def confirm_live(
     ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie: bytes
 ) -> None:
-    """Confirm of a live migration, then the job ends.
+    """Confirm of a live migration (the caller ends the job).
 
     Success: the domain runs on the destination now; the source emulator quits, and with
     UNDEFINE_SOURCE the source definition goes. Cancelled: the source resumes if it was
@@ -232,7 +230,6 @@ async def confirm_live(
     finally:
         job.outcome = job.outcome or ("cancelled" if cancelled else "completed")
         ctx.completed_jobs[uuid] = job_snapshot(job)
-        await ctx.jobs.end(job)
 
 
 def job_snapshot(job: SourceJob) -> dict[str, Any]:
@@ -247,11 +244,50 @@ def job_snapshot(job: SourceJob) -> dict[str, Any]:
 
 
 async def confirm(ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie: bytes) -> None:
-    """Dispatch Confirm to its variant."""
-    if job.offline:
-        await confirm_offline(ctx, job, cancelled=cancelled, cookie=cookie)
-    else:
-        await confirm_live(ctx, job, cancelled=cancelled, cookie=cookie)
+    """Dispatch Confirm to its variant; the job ends when it succeeds.
+
+    A Confirm that fails (the undefine or the emulator did not do as told) is not given
+    up: the job stays held and Confirm is run again in the background until it succeeds,
+    so that the source ends as the destination's outcome says (never defined or running
+    on both hosts); the error is still reported."""
+    variant = confirm_offline if job.offline else confirm_live
+    try:
+        await variant(ctx, job, cancelled=cancelled, cookie=cookie)
+    except VmmigrateError as exc:
+        log.error(
+            "confirm_failed_will_retry",
+            migration_id=job.migration_id,
+            cancelled=cancelled,
+            error=str(exc),
+        )
+        _retry_confirm(ctx, job, cancelled)
+        raise
+    await ctx.jobs.end(job)
+
+
+def _retry_confirm(ctx: SourceContext, job: SourceJob, cancelled: bool) -> None:
+    job.driven = True  # held by this task now, not by a client
+
+    async def again() -> None:
+        delay = 0.2
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            try:
+                # the cookie was checked (or refused) the first time; effects only now
+                await (confirm_offline if job.offline else confirm_live)(
+                    ctx, job, cancelled=cancelled, cookie=b""
+                )
+            except VmmigrateError as exc:
+                log.warning("confirm_retry_failed", migration_id=job.migration_id, error=str(exc))
+                continue
+            log.info("confirm_retry_succeeded", migration_id=job.migration_id)
+            await ctx.jobs.end(job)
+            return
+
+    task = asyncio.ensure_future(again())
+    ctx.background.add(task)
+    task.add_done_callback(ctx.background.discard)
 
 
 AskFinish = Callable[[], Awaitable[pb.FinishResponse]]

@@ -188,7 +188,9 @@ async def _settle_logged(ctx: SourceContext, job: SourceJob) -> None:
 async def expire_parked(ctx: SourceContext) -> None:
     """Client-driven jobs whose client went away (idle, or past their deadline): settle
     them like a crashed srcd's (libvirt aborts them when the client's connection closes)."""
-    for job in ctx.jobs.stale(ctx.config.job_idle_timeout):
+    # a client-driven Finish is asked for up to 30 s (migctl), then the client gives up
+    done_timeout = 2 * ctx.config.rpc_timeout + 5.0
+    for job in ctx.jobs.stale(ctx.config.job_idle_timeout, done_timeout):
         log.warning("job_expired", migration_id=job.migration_id, phase=job.phase.label)
         job.driven = True
         task = asyncio.ensure_future(_settle_logged(ctx, job))

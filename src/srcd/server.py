@@ -322,7 +322,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
         store=store,
         jobs=SourceJobTable(store),
         peers=PeerPool(config.max_message_bytes),
-        failpoints=Failpoints.parse(config.failpoints),
+        failpoints=Failpoints.parse(config.failpoints, config.failpoint_seed or None),
         hypervisor=hypervisor_for(
             config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel, "srcd"
         ),

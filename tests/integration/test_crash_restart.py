@@ -156,3 +156,24 @@ def test_concurrent_p2p_migrations_of_one_domain(hosts: tuple[Host, Host], domna
     assert 0 in results
     assert domname in a.names() and domname in b.names()
     assert a.journal() == [] and b.journal() == []
+
+
+@pytest.mark.parametrize("kind", ["--offline", "--live"])
+def test_finish_failing_after_persist_takes_the_definition_back(
+        fresh_hosts: tuple[Host, Host], kind: str) -> None:
+    """Finish persists, then fails (an injected error): the source keeps the domain, so the
+    destination takes its new definition back; the domain is defined on one host only."""
+    a, b = fresh_hosts
+    a.start()
+    b.start(env={"VMMIGRATE_FAILPOINTS": "dstd.finish.after_persist=error"})
+    a.define(sample_domain_xml("undo", str(uuidlib.uuid4())), "undo.xml")
+    if kind == "--live":
+        a.migctl("start", "undo")
+    r = a.migctl("migrate", kind, "--persistent", "--p2p", "--undefinesource", "undo", b.dst,
+                 check=False)
+    assert r.returncode == 1
+    assert "failpoint dstd.finish.after_persist injected an error" in r.stderr
+    settled(a, b)
+    assert a.names() == ["undo"] and b.names() == [] and b.domain_files() == []
+    if kind == "--live":
+        assert a.migctl("domstate", "undo").stdout.strip() == "running"

@@ -107,6 +107,29 @@ def test_failpoints_parse_and_act() -> None:
     assert len(ALL_FAILPOINTS) >= 15
 
 
+def test_failpoints_fire_at_random_with_a_percentage() -> None:
+    """ACTION@PCT fires on about PCT percent of hits, repeatably for one seed."""
+
+    def fired(seed: str) -> list[bool]:
+        fp = Failpoints.parse("dstd.finish.before=error@25", seed)
+        out = []
+        for _ in range(2000):
+            try:
+                asyncio.run(fp.hit("dstd.finish.before"))
+                out.append(False)
+            except errors.OperationFailed:
+                out.append(True)
+        return out
+
+    first = fired("7")
+    assert 400 < sum(first) < 600
+    assert fired("7") == first
+    with pytest.raises(errors.InvalidArgument, match="percent must be in"):
+        Failpoints.parse("dstd.finish.before=crash@0")
+    with pytest.raises(errors.InvalidArgument, match="unknown action"):
+        Failpoints.parse("dstd.finish.before=crash@x")
+
+
 def test_foreign_subclass_names_fall_back_on_the_code() -> None:
     """QMPExecuteError takes other arguments: a peer naming it gets the code's class."""
     e = errors.error_from_status(grpc.StatusCode.INTERNAL, "GenericError: x", "QMPExecuteError")
