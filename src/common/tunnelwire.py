@@ -37,6 +37,19 @@ EOF = b""
 CHUNK = 1024 * 1024
 
 
+# Kernel buffer of the sockets to and from the emulators. Every byte buffered on the way
+# when the source emulator reports completion still has to cross while the guest is paused,
+# so these are fixed (autotuning grows them to several MiB each) at what keeps the pumps fed.
+SOCKET_BUFFER = 1024 * 1024
+
+
+def bounded(sock: socket.socket, option: int) -> socket.socket:
+    """Fix one of the socket's kernel buffers (SO_RCVBUF / SO_SNDBUF) at SOCKET_BUFFER;
+    before listen() or connect(), so that TCP sizes its window for it."""
+    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    return sock
+
+
 def nonblocking(sock: socket.socket) -> socket.socket:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

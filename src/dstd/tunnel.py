@@ -37,7 +37,7 @@ def _tunnelled_job(ctx: DestinationContext, migration_id: str) -> IncomingJob:
 async def _connect(loop: asyncio.AbstractEventLoop, job: IncomingJob) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        tunnelwire.nonblocking(sock)
+        tunnelwire.nonblocking(tunnelwire.bounded(sock, socket.SO_SNDBUF))
         await loop.sock_connect(sock, (job.host, job.port))
     except OSError as exc:
         sock.close()

@@ -84,6 +84,7 @@ class SourceTunnel:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             listener.setblocking(False)
+            tunnelwire.bounded(listener, socket.SO_RCVBUF)
             listener.bind(("127.0.0.1", 0))
             listener.listen(1)
         except OSError:
