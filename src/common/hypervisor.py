@@ -40,6 +40,7 @@ log = structlog.get_logger("vmmigrate.hypervisor")
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 START_TIMEOUT = 20.0
+MONITOR_POLL = 0.002  # seconds between looks for a starting emulator's monitor socket
 # What may end an incoming migration: QEMU's MIGRATION status changes (completed, failed)
 # and the run state leaving inmigrate.
 INCOMING_EVENTS = frozenset({"MIGRATION", "STOP", "RESUME", "SHUTDOWN"})
@@ -368,7 +369,9 @@ class QMPHypervisor:
                     continue
                 self._monitors[rec.uuid] = mon
                 return
-            await asyncio.sleep(0.01)
+            # Prepare waits here for the incoming emulator (QEMU opens its monitor within
+            # a few ms of starting, then spends ~350 ms on RAM): a short poll, one stat each.
+            await asyncio.sleep(MONITOR_POLL)
         raise OperationFailed(f"emulator for domain '{rec.name}' did not open its monitor")
 
     def log_tail(self, rec: RuntimeRecord, limit: int = 400) -> str:
