@@ -12,10 +12,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+# re-exported: the daemons name them from here; migctl imports common.address alone
+from common.address import DEFAULT_DSTD_PORT as DEFAULT_DSTD_PORT  # noqa: PLC0414
+from common.address import DEFAULT_SRCD_PORT as DEFAULT_SRCD_PORT  # noqa: PLC0414
+from common.address import format_hostport as format_hostport  # noqa: PLC0414
+from common.address import parse_hostport as parse_hostport  # noqa: PLC0414
 from common.errors import InvalidArgument
-
-DEFAULT_SRCD_PORT = 7301
-DEFAULT_DSTD_PORT = 7302
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,31 +74,6 @@ def _parse_ports(text: str) -> tuple[int, int]:
     if not (1 <= lo <= hi <= 65535):
         raise InvalidArgument(f"migration port range {text!r} is out of 1-65535 or reversed")
     return lo, hi
-
-
-def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """'HOST:PORT', '[v6]:PORT' or (with a default port) 'HOST' -> (host, port)."""
-    host, sep, port_s = text.rpartition(":")
-    if text.startswith("[") and "]" in text:
-        inner, _, rest = text[1:].partition("]")
-        host = inner
-        port_s = rest[1:] if rest.startswith(":") else ""
-        sep = ":" if port_s else ""
-    if not sep or (not text.startswith("[") and ":" in host):
-        if default_port is None:
-            raise InvalidArgument(f"address {text!r} must be HOST:PORT")
-        host, port_s = text.strip("[]"), str(default_port)
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise InvalidArgument(f"invalid port in address {text!r}") from None
-    if not host or not (0 <= port <= 65535):
-        raise InvalidArgument(f"invalid address {text!r}")
-    return host, port
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _coerce(name: str, value: Any) -> Any:

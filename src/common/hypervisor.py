@@ -40,6 +40,11 @@ log = structlog.get_logger("vmmigrate.hypervisor")
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 START_TIMEOUT = 20.0
+MONITOR_POLL = 0.002  # seconds between looks for a starting emulator's monitor socket
+# What may end an incoming migration: QEMU's MIGRATION status changes (completed, failed)
+# and the run state leaving inmigrate.
+INCOMING_EVENTS = frozenset({"MIGRATION", "STOP", "RESUME", "SHUTDOWN"})
+EVENT_SAFETY_POLL = 0.05  # seconds between query-status calls when events are on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,7 +369,9 @@ class QMPHypervisor:
                     continue
                 self._monitors[rec.uuid] = mon
                 return
-            await asyncio.sleep(0.01)
+            # Prepare waits here for the incoming emulator (QEMU opens its monitor within
+            # a few ms of starting, then spends ~350 ms on RAM): a short poll, one stat each.
+            await asyncio.sleep(MONITOR_POLL)
         raise OperationFailed(f"emulator for domain '{rec.name}' did not open its monitor")
 
     def log_tail(self, rec: RuntimeRecord, limit: int = 400) -> str:
@@ -407,6 +414,42 @@ class QMPHypervisor:
         except QMPError:
             return "shutoff" if self.record(uuid) is None else "unknown"
         return str(r.get("status", "unknown"))
+
+    async def wait_incoming(self, uuid: str, until: float, poll: float) -> str:
+        """Wait until an incoming emulator leaves "inmigrate" (or ``until``, a monotonic
+        time, passes); returns its run state then ("shutoff" when it went away).
+
+        The guest stays paused until this returns, so it reacts to the emulator's own
+        events (MIGRATION, with the "events" capability turned on here; STOP/RESUME) within
+        a QMP round trip, instead of a poll interval. query-status decides; an event only
+        says "ask now". Without events (the capability refused) it polls every ``poll``
+        seconds; with them, a slow poll remains as a safety net (a lost monitor sends none).
+        """
+        if self.record(uuid) is None:
+            return "shutoff"
+        mon = await self.monitor(uuid)
+        wake = asyncio.Event()
+        unsubscribe = mon.on_event(
+            lambda e: wake.set() if e.get("event") in INCOMING_EVENTS else None
+        )
+        try:
+            interval = poll
+            with contextlib.suppress(QMPError):
+                await mon.execute(
+                    "migrate-set-capabilities",
+                    {"capabilities": [{"capability": "events", "state": True}]},
+                )
+                interval = max(poll, EVENT_SAFETY_POLL)
+            while True:
+                wake.clear()  # before asking: an event during the query is not lost
+                status = await self.status(uuid)
+                if status != "inmigrate" or time.monotonic() >= until:
+                    return status
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(interval, max(until - time.monotonic(), 0))):
+                        await wake.wait()
+        finally:
+            unsubscribe()
 
     async def quit(self, uuid: str, timeout: float = 10.0) -> None:
         """Ask the emulator to quit; kill it if it does not."""

@@ -48,7 +48,7 @@ from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.dstd.phases")
 
-INCOMING_POLL = 0.005  # seconds between query-status calls while the stream ends
+INCOMING_POLL = 0.005  # seconds between query-status calls when the emulator sends no events
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,23 +377,21 @@ async def finish_offline(
 
 
 async def _wait_incoming_done(ctx: DestinationContext, job: IncomingJob) -> None:
-    """Wait until the incoming emulator has the whole stream (it leaves "inmigrate")."""
+    """Wait until the incoming emulator has the whole stream (it leaves "inmigrate"): on
+    its QMP events, so that the paused guest resumes as soon as possible (see
+    QMPHypervisor.wait_incoming)."""
     uuid = job.target.uuid
     limit = time.monotonic() + max(job.deadline.remaining(), ctx.config.rpc_timeout)
-    while True:
-        if ctx.hypervisor.record(uuid) is None:
-            raise OperationFailed("guest unexpectedly quit")
-        try:
-            status = await ctx.hypervisor.status(uuid)
-        except QMPError as exc:
-            raise OperationFailed("guest unexpectedly quit") from exc
-        if status == "shutoff":
-            raise OperationFailed("guest unexpectedly quit")
-        if status != "inmigrate":
-            return
-        if time.monotonic() > limit:
-            raise OperationFailed("incoming migration did not complete before the deadline")
-        await asyncio.sleep(INCOMING_POLL)
+    if ctx.hypervisor.record(uuid) is None:
+        raise OperationFailed("guest unexpectedly quit")
+    try:
+        status = await ctx.hypervisor.wait_incoming(uuid, limit, INCOMING_POLL)
+    except QMPError as exc:
+        raise OperationFailed("guest unexpectedly quit") from exc
+    if status == "shutoff":
+        raise OperationFailed("guest unexpectedly quit")
+    if status == "inmigrate":
+        raise OperationFailed("incoming migration did not complete before the deadline")
 
 
 async def finish_live(

@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from common import tunnelwire
 from common.caps import PROTOCOL_VERSION
 from common.config import DaemonConfig
 from common.daemon import abort_with, grpc_server, rpc_handler
@@ -31,7 +32,7 @@ from dstd.incoming import IncomingTable
 from dstd.ports import PortAllocator
 from dstd.recovery import recover_incoming_jobs
 from dstd.results import FinishResults
-from dstd.tunnel import carry_tunnel
+from dstd.tunnel import carry_tunnel, carry_tunnel_bytes
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
@@ -43,6 +44,7 @@ FEATURES = (
     "MIGRATE_CHANGE_PROTECTION",
     "MIGRATION_OFFLINE",
     "MIGRATION_PARAMS",
+    tunnelwire.FEATURE,
 )
 
 handler = rpc_handler("destination")
@@ -158,6 +160,20 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
             except VmmigrateError as exc:
                 await abort_with(context, exc, log)
 
+    async def TunnelBytes(
+        self, request_iterator: AsyncIterator[bytes], context: Any
+    ) -> AsyncIterator[bytes]:
+        """TunnelBytes (common/tunnelwire.py): the same stream as raw bytes, outside the
+        proto; the migration id is in the call's metadata."""
+        with structlog.contextvars.bound_contextvars(rpc="TunnelBytes", role="destination"):
+            metadata = dict(context.invocation_metadata() or ())
+            migration_id = str(metadata.get(tunnelwire.MIGRATION_ID_KEY, ""))
+            try:
+                async for data in carry_tunnel_bytes(self.ctx, migration_id, request_iterator):
+                    yield data
+            except VmmigrateError as exc:
+                await abort_with(context, exc, log)
+
 
 def _fingerprint(request: pb.PrepareRequest, tunnel_rpc: bool) -> str:
     """What makes a Prepare a retry of another: the same request, byte for byte (the
@@ -205,15 +221,28 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
     )
 
     def register(server: grpc.aio.Server) -> None:
-        pb_grpc.add_MigrationDestinationServiceServicer_to_server(
-            MigrationDestinationService(ctx), server
+        service = MigrationDestinationService(ctx)
+        pb_grpc.add_MigrationDestinationServiceServicer_to_server(service, server)
+        # TunnelBytes is not in the proto: a generic handler without (de)serializers, so
+        # its messages reach the handler as the bytes they are (common/tunnelwire.py).
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    tunnelwire.SERVICE,
+                    {
+                        tunnelwire.METHOD.rpartition("/")[2]: grpc.stream_stream_rpc_method_handler(
+                            service.TunnelBytes
+                        )
+                    },
+                ),
+            )
         )
 
     try:
         async with grpc_server(
             config,
             register,
-            ("vmmigrate.v1.MigrationDestinationService",),
+            ("vmmigrate.v1.MigrationDestinationService", tunnelwire.SERVICE),
             lambda: _housekeeping(ctx),
         ) as address:
             yield address, ctx

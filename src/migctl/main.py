@@ -11,12 +11,11 @@ import argparse
 import asyncio
 import os
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc.aio
 
-from common.config import DEFAULT_DSTD_PORT, DEFAULT_SRCD_PORT, format_hostport, parse_hostport
+from common.address import DEFAULT_DSTD_PORT, DEFAULT_SRCD_PORT, format_hostport, parse_hostport
 from common.errors import InvalidArgument, VmmigrateError
 from common.flags import MigrateFlag
 from common.rpc import Deadline, call, open_channel
@@ -124,7 +123,8 @@ def _build_parser() -> ArgParser:
 
 def _read_file(path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as fh:  # no pathlib: migctl starts faster
+            return fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"Failed to open file '{path}': {exc}") from exc
 

@@ -9,6 +9,7 @@ import time
 
 import grpc.aio
 
+from common import tunnelwire
 from common.config import DaemonConfig
 from common.domainxml import DomainDef, parse_domain
 from common.errors import HostBusy
@@ -43,12 +44,22 @@ class PeerPool:
     def remember_caps(self, address: str, caps: pb.CapabilitiesResponse) -> None:
         self._caps[address] = (time.monotonic(), caps)
 
-    def destination(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = open_channel(address, max_message_bytes=self._max)
             self._channels[address] = channel
-        return pb_grpc.MigrationDestinationServiceStub(channel)
+        return channel
+
+    def destination(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
+        return pb_grpc.MigrationDestinationServiceStub(self._channel(address))
+
+    def tunnel_bytes(self, address: str) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
+        """The TunnelBytes stream to ``address``, on the same channel as the stub's calls;
+        no serializers: messages are the bytes themselves (common/tunnelwire.py)."""
+        return self._channel(address).stream_stream(
+            tunnelwire.METHOD, request_serializer=None, response_deserializer=None
+        )
 
     async def reconnect(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
         """Drop the channel to ``address`` and open a fresh one."""

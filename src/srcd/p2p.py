@@ -19,6 +19,7 @@ import uuid
 
 import structlog
 
+from common import tunnelwire
 from common.caps import check_destination
 from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag
@@ -73,6 +74,7 @@ class P2PMigration:
         self.deadline = Deadline(ctx.config.migration_timeout)
         self.dest = ctx.peers.destination(dest_uri)
         self.phases: list[str] = []
+        self.dest_features: frozenset[str] = frozenset()
 
     def _header(self, flags: MigrateFlag, cookie: bytes) -> pb.PhaseHeader:
         return pb.PhaseHeader(
@@ -96,6 +98,7 @@ class P2PMigration:
         cached = self.ctx.peers.cached_caps(self.dest_uri)
         if cached is not None:
             check_destination(cached.protocol_version, cached.offline, self.flags)
+            self.dest_features = frozenset(cached.features)
             return
         request = pb.CapabilitiesRequest()
         try:
@@ -117,6 +120,7 @@ class P2PMigration:
             )
         self.ctx.peers.remember_caps(self.dest_uri, caps)
         check_destination(caps.protocol_version, caps.offline, self.flags)
+        self.dest_features = frozenset(caps.features)
 
     async def prepare(
         self, begin: phases.BeginResult, destflags: MigrateFlag
@@ -220,8 +224,14 @@ class P2PMigration:
             if not prepared.uri:
                 raise OperationFailed("domainMigratePrepare3 did not set uri")
             return await perform_live(self.ctx, job, uri=prepared.uri, probe=self.probe)
+        # Raw bytes when the destination serves them; the proto's Tunnel for an older one.
+        raw = tunnelwire.FEATURE in self.dest_features
         tunnel = SourceTunnel(
-            self.dest, self.dest_uri, self.migration_id, max(self.deadline.remaining(), 1.0)
+            self.ctx.peers.tunnel_bytes(self.dest_uri) if raw else self.dest.Tunnel,
+            self.dest_uri,
+            self.migration_id,
+            max(self.deadline.remaining(), 1.0),
+            raw=raw,
         )
         uri = await tunnel.open()
         try:

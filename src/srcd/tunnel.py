@@ -4,78 +4,122 @@ srcd listens on a loopback port of its own; the source emulator migrates to it; 
 is carried to the destination's dstd over one bidirectional gRPC stream (the daemons' own
 connection), where dstd hands it to the incoming emulator. The two emulators never connect
 to each other. Bytes flowing back (simvm's acknowledgement) take the same way back.
+
+The stream is ``TunnelBytes`` (raw bytes, the migration id in metadata) when the destination
+advertises it, else the proto's ``Tunnel`` (see common/tunnelwire.py for both).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 import structlog
 
+from common import tunnelwire
 from common.errors import OperationFailed
 from common.rpc import translate
 from vmmigrate.v1 import vmmigrate_pb2 as pb
-from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("vmmigrate.srcd.tunnel")
 
-CHUNK = 4 * 1024 * 1024
-# The stream reader's buffer bounds how much one read returns: a big one means few, large
-# gRPC messages (the per-message cost dominates the tunnel's throughput).
-READ_BUFFER = 8 * 1024 * 1024
+
+class _Framing:
+    """How chunks go on the wire: as they are (TunnelBytes) or in TunnelChunk messages."""
+
+    def __init__(self, raw: bool, migration_id: str) -> None:
+        self.raw = raw
+        self.mid = migration_id
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((tunnelwire.MIGRATION_ID_KEY, self.mid),) if self.raw else ()
+
+    def first(self) -> Any:
+        """The message that opens the stream (the proto names the migration in it)."""
+        return None if self.raw else pb.TunnelChunk(migration_id=self.mid)
+
+    def data(self, chunk: bytes) -> Any:
+        return chunk if self.raw else pb.TunnelChunk(data=chunk)
+
+    def eof(self) -> Any:
+        return tunnelwire.EOF if self.raw else pb.TunnelChunk(eof=True)
+
+    def parse(self, msg: Any) -> tuple[bytes, bool]:
+        """(data, eof) of a message from the destination."""
+        if self.raw:
+            return msg, not msg
+        return msg.data, msg.eof
 
 
 class SourceTunnel:
     def __init__(
         self,
-        stub: pb_grpc.MigrationDestinationServiceStub,
+        open_stream: Callable[..., Any],
         peer: str,
         migration_id: str,
         deadline_s: float,
+        *,
+        raw: bool,
     ) -> None:
-        self._stub = stub
+        """``open_stream``: the stream-stream callable (TunnelBytes when ``raw``, else the
+        stub's Tunnel)."""
+        self._open_stream = open_stream
         self._peer = peer
         self._mid = migration_id
+        self._framing = _Framing(raw, migration_id)
         self._deadline_s = deadline_s
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
-        self._accepted = asyncio.Event()
+        self._connected = False
         self.bytes_up = 0
         self.error: BaseException | None = None
 
     async def open(self) -> str:
         """Start listening; returns the URI the source emulator migrates to."""
-        self._server = await asyncio.start_server(
-            self._on_connect, "127.0.0.1", 0, limit=READ_BUFFER
-        )
-        port = self._server.sockets[0].getsockname()[1]
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setblocking(False)
+            tunnelwire.bounded(listener, socket.SO_RCVBUF)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self._task = asyncio.ensure_future(self._serve(listener))
+        port = listener.getsockname()[1]
         return f"tcp:127.0.0.1:{port}"
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._accepted.is_set():  # one stream per migration
-            writer.close()
-            return
-        self._accepted.set()
-        assert self._server is not None
-        self._server.close()
-        self._task = asyncio.current_task()
-        open_stream: Any = self._stub.Tunnel  # writes go through call.write()
-        call: Any = open_stream(timeout=self._deadline_s)
+    async def _serve(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            await call.write(pb.TunnelChunk(migration_id=self._mid))
-            down = asyncio.ensure_future(self._downstream(call, writer))
+            conn, _ = await loop.sock_accept(listener)
+        finally:
+            listener.close()  # one stream per migration: later connections are refused
+        self._connected = True
+        await self._carry(loop, tunnelwire.nonblocking(conn))
+
+    async def _carry(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        framing = self._framing
+        call: Any = self._open_stream(timeout=self._deadline_s, metadata=framing.metadata())
+        try:
+            first = framing.first()
+            if first is not None:
+                await call.write(first)
+            down = asyncio.ensure_future(self._downstream(loop, call, conn))
             try:
                 while True:
-                    data = await reader.read(CHUNK)
+                    data = await tunnelwire.recv_chunk(loop, conn)
                     if not data:
                         break
                     self.bytes_up += len(data)
-                    await call.write(pb.TunnelChunk(data=data))
-                await call.write(pb.TunnelChunk(eof=True))
+                    await call.write(framing.data(data))
+                await call.write(framing.eof())
                 await call.done_writing()
                 await down
             finally:
@@ -87,18 +131,17 @@ class SourceTunnel:
             self.error = exc
         finally:
             call.cancel()
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            conn.close()
 
-    async def _downstream(self, call: Any, writer: asyncio.StreamWriter) -> None:
-        async for chunk in call:
-            if chunk.data:
-                writer.write(chunk.data)
-                await writer.drain()
-            if chunk.eof:
-                with contextlib.suppress(OSError):
-                    writer.write_eof()
+    async def _downstream(
+        self, loop: asyncio.AbstractEventLoop, call: Any, conn: socket.socket
+    ) -> None:
+        async for msg in call:
+            data, eof = self._framing.parse(msg)
+            if data:
+                await loop.sock_sendall(conn, data)
+            if eof:
+                tunnelwire.shutdown_write(conn)
                 return
 
     def check(self) -> None:
@@ -109,7 +152,7 @@ class SourceTunnel:
         """After the emulator reported completion: let every byte it wrote reach the
         destination before the stream is torn down (cancelling would drop what is still
         buffered here or in gRPC, and the destination would fail to load the state)."""
-        if self._task is None or self._task.done():
+        if self._task is None or self._task.done() or not self._connected:
             return
         try:
             async with asyncio.timeout(timeout):
@@ -118,8 +161,8 @@ class SourceTunnel:
             log.warning("tunnel_drain_timeout", migration_id=self._mid)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,0 +1,38 @@
+"""Daemon addresses (HOST:PORT) and default ports.
+
+Kept apart from common.config so that migctl, whose start-up is timed by every user, does
+not import the daemons' configuration machinery (tomllib, uuid, pathlib) to parse one
+address.
+"""
+
+from __future__ import annotations
+
+from common.errors import InvalidArgument
+
+DEFAULT_SRCD_PORT = 7301
+DEFAULT_DSTD_PORT = 7302
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """'HOST:PORT', '[v6]:PORT' or (with a default port) 'HOST' -> (host, port)."""
+    host, sep, port_s = text.rpartition(":")
+    if text.startswith("[") and "]" in text:
+        inner, _, rest = text[1:].partition("]")
+        host = inner
+        port_s = rest[1:] if rest.startswith(":") else ""
+        sep = ":" if port_s else ""
+    if not sep or (not text.startswith("[") and ":" in host):
+        if default_port is None:
+            raise InvalidArgument(f"address {text!r} must be HOST:PORT")
+        host, port_s = text.strip("[]"), str(default_port)
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise InvalidArgument(f"invalid port in address {text!r}") from None
+    if not host or not (0 <= port <= 65535):
+        raise InvalidArgument(f"invalid address {text!r}")
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

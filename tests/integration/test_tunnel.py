@@ -1,0 +1,101 @@
+"""The tunnel's two encodings (common/tunnelwire.py): TunnelBytes (raw bytes, the migration id
+in metadata) and the proto's Tunnel, which dstd still serves and srcd still uses towards a
+destination that does not advertise TUNNEL_BYTES. Real daemons, simvm guests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+from helpers.hosts import Host
+from helpers.live import checksum, start_domain, state
+
+from common import tunnelwire
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
+
+OPTS = [("grpc.enable_http_proxy", 0)]
+DEST_SERVICE = "/vmmigrate.v1.MigrationDestinationService/"
+
+
+def test_tunnel_streams_refuse_an_unknown_migration(hosts: tuple[Host, Host]) -> None:
+    _, b = hosts
+    with grpc.insecure_channel(b.dst, options=OPTS) as ch:
+        raw = ch.stream_stream(tunnelwire.METHOD)
+        for metadata, mid in (([(tunnelwire.MIGRATION_ID_KEY, "nope")], "nope"), ([], "")):
+            with pytest.raises(grpc.RpcError) as err:
+                list(raw(iter([b"data"]), metadata=metadata, timeout=10))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert err.value.details() == f"no tunnelled incoming migration with id '{mid}'"
+        stub = pb_grpc.MigrationDestinationServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Tunnel(iter([pb.TunnelChunk(migration_id="nope")]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.details() == "no tunnelled incoming migration with id 'nope'"
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Tunnel(iter([]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "empty tunnel stream"
+
+
+class OldDestination(grpc.GenericRpcHandler):
+    """A dstd that predates TunnelBytes: forwards the proto's methods to a real dstd, leaves
+    TUNNEL_BYTES out of its capabilities and does not serve TunnelBytes."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.tunnels = 0
+
+    def service(self, details: Any) -> Any:
+        method: str = details.method
+        if not method.startswith(DEST_SERVICE):
+            return None
+        if method.endswith("/Tunnel"):
+            return grpc.stream_stream_rpc_method_handler(self._tunnel)
+
+        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                reply: bytes = self.channel.unary_unary(method)(request, timeout=60)
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details())
+            if method.endswith("/GetCapabilities"):
+                caps = pb.CapabilitiesResponse.FromString(reply)
+                caps.features.remove(tunnelwire.FEATURE)
+                reply = caps.SerializeToString()
+            return reply
+
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+    def _tunnel(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        self.tunnels += 1
+        return iter(self.channel.stream_stream(DEST_SERVICE + "Tunnel")(requests, timeout=60))
+
+
+@pytest.fixture
+def old_destination(hosts: tuple[Host, Host]) -> Iterator[tuple[str, OldDestination]]:
+    _, b = hosts
+    with grpc.insecure_channel(b.dst, options=OPTS) as ch:
+        handler = OldDestination(ch)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTS)
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.6:0")
+        server.start()
+        yield f"127.0.0.6:{port}", handler
+        server.stop(grace=None)
+
+
+def test_tunnelled_migration_to_a_destination_without_tunnel_bytes(
+    hosts: tuple[Host, Host], domname: str, old_destination: tuple[str, OldDestination]
+) -> None:
+    a, b = hosts
+    address, handler = old_destination
+    u = start_domain(a, domname, memory_mib=64)
+    a.migctl("migrate", "--live", "--p2p", "--tunnelled", domname, address)
+    assert handler.tunnels == 1  # the proto's Tunnel carried it
+    assert state(b, domname) == "running"
+    sums = checksum(b, u)
+    assert sums["source-sha256"] == sums["sha256"]
+    b.migctl("destroy", domname)
