@@ -9,6 +9,7 @@ passes. Dropping kills the incoming emulator, frees the port and the reservation
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
@@ -43,6 +44,8 @@ class IncomingJob:
     host: str = ""
     port: int = 0
     emulator_started: bool = False
+    # set when Prepare is over (it succeeded or failed): Finish waits for it
+    prepared: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     # set once Finish persisted the definition: takes it back if Finish fails afterwards
     undo_persist: Callable[[], None] | None = None
 

@@ -191,10 +191,12 @@ async def _reserved(
             replaces=replaces,
         )
         ctx.incoming.add(job)
+        undo.callback(job.prepared.set)
         undo.push_async_callback(ctx.incoming.drop, job)
         await ctx.failpoints.hit("dstd.prepare.after_reserve")
         yield job
         undo.pop_all()
+        job.prepared.set()
 
 
 async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
@@ -248,6 +250,13 @@ async def finish(
     if not dest_name:
         raise NoDomain("missing domain name")
     job = ctx.incoming.get(migration_id, dest_name)
+    # A Finish (a blind cancel, a restarted source asking) may overtake its Prepare, still
+    # starting the emulator: wait for it, or Prepare would go on for a job that has ended
+    await job.prepared.wait()
+    if ctx.incoming.find(migration_id) is not job:  # Prepare failed: the job is gone
+        if cancelled:
+            return pb.FinishResponse()
+        raise OperationInvalid(f"domain '{dest_name}' is not processing incoming migration")
     if job.target.name != dest_name:
         raise NoDomain(f"no domain with matching name '{dest_name}'")
     if job.busy and job.phase is Phase.FINISH3:

@@ -68,7 +68,7 @@ def test_200_offline_migrations_in_flight_with_churn(fresh_hosts: tuple[Host, Ho
     a, b = fresh_hosts
     a.start(srcd_args=["--max-outgoing", "256"])
     b.start(dstd_args=["--max-incoming", "256"],
-            env={"VMMIGRATE_FAILPOINTS": "dstd.finish.before=delay(4000)"})
+            env={"VMMIGRATE_FAILPOINTS": "dstd.finish.before=delay(10000)"})
     n = 200
     names = [f"conc{i:03d}" for i in range(n)]
     churned: dict[str, set[str]] = {"A": set(), "B": set()}
