@@ -29,13 +29,16 @@ def _decode(deserializer: Callable[[bytes], Any], raw: bytes, method: str) -> An
         raise InvalidArgument(f"malformed request message for {method}: {exc}") from None
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> Any:
+        # grpc's handler is a namedtuple (its stubs do not say so): _replace swaps fields
+        handler: Any = await continuation(handler_call_details)
         deserializer = getattr(handler, "request_deserializer", None)
         if handler is None or deserializer is None:
             return handler
