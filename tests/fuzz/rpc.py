@@ -80,6 +80,9 @@ class Lab:
         }
         self.uuids = {ALPHA: str(uuidlib.uuid4()), BETA: str(uuidlib.uuid4())}
         self.xml = {n: sample_domain_xml(n, u) for n, u in self.uuids.items()}
+        # what Define sends: defined nowhere, always the same (draws must not depend on
+        # anything random outside hypothesis)
+        self.new_xml = sample_domain_xml("fz-gamma", str(uuidlib.uuid4()))
         for xml in self.xml.values():
             self.unary(self.a.src, "DomainService", "Define", pb.DefineRequest(xml=xml))
         caps = self.unary(
@@ -242,7 +245,7 @@ DS, SS, DD = "DomainService", "MigrationSourceService", "MigrationDestinationSer
 
 CATALOG: list[Rpc] = [
     Rpc(DS, "Define", pb.DefineRequest, "A", "src",
-        lambda lab, _: pb.DefineRequest(xml=sample_domain_xml(new_mid(), str(uuidlib.uuid4())))),
+        lambda lab, _: pb.DefineRequest(xml=lab.new_xml)),
     Rpc(DS, "Undefine", pb.UndefineRequest, "A", "src", _dom(pb.UndefineRequest)),
     Rpc(DS, "List", pb.ListRequest, "A", "src", lambda lab, _: pb.ListRequest(all=True)),
     Rpc(DS, "GetState", pb.DomainRequest, "A", "src", _dom(pb.DomainRequest)),
