@@ -54,7 +54,10 @@ async def carry_tunnel(
     up = asyncio.ensure_future(upstream())
     try:
         while True:
-            data = await reader.read(CHUNK)
+            try:
+                data = await reader.read(CHUNK)
+            except OSError as exc:  # the emulator reset the connection (a stream it refused)
+                raise OperationFailed(f"incoming emulator closed the tunnel: {exc}") from exc
             if not data:
                 break
             yield pb.TunnelChunk(data=data)

@@ -99,6 +99,34 @@ def test_undecodable_tunnel_chunk_is_invalid_argument(hosts: tuple[Host, Host]) 
     assert (err.value.details() or "").startswith("malformed request message for Tunnel: ")
 
 
+def test_garbage_stream_to_a_tunnelled_migration_fails_cleanly(hosts: tuple[Host, Host],
+                                                               domname: str) -> None:
+    """The incoming emulator resets the connection on a stream it cannot read: that was a
+    ConnectionResetError out of the Tunnel handler (UNKNOWN)."""
+    _, b = hosts
+    u = str(uuidlib.uuid4())
+    mid = f"garbage-{domname}"
+    flags = int(MigrateFlag.LIVE | MigrateFlag.PEER2PEER | MigrateFlag.TUNNELLED
+                | MigrateFlag.PERSIST_DEST)
+    before = state(b)
+    with grpc.insecure_channel(b.dst, options=OPTIONS) as ch:
+        stub = pb_grpc.MigrationDestinationServiceStub(ch)
+        stub.PrepareTunnel(pb.PrepareRequest(
+            header=pb.PhaseHeader(migration_id=mid, flags=flags, cookie=cookie_for(domname, u)),
+            domain_xml=sample_domain_xml(domname, u)), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stub.Tunnel(iter([pb.TunnelChunk(migration_id=mid, data=b"\xab" * 1_000_000)]),
+                                 timeout=10):
+                pass
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert (err.value.details() or "").startswith("incoming emulator closed the tunnel: ")
+        assert error_class(err.value) == "OperationFailed"
+        r = stub.Finish(pb.FinishRequest(header=pb.PhaseHeader(migration_id=mid, flags=flags),
+                                         dest_name=domname, cancelled=True), timeout=10)
+        assert not r.HasField("domain")
+    assert state(b) == before and domname not in b.names()
+
+
 # ---------------------------------------------------------------------------------------
 # Errors that quote huge input
 
