@@ -72,8 +72,18 @@ def new_mid() -> str:
 
 class Lab:
     def __init__(self, workdir: Path) -> None:
-        self.a = Host("A", "127.0.0.6", workdir / "A").start()
-        self.b = Host("B", "127.0.0.7", workdir / "B").start()
+        self.a = Host("A", "127.0.0.6", workdir / "A")
+        self.b = Host("B", "127.0.0.7", workdir / "B")
+        try:
+            self._start()
+        except BaseException:
+            self.a.stop()
+            self.b.stop()
+            raise
+
+    def _start(self) -> None:
+        self.a.start()
+        self.b.start()
         self.channels = {
             addr: grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
             for addr in (self.a.src, self.a.dst, self.b.src, self.b.dst)
