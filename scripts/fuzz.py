@@ -6,7 +6,7 @@ Targets:
   cookie-<accept>   parse_cookie with one accept set (prepare, perform, finish, confirm,
                     all, none), then format and parse again
   domain            parse_domain (with and without UUID generation), re-parse, rename
-  rpc-<Service.Method>[-N]  every field of one RPC, mutated, sent to real srcd/dstd
+  rpc-<Service.Method>[variant]  every field of one RPC, mutated, sent to real srcd/dstd
                     processes (two loopback hosts, 127.0.0.6 and 127.0.0.7)
   rpc-raw           arbitrary bytes as the serialized request of any unary method
   rpc-tunnel        the Tunnel stream with arbitrary chunks
@@ -126,11 +126,8 @@ def rpc_targets(lab_box: list[object]) -> dict[str, tuple[Callable[..., None], o
         return lab_box[0]  # type: ignore[return-value]
 
     out: dict[str, tuple[Callable[..., None], object]] = {}
-    seen: dict[str, int] = {}
     for rpc in R.CATALOG:
-        seen[rpc.name] = seen.get(rpc.name, 0) + 1
-        name = f"rpc-{rpc.name}" + (f"-{seen[rpc.name]}" if seen[rpc.name] > 1 else "")
-        out[name] = (lambda data, rpc=rpc: R.field_case(lab(), rpc, data), st.data())
+        out[f"rpc-{rpc.name}"] = (lambda data, rpc=rpc: R.field_case(lab(), rpc, data), st.data())
     out["rpc-raw"] = (lambda data: R.raw_case(lab(), data), st.data())
     out["rpc-tunnel"] = (lambda data: R.tunnel_case(lab(), data), st.data())
     return out

@@ -218,10 +218,11 @@ class Rpc:
     daemon: str  # "src" or "dst"
     base: Callable[[Lab, str], Message]  # (lab, the migration id of the setup, if any)
     setup: Callable[[Lab], str] | None = None  # a Begin or a Prepare the request refers to
+    variant: str = ""  # when one RPC has several valid bases
 
     @property
     def name(self) -> str:
-        return f"{self.service}.{self.method}"
+        return f"{self.service}.{self.method}" + (f"[{self.variant}]" if self.variant else "")
 
     def address(self, lab: Lab) -> str:
         h = lab.a if self.host == "A" else lab.b
@@ -293,8 +294,8 @@ CATALOG: list[Rpc] = [
             cancelled=True), _begin),
     Rpc(DD, "GetCapabilities", pb.CapabilitiesRequest, "B", "dst",
         lambda lab, _: pb.CapabilitiesRequest()),
-    Rpc(DD, "Prepare", pb.PrepareRequest, "B", "dst", _prepare(OFFLINE_P2P)),
-    Rpc(DD, "Prepare", pb.PrepareRequest, "B", "dst", _prepare(LIVE_P2P)),
+    Rpc(DD, "Prepare", pb.PrepareRequest, "B", "dst", _prepare(OFFLINE_P2P), variant="offline"),
+    Rpc(DD, "Prepare", pb.PrepareRequest, "B", "dst", _prepare(LIVE_P2P), variant="live"),
     Rpc(DD, "PrepareTunnel", pb.PrepareRequest, "B", "dst", _prepare(TUNNEL_P2P)),
     Rpc(DD, "Finish", pb.FinishRequest, "B", "dst",
         lambda lab, mid: pb.FinishRequest(

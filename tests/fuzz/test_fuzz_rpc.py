@@ -17,7 +17,7 @@ FUZZ = settings(
 )
 
 
-@pytest.mark.parametrize("rpc", CATALOG, ids=lambda r: f"{r.name}-{CATALOG.index(r)}")
+@pytest.mark.parametrize("rpc", CATALOG, ids=lambda r: r.name)
 @FUZZ
 @given(data=st.data())
 def test_rpc_fields(lab: Lab, rpc: Rpc, data: st.DataObject) -> None:
