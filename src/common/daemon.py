@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from common.config import DaemonConfig, add_common_options, load_config
+from common.decodeguard import DecodeGuard
 from common.errors import VmmigrateError
 from common.failpoints import ENV_VAR, SEED_VAR, Failpoints
 from common.log import setup_logging
@@ -141,7 +142,8 @@ async def grpc_server(
 ) -> AsyncIterator[str]:
     """Serve on config.listen; yields the bound address (port 0 picks one)."""
     server = grpc.aio.server(
-        options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes)
+        interceptors=[DecodeGuard()],
+        options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes),
     )
     register(server)
     health = HealthServicer()

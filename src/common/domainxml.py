@@ -23,6 +23,9 @@ _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
 )
 
+# Characters XML 1.0 cannot carry (lxml refuses to write them).
+_NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
 
 @dataclasses.dataclass(frozen=True)
 class DomainDef:
@@ -50,6 +53,9 @@ def validate_name(name: str) -> None:
         raise XMLError(f"name {name!r} cannot contain '\\n'")
     if name in (".", ".."):
         raise XMLError(f"domain name '{name}' is not allowed")
+    if _NOT_XML_CHAR.search(name):
+        # only reachable through a rename (--dname): parsed XML cannot carry these
+        raise XMLError(f"name {name!r} contains a character XML cannot carry")
     if len(name.encode("utf-8")) > 1024:
         raise XMLError("domain name is longer than 1024 bytes")
 

@@ -65,11 +65,36 @@ def open_channel(address: str, *, max_message_bytes: int = 16 * 1024 * 1024) -> 
     )
 
 
+# The status message travels percent-encoded in a trailer; past gRPC's metadata limit (8 KiB
+# soft, 16 KiB hard) the client gets "Stream removed" instead of the error. Messages quote
+# what they refuse (names, ids), which can be megabytes long: they are cut to fit.
+MAX_STATUS_MESSAGE_BYTES = 6000
+
+
+def bounded_message(message: str) -> str:
+    """``message``, cut so that its percent-encoded form fits in a gRPC trailer."""
+    if len(message) * 12 <= MAX_STATUS_MESSAGE_BYTES:  # 4 UTF-8 bytes, each as %XX
+        return message
+    budget = MAX_STATUS_MESSAGE_BYTES - 64
+    size = 0
+    for i, ch in enumerate(message):
+        size += sum(
+            1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in ch.encode("utf-8", "replace")
+        )
+        if size > budget:
+            return f"{message[:i]}... ({len(message)} characters, cut)"
+    return message
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, Sequence[tuple[str, str]]]:
     """The gRPC status a server answers with for ``exc`` (pure: no server objects)."""
     if isinstance(exc, VmmigrateError):
-        return exc.code, exc.message, ((ERROR_CLASS_KEY, type(exc).__name__),)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", ()
+        return exc.code, bounded_message(exc.message), ((ERROR_CLASS_KEY, type(exc).__name__),)
+    return (
+        grpc.StatusCode.INTERNAL,
+        bounded_message(f"internal error: {type(exc).__name__}: {exc}"),
+        (),
+    )
 
 
 def _class_name(err: grpc.aio.AioRpcError) -> str | None:

@@ -141,6 +141,11 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
             raise OperationInvalid(
                 f"domain '{request.dest_name}' is not processing incoming migration"
             )
+        job = self.ctx.incoming.find(h.migration_id)
+        if job is not None and job.target.name != request.dest_name:
+            # Refused before it touches the job: not an answer to keep for retries, or the
+            # right Finish (or the source's cancel) would get this error and never run.
+            raise NoDomain(f"no domain with matching name '{request.dest_name}'")
         return await self.ctx.results.run_once(
             mid,
             lambda: phases.finish(

@@ -67,7 +67,10 @@ async def _pump(
     up = asyncio.ensure_future(upstream())
     try:
         while True:
-            data = await tunnelwire.recv_chunk(loop, sock)
+            try:
+                data = await tunnelwire.recv_chunk(loop, sock)
+            except OSError as exc:  # the emulator reset the connection (a stream it refused)
+                raise OperationFailed(f"incoming emulator closed the tunnel: {exc}") from exc
             if not data:
                 break
             yield wrap(data)
