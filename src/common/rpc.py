@@ -39,6 +39,9 @@ BASE_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A channel of its own connections: a fresh channel (PeerPool.reconnect) must really
+    # connect afresh, not share a subchannel still backing off from a peer that was down.
+    ("grpc.use_local_subchannel_pool", 1),
     # Reconnect quickly after a peer restarts (default backoff grows to minutes).
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
@@ -164,6 +167,11 @@ async def call(method: Any, request: Any, *, timeout: float, peer: str, what: st
     """One unary call with a deadline, gRPC errors translated."""
     async with translated(peer, what):
         return await method(request, timeout=timeout)
+
+
+# How long an idempotent call whose answer was lost (UNAVAILABLE, no answer) is asked again
+# before the caller gives up on it, seconds.
+LOST_ANSWER_RETRY = 3.0
 
 
 async def call_retrying(

@@ -23,3 +23,4 @@ class DestinationContext:
     ports: PortAllocator
     results: FinishResults
     prepares: PrepareAnswers = dataclasses.field(default_factory=PrepareAnswers)
+    outcomes_swept: float = float("-inf")  # monotonic time of the last expiry sweep

@@ -56,7 +56,7 @@ def _outcome(rec: JobRecord, what: str, active: bool = False) -> MigrationOutcom
     )
 
 
-async def _settle_offline(store: HostStore, rec: JobRecord) -> str:
+def _settle_offline(store: HostStore, rec: JobRecord) -> str:
     here = store.find(rec.domain_uuid)
     if here is not None and rec.xml and here.xml == rec.xml:
         return OUTCOME_FINISHED
@@ -95,7 +95,7 @@ async def recover_incoming_jobs(store: HostStore, hv: QMPHypervisor) -> int:
         if known is not None:
             what = known.outcome
         elif MigrateFlag.OFFLINE in MigrateFlag(rec.flags):
-            what = await _settle_offline(store, rec)
+            what = await asyncio.to_thread(_settle_offline, store, rec)
         else:
             try:
                 what, active = await _settle_live(store, hv, rec)

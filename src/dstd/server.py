@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -191,12 +192,18 @@ def _fingerprint(request: pb.PrepareRequest, tunnel_rpc: bool) -> str:
     return digest.hexdigest()
 
 
+OUTCOME_SWEEP_INTERVAL = 300.0  # seconds between sweeps of expired outcomes
+
+
 async def _housekeeping(ctx: DestinationContext) -> None:
     """Drop incoming jobs whose Finish never came; reap emulators this process started."""
     ctx.hypervisor.reap()
     ctx.results.expire()
     ctx.prepares.expire()
-    await asyncio.to_thread(ctx.store.outcomes_expire, ctx.config.outcome_ttl)
+    now = time.monotonic()
+    if now - ctx.outcomes_swept >= OUTCOME_SWEEP_INTERVAL:  # a directory scan: not every tick
+        ctx.outcomes_swept = now
+        await asyncio.to_thread(ctx.store.outcomes_expire, ctx.config.outcome_ttl)
     await ctx.incoming.expire(ctx.config.job_idle_timeout)
 
 

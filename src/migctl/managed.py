@@ -19,14 +19,20 @@ from typing import Any
 from common.caps import check_destination
 from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
-from common.rpc import Deadline, call, call_retrying, open_channel, retry_busy
+from common.rpc import (
+    LOST_ANSWER_RETRY,
+    Deadline,
+    call,
+    call_retrying,
+    open_channel,
+    retry_busy,
+)
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 SOURCE = "source host"
 DEST = "destination host"
 RPC_TIMEOUT = 30.0
-RETRY_WINDOW = 3.0  # how long an idempotent call whose answer was lost is asked again, s
 
 
 async def migrate(
@@ -115,7 +121,7 @@ async def _run(
                 timeout=RPC_TIMEOUT,
                 peer=source_address,
                 what=SOURCE,
-                until=time.monotonic() + RETRY_WINDOW,
+                until=time.monotonic() + LOST_ANSWER_RETRY,
             )
         except VmmigrateError as exc:
             print(f"warning: Confirm on the source failed: {exc}", file=sys.stderr)
@@ -133,7 +139,7 @@ async def _run(
                 timeout=deadline.rpc_timeout(RPC_TIMEOUT),
                 peer=dest_address,
                 what=DEST,
-                until=time.monotonic() + RETRY_WINDOW,
+                until=time.monotonic() + LOST_ANSWER_RETRY,
             ),
             deadline,
         )

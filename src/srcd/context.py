@@ -6,6 +6,8 @@ import asyncio
 import collections
 import dataclasses
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc.aio
 
@@ -135,6 +137,14 @@ class SourceContext:
     completed_jobs: dict[str, object] = dataclasses.field(default_factory=dict)
     # Tasks that outlive an RPC (settling a migration whose Finish answer was lost).
     background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` in the background, beyond the RPC that started it (kept referenced
+        until it ends)."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     def transient_domains(self) -> list[DomainDef]:
         """Running domains with no definition here (they arrived by a live migration

@@ -24,7 +24,7 @@ from common.caps import check_destination
 from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import SOURCE_ONLY, MigrateFlag
 from common.phase import Phase
-from common.rpc import Deadline, call, call_retrying, retry_busy
+from common.rpc import LOST_ANSWER_RETRY, Deadline, call, call_retrying, retry_busy
 from srcd import phases
 from srcd.context import SourceContext
 from srcd.jobs import SourceJob, SourceParams
@@ -35,8 +35,6 @@ from vmmigrate.v1 import vmmigrate_pb2 as pb
 log = structlog.get_logger("vmmigrate.srcd.p2p")
 
 DEST = "destination host"
-# How long a Prepare whose answer was lost (UNAVAILABLE, no answer) is asked again, seconds.
-PREPARE_RETRY_WINDOW = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +143,7 @@ class P2PMigration:
                 timeout=self._rpc_timeout(),
                 peer=self.dest_uri,
                 what=DEST,
-                until=time.monotonic() + PREPARE_RETRY_WINDOW,
+                until=time.monotonic() + LOST_ANSWER_RETRY,
             ),
             self.deadline,
         )
@@ -202,9 +200,7 @@ class P2PMigration:
                     log.info("remote_prepare_cancel_refused", migration_id=mid, error=str(exc))
                     return
 
-        task = asyncio.ensure_future(cancel())
-        ctx.background.add(task)
-        task.add_done_callback(ctx.background.discard)
+        ctx.spawn(cancel())
 
     async def probe(self) -> None:
         """Is the destination still there? (keepalive during Perform)"""

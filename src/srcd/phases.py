@@ -250,9 +250,8 @@ async def confirm(ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie
     up: the job stays held and Confirm is run again in the background until it succeeds,
     so that the source ends as the destination's outcome says (never defined or running
     on both hosts); the error is still reported."""
-    variant = confirm_offline if job.offline else confirm_live
     try:
-        await variant(ctx, job, cancelled=cancelled, cookie=cookie)
+        await _confirm_variant(job)(ctx, job, cancelled=cancelled, cookie=cookie)
     except VmmigrateError as exc:
         log.error(
             "confirm_failed_will_retry",
@@ -265,6 +264,10 @@ async def confirm(ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie
     await ctx.jobs.end(job)
 
 
+def _confirm_variant(job: SourceJob) -> Callable[..., Awaitable[None]]:
+    return confirm_offline if job.offline else confirm_live
+
+
 def _retry_confirm(ctx: SourceContext, job: SourceJob, cancelled: bool) -> None:
     job.driven = True  # held by this task now, not by a client
 
@@ -275,9 +278,7 @@ def _retry_confirm(ctx: SourceContext, job: SourceJob, cancelled: bool) -> None:
             delay = min(delay * 2, 10.0)
             try:
                 # the cookie was checked (or refused) the first time; effects only now
-                await (confirm_offline if job.offline else confirm_live)(
-                    ctx, job, cancelled=cancelled, cookie=b""
-                )
+                await _confirm_variant(job)(ctx, job, cancelled=cancelled, cookie=b"")
             except VmmigrateError as exc:
                 log.warning("confirm_retry_failed", migration_id=job.migration_id, error=str(exc))
                 continue
@@ -285,9 +286,7 @@ def _retry_confirm(ctx: SourceContext, job: SourceJob, cancelled: bool) -> None:
             await ctx.jobs.end(job)
             return
 
-    task = asyncio.ensure_future(again())
-    ctx.background.add(task)
-    task.add_done_callback(ctx.background.discard)
+    ctx.spawn(again())
 
 
 AskFinish = Callable[[], Awaitable[pb.FinishResponse]]
@@ -330,10 +329,7 @@ def settle_later(ctx: SourceContext, job: SourceJob, ask: AskFinish) -> asyncio.
         except VmmigrateError as exc:
             log.error("confirm_failed", migration_id=job.migration_id, error=str(exc))
 
-    task = asyncio.ensure_future(settle())
-    ctx.background.add(task)
-    task.add_done_callback(ctx.background.discard)
-    return task
+    return ctx.spawn(settle())
 
 
 async def abandon(ctx: SourceContext, job: SourceJob) -> None:

@@ -172,9 +172,7 @@ def recover_source_jobs(ctx: SourceContext) -> int:
     """Adopt the journal's source records and settle them in the background."""
     jobs = adopt_source_jobs(ctx)
     for job in jobs:
-        task = asyncio.ensure_future(_settle_logged(ctx, job))
-        ctx.background.add(task)
-        task.add_done_callback(ctx.background.discard)
+        ctx.spawn(_settle_logged(ctx, job))
     return len(jobs)
 
 
@@ -193,6 +191,4 @@ async def expire_parked(ctx: SourceContext) -> None:
     for job in ctx.jobs.stale(ctx.config.job_idle_timeout, done_timeout):
         log.warning("job_expired", migration_id=job.migration_id, phase=job.phase.label)
         job.driven = True
-        task = asyncio.ensure_future(_settle_logged(ctx, job))
-        ctx.background.add(task)
-        task.add_done_callback(ctx.background.discard)
+        ctx.spawn(_settle_logged(ctx, job))

@@ -13,7 +13,9 @@ nesting, huge documents, non-UTF-8 encodings, NULs, and names that are paths.
 from __future__ import annotations
 
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from hypothesis import strategies as st
 
@@ -31,6 +33,8 @@ from common.cookie import (
 )
 from common.domainxml import canonical, parse_domain, rename
 from common.errors import CookieError, VmmigrateError
+
+T = TypeVar("T")
 
 LOCAL_HOSTUUID = "4a802f00-4cba-5df6-9679-a08c4c5b577f"  # the receiver's own host UUID
 
@@ -221,17 +225,27 @@ domain_inputs = xml_inputs(SEED_DOMAINS)
 # Targets
 
 
-def cookie_target(data: bytes, accept: CookieFlag) -> None:
-    """parse_cookie with one accept set: a MigrationCookie or one of our errors. An accepted
-    cookie formats again, and what it formats to parses back to the same cookie."""
+def _ours_or_crash(what: str, call: Callable[[], T]) -> T | None:
+    """``call()``'s result, or None if it refused the input with one of our errors (with a
+    message); anything else it raises is a crash."""
     try:
-        c = parse_cookie(data, accept=accept, local_hostuuid=LOCAL_HOSTUUID)
+        return call()
     except VmmigrateError as exc:
         if not exc.message:
             raise Crash(f"{type(exc).__name__} with an empty message") from exc
-        return
+        return None
     except Exception as exc:
-        raise Crash(f"parse_cookie raised {type(exc).__name__}: {exc}") from exc
+        raise Crash(f"{what} raised {type(exc).__name__}: {exc}") from exc
+
+
+def cookie_target(data: bytes, accept: CookieFlag) -> None:
+    """parse_cookie with one accept set: a MigrationCookie or one of our errors. An accepted
+    cookie formats again, and what it formats to parses back to the same cookie."""
+    c = _ours_or_crash(
+        "parse_cookie", lambda: parse_cookie(data, accept=accept, local_hostuuid=LOCAL_HOSTUUID)
+    )
+    if c is None:
+        return
     if not c.name or not c.uuid or not c.hostname:
         raise Crash(f"accepted cookie lacks name/uuid/hostname: {c!r}")
     try:
@@ -254,15 +268,12 @@ def domain_target(data: bytes, generate_uuid: bool = True) -> None:
     for text in (data, _as_str(data)):
         if text is None:
             continue
-        try:
-            d = parse_domain(text, max_bytes=1024 * 1024, generate_uuid=generate_uuid)
-        except VmmigrateError as exc:
-            if not exc.message:
-                raise Crash(f"{type(exc).__name__} with an empty message") from exc
-            continue
-        except Exception as exc:
-            raise Crash(f"parse_domain raised {type(exc).__name__}: {exc}") from exc
-        _check_domain(d)
+        d = _ours_or_crash(
+            "parse_domain",
+            lambda t=text: parse_domain(t, max_bytes=1024 * 1024, generate_uuid=generate_uuid),
+        )
+        if d is not None:
+            _check_domain(d)
 
 
 def _as_str(data: bytes) -> str | None:

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,16 +42,6 @@ KINDS = ["offline-p2p", "offline-managed", "live-p2p", "live-managed"]
 
 # (kind, failpoint) -> result row, printed by the session's terminal summary
 RESULTS: dict[tuple[str, str], dict[str, str]] = {}
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Host]]:
-    base = tmp_path_factory.mktemp("matrix")
-    a = Host("A", "127.0.0.2", base / "A").start()
-    b = Host("B", "127.0.0.3", base / "B").start()
-    yield a, b
-    a.stop()
-    b.stop()
 
 
 def _migrate_args(kind: str, name: str, dest: Host) -> list[str]:
@@ -99,8 +88,8 @@ def _check_invariant(a: Host, b: Host, name: str, u: str, xml: str, live: bool) 
 
 @pytest.mark.parametrize("failpoint", FAILPOINTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_fault_matrix(pair: tuple[Host, Host], kind: str, failpoint: str) -> None:
-    a, b = pair
+def test_fault_matrix(hosts: tuple[Host, Host], kind: str, failpoint: str) -> None:
+    a, b = hosts
     live = kind.startswith("live")
     name = f"fm-{kind}-{failpoint.replace('.', '-')}"[:60]
     u = str(uuidlib.uuid4())
