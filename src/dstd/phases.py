@@ -214,6 +214,34 @@ async def prepare_offline(ctx: DestinationContext, req: PrepareInput) -> pb.Prep
     return pb.PrepareResponse(cookie=_reply_cookie(ctx, received.name, received.uuid), uri="")
 
 
+PORT_ATTEMPTS = 4  # incoming emulators started on another port after losing a port race
+
+
+async def _start_incoming(ctx: DestinationContext, job: IncomingJob, running: DomainDef) -> str:
+    """Start the incoming emulator on a migration port; returns its incoming URI.
+
+    The port range may overlap the kernel's ephemeral ports, so an outgoing connection can
+    take a port between the allocator's check and the emulator's bind: then the next free
+    port is tried (the lost one stays out of the allocator until this ends)."""
+    lost: list[int] = []
+    try:
+        while True:
+            job.port = await asyncio.to_thread(ctx.ports.acquire, job.host)
+            incoming = f"tcp:{format_hostport(job.host, job.port)}"
+            try:
+                await ctx.hypervisor.start(running, paused=True, incoming=incoming)
+                return incoming
+            except OperationFailed as exc:
+                if "Address already in use" not in str(exc) or len(lost) + 1 >= PORT_ATTEMPTS:
+                    raise
+                log.warning("migration_port_taken", migration_id=job.migration_id, port=job.port)
+                lost.append(job.port)
+                job.port = 0
+    finally:
+        for port in lost:
+            ctx.ports.release(port)
+
+
 async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
     received, persist = _definitions(ctx, req)
     target = _renamed(persist, req.dest_name)
@@ -225,9 +253,7 @@ async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.Prepare
             raise OperationInvalid(f"domain '{target.name}' is already active")
         # A tunnelled stream arrives through dstd itself: the emulator listens on loopback.
         job.host = "127.0.0.1" if tunnelled else migration_host(ctx)
-        job.port = await asyncio.to_thread(ctx.ports.acquire, job.host)
-        incoming = f"tcp:{format_hostport(job.host, job.port)}"
-        await ctx.hypervisor.start(running, paused=True, incoming=incoming)
+        incoming = await _start_incoming(ctx, job, running)
         job.emulator_started = True
         await ctx.failpoints.hit("dstd.prepare.after_start")
     log.info(
