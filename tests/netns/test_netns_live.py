@@ -126,16 +126,18 @@ def qmp_status(h: Host, u: str) -> str:
 
 
 def wait_failpoint(h: Host, failpoint: str, timeout: float = 30) -> None:
-    """Wait until the host's dstd logs that it is at ``failpoint``."""
+    """Wait until the host's daemon (the failpoint's prefix: srcd or dstd) logs that it is
+    at ``failpoint``."""
+    daemon = h.srcd if failpoint.startswith("srcd.") else h.dstd
 
     def hit() -> bool:
-        assert h.dstd is not None
+        assert daemon is not None
         return any(
             e.get("event") == "failpoint_hit" and e.get("failpoint") == failpoint
-            for e in h.dstd.events()
+            for e in daemon.events()
         )
 
-    wait_for(f"dstd of {h.name} at {failpoint}", hit, timeout, 0.02)
+    wait_for(f"{failpoint} on {h.name}", hit, timeout, 0.02)
 
 
 def incoming_dropped(b: Host, u: str) -> bool:
@@ -188,13 +190,14 @@ def start_hosts(
     *,
     srcd_a: Sequence[str] = (),
     dstd_b: Sequence[str] = (),
+    env_a: dict[str, str] | None = None,
     env_b: dict[str, str] | None = None,
 ) -> tuple[Host, Host]:
     """netlab.start_hosts, with options for B's dstd too."""
     a = Host("A", net.ip_a, base / "A", prefix=net.prefix(net.ns_a))
     b = Host("B", net.ip_b, base / "B", prefix=net.prefix(net.ns_b))
     try:
-        a.start(srcd_args=srcd_a)
+        a.start(srcd_args=srcd_a, env=env_a)
         b.start(dstd_args=dstd_b, env=env_b)
     except BaseException:
         a.stop()
@@ -235,6 +238,7 @@ def cut_hosts(
         rpc_timeout: float = RPC_TIMEOUT,
         dstd_migration_timeout: float = DSTD_MIGRATION_TIMEOUT,
         env_b: dict[str, str] | None = None,
+        env_a: dict[str, str] | None = None,
     ) -> tuple[Network, Host, Host]:
         net = make_network()
         config = tmp_path / "dstd.toml"
@@ -245,6 +249,7 @@ def cut_hosts(
                 tmp_path,
                 srcd_a=("--rpc-timeout", str(rpc_timeout)),
                 dstd_b=("--config", str(config)),
+                env_a=env_a,
                 env_b=env_b,
             )
         except BaseException:
@@ -509,5 +514,36 @@ def test_link_breaks_during_finish(
         assert checksum(a, u)["sha256"] == before_sha
         assert_nothing_on(b, name, u)
         move_until_ok(a, b, name)
+    assert_moved(a, b, name, u, before_sha)
+    b.migctl("destroy", name)
+
+
+@pytest.mark.parametrize("mode", [("--p2p",), ()], ids=["p2p", "managed"])
+def test_link_breaks_during_confirm(
+    cut_hosts: Callable[..., tuple[Network, Host, Host]], domname: str, mode: tuple[str, ...]
+) -> None:
+    """B runs the domain and A is in Confirm when the link goes down: Confirm needs only
+    A, so the migration completes; the domain runs on B only, defined on B only."""
+    failpoint = "srcd.confirm.before"
+    net, a, b = cut_hosts(
+        rpc_timeout=PHASE_RPC_TIMEOUT,
+        dstd_migration_timeout=PHASE_DSTD_MIGRATION_TIMEOUT,
+        env_a={"VMMIGRATE_FAILPOINTS": f"{failpoint}=delay({PHASE_DELAY_MS})"},
+    )
+    name = domname
+    u = start_domain(a, name, memory_mib=16)
+    before_sha = checksum(a, u)["sha256"]
+    proc = popen_migctl(a, *LIVE, *mode, "--undefinesource", name, b.dst)
+    try:
+        wait_failpoint(a, failpoint)
+        net.link(net.ns_b, up=False)
+        out, err = proc.communicate(timeout=PHASE_RPC_TIMEOUT + SLACK)
+        assert proc.returncode == 0, (out, err)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+        net.link(net.ns_b, up=True)
+    wait_for("A's job ending", lambda: a.journal() == [], SLACK)
     assert_moved(a, b, name, u, before_sha)
     b.migctl("destroy", name)
