@@ -61,13 +61,18 @@ def _free_range(n: int) -> tuple[int, int]:
     raise AssertionError("no free port range")
 
 
-@pytest.mark.parametrize("races", [1, PORT_ATTEMPTS - 1])
-def test_incoming_emulator_moves_to_the_next_port_after_losing_a_race(races: int) -> None:
+def _lab(races: int) -> tuple[int, PortAllocator, RacingHypervisor, Any, Any]:
+    """A free port range, its allocator, a hypervisor losing ``races`` races, a job, a ctx."""
     lo, hi = _free_range(PORT_ATTEMPTS + 1)
     ports = PortAllocator(lo, hi)
     hv = RacingHypervisor(races)
-    job = SimpleNamespace(host="127.0.0.1", port=0, migration_id="m1")
-    ctx = SimpleNamespace(ports=ports, hypervisor=hv)
+    job = SimpleNamespace(host="127.0.0.1", port=0, migration_id="m")
+    return lo, ports, hv, job, SimpleNamespace(ports=ports, hypervisor=hv)
+
+
+@pytest.mark.parametrize("races", [1, PORT_ATTEMPTS - 1])
+def test_incoming_emulator_moves_to_the_next_port_after_losing_a_race(races: int) -> None:
+    lo, ports, hv, job, ctx = _lab(races)
     try:
         uri = asyncio.run(_start_incoming(ctx, job, None))  # type: ignore[arg-type]
         assert uri == f"tcp:127.0.0.1:{lo + races}" and job.port == lo + races
@@ -78,11 +83,7 @@ def test_incoming_emulator_moves_to_the_next_port_after_losing_a_race(races: int
 
 
 def test_incoming_emulator_gives_up_after_so_many_races() -> None:
-    lo, hi = _free_range(PORT_ATTEMPTS + 1)
-    ports = PortAllocator(lo, hi)
-    hv = RacingHypervisor(PORT_ATTEMPTS)
-    job = SimpleNamespace(host="127.0.0.1", port=0, migration_id="m2")
-    ctx = SimpleNamespace(ports=ports, hypervisor=hv)
+    lo, ports, hv, job, ctx = _lab(PORT_ATTEMPTS)
     try:
         with pytest.raises(OperationFailed, match="Address already in use"):
             asyncio.run(_start_incoming(ctx, job, None))  # type: ignore[arg-type]
