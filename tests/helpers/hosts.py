@@ -62,7 +62,11 @@ class Daemon:
             host.prefix + args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
             stdin=subprocess.DEVNULL,
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # it died starting (or never got ready): no process, no open log
+            raise
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT

@@ -132,8 +132,13 @@ class Soak:
             for which, d in (("srcd", h.srcd), ("dstd", h.dstd)):
                 if d is not None and d.proc.poll() is not None:
                     self.counts.crashes += 1
-                    self._start(h, which)
                     n += 1
+                    try:
+                        self._start(h, which)
+                    except RuntimeError as exc:
+                        # it crashed again while recovering (a failpoint fired during
+                        # start-up): the next round of revive starts it once more
+                        self.log(f"{h.name} {which} died starting: {str(exc)[:200]}")
         return n
 
     def stop(self) -> None:
