@@ -334,14 +334,17 @@ class QMPHypervisor:
             monitors=monitor_paths(kind, qmp),
         )
         try:
+            # The record first: if this daemon dies while the emulator boots, its successor
+            # (or the other daemon of the host) finds the emulator and can stop it.
+            await asyncio.to_thread(atomic_write, self._path(d.uuid), rec.to_json())
             await self._wait_monitor(rec, proc)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.wait)
             self._children.pop(proc.pid, None)
+            self.forget(rec)
             raise
-        await asyncio.to_thread(atomic_write, self._path(d.uuid), rec.to_json())
         log.info(
             "emulator_started",
             domain=d.name,

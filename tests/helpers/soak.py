@@ -10,8 +10,11 @@ that host, and running. Used by tests/integration/test_soak.py (small) and scrip
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -147,6 +150,13 @@ class Soak:
             self._watcher.join()
         self.a.stop()
         self.b.stop()
+        # Host.stop kills the emulators the runtime records name: any left now was lost
+        # track of (an invariant violation), and is killed here
+        for pid in _emulators_of({d.uuid for d in self.domains}):
+            self.counts.invariant_violations += 1
+            self.counts.violations.append(f"emulator pid {pid} left running, untracked")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ checks
 
@@ -237,6 +247,23 @@ class Soak:
         return self.counts
 
 
+def _emulators_of(uuids: set[str]) -> list[int]:
+    """Pids of live emulator processes whose command line names one of ``uuids``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        named = args[args.index("-uuid") + 1] if "-uuid" in args[:-1] else ""
+        if named in uuids and alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
 def _emulator_alive(h: Host, uuid: str) -> bool:
     rec = runtime_record(h.state_dir, uuid)
     return rec is not None and alive(int(rec["pid"]))
@@ -265,6 +292,7 @@ def soak(workdir: Path, *, migrations: int, workers: int = 4, n_offline: int = 1
     s = Soak(workdir, percent=percent, seed=seed, log=log)
     try:
         s.start(n_offline, n_live)
-        return s.run(migrations, workers)
+        s.run(migrations, workers)
     finally:
         s.stop()
+    return s.counts
