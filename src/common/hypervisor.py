@@ -471,6 +471,27 @@ class QMPHypervisor:
             os.kill(rec.pid, signal.SIGKILL)
         await self._wait_gone(rec, 10.0)
 
+    def kill_strays(self, uuid: str) -> int:
+        """Kill emulators of ``uuid`` that this host started but has no record of (the
+        daemon died between starting one and writing its record): found by their monitor
+        socket, which names this host's socket directory and the domain. Returns how many."""
+        qmp = str(self.socket_dir / f"{uuid}.qmp")
+        known = self.record(uuid)
+        killed = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or (known is not None and int(entry) == known.pid):
+                continue
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if qmp.encode() in argv:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+                log.warning("stray_emulator_killed", uuid=uuid, pid=int(entry))
+        return killed
+
     async def _wait_gone(self, rec: RuntimeRecord, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while process_alive(rec):

@@ -82,6 +82,7 @@ async def _settle_live(store: HostStore, hv: QMPHypervisor, rec: JobRecord) -> t
         return OUTCOME_FINISHED, True
     if hv.record(uuid) is not None:
         await hv.kill(uuid)
+    await asyncio.to_thread(hv.kill_strays, uuid)
     return OUTCOME_CANCELLED, False
 
 
