@@ -359,7 +359,14 @@ def raw_argv(mem_mib: int, fill: Path, qmp: Path) -> list[str]:
     ]
 
 
-def domain_xml(name: str, uuid: str, mem_mib: int, fill: Path) -> str:
+def domain_xml(name: str, uuid: str, mem_mib: int, fill: Path, *, loader: bool = True) -> str:
+    """The guest's definition; without ``loader``, the destination XML that --strip-loader
+    passes (migctl --xml): the same guest, minus the device that fills RAM at start-up."""
+    commandline = f"""
+  <qemu:commandline>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='{loader_arg(fill)}'/>
+  </qemu:commandline>"""
     return f"""<domain type='qemu' xmlns:qemu='{QEMU_NS}'>
   <name>{name}</name>
   <uuid>{uuid}</uuid>
@@ -369,11 +376,7 @@ def domain_xml(name: str, uuid: str, mem_mib: int, fill: Path) -> str:
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <devices>
     <emulator>{QEMU}</emulator>
-  </devices>
-  <qemu:commandline>
-    <qemu:arg value='-device'/>
-    <qemu:arg value='{loader_arg(fill)}'/>
-  </qemu:commandline>
+  </devices>{commandline if loader else ""}
 </domain>
 """
 
@@ -702,6 +705,13 @@ class Bench:
         self.args = args
         self.where = "A"
         self.samples = fill_samples(fill)
+        # --strip-loader: every vmmigrate migration gets a destination XML without the
+        # loader, so that the destination QEMU does not read the fill file while Prepare
+        # waits (RAM still arrives by migration); libvirt-lab's --strip-loader does the same
+        self.dest_xml = domain_xml(name, uuid, args.mem, fill, loader=False)
+        self.dest_xml_file = fill.parent / f"{name}.dest.xml"
+        if args.strip_loader:
+            self.dest_xml_file.write_text(self.dest_xml)
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.dom: dict[str, pb_grpc.DomainServiceStub] = {}
 
@@ -750,6 +760,7 @@ class Bench:
                     str(self.args.bandwidth_mib),
                     "--migration-id",
                     mid,
+                    *(["--xml", str(self.dest_xml_file)] if self.args.strip_loader else []),
                     self.name,
                     to.dst,
                 )
@@ -761,7 +772,10 @@ class Bench:
                     domain=self.name,
                     dest_uri=to.dst,
                     flags=int(flags),
-                    params=pb.MigrationParams(bandwidth_mib=self.args.bandwidth_mib),
+                    params=pb.MigrationParams(
+                        bandwidth_mib=self.args.bandwidth_mib,
+                        dest_xml=self.dest_xml if self.args.strip_loader else "",
+                    ),
                     migration_id=mid,
                 )
                 await self.dom[frm_k].Migrate(req, timeout=MIGRATE_TIMEOUT)
@@ -1321,6 +1335,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fill-mib", type=int, default=400, help="random data loaded into RAM")
     ap.add_argument("--bandwidth-mib", type=int, default=10240, help="max bandwidth, MiB/s")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds between migrations")
+    ap.add_argument(
+        "--strip-loader",
+        action="store_true",
+        help="migrate with a destination XML (--xml) without the RAM-filling loader device",
+    )
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--workdir", help="keep everything here (default: a temp dir, removed)")
     ap.add_argument("--profile", metavar="DIR", help="also run RPC loops under py-spy")

@@ -34,7 +34,7 @@ from lxml import etree
 from common.domainxml import DomainDef
 from common.durable import atomic_write, durable_unlink
 from common.errors import InvalidArgument, OperationFailed, OperationInvalid
-from common.qmp import QMPClient, QMPError
+from common.qmp import QMPClient, QMPError, QMPExecuteError
 
 log = structlog.get_logger("vmmigrate.hypervisor")
 
@@ -437,11 +437,7 @@ class QMPHypervisor:
         )
         try:
             interval = poll
-            with contextlib.suppress(QMPError):
-                await mon.execute(
-                    "migrate-set-capabilities",
-                    {"capabilities": [{"capability": "events", "state": True}]},
-                )
+            if await self.migration_events(uuid):
                 interval = max(poll, EVENT_SAFETY_POLL)
             while True:
                 wake.clear()  # before asking: an event during the query is not lost
@@ -453,6 +449,20 @@ class QMPHypervisor:
                         await wake.wait()
         finally:
             unsubscribe()
+
+    async def migration_events(self, uuid: str) -> bool:
+        """Turn on the emulator's MIGRATION events (once per monitor connection); False
+        when the emulator refuses them. Prepare does it for an incoming emulator, so that
+        Finish, with the guest paused, does not spend a round trip on it."""
+        mon = await self.monitor(uuid)
+        if not mon.migration_events:
+            with contextlib.suppress(QMPExecuteError):
+                await mon.execute(
+                    "migrate-set-capabilities",
+                    {"capabilities": [{"capability": "events", "state": True}]},
+                )
+                mon.migration_events = True
+        return mon.migration_events
 
     async def quit(self, uuid: str, timeout: float = 10.0) -> None:
         """Ask the emulator to quit; kill it if it does not."""

@@ -76,6 +76,7 @@ class QMPClient:
         self._handlers: list[EventHandler] = []
         self._lock = asyncio.Lock()
         self.greeting: dict[str, Any] = {}
+        self.migration_events = False  # the "events" migration capability is on
 
     def on_event(self, handler: EventHandler) -> Callable[[], None]:
         self._handlers.append(handler)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 SERVICE = "vmmigrate.v1.TunnelBytes"
 METHOD = f"/{SERVICE}/Carry"
@@ -54,6 +55,62 @@ def nonblocking(sock: socket.socket) -> socket.socket:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+# Chunks a relay reads ahead of its writes (see relay()): 2 keeps a read under way while a
+# chunk is written, and adds at most 2 MiB to what is in flight at completion.
+RELAY_DEPTH = 2
+
+_END = object()
+
+
+async def relay(
+    chunks: AsyncIterator[bytes],
+    write: Callable[[bytes], Awaitable[object]],
+    depth: int = RELAY_DEPTH,
+) -> int:
+    """Carry ``chunks`` (ended by their end or an empty chunk) to ``write``; returns the
+    bytes carried. Reading and writing overlap: the next chunk is being read (from the
+    emulator's socket, or from gRPC, which asks its peer for more only while a read is
+    pending) while one is written, instead of each side waiting for the other in turn.
+    A read's error is raised here, after the chunks before it were written."""
+    queue: asyncio.Queue[object] = asyncio.Queue(depth)
+
+    async def read() -> None:
+        try:
+            async for data in chunks:
+                if not data:
+                    break
+                await queue.put(data)
+            await queue.put(_END)
+        except Exception as exc:  # handed to the writer, which raises it in order
+            await queue.put(exc)
+
+    reader = asyncio.ensure_future(read())
+    total = 0
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return total
+            if isinstance(item, Exception):
+                raise item
+            assert isinstance(item, bytes)
+            await write(item)
+            total += len(item)
+    finally:
+        reader.cancel()
+
+
+async def socket_chunks(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket
+) -> AsyncIterator[bytes]:
+    """The socket's bytes, a chunk per read, until EOF."""
+    while True:
+        data = await recv_chunk(loop, sock)
+        if not data:
+            return
+        yield data
 
 
 async def recv_chunk(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:

@@ -255,6 +255,8 @@ async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.Prepare
         job.host = "127.0.0.1" if tunnelled else migration_host(ctx)
         incoming = await _start_incoming(ctx, job, running)
         job.emulator_started = True
+        with contextlib.suppress(QMPError):  # else Finish turns them on, or polls
+            await ctx.hypervisor.migration_events(target.uuid)
         await ctx.failpoints.hit("dstd.prepare.after_start")
     log.info(
         "incoming_prepared",
@@ -373,8 +375,12 @@ def answer_for(ctx: DestinationContext, outcome: MigrationOutcome) -> pb.FinishR
 
 async def _persist(ctx: DestinationContext, job: IncomingJob) -> None:
     await ctx.failpoints.hit("dstd.finish.before_persist")
-    previous = await asyncio.to_thread(ctx.store.find, job.target.uuid)
-    replaced = await asyncio.to_thread(ctx.store.persist_incoming, job.migration_id, job.target)
+
+    def persist() -> tuple[DomainDef | None, bool]:  # one thread hand-off, not two
+        previous = ctx.store.find(job.target.uuid)
+        return previous, ctx.store.persist_incoming(job.migration_id, job.target)
+
+    previous, replaced = await asyncio.to_thread(persist)
     # A Finish that fails after this point must not leave the definition here: the source
     # keeps its own when Finish fails (the domain would be defined on both hosts).
     job.undo_persist = lambda: ctx.store.unpersist_incoming(job.migration_id, previous)
@@ -443,16 +449,24 @@ async def finish_live(
         if cancelled:
             return cancelled_answer(ctx, job)
         # A dstd restarted from here on finds FINISH3: it completes a migration whose
-        # stream arrived whole, and kills an incomplete one.
-        await asyncio.to_thread(ctx.store.journal_put, job.record)
-        if cookie:
-            parse_cookie(
-                cookie,
-                accept=ACCEPT_FINISH,
-                local_hostuuid=ctx.store.identity.host_uuid,
-                expect_uuid=job.target.uuid,
-            )
-        await _wait_incoming_done(ctx, job)
+        # stream arrived whole, and kills an incomplete one. The record is written while
+        # the stream's end is awaited (the guest is paused meanwhile), and is on disk
+        # before anything is persisted or resumed.
+        journal = asyncio.ensure_future(asyncio.to_thread(ctx.store.journal_put, job.record))
+        try:
+            if cookie:
+                parse_cookie(
+                    cookie,
+                    accept=ACCEPT_FINISH,
+                    local_hostuuid=ctx.store.identity.host_uuid,
+                    expect_uuid=job.target.uuid,
+                )
+            await _wait_incoming_done(ctx, job)
+        except BaseException:
+            with contextlib.suppress(Exception):  # no exit leaves the write in flight
+                await journal
+            raise
+        await journal
         if MigrateFlag.PERSIST_DEST in job.flags:
             await _persist(ctx, job)
         if MigrateFlag.PAUSED not in job.flags:

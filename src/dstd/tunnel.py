@@ -55,13 +55,13 @@ async def _pump(
     ends after the emulator closed its side and every incoming byte was delivered."""
     received = 0
 
-    async def upstream() -> None:
+    async def deliver(data: bytes) -> None:
         nonlocal received
-        async for data in incoming:
-            if not data:
-                break
-            received += len(data)
-            await loop.sock_sendall(sock, data)
+        received += len(data)
+        await loop.sock_sendall(sock, data)
+
+    async def upstream() -> None:
+        await tunnelwire.relay(incoming, deliver)
         tunnelwire.shutdown_write(sock)
 
     up = asyncio.ensure_future(upstream())

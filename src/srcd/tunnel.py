@@ -112,13 +112,13 @@ class SourceTunnel:
             if first is not None:
                 await call.write(first)
             down = asyncio.ensure_future(self._downstream(loop, call, conn))
+
+            async def send(data: bytes) -> None:
+                self.bytes_up += len(data)
+                await call.write(framing.data(data))
+
             try:
-                while True:
-                    data = await tunnelwire.recv_chunk(loop, conn)
-                    if not data:
-                        break
-                    self.bytes_up += len(data)
-                    await call.write(framing.data(data))
+                await tunnelwire.relay(tunnelwire.socket_chunks(loop, conn), send)
                 await call.write(framing.eof())
                 await call.done_writing()
                 await down
