@@ -45,8 +45,11 @@ class DomainDef:
 
 def validate_name(name: str) -> None:
     """Refuse names libvirt refuses, and names that could be taken for paths."""
-    if not name:
+    if not name.strip():
         raise XMLError("missing name information")
+    if name != name.strip():
+        # the parser strips a name: the definition would come back under another one
+        raise XMLError(f"domain name {name!r} must not begin or end with whitespace")
     if "/" in name:
         raise XMLError(f"name {name} cannot contain '/'")
     if "\n" in name:

@@ -171,6 +171,7 @@ class Host:
         """Emulators outlive their daemons (by design): kill, by pid, those this host's
         runtime records name, so that no test leaves a guest running."""
         run = self.state_dir / "run"
+        killed = []
         for path in sorted(run.glob("*.json")) if run.exists() else []:
             try:
                 rec = json.loads(path.read_text())
@@ -182,6 +183,14 @@ class Host:
             fields = stat[stat.rindex(")") + 2 :].split()
             if fields[0] != "Z" and int(fields[19]) == int(rec.get("start_ticks", -1)):
                 os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        # SIGKILL is not instant (the kernel still frees the guest's memory): wait, so that
+        # whoever looks for emulators next does not find these still exiting
+        end = time.monotonic() + 10
+        while killed and time.monotonic() < end:
+            killed = [pid for pid in killed if _running(pid)]
+            if killed:
+                time.sleep(0.01)
 
     def migctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "migctl", "-c", self.src, *args]
@@ -233,3 +242,13 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str
 def settled(*hosts: Host, timeout: float = 30.0) -> None:
     """Wait until no host has a migration job left in its journal (recovery has run)."""
     wait_until(lambda: all(h.journal() == [] for h in hosts), timeout, "empty journals")
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"

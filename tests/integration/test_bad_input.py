@@ -255,3 +255,26 @@ def test_cancel_before_prepare_refuses_a_late_prepare(hosts: tuple[Host, Host],
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert err.value.details() == f"migration '{mid}' has already ended"
     assert b.journal() == [] and domname not in b.names()
+
+
+@pytest.mark.parametrize("dname", [" ", "\t", "a/b", ".."])
+def test_migrate_with_a_bad_dname_changes_nothing_on_either_host(
+        hosts: tuple[Host, Host], domname: str, dname: str) -> None:
+    """A --dname the destination cannot take is refused, and no host keeps a trace of it
+    (found by the RPC fuzzer: a blank name left a Finish answer behind on the destination)."""
+    a, b = hosts
+    a.define(sample_domain_xml(domname), f"{domname}.xml")
+    outcomes = sorted(p.name for p in (b.state_dir / "outcomes").glob("*")) \
+        if (b.state_dir / "outcomes").exists() else []
+    with grpc.insecure_channel(a.src, options=[("grpc.enable_http_proxy", 0)]) as ch:
+        stub = pb_grpc.DomainServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Migrate(pb.MigrateRequest(domain=domname, dest_uri=b.dst, flags=OFFLINE_FLAGS,
+                                           params=pb.MigrationParams(dest_name=dname)),
+                         timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert domname in a.names() and domname not in b.names()
+    after = sorted(p.name for p in (b.state_dir / "outcomes").glob("*")) \
+        if (b.state_dir / "outcomes").exists() else []
+    assert after == outcomes
+    assert not list((b.state_dir / "jobs").glob("*")) if (b.state_dir / "jobs").exists() else True
