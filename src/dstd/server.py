@@ -46,6 +46,7 @@ FEATURES = (
     "MIGRATION_OFFLINE",
     "MIGRATION_PARAMS",
     tunnelwire.FEATURE,
+    tunnelwire.CREDIT_FEATURE,
 )
 
 handler = rpc_handler("destination")
@@ -174,8 +175,11 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
         with structlog.contextvars.bound_contextvars(rpc="TunnelBytes", role="destination"):
             metadata = dict(context.invocation_metadata() or ())
             migration_id = str(metadata.get(tunnelwire.MIGRATION_ID_KEY, ""))
+            credit = metadata.get(tunnelwire.CREDIT_KEY) == "1"
             try:
-                async for data in carry_tunnel_bytes(self.ctx, migration_id, request_iterator):
+                async for data in carry_tunnel_bytes(
+                    self.ctx, migration_id, request_iterator, credit=credit
+                ):
                     yield data
             except VmmigrateError as exc:
                 await abort_with(context, exc, log)

@@ -45,52 +45,80 @@ async def _connect(loop: asyncio.AbstractEventLoop, job: IncomingJob) -> socket.
     return sock
 
 
+_DONE = object()
+
+
 async def _pump(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
     incoming: AsyncIterator[bytes],
     wrap: Callable[[bytes], Any],
+    credit: Callable[[int], Any] | None = None,
 ) -> AsyncGenerator[Any, None]:
     """Carry ``incoming`` (b"" = EOF) to the emulator, and what it sends back out, wrapped;
-    ends after the emulator closed its side and every incoming byte was delivered."""
+    with ``credit``, also a credit message (the total handed to the emulator) after each
+    chunk (common/tunnelwire.py). Ends after the emulator closed its side and every
+    incoming byte was delivered."""
     received = 0
+    out: asyncio.Queue[Any] = asyncio.Queue()  # the emulator sends back next to nothing
 
     async def deliver(data: bytes) -> None:
         nonlocal received
-        received += len(data)
         await loop.sock_sendall(sock, data)
+        received += len(data)
+        if credit is not None:
+            out.put_nowait(credit(received))
 
     async def upstream() -> None:
         await tunnelwire.relay(incoming, deliver)
         tunnelwire.shutdown_write(sock)
 
+    async def downstream() -> None:
+        try:
+            while True:
+                data = await tunnelwire.recv_chunk(loop, sock)
+                if not data:
+                    break
+                out.put_nowait(wrap(data))
+        except OSError as exc:  # the emulator reset the connection (a stream it refused)
+            out.put_nowait(OperationFailed(f"incoming emulator closed the tunnel: {exc}"))
+            return
+        out.put_nowait(_DONE)
+
     up = asyncio.ensure_future(upstream())
+    down = asyncio.ensure_future(downstream())
     try:
         while True:
-            try:
-                data = await tunnelwire.recv_chunk(loop, sock)
-            except OSError as exc:  # the emulator reset the connection (a stream it refused)
-                raise OperationFailed(f"incoming emulator closed the tunnel: {exc}") from exc
-            if not data:
+            item = await out.get()
+            if item is _DONE:
                 break
-            yield wrap(data)
+            if isinstance(item, Exception):
+                raise item
+            yield item
         yield wrap(tunnelwire.EOF)
         with contextlib.suppress(OSError):  # the emulator went away: Finish will tell
             await up
     finally:
         up.cancel()
+        down.cancel()
         sock.close()
         log.info("tunnel_closed", bytes=received)
 
 
 async def carry_tunnel_bytes(
-    ctx: DestinationContext, migration_id: str, chunks: AsyncIterator[bytes]
+    ctx: DestinationContext, migration_id: str, chunks: AsyncIterator[bytes], *, credit: bool
 ) -> AsyncIterator[bytes]:
-    """TunnelBytes: messages are the stream's bytes; the id came in the call's metadata."""
+    """TunnelBytes: messages are the stream's bytes; the id came in the call's metadata.
+    With ``credit`` (the source asked for it), messages back are framed and carry credit."""
     job = _tunnelled_job(ctx, migration_id)
     loop = asyncio.get_running_loop()
     sock = await _connect(loop, job)
-    async with contextlib.aclosing(_pump(loop, sock, chunks, _as_is)) as pump:
+    pump = (
+        _pump(loop, sock, chunks, _framed, tunnelwire.credit_frame)
+        if credit
+        else _pump(loop, sock, chunks, _as_is)
+    )
+    async with contextlib.aclosing(pump):
         async for data in pump:
             yield data
 
@@ -123,6 +151,10 @@ async def carry_tunnel(
 
 def _as_is(data: bytes) -> bytes:
     return data
+
+
+def _framed(data: bytes) -> bytes:
+    return tunnelwire.FRAME_DATA + data if data else tunnelwire.EOF
 
 
 def _to_chunk(data: bytes) -> pb.TunnelChunk:

@@ -228,6 +228,7 @@ class P2PMigration:
             self.migration_id,
             max(self.deadline.remaining(), 1.0),
             raw=raw,
+            credit=tunnelwire.CREDIT_FEATURE in self.dest_features,
         )
         uri = await tunnel.open()
         try:

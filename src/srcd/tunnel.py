@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,14 +31,20 @@ log = structlog.get_logger("vmmigrate.srcd.tunnel")
 
 
 class _Framing:
-    """How chunks go on the wire: as they are (TunnelBytes) or in TunnelChunk messages."""
+    """How chunks go on the wire: as they are (TunnelBytes) or in TunnelChunk messages;
+    with ``credit`` (TunnelBytes only), dstd's messages are framed and carry credit."""
 
-    def __init__(self, raw: bool, migration_id: str) -> None:
+    def __init__(self, raw: bool, migration_id: str, credit: bool) -> None:
         self.raw = raw
         self.mid = migration_id
+        self.credit = raw and credit
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((tunnelwire.MIGRATION_ID_KEY, self.mid),) if self.raw else ()
+        if not self.raw:
+            return ()
+        if self.credit:
+            return ((tunnelwire.MIGRATION_ID_KEY, self.mid), (tunnelwire.CREDIT_KEY, "1"))
+        return ((tunnelwire.MIGRATION_ID_KEY, self.mid),)
 
     def first(self) -> Any:
         """The message that opens the stream (the proto names the migration in it)."""
@@ -49,11 +56,16 @@ class _Framing:
     def eof(self) -> Any:
         return tunnelwire.EOF if self.raw else pb.TunnelChunk(eof=True)
 
-    def parse(self, msg: Any) -> tuple[bytes, bool]:
-        """(data, eof) of a message from the destination."""
+    def parse(self, msg: Any) -> tuple[bytes, bool, int | None]:
+        """(data, eof, credit) of a message from the destination."""
+        if self.credit:
+            if not msg:
+                return b"", True, None
+            data, credit = tunnelwire.parse_frame(msg)
+            return data, False, credit
         if self.raw:
-            return msg, not msg
-        return msg.data, msg.eof
+            return msg, not msg, None
+        return msg.data, msg.eof, None
 
 
 class SourceTunnel:
@@ -65,13 +77,17 @@ class SourceTunnel:
         deadline_s: float,
         *,
         raw: bool,
+        credit: bool = False,
     ) -> None:
         """``open_stream``: the stream-stream callable (TunnelBytes when ``raw``, else the
-        stub's Tunnel)."""
+        stub's Tunnel); ``credit``: the destination serves credit (common/tunnelwire.py)."""
         self._open_stream = open_stream
         self._peer = peer
         self._mid = migration_id
-        self._framing = _Framing(raw, migration_id)
+        self._framing = _Framing(raw, migration_id, credit)
+        self._acked = 0  # bytes the destination handed to its emulator (credit)
+        self._credit = asyncio.Event()
+        self._credit_open = self._framing.credit
         self._deadline_s = deadline_s
         self._listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -114,6 +130,10 @@ class SourceTunnel:
             down = asyncio.ensure_future(self._downstream(loop, call, conn))
 
             async def send(data: bytes) -> None:
+                # at most CREDIT_WINDOW (plus this chunk) not yet handed to the emulator
+                while self._credit_open and self.bytes_up - self._acked >= tunnelwire.CREDIT_WINDOW:
+                    self._credit.clear()
+                    await self._credit.wait()
                 self.bytes_up += len(data)
                 await call.write(framing.data(data))
 
@@ -127,7 +147,7 @@ class SourceTunnel:
         except grpc.aio.AioRpcError as err:
             self.error = translate(err, self._peer, "destination host")
             log.warning("tunnel_failed", migration_id=self._mid, error=str(self.error))
-        except (OSError, asyncio.CancelledError) as exc:
+        except (OSError, ValueError, asyncio.CancelledError) as exc:  # ValueError: a bad frame
             self.error = exc
         finally:
             call.cancel()
@@ -136,13 +156,22 @@ class SourceTunnel:
     async def _downstream(
         self, loop: asyncio.AbstractEventLoop, call: Any, conn: socket.socket
     ) -> None:
-        async for msg in call:
-            data, eof = self._framing.parse(msg)
-            if data:
-                await loop.sock_sendall(conn, data)
-            if eof:
-                tunnelwire.shutdown_write(conn)
-                return
+        try:
+            async for msg in call:
+                data, eof, credit = self._framing.parse(msg)
+                if credit is not None:
+                    self._acked = max(self._acked, credit)
+                    self._credit.set()
+                if data:
+                    await loop.sock_sendall(conn, data)
+                if eof:
+                    tunnelwire.shutdown_write(conn)
+                    return
+        finally:
+            # no more credit will come: the sender stops waiting for it (the stream's end
+            # or error is then what it meets)
+            self._credit_open = False
+            self._credit.set()
 
     def check(self) -> None:
         if self.error is not None and not isinstance(self.error, asyncio.CancelledError):
@@ -154,11 +183,23 @@ class SourceTunnel:
         buffered here or in gRPC, and the destination would fail to load the state)."""
         if self._task is None or self._task.done() or not self._connected:
             return
+        # what is still on the way when the emulator says it is done: the guest is paused
+        # until it has crossed (sent: read from the emulator and handed to gRPC; credited:
+        # handed to the incoming emulator, when the destination reports it)
+        sent, credited, started = self.bytes_up, self._acked, time.monotonic()
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._task)
         except TimeoutError:
             log.warning("tunnel_drain_timeout", migration_id=self._mid)
+        log.info(
+            "tunnel_drained",
+            migration_id=self._mid,
+            sent_at_completion=sent,
+            credited_at_completion=credited if self._framing.credit else None,
+            total=self.bytes_up,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
 
     async def close(self) -> None:
         if self._listener is not None:

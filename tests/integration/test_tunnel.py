@@ -99,3 +99,88 @@ def test_tunnelled_migration_to_a_destination_without_tunnel_bytes(
     sums = checksum(b, u)
     assert sums["source-sha256"] == sums["sha256"]
     b.migctl("destroy", domname)
+
+
+class CreditWatcher(grpc.GenericRpcHandler):
+    """A proxy in front of a real dstd that forwards everything, TunnelBytes included, and
+    watches the tunnel: how far the source ran ahead of the credit it had been given.
+    ``credit=False`` plays a dstd that predates TUNNEL_CREDIT (the feature hidden, the
+    source's request for credit not passed on)."""
+
+    def __init__(self, channel: grpc.Channel, *, credit: bool) -> None:
+        self.channel = channel
+        self.credit = credit
+        self.asked: list[bool] = []
+        self.sent = 0  # bytes the source sent so far
+        self.credited = 0  # credit passed back to the source so far
+        self.ahead = 0  # the most sent beyond credit, seen here
+
+    def service(self, details: Any) -> Any:
+        method: str = details.method
+        if method == tunnelwire.METHOD:
+            return grpc.stream_stream_rpc_method_handler(self._carry)
+        if not method.startswith(DEST_SERVICE):
+            return None
+
+        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                reply: bytes = self.channel.unary_unary(method)(request, timeout=60)
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details())
+            if method.endswith("/GetCapabilities") and not self.credit:
+                caps = pb.CapabilitiesResponse.FromString(reply)
+                caps.features.remove(tunnelwire.CREDIT_FEATURE)
+                reply = caps.SerializeToString()
+            return reply
+
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+    def _carry(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        md = dict(context.invocation_metadata())
+        asked = md.get(tunnelwire.CREDIT_KEY) == "1"
+        self.asked.append(asked)
+        forward = [(tunnelwire.MIGRATION_ID_KEY, md[tunnelwire.MIGRATION_ID_KEY])]
+        if asked and self.credit:
+            forward.append((tunnelwire.CREDIT_KEY, "1"))
+
+        def counted() -> Iterator[bytes]:
+            for chunk in requests:
+                self.sent += len(chunk)
+                self.ahead = max(self.ahead, self.sent - self.credited)
+                yield chunk
+
+        for msg in self.channel.stream_stream(tunnelwire.METHOD)(
+            counted(), metadata=forward, timeout=60
+        ):
+            if asked and msg:
+                _, credit = tunnelwire.parse_frame(msg)
+                if credit is not None:
+                    self.credited = credit
+            yield msg
+
+
+@pytest.mark.parametrize("credit", [True, False], ids=["credit", "dstd-without-credit"])
+def test_tunnel_credit_bounds_what_is_in_flight(
+    hosts: tuple[Host, Host], domname: str, credit: bool
+) -> None:
+    a, b = hosts
+    with grpc.insecure_channel(b.dst, options=OPTS) as ch:
+        proxy = CreditWatcher(ch, credit=credit)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTS)
+        server.add_generic_rpc_handlers((proxy,))
+        port = server.add_insecure_port("127.0.0.6:0")
+        server.start()
+        try:
+            u = start_domain(a, domname, memory_mib=64)
+            a.migctl("migrate", "--live", "--p2p", "--tunnelled", domname, f"127.0.0.6:{port}")
+        finally:
+            server.stop(grace=None)
+    assert proxy.asked == [credit]  # srcd asks for credit only where it is advertised
+    assert proxy.sent > 64 * 1024 * 1024  # the guest's RAM crossed
+    if credit:
+        assert proxy.credited == proxy.sent  # every byte was handed to the emulator
+        assert proxy.ahead <= tunnelwire.CREDIT_WINDOW + tunnelwire.CHUNK
+    assert state(b, domname) == "running"
+    sums = checksum(b, u)
+    assert sums["source-sha256"] == sums["sha256"]
+    b.migctl("destroy", domname)
