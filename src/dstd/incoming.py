@@ -10,7 +10,9 @@ passes. Dropping kills the incoming emulator, frees the port and the reservation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 
@@ -43,6 +45,7 @@ class IncomingJob:
     # live migration
     host: str = ""
     port: int = 0
+    path: str = ""  # a tunnelled migration's incoming unix socket (no port is used)
     emulator_started: bool = False
     # set when Prepare is over (it succeeded or failed): Finish waits for it
     prepared: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -98,6 +101,9 @@ class IncomingTable:
         if job.port:
             self._ports.release(job.port)
             job.port = 0
+        if job.path:
+            with contextlib.suppress(OSError):
+                os.unlink(job.path)
         self._store.release_incoming(job.migration_id)  # a plain unlink: no thread hand-off
 
     async def expire(self, idle_timeout: float) -> int:

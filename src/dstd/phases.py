@@ -251,9 +251,17 @@ async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.Prepare
     async with _reserved(ctx, req, received, target) as job:
         if ctx.hypervisor.record(target.uuid) is not None:
             raise OperationInvalid(f"domain '{target.name}' is already active")
-        # A tunnelled stream arrives through dstd itself: the emulator listens on loopback.
-        job.host = "127.0.0.1" if tunnelled else migration_host(ctx)
-        incoming = await _start_incoming(ctx, job, running)
+        if tunnelled:
+            # The stream arrives through dstd itself: the emulator listens on a unix socket
+            # in this host's private socket directory, unreachable from the network, and
+            # whose small kernel buffer keeps little of the stream waiting in front of it
+            # when the source switches over (the guest is paused until it is all in).
+            job.path = str(ctx.hypervisor.socket_dir / f"{target.uuid}.incoming")
+            incoming = f"unix:{job.path}"
+            await ctx.hypervisor.start(running, paused=True, incoming=incoming)
+        else:
+            job.host = migration_host(ctx)
+            incoming = await _start_incoming(ctx, job, running)
         job.emulator_started = True
         with contextlib.suppress(QMPError):  # else Finish turns them on, or polls
             await ctx.hypervisor.migration_events(target.uuid)

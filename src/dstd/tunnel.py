@@ -1,5 +1,5 @@
 """Tunnelled migration, destination side: the stream arrives over gRPC and goes to the
-incoming emulator, which listens on loopback only; bytes it sends back (simvm's
+incoming emulator, which listens on a unix socket only; bytes it sends back (simvm's
 acknowledgement) return the same way.
 
 Two encodings arrive here (common/tunnelwire.py): TunnelBytes (raw bytes, the migration id
@@ -28,17 +28,17 @@ log = structlog.get_logger("vmmigrate.dstd.tunnel")
 
 def _tunnelled_job(ctx: DestinationContext, migration_id: str) -> IncomingJob:
     job = ctx.incoming.find(migration_id)
-    if job is None or not job.tunnelled or not job.port:
+    if job is None or not job.tunnelled or not job.path:
         raise OperationInvalid(f"no tunnelled incoming migration with id '{migration_id}'")
     structlog.contextvars.bind_contextvars(migration_id=job.migration_id)
     return job
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, job: IncomingJob) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        tunnelwire.nonblocking(tunnelwire.bounded(sock, socket.SO_SNDBUF))
-        await loop.sock_connect(sock, (job.host, job.port))
+        tunnelwire.bounded(sock, socket.SO_SNDBUF).setblocking(False)
+        await loop.sock_connect(sock, job.path)
     except OSError as exc:
         sock.close()
         raise OperationFailed(f"cannot reach the incoming emulator: {exc}") from exc

@@ -23,7 +23,7 @@ from simvm.migration import (
     MigrationStatus,
     Parameters,
 )
-from simvm.outgoing import OutgoingMigration, parse_tcp_uri
+from simvm.outgoing import OutgoingMigration, parse_migration_uri
 
 log = logging.getLogger("simvm.emulator")
 
@@ -142,7 +142,7 @@ class Emulator:
         if self.machine.state is RunState.POSTMIGRATE:
             raise CommandError("Can't migrate the vm that was paused due to previous migration")
         try:
-            parse_tcp_uri(uri)
+            parse_migration_uri(uri)
         except ValueError:
             raise CommandError("Parameter 'uri' expects a valid migration protocol") from None
         job = OutgoingMigration(

@@ -1,4 +1,4 @@
-"""The destination side of a migration: ``-incoming tcp:HOST:PORT``.
+"""The destination side of a migration: ``-incoming tcp:HOST:PORT`` or ``unix:PATH``.
 
 The listening socket is bound at startup (before the QMP socket appears, so a started simvm
 is always ready to receive); ``tcp:HOST:0`` binds a free port, which query-migrate reports
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import Any
 from simvm import stream
 from simvm.machine import Machine, RunState
 from simvm.migration import Capabilities, EmitFn, MigrationStatus, StatusCell
-from simvm.outgoing import parse_tcp_uri
+from simvm.outgoing import parse_migration_uri
 
 log = logging.getLogger("simvm.incoming")
 
@@ -48,7 +49,7 @@ class IncomingMigration:
     ) -> None:
         self._machine = machine
         self._vm_uuid = vm_uuid
-        self._addr = parse_tcp_uri(uri)
+        self._addr = parse_migration_uri(uri)
         self._on_failure = on_failure
         self.status = StatusCell("destination", emit, lambda: caps.events)
         self._autostart = autostart
@@ -57,25 +58,32 @@ class IncomingMigration:
         self.source_sha256: str | None = None
         self.error = ""
         self._listener: socket.socket | None = None
-        self._bound: tuple[str, int] = self._addr
+        self._bound: tuple[str, int] | str = self._addr
         self._conn: socket.socket | None = None
         self._thread = threading.Thread(target=self._run, name="simvm-migrate-in", daemon=True)
 
     def listen(self) -> None:
         """Bind and listen now; OSError when the address is unusable."""
-        host, port = self._addr
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, type_, proto, _, sockaddr = infos[0]
-        listener = socket.socket(family, type_, proto)
-        try:
+        if isinstance(self._addr, str):  # unix:PATH (QEMU replaces a stale socket file)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._addr)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sockaddr: Any = self._addr
+        else:
+            host, port = self._addr
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, type_, proto, _, sockaddr = infos[0]
+            listener = socket.socket(family, type_, proto)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
             listener.bind(sockaddr)
             listener.listen(1)
         except OSError:
             listener.close()
             raise
         self._listener = listener
-        self._bound = (host, listener.getsockname()[1])
+        if not isinstance(self._addr, str):
+            self._bound = (self._addr[0], listener.getsockname()[1])
         self.status.advance(MigrationStatus.SETUP)
 
     def start(self) -> None:
@@ -101,8 +109,11 @@ class IncomingMigration:
         """query-migrate on the destination (QEMU reports status and the bound address)."""
         info: dict[str, Any] = {"status": self.status.value.value}
         if self.status.value is MigrationStatus.SETUP:
-            host, port = self._bound
-            info["socket-address"] = [{"type": "inet", "host": host, "port": str(port)}]
+            if isinstance(self._bound, str):
+                info["socket-address"] = [{"type": "unix", "path": self._bound}]
+            else:
+                host, port = self._bound
+                info["socket-address"] = [{"type": "inet", "host": host, "port": str(port)}]
         if self.status.value is MigrationStatus.FAILED:
             info["error-desc"] = self.error
         return info
@@ -132,7 +143,8 @@ class IncomingMigration:
         conn.close()
 
     def _load(self, conn: socket.socket) -> bytes:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = stream.StreamReader(io.BufferedReader(socket.SocketIO(conn, "rb"), 1 << 20))
         header = stream.Header.parse(reader.read(stream.HEADER.size))
         m = self._machine

@@ -1,7 +1,7 @@
 """simvm's command line, QEMU-like so that one driver builds both argvs::
 
     simvm -name NAME -uuid UUID -m MIB [-smp N] -qmp unix:PATH,server=on,wait=off [-S]
-          [-incoming tcp:HOST:PORT | -incoming defer]
+          [-incoming tcp:HOST:PORT | -incoming unix:PATH | -incoming defer]
           [-dirty-rate PAGES_PER_SEC] [-seed N] [-pidfile PATH]
 
 Start-up order: memory (filled from -seed unless -incoming), the -incoming listener, the
@@ -81,8 +81,10 @@ def _qmp(value: str) -> str:
 
 
 def _incoming(value: str) -> str:
-    if value != "defer" and not value.startswith("tcp:"):
-        raise argparse.ArgumentTypeError(f"-incoming {value!r}: only tcp:HOST:PORT or defer")
+    if value != "defer" and not value.startswith(("tcp:", "unix:")):
+        raise argparse.ArgumentTypeError(
+            f"-incoming {value!r}: only tcp:HOST:PORT, unix:PATH or defer"
+        )
     return value
 
 
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-smp", default=1, type=_smp, help="accepted; simvm runs one vCPU thread")
     p.add_argument("-qmp", required=True, type=_qmp, help="unix:PATH,server=on,wait=off")
     p.add_argument("-S", dest="paused", action="store_true", help="do not start the vCPU")
-    p.add_argument("-incoming", type=_incoming, help="tcp:HOST:PORT or defer")
+    p.add_argument("-incoming", type=_incoming, help="tcp:HOST:PORT, unix:PATH or defer")
     p.add_argument(
         "-dirty-rate",
         dest="dirty_rate",

@@ -2,7 +2,7 @@
 
 One thread per migration runs :meth:`OutgoingMigration._run`:
 
-1. setup: connect to ``tcp:HOST:PORT``, send the header, turn the dirty log on;
+1. setup: connect to ``tcp:HOST:PORT`` (or ``unix:PATH``), send the header, turn the dirty log on;
 2. precopy: pass 1 sends every page, each later pass the pages dirtied during the one
    before; after each pass :func:`simvm.migration.decide` says switch over or go on (and
    sets the auto-converge throttle); max-bandwidth is enforced by a token bucket;
@@ -78,6 +78,36 @@ def parse_tcp_uri(uri: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_migration_uri(uri: str) -> tuple[str, int] | str:
+    """``tcp:HOST:PORT`` -> (host, port); ``unix:PATH`` -> PATH; ValueError otherwise."""
+    if uri.startswith("unix:"):
+        path = uri[5:]
+        if not path or "\0" in path:
+            raise ValueError(uri)
+        return path
+    return parse_tcp_uri(uri)
+
+
+def connect(addr: tuple[str, int] | str, timeout: float) -> socket.socket:
+    """A connected stream socket to a parsed migration address."""
+    if isinstance(addr, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection(addr, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def describe(addr: tuple[str, int] | str) -> str:
+    return addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
+
+
 class OutgoingMigration:
     def __init__(
         self,
@@ -91,7 +121,7 @@ class OutgoingMigration:
     ) -> None:
         self._machine = machine
         self._vm_uuid = vm_uuid
-        self._addr = parse_tcp_uri(uri)
+        self._addr = parse_migration_uri(uri)
         self._params = params
         self._caps = caps
         self._emit = emit
@@ -239,14 +269,14 @@ class OutgoingMigration:
             raise _Cancelled
 
     def _setup(self) -> None:
-        host, port = self._addr
         try:
-            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+            sock = connect(self._addr, CONNECT_TIMEOUT)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise MigrationError(f"Failed to connect to '{host}:{port}': {reason}") from exc
+            raise MigrationError(
+                f"Failed to connect to '{describe(self._addr)}': {reason}"
+            ) from exc
         sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._sock_lock:
             self._sock = sock
         self._check_cancel()

@@ -238,7 +238,10 @@ class P2PMigration:
             tunnel.check()  # a broken tunnel is the real cause
             raise
         finally:
-            await tunnel.close()
+            if tunnel.drained:  # every byte is at the destination: the stream ends by itself
+                self.ctx.spawn(tunnel.linger(self.ctx.config.rpc_timeout))
+            else:
+                await tunnel.close()
         return cookie
 
     async def run(self) -> P2PResult:

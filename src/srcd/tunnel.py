@@ -88,6 +88,8 @@ class SourceTunnel:
         self._acked = 0  # bytes the destination handed to its emulator (credit)
         self._credit = asyncio.Event()
         self._credit_open = self._framing.credit
+        self._written = False  # every byte from the emulator went to gRPC, then EOF
+        self.drained = False  # drain() saw every byte handed over, the stream still open
         self._deadline_s = deadline_s
         self._listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -141,6 +143,8 @@ class SourceTunnel:
                 await tunnelwire.relay(tunnelwire.socket_chunks(loop, conn), send)
                 await call.write(framing.eof())
                 await call.done_writing()
+                self._written = True
+                self._credit.set()  # drain() may be waiting for this
                 await down
             finally:
                 down.cancel()
@@ -189,7 +193,10 @@ class SourceTunnel:
         sent, credited, started = self.bytes_up, self._acked, time.monotonic()
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(self._task)
+                if self._framing.credit:
+                    await self._delivered(self._task)
+                else:
+                    await asyncio.shield(self._task)
         except TimeoutError:
             log.warning("tunnel_drain_timeout", migration_id=self._mid)
         log.info(
@@ -200,6 +207,30 @@ class SourceTunnel:
             total=self.bytes_up,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+    async def _delivered(self, task: asyncio.Task[None]) -> None:
+        """With credit: until the destination reports every byte handed to the incoming
+        emulator (or the stream ended). The stream itself ends only when that emulator
+        closes its side, which Finish need not wait for: it waits for the emulator's own
+        completion, as in a direct migration."""
+        while not task.done() and not (self._written and self._acked >= self.bytes_up):
+            self._credit.clear()
+            waiter = asyncio.ensure_future(self._credit.wait())
+            try:
+                await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        self.drained = not task.done()
+
+    async def linger(self, timeout: float) -> None:
+        """After a drain by credit: let the stream end by itself (the incoming emulator
+        closes it), for at most ``timeout`` seconds, then close. Tearing it down at once
+        could reset a connection whose last bytes the emulator has not read yet."""
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._task)
+        await self.close()
 
     async def close(self) -> None:
         if self._listener is not None:

@@ -681,3 +681,27 @@ MIB = 1 << 20
 )
 def test_precopy_policy(stats: PassStats, auto: bool, throttle: int, expected: Decision) -> None:
     assert decide(stats, Parameters(), auto, throttle) == expected
+
+
+def test_migration_over_a_unix_socket(lab: Lab) -> None:
+    """unix:PATH on both sides, as QEMU takes it (dstd's tunnelled incoming uses it)."""
+    path = str(lab.tmp / "in.sock")
+    src = lab.start("src", "-seed", "3", "-dirty-rate", "1000", mib=16)
+    dst = lab.start("dst", "-incoming", f"unix:{path}", mib=16)
+
+    async def body() -> None:
+        s, d = await src.connect(), await dst.connect()
+        info = await d.ok("query-migrate")
+        assert info["socket-address"] == [{"type": "unix", "path": path}]
+        await s.ok("migrate", uri="unix:/nonexistent/x.sock")
+        info = await wait_migration(s)
+        assert info["status"] == "failed"
+        assert info["error-desc"].startswith("Failed to connect to '/nonexistent/x.sock'")
+        await s.ok("migrate", uri=f"unix:{path}")
+        info = await wait_migration(s)
+        assert info["status"] == "completed", info
+        assert await status(d) == "running"
+        here, there = await s.ok("x-simvm-checksum"), await d.ok("x-simvm-checksum")
+        assert there["source-sha256"] == here["sha256"]
+
+    lab.run(body())
