@@ -45,11 +45,8 @@ class DomainDef:
 
 def validate_name(name: str) -> None:
     """Refuse names libvirt refuses, and names that could be taken for paths."""
-    if not name.strip():
+    if not name:
         raise XMLError("missing name information")
-    if name != name.strip():
-        # the parser strips a name: the definition would come back under another one
-        raise XMLError(f"domain name {name!r} must not begin or end with whitespace")
     if "/" in name:
         raise XMLError(f"name {name} cannot contain '/'")
     if "\n" in name:
@@ -61,6 +58,11 @@ def validate_name(name: str) -> None:
         raise XMLError(f"name {name!r} contains a character XML cannot carry")
     if len(name.encode("utf-8")) > 1024:
         raise XMLError("domain name is longer than 1024 bytes")
+    if not name.strip():
+        raise XMLError("missing name information")
+    if name != name.strip():
+        # the parser strips a name: the definition would come back under another one
+        raise XMLError(f"domain name {name!r} must not begin or end with whitespace")
 
 
 def canonical_uuid(text: str) -> str:

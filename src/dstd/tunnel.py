@@ -95,9 +95,13 @@ async def _pump(
             if isinstance(item, Exception):
                 raise item
             yield item
-        yield wrap(tunnelwire.EOF)
-        with contextlib.suppress(OSError):  # the emulator went away: Finish will tell
+        try:
             await up
+        except OSError as exc:
+            # it closed before taking every byte (on a unix socket the writer hears of it,
+            # not the reader): the same failure as a reset seen while reading
+            raise OperationFailed(f"incoming emulator closed the tunnel: {exc}") from exc
+        yield wrap(tunnelwire.EOF)
     finally:
         up.cancel()
         down.cancel()
