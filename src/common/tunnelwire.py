@@ -37,13 +37,16 @@ EOF = b""
 # frame is FRAME_DATA + the emulator's bytes; a credit frame is FRAME_CREDIT + the total
 # bytes handed to the incoming emulator so far (8 bytes, big-endian); EOF stays empty.
 # srcd keeps at most CREDIT_WINDOW bytes sent but not yet handed over: without a bound,
-# gRPC's buffers and windows could hold tens of MiB, all of which crosses after the source
-# emulator's switch-over, with the guest paused (measured: tails of 35-130 ms).
+# gRPC's buffers and windows may hold many MiB, all of which must cross after the source
+# emulator's switch-over, with the guest paused; and with credit srcd knows when every
+# byte is over, so Finish need not wait for the stream to close. 8 MiB: 4 MiB stalled the
+# pipeline (dstd's relay alone holds up to 3 MiB), and 8 MiB gave the shortest pauses and
+# the best throughput of 4, 8 and no credit (bench_live, docs/PERFORMANCE.md).
 CREDIT_FEATURE = "TUNNEL_CREDIT"
 CREDIT_KEY = "vmmigrate-tunnel-credit"
 FRAME_DATA = b"\x00"
 FRAME_CREDIT = b"\x01"
-CREDIT_WINDOW = 4 * 1024 * 1024
+CREDIT_WINDOW = 8 * 1024 * 1024
 
 
 def credit_frame(delivered: int) -> bytes:
