@@ -59,18 +59,25 @@ async def _pump(
     with ``credit``, also a credit message (the total handed to the emulator) after each
     chunk (common/tunnelwire.py). Ends after the emulator closed its side and every
     incoming byte was delivered."""
-    received = 0
+    received = credited = 0
     out: asyncio.Queue[Any] = asyncio.Queue()  # the emulator sends back next to nothing
+
+    def give_credit() -> None:
+        nonlocal credited
+        if credit is not None and received > credited:
+            out.put_nowait(credit(received))
+            credited = received
 
     async def deliver(data: bytes) -> None:
         nonlocal received
         await loop.sock_sendall(sock, data)
         received += len(data)
-        if credit is not None:
-            out.put_nowait(credit(received))
+        if received - credited >= tunnelwire.CREDIT_STEP:  # a message per MiB, not per read
+            give_credit()
 
     async def upstream() -> None:
         await tunnelwire.relay(incoming, deliver)
+        give_credit()  # the rest: the source waits for every byte to be credited
         tunnelwire.shutdown_write(sock)
 
     async def downstream() -> None:
@@ -101,6 +108,10 @@ async def _pump(
             # it closed before taking every byte (on a unix socket the writer hears of it,
             # not the reader): the same failure as a reset seen while reading
             raise OperationFailed(f"incoming emulator closed the tunnel: {exc}") from exc
+        while not out.empty():  # credit given after the emulator closed its side
+            item = out.get_nowait()
+            if item is not _DONE and not isinstance(item, Exception):
+                yield item
         yield wrap(tunnelwire.EOF)
     finally:
         up.cancel()
