@@ -56,9 +56,9 @@ async def _pump(
     credit: Callable[[int], Any] | None = None,
 ) -> AsyncGenerator[Any, None]:
     """Carry ``incoming`` (b"" = EOF) to the emulator, and what it sends back out, wrapped;
-    with ``credit``, also a credit message (the total handed to the emulator) after each
-    chunk (common/tunnelwire.py). Ends after the emulator closed its side and every
-    incoming byte was delivered."""
+    with ``credit``, also a credit message (the total handed to the emulator) once per
+    CREDIT_STEP and at the end (common/tunnelwire.py). Ends after the emulator closed its
+    side and every incoming byte was delivered."""
     received = credited = 0
     out: asyncio.Queue[Any] = asyncio.Queue()  # the emulator sends back next to nothing
 
