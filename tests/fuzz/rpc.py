@@ -602,27 +602,37 @@ def tunnel_case(lab: Lab, data: st.DataObject) -> str:
         lab.unary(lab.b.dst, DD, "PrepareTunnel", req)
         if chunks:
             chunks[0].migration_id = mid
-    before = lab.snapshot()
     call = lab.channels[lab.b.dst].stream_stream(
         "/vmmigrate.v1.MigrationDestinationService/Tunnel",
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=pb.TunnelChunk.FromString,
     )
+
+    def consume() -> None:
+        for _ in call(iter(chunks), timeout=RPC_TIMEOUT):
+            pass
+
+    return stream_and_check(lab, "Tunnel", consume)
+
+
+def stream_and_check(lab: Lab, what: str, consume: Callable[[], None]) -> str:
+    """Run one streaming call (``consume``); the answer must be clean and the state as
+    before it, then as the baseline once the lab has reconciled."""
+    before = lab.snapshot()
     lab.inputs += 1
     code = "OK"
     try:
         try:
-            for _ in call(iter(chunks), timeout=RPC_TIMEOUT):
-                pass
+            consume()
         except grpc.RpcError as err:
             lab.alive()
-            check_status(err, "Tunnel")
+            check_status(err, what)
             code = err.code().name
         lab.alive()
-        lab.settle(before, f"Tunnel answered {code}")
+        lab.settle(before, f"{what} answered {code}")
     finally:
         lab.recover()
-    lab.settle(lab.baseline, f"Tunnel answered {code}, then reconcile")
+    lab.settle(lab.baseline, f"{what} answered {code}, then reconcile")
     return code
 
 
@@ -648,24 +658,14 @@ def tunnel_bytes_case(lab: Lab, data: st.DataObject) -> str:
     metadata = [(tunnelwire.MIGRATION_ID_KEY, mid)] if mid.isascii() and mid.isprintable() else []
     if credit is not None:
         metadata.append((tunnelwire.CREDIT_KEY, credit))
-    before = lab.snapshot()
     call = lab.channels[lab.b.dst].stream_stream(tunnelwire.METHOD)
-    lab.inputs += 1
-    code = "OK"
-    try:
-        try:
-            for msg in call(iter(messages), metadata=metadata, timeout=RPC_TIMEOUT):
-                if credit == "1" and msg:
-                    tunnelwire.parse_frame(msg)  # raises on a malformed frame
-        except grpc.RpcError as err:
-            lab.alive()
-            check_status(err, "TunnelBytes")
-            code = err.code().name
-        except ValueError as exc:
-            raise Crash(f"TunnelBytes: a malformed frame back: {exc}") from exc
-        lab.alive()
-        lab.settle(before, f"TunnelBytes answered {code}")
-    finally:
-        lab.recover()
-    lab.settle(lab.baseline, f"TunnelBytes answered {code}, then reconcile")
-    return code
+
+    def consume() -> None:
+        for msg in call(iter(messages), metadata=metadata, timeout=RPC_TIMEOUT):
+            if credit == "1" and msg:
+                try:
+                    tunnelwire.parse_frame(msg)
+                except ValueError as exc:
+                    raise Crash(f"TunnelBytes: a malformed frame back: {exc}") from exc
+
+    return stream_and_check(lab, "TunnelBytes", consume)

@@ -41,6 +41,24 @@ def test_tunnel_streams_refuse_an_unknown_migration(hosts: tuple[Host, Host]) ->
         assert err.value.details() == "empty tunnel stream"
 
 
+def forward_unary(channel: grpc.Channel, method: str, hide: str | None) -> Any:
+    """A handler passing one unary method on to the real dstd; ``hide`` is a capability
+    feature left out of GetCapabilities' answer (playing an older dstd)."""
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            reply: bytes = channel.unary_unary(method)(request, timeout=60)
+        except grpc.RpcError as exc:
+            context.abort(exc.code(), exc.details())
+        if hide is not None and method.endswith("/GetCapabilities"):
+            caps = pb.CapabilitiesResponse.FromString(reply)
+            caps.features.remove(hide)
+            reply = caps.SerializeToString()
+        return reply
+
+    return grpc.unary_unary_rpc_method_handler(unary)
+
+
 class OldDestination(grpc.GenericRpcHandler):
     """A dstd that predates TunnelBytes: forwards the proto's methods to a real dstd, leaves
     TUNNEL_BYTES out of its capabilities and does not serve TunnelBytes."""
@@ -56,18 +74,7 @@ class OldDestination(grpc.GenericRpcHandler):
         if method.endswith("/Tunnel"):
             return grpc.stream_stream_rpc_method_handler(self._tunnel)
 
-        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
-            try:
-                reply: bytes = self.channel.unary_unary(method)(request, timeout=60)
-            except grpc.RpcError as exc:
-                context.abort(exc.code(), exc.details())
-            if method.endswith("/GetCapabilities"):
-                caps = pb.CapabilitiesResponse.FromString(reply)
-                caps.features.remove(tunnelwire.FEATURE)
-                reply = caps.SerializeToString()
-            return reply
-
-        return grpc.unary_unary_rpc_method_handler(unary)
+        return forward_unary(self.channel, method, hide=tunnelwire.FEATURE)
 
     def _tunnel(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         self.tunnels += 1
@@ -122,18 +129,9 @@ class CreditWatcher(grpc.GenericRpcHandler):
         if not method.startswith(DEST_SERVICE):
             return None
 
-        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
-            try:
-                reply: bytes = self.channel.unary_unary(method)(request, timeout=60)
-            except grpc.RpcError as exc:
-                context.abort(exc.code(), exc.details())
-            if method.endswith("/GetCapabilities") and not self.credit:
-                caps = pb.CapabilitiesResponse.FromString(reply)
-                caps.features.remove(tunnelwire.CREDIT_FEATURE)
-                reply = caps.SerializeToString()
-            return reply
-
-        return grpc.unary_unary_rpc_method_handler(unary)
+        return forward_unary(
+            self.channel, method, hide=None if self.credit else tunnelwire.CREDIT_FEATURE
+        )
 
     def _carry(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         md = dict(context.invocation_metadata())
