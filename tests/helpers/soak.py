@@ -42,10 +42,12 @@ class SoakCounts:
     invariant_violations: int = 0
     violations: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    tunnelled: int = 0  # live p2p migrations sent --tunnelled
 
     def summary(self) -> str:
         return (
-            f"migrations attempted {self.attempted}, succeeded {self.succeeded}, "
+            f"migrations attempted {self.attempted} ({self.tunnelled} tunnelled), "
+            f"succeeded {self.succeeded}, "
             f"failed cleanly {self.failed_cleanly}, faults injected {self.faults_injected} "
             f"(daemon crashes {self.crashes}), invariant violations "
             f"{self.invariant_violations}, in {self.seconds:.0f} s"
@@ -201,11 +203,13 @@ class Soak:
 
     # ------------------------------------------------------------------ migrations
 
-    def migrate(self, d: Domain, src: Host, dst: Host, p2p: bool) -> bool:
+    def migrate(self, d: Domain, src: Host, dst: Host, p2p: bool, tunnelled: bool) -> bool:
         args = ["migrate", "--persistent", "--undefinesource",
                 "--live" if d.live else "--offline"]
         if p2p:
             args.append("--p2p")
+        if p2p and d.live and tunnelled:
+            args.append("--tunnelled")
         cmd = [sys.executable, "-m", "migctl", "-c", src.src, *args, d.name, dst.dst]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                            stdin=subprocess.DEVNULL)
@@ -223,12 +227,14 @@ class Soak:
             plan = []
             for d in batch:
                 src = owners[d.name]
-                plan.append((d, src, self.b if src is self.a else self.a, self.rng.random() < 0.5))
+                plan.append((d, src, self.b if src is self.a else self.a,
+                             self.rng.random() < 0.5, self.rng.random() < 0.5))
+            self.counts.tunnelled += sum(1 for d, _, _, p2p, t in plan if p2p and d.live and t)
             with ThreadPoolExecutor(len(plan)) as pool:
                 oks = list(pool.map(lambda p: self.migrate(*p), plan))
             self.counts.attempted += len(plan)
             self.settle()
-            for (d, src, dst, _), ok in zip(plan, oks, strict=True):
+            for (d, src, dst, _, _), ok in zip(plan, oks, strict=True):
                 where = self.check(d)
                 if where is None:
                     where = (self.owner(d) or [src])[0]

@@ -16,3 +16,4 @@ def test_soak_with_random_failpoints(tmp_path: Path) -> None:
     assert counts.attempted == 120
     assert counts.succeeded + counts.failed_cleanly == counts.attempted
     assert counts.faults_injected > 0 and counts.succeeded > 0
+    assert counts.tunnelled > 0  # the tunnel (credit, unix socket) under faults too
