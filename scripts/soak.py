@@ -8,6 +8,7 @@ armed at random; prints the counts, exits 1 on any invariant violation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +26,14 @@ def main() -> int:
     ap.add_argument("--live-domains", type=int, default=4)
     ap.add_argument("--percent", type=float, default=2.0, help="how often each failpoint fires")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workdir", help="keep the hosts' state and logs here (default: a temp dir)")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="vmmigrate-soak-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if a.workdir:
+            tmp = a.workdir
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="vmmigrate-soak-"))
         counts = soak(Path(tmp), migrations=a.migrations, workers=a.workers,
                       n_offline=a.offline_domains, n_live=a.live_domains, percent=a.percent,
                       seed=a.seed)
