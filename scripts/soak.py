@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -34,9 +35,17 @@ def main() -> int:
             Path(tmp).mkdir(parents=True, exist_ok=True)
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="vmmigrate-soak-"))
-        counts = soak(Path(tmp), migrations=a.migrations, workers=a.workers,
-                      n_offline=a.offline_domains, n_live=a.live_domains, percent=a.percent,
-                      seed=a.seed)
+        try:
+            counts = soak(Path(tmp), migrations=a.migrations, workers=a.workers,
+                          n_offline=a.offline_domains, n_live=a.live_domains,
+                          percent=a.percent, seed=a.seed)
+        except BaseException:
+            if not a.workdir:  # keep what a failed soak leaves, to be examined
+                kept = tempfile.mkdtemp(prefix="vmmigrate-soak-failed-")
+                shutil.copytree(tmp, kept, dirs_exist_ok=True, symlinks=True,
+                                ignore=shutil.ignore_patterns("*.qmp", "*.sock", "*.incoming"))
+                print(f"soak failed: state and logs kept in {kept}", file=sys.stderr)
+            raise
     print(counts.summary())
     for v in counts.violations:
         print("violation:", v)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -172,7 +173,16 @@ class Soak:
             if all(h.journal() == [] for h in (self.a, self.b)):
                 return
             if time.monotonic() > end:
-                raise AssertionError("journals not empty after recovery")
+                left = []
+                for h in (self.a, self.b):
+                    for path in h.journal():
+                        try:
+                            rec = json.loads(path.read_text())
+                        except (OSError, ValueError):
+                            rec = {}
+                        left.append(f"{h.name}: {path.name} role={rec.get('role')} "
+                                    f"phase={rec.get('phase')} domain={rec.get('domain_name')}")
+                raise AssertionError(f"journals not empty after recovery: {left}")
             time.sleep(0.05)
 
     def check(self, d: Domain) -> Host | None:
