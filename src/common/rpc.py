@@ -24,6 +24,7 @@ import grpc.aio
 from common.errors import (
     ERROR_CLASS_KEY,
     HostBusy,
+    JobActive,
     PeerUnavailable,
     Timeout,
     VmmigrateError,
@@ -175,11 +176,20 @@ LOST_ANSWER_RETRY = 3.0
 
 
 async def call_retrying(
-    method: Any, request: Any, *, timeout: float, peer: str, what: str, until: float
+    method: Any,
+    request: Any,
+    *,
+    timeout: float,
+    peer: str,
+    what: str,
+    until: float,
+    while_active: bool = False,
 ) -> Any:
     """call(), retried with backoff while the peer is unreachable (UNAVAILABLE or no answer
     before the deadline), until the monotonic time ``until``. Only for RPCs that are
-    idempotent by migration id: a retry returns the first answer."""
+    idempotent by migration id: a retry returns the first answer. ``while_active``: also
+    while the peer says an earlier call for the migration still runs (JobActive; Finish);
+    past ``until`` that is a Timeout: an outcome not known yet, never a failure."""
     delay = 0.1
     while True:
         try:
@@ -187,8 +197,18 @@ async def call_retrying(
         except (PeerUnavailable, Timeout):
             if time.monotonic() + delay >= until:
                 raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        except JobActive as exc:
+            # an earlier call for this migration (whose answer was lost) still runs there:
+            # its outcome is not known yet, so it is not this call's failure; asked again,
+            # the peer answers with that call's answer once it ends
+            if not while_active:
+                raise
+            if time.monotonic() + delay >= until:
+                raise Timeout(
+                    f"{what} '{peer}' is still running an earlier call for this migration"
+                ) from exc
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 async def retry_busy(attempt: Callable[[], Awaitable[T]], deadline: Deadline) -> T:

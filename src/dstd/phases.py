@@ -27,6 +27,7 @@ from common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
 from common.errors import (
     HostBusy,
     InvalidArgument,
+    JobActive,
     NoDomain,
     OperationFailed,
     OperationInvalid,
@@ -296,7 +297,8 @@ async def finish(
     if job.target.name != dest_name:
         raise NoDomain(f"no domain with matching name '{dest_name}'")
     if job.busy and job.phase is Phase.FINISH3:
-        raise OperationInvalid(f"Finish of migration '{migration_id}' is already running")
+        # JobActive, not a failure: the source asks again and gets this Finish's answer
+        raise JobActive(f"Finish of migration '{migration_id}' is already running")
     job.busy = True
     try:
         await ctx.failpoints.hit("dstd.finish.before")

@@ -192,6 +192,7 @@ async def _run(
             peer=dest_address,
             what=DEST,
             until=time.monotonic() + RPC_TIMEOUT,
+            while_active=True,
         )
         if finished.HasField("domain"):
             dest_domain = finished.domain

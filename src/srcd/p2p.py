@@ -169,6 +169,7 @@ class P2PMigration:
             peer=self.dest_uri,
             what=DEST,
             until=time.monotonic() + rpc_timeout,
+            while_active=True,
         )
         return response
 

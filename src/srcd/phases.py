@@ -17,7 +17,7 @@ import structlog
 
 from common.cookie import ACCEPT_CONFIRM, CookieFlag, MigrationCookie, format_cookie, parse_cookie
 from common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
-from common.errors import OperationInvalid, PeerUnavailable, Timeout, VmmigrateError
+from common.errors import JobActive, OperationInvalid, PeerUnavailable, Timeout, VmmigrateError
 from common.flags import MigrateFlag, check_begin_flags
 from common.phase import Phase
 from common.rpc import Deadline
@@ -313,7 +313,7 @@ def settle_later(ctx: SourceContext, job: SourceJob, ask: AskFinish) -> asyncio.
         while True:
             try:
                 finished = await ask()
-            except (PeerUnavailable, Timeout):
+            except (PeerUnavailable, Timeout, JobActive):  # JobActive: a Finish still runs
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
