@@ -109,9 +109,7 @@ async def _pump(
             # not the reader): the same failure as a reset seen while reading
             raise OperationFailed(f"incoming emulator closed the tunnel: {exc}") from exc
         while not out.empty():  # credit given after the emulator closed its side
-            item = out.get_nowait()
-            if item is not _DONE and not isinstance(item, Exception):
-                yield item
+            yield out.get_nowait()
         yield wrap(tunnelwire.EOF)
     finally:
         up.cancel()
