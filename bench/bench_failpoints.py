@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from common.failpoints import ALL_FAILPOINTS, Failpoints
+from vmmigrate.common.failpoints import ALL_FAILPOINTS, Failpoints
 
 N = 500_000
 

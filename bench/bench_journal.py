@@ -17,9 +17,8 @@ import uuid
 from pathlib import Path
 
 import structlog
-
-from common.domainxml import parse_domain
-from common.store import HostStore, JobRecord, MigrationOutcome
+from vmmigrate.common.domainxml import parse_domain
+from vmmigrate.common.store import HostStore, JobRecord, MigrationOutcome
 
 XML = """<domain type='kvm'><name>{n}</name><uuid>{u}</uuid><memory unit='MiB'>64</memory>
 <vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"""

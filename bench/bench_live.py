@@ -71,8 +71,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers.hosts import Host  # noqa: E402
+from vmmigrate.common.flags import MigrateFlag  # noqa: E402
 
-from common.flags import MigrateFlag  # noqa: E402
 from vmmigrate.v1 import vmmigrate_pb2 as pb  # noqa: E402
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -674,7 +674,7 @@ def parse_jobinfo(text: str) -> dict[str, Any]:
 
 def migctl_argv(address: str, *args: str) -> list[str]:
     exe = Path(sys.executable).parent / "migctl"
-    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "migctl"]
+    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "vmmigrate.migctl"]
     return [*head, "-c", address, *args]
 
 
@@ -982,7 +982,7 @@ def collapse_top(path: Path, top: int = 12) -> dict[str, Any]:
 
 def migctl_imports(address: str, name: str, top: int = 10) -> dict[str, Any]:
     """migctl's start-up: ``python -X importtime``, the costliest imports (cumulative)."""
-    argv = [sys.executable, "-X", "importtime", "-m", "migctl", "-c", address, "domstate", name]
+    argv = [sys.executable, "-X", "importtime", "-m", "vmmigrate.migctl", "-c", address, "domstate", name]
     t0 = time.perf_counter()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     wall = time.perf_counter() - t0

@@ -51,10 +51,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers.hosts import Host, sample_domain_xml  # noqa: E402
+from vmmigrate.common.flags import MigrateFlag  # noqa: E402
+from vmmigrate.common.rpc import Deadline  # noqa: E402
+from vmmigrate.migctl import managed  # noqa: E402
 
-from common.flags import MigrateFlag  # noqa: E402
-from common.rpc import Deadline  # noqa: E402
-from migctl import managed  # noqa: E402
 from vmmigrate.v1 import vmmigrate_pb2 as pb  # noqa: E402
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc  # noqa: E402
 

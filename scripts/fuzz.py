@@ -44,10 +44,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # tests/ first: its package "fuzz" must win over this script's own name.
-sys.path[:] = [str(ROOT / "tests"), str(ROOT / "src")] + [
+sys.path[:] = [str(ROOT / "tests")] + [
     p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"
 ]
-os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))  # the daemons run this tree too
 
 
 @dataclass
@@ -143,7 +142,7 @@ def atheris_child(target: str) -> None:
     import atheris
 
     with atheris.instrument_imports():
-        from common import cookie, domainxml, xmlsafe  # noqa: F401
+        from vmmigrate.common import cookie, domainxml, xmlsafe  # noqa: F401
     from fuzz import parsers as P
 
     if target == "domain":

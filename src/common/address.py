@@ -7,7 +7,7 @@ address.
 
 from __future__ import annotations
 
-from common.errors import InvalidArgument
+from vmmigrate.common.errors import InvalidArgument
 
 DEFAULT_SRCD_PORT = 7301
 DEFAULT_DSTD_PORT = 7302

@@ -3,8 +3,8 @@ checked from its capabilities before Begin, with libvirt's texts."""
 
 from __future__ import annotations
 
-from common.errors import ArgumentUnsupported
-from common.flags import MigrateFlag
+from vmmigrate.common.errors import ArgumentUnsupported
+from vmmigrate.common.flags import MigrateFlag
 
 PROTOCOL_VERSION = 3
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 # re-exported: the daemons name them from here; migctl imports common.address alone
-from common.address import DEFAULT_DSTD_PORT as DEFAULT_DSTD_PORT  # noqa: PLC0414
-from common.address import DEFAULT_SRCD_PORT as DEFAULT_SRCD_PORT  # noqa: PLC0414
-from common.address import format_hostport as format_hostport  # noqa: PLC0414
-from common.address import parse_hostport as parse_hostport  # noqa: PLC0414
-from common.errors import InvalidArgument
+from vmmigrate.common.address import DEFAULT_DSTD_PORT as DEFAULT_DSTD_PORT  # noqa: PLC0414
+from vmmigrate.common.address import DEFAULT_SRCD_PORT as DEFAULT_SRCD_PORT  # noqa: PLC0414
+from vmmigrate.common.address import format_hostport as format_hostport  # noqa: PLC0414
+from vmmigrate.common.address import parse_hostport as parse_hostport  # noqa: PLC0414
+from vmmigrate.common.errors import InvalidArgument
 
 
 @dataclasses.dataclass(frozen=True)

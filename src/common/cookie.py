@@ -37,9 +37,8 @@ import uuid as uuidlib
 from dataclasses import dataclass
 
 from lxml import etree
-
-from common.errors import CookieError, SameHost
-from common.xmlsafe import DEFAULT_MAX_DEPTH, parse_untrusted
+from vmmigrate.common.errors import CookieError, SameHost
+from vmmigrate.common.xmlsafe import DEFAULT_MAX_DEPTH, parse_untrusted
 
 __all__ = [
     "ACCEPT_CONFIRM",

@@ -17,13 +17,12 @@ import grpc.aio
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-
-from common.config import DaemonConfig, add_common_options, load_config
-from common.decodeguard import DecodeGuard
-from common.errors import VmmigrateError
-from common.failpoints import ENV_VAR, SEED_VAR, Failpoints
-from common.log import setup_logging
-from common.rpc import SERVER_OPTIONS_BASE, message_size_options, status_of
+from vmmigrate.common.config import DaemonConfig, add_common_options, load_config
+from vmmigrate.common.decodeguard import DecodeGuard
+from vmmigrate.common.errors import VmmigrateError
+from vmmigrate.common.failpoints import ENV_VAR, SEED_VAR, Failpoints
+from vmmigrate.common.log import setup_logging
+from vmmigrate.common.rpc import SERVER_OPTIONS_BASE, message_size_options, status_of
 
 ServerFactory = Callable[[DaemonConfig], contextlib.AbstractAsyncContextManager[Any]]
 

@@ -17,9 +17,8 @@ from typing import Any
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
-
-from common.errors import InvalidArgument
-from common.rpc import status_of
+from vmmigrate.common.errors import InvalidArgument
+from vmmigrate.common.rpc import status_of
 
 
 def _decode(deserializer: Callable[[bytes], Any], raw: bytes, method: str) -> Any:

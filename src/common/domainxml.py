@@ -13,9 +13,8 @@ import re
 import uuid as uuidlib
 
 from lxml import etree
-
-from common.errors import OperationInvalid, XMLError
-from common.xmlsafe import parse_untrusted
+from vmmigrate.common.errors import OperationInvalid, XMLError
+from vmmigrate.common.xmlsafe import parse_untrusted
 
 DEFAULT_MAX_XML_BYTES = 4 * 1024 * 1024
 

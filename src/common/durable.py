@@ -26,7 +26,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.errors import StorageError, StorageFull
+from vmmigrate.common.errors import StorageError, StorageFull
 
 TEMP_PREFIX = ".tmp-"
 

@@ -20,8 +20,7 @@ import random
 import re
 
 import structlog
-
-from common.errors import InvalidArgument, OperationFailed
+from vmmigrate.common.errors import InvalidArgument, OperationFailed
 
 log = structlog.get_logger("vmmigrate.failpoints")
 

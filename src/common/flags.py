@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from common.errors import ArgumentUnsupported, OperationInvalid, UnsupportedFlags
+from vmmigrate.common.errors import ArgumentUnsupported, OperationInvalid, UnsupportedFlags
 
 
 class MigrateFlag(enum.IntFlag):

@@ -30,11 +30,10 @@ from typing import Any, Protocol
 
 import structlog
 from lxml import etree
-
-from common.domainxml import DomainDef
-from common.durable import atomic_write, durable_unlink
-from common.errors import InvalidArgument, OperationFailed, OperationInvalid
-from common.qmp import QMPClient, QMPError, QMPExecuteError
+from vmmigrate.common.domainxml import DomainDef
+from vmmigrate.common.durable import atomic_write, durable_unlink
+from vmmigrate.common.errors import InvalidArgument, OperationFailed, OperationInvalid
+from vmmigrate.common.qmp import QMPClient, QMPError, QMPExecuteError
 
 log = structlog.get_logger("vmmigrate.hypervisor")
 
@@ -188,7 +187,7 @@ def build_argv(
             if d.emulator and os.path.isabs(d.emulator) and os.access(d.emulator, os.X_OK)
             else ""
         )
-        head = [exe] if exe else [sys.executable, "-m", "simvm"]
+        head = [exe] if exe else [sys.executable, "-m", "vmmigrate.simvm"]
         extra = ["-dirty-rate", str(settings.simvm_dirty_rate)] if settings.simvm_dirty_rate else []
         return head + common + extra
     binary = d.emulator or settings.qemu_binary

@@ -5,8 +5,7 @@ from __future__ import annotations
 import enum
 
 import structlog
-
-from common.errors import OperationInvalid
+from vmmigrate.common.errors import OperationInvalid
 
 log = structlog.get_logger("vmmigrate.phase")
 

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-
-from common.errors import OperationFailed
+from vmmigrate.common.errors import OperationFailed
 
 log = structlog.get_logger("vmmigrate.qmp")
 

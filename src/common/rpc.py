@@ -20,8 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-
-from common.errors import (
+from vmmigrate.common.errors import (
     ERROR_CLASS_KEY,
     HostBusy,
     JobActive,

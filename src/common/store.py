@@ -74,22 +74,21 @@ from types import TracebackType
 from typing import Any
 
 import structlog
-
-from common.domainxml import (
+from vmmigrate.common.domainxml import (
     DEFAULT_MAX_XML_BYTES,
     DomainDef,
     canonical_uuid,
     parse_domain,
     validate_name,
 )
-from common.durable import (
+from vmmigrate.common.durable import (
     TEMP_PREFIX,
     atomic_write,
     clean_temp_files,
     durable_unlink,
     storage_error,
 )
-from common.errors import (
+from vmmigrate.common.errors import (
     DomainExists,
     InvalidArgument,
     JobActive,

@@ -7,8 +7,7 @@ network, the size and the nesting depth are bounded, and the text must be UTF-8.
 from __future__ import annotations
 
 from lxml import etree
-
-from common.errors import InvalidArgument
+from vmmigrate.common.errors import InvalidArgument
 
 DEFAULT_MAX_DEPTH = 64
 

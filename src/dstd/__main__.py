@@ -1,3 +1,3 @@
-from dstd.main import main
+from vmmigrate.dstd.main import main
 
 main()

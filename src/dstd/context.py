@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from common.config import DaemonConfig
-from common.failpoints import Failpoints
-from common.hypervisor import QMPHypervisor
-from common.store import HostStore
-from dstd.incoming import IncomingTable
-from dstd.ports import PortAllocator
-from dstd.results import FinishResults, PrepareAnswers
+from vmmigrate.common.config import DaemonConfig
+from vmmigrate.common.failpoints import Failpoints
+from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.store import HostStore
+from vmmigrate.dstd.incoming import IncomingTable
+from vmmigrate.dstd.ports import PortAllocator
+from vmmigrate.dstd.results import FinishResults, PrepareAnswers
 
 
 @dataclasses.dataclass

@@ -17,15 +17,14 @@ import time
 from collections.abc import Callable
 
 import structlog
-
-from common.domainxml import DomainDef
-from common.errors import OperationInvalid
-from common.flags import MigrateFlag
-from common.hypervisor import QMPHypervisor
-from common.phase import Phase, advance
-from common.rpc import Deadline
-from common.store import HostStore, JobRecord
-from dstd.ports import PortAllocator
+from vmmigrate.common.domainxml import DomainDef
+from vmmigrate.common.errors import OperationInvalid
+from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.phase import Phase, advance
+from vmmigrate.common.rpc import Deadline
+from vmmigrate.common.store import HostStore, JobRecord
+from vmmigrate.dstd.ports import PortAllocator
 
 log = structlog.get_logger("vmmigrate.dstd.incoming")
 

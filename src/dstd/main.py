@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.config import DEFAULT_DSTD_PORT
-from common.daemon import daemon_main
-from common.failpoints import DSTD_FAILPOINTS
-from dstd.server import running_server
+from vmmigrate.common.config import DEFAULT_DSTD_PORT
+from vmmigrate.common.daemon import daemon_main
+from vmmigrate.common.failpoints import DSTD_FAILPOINTS
+from vmmigrate.dstd.server import running_server
 
 
 def _options(ap: argparse.ArgumentParser) -> None:

@@ -14,17 +14,16 @@ import time
 from collections.abc import AsyncIterator
 
 import structlog
-
-from common.config import format_hostport, parse_hostport
-from common.cookie import (
+from vmmigrate.common.config import format_hostport, parse_hostport
+from vmmigrate.common.cookie import (
     ACCEPT_FINISH,
     ACCEPT_PREPARE,
     MigrationCookie,
     format_cookie,
     parse_cookie,
 )
-from common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
-from common.errors import (
+from vmmigrate.common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
+from vmmigrate.common.errors import (
     HostBusy,
     InvalidArgument,
     JobActive,
@@ -32,19 +31,20 @@ from common.errors import (
     OperationFailed,
     OperationInvalid,
 )
-from common.flags import MigrateFlag, check_prepare_flags
-from common.phase import Phase
-from common.qmp import QMPError
-from common.rpc import Deadline
-from common.store import (
+from vmmigrate.common.flags import MigrateFlag, check_prepare_flags
+from vmmigrate.common.phase import Phase
+from vmmigrate.common.qmp import QMPError
+from vmmigrate.common.rpc import Deadline
+from vmmigrate.common.store import (
     OUTCOME_CANCELLED,
     OUTCOME_FINISHED,
     JobRecord,
     MigrationOutcome,
     validate_migration_id,
 )
-from dstd.context import DestinationContext
-from dstd.incoming import IncomingJob
+from vmmigrate.dstd.context import DestinationContext
+from vmmigrate.dstd.incoming import IncomingJob
+
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.dstd.phases")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from common.errors import HostBusy
+from vmmigrate.common.errors import HostBusy
 
 
 class PortAllocator:

@@ -26,14 +26,13 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-
-from common.domainxml import parse_domain
-from common.errors import VmmigrateError
-from common.flags import MigrateFlag
-from common.hypervisor import QMPHypervisor
-from common.phase import Phase
-from common.qmp import QMPError
-from common.store import (
+from vmmigrate.common.domainxml import parse_domain
+from vmmigrate.common.errors import VmmigrateError
+from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.phase import Phase
+from vmmigrate.common.qmp import QMPError
+from vmmigrate.common.store import (
     OUTCOME_CANCELLED,
     OUTCOME_FINISHED,
     HostStore,

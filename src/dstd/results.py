@@ -13,8 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from common.errors import OperationInvalid
-from common.store import HostStore, MigrationOutcome
+from vmmigrate.common.errors import OperationInvalid
+from vmmigrate.common.store import HostStore, MigrationOutcome
+
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 RESULT_TTL = 600.0  # seconds an in-memory answer is kept for retries

@@ -16,24 +16,24 @@ from typing import Any
 import grpc
 import grpc.aio
 import structlog
+from vmmigrate.common import tunnelwire
+from vmmigrate.common.caps import PROTOCOL_VERSION
+from vmmigrate.common.config import DaemonConfig
+from vmmigrate.common.daemon import abort_with, grpc_server, rpc_handler
+from vmmigrate.common.errors import InvalidArgument, NoDomain, OperationInvalid, VmmigrateError
+from vmmigrate.common.failpoints import Failpoints
+from vmmigrate.common.flags import parse_flags
+from vmmigrate.common.hypervisor import hypervisor_for
+from vmmigrate.common.rpc import Deadline
+from vmmigrate.common.store import HostStore, validate_migration_id
+from vmmigrate.dstd import phases
+from vmmigrate.dstd.context import DestinationContext
+from vmmigrate.dstd.incoming import IncomingTable
+from vmmigrate.dstd.ports import PortAllocator
+from vmmigrate.dstd.recovery import recover_incoming_jobs
+from vmmigrate.dstd.results import FinishResults
+from vmmigrate.dstd.tunnel import carry_tunnel, carry_tunnel_bytes
 
-from common import tunnelwire
-from common.caps import PROTOCOL_VERSION
-from common.config import DaemonConfig
-from common.daemon import abort_with, grpc_server, rpc_handler
-from common.errors import InvalidArgument, NoDomain, OperationInvalid, VmmigrateError
-from common.failpoints import Failpoints
-from common.flags import parse_flags
-from common.hypervisor import hypervisor_for
-from common.rpc import Deadline
-from common.store import HostStore, validate_migration_id
-from dstd import phases
-from dstd.context import DestinationContext
-from dstd.incoming import IncomingTable
-from dstd.ports import PortAllocator
-from dstd.recovery import recover_incoming_jobs
-from dstd.results import FinishResults
-from dstd.tunnel import carry_tunnel, carry_tunnel_bytes
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

@@ -16,11 +16,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import structlog
+from vmmigrate.common import tunnelwire
+from vmmigrate.common.errors import InvalidArgument, OperationFailed, OperationInvalid
+from vmmigrate.dstd.context import DestinationContext
+from vmmigrate.dstd.incoming import IncomingJob
 
-from common import tunnelwire
-from common.errors import InvalidArgument, OperationFailed, OperationInvalid
-from dstd.context import DestinationContext
-from dstd.incoming import IncomingJob
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.dstd.tunnel")

@@ -1,3 +1,3 @@
-from migctl.main import main
+from vmmigrate.migctl.main import main
 
 main()

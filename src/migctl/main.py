@@ -14,12 +14,17 @@ import sys
 from typing import Any, NoReturn
 
 import grpc.aio
+from vmmigrate.common.address import (
+    DEFAULT_DSTD_PORT,
+    DEFAULT_SRCD_PORT,
+    format_hostport,
+    parse_hostport,
+)
+from vmmigrate.common.errors import InvalidArgument, VmmigrateError
+from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.common.rpc import Deadline, call, open_channel
+from vmmigrate.migctl import progress
 
-from common.address import DEFAULT_DSTD_PORT, DEFAULT_SRCD_PORT, format_hostport, parse_hostport
-from common.errors import InvalidArgument, VmmigrateError
-from common.flags import MigrateFlag
-from common.rpc import Deadline, call, open_channel
-from migctl import progress
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
@@ -270,7 +275,7 @@ async def _dispatch(a: argparse.Namespace, address: str, channel: grpc.aio.Chann
         else:
             # only client-driven migration needs lxml and the phase sequence: a p2p
             # migrate (the common case) starts faster without them
-            from migctl import managed  # noqa: PLC0415
+            from vmmigrate.migctl import managed  # noqa: PLC0415
 
             migration = managed.migrate(
                 source=pb_grpc.MigrationSourceServiceStub(channel),

@@ -16,10 +16,10 @@ import time
 import uuid
 from typing import Any
 
-from common.caps import check_destination
-from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
-from common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
-from common.rpc import (
+from vmmigrate.common.caps import check_destination
+from vmmigrate.common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
+from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
+from vmmigrate.common.rpc import (
     LOST_ANSWER_RETRY,
     Deadline,
     call,
@@ -27,6 +27,7 @@ from common.rpc import (
     open_channel,
     retry_busy,
 )
+
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

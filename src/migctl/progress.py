@@ -16,8 +16,9 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TextIO, TypeVar
 
-from common.errors import VmmigrateError
-from common.rpc import call
+from vmmigrate.common.errors import VmmigrateError
+from vmmigrate.common.rpc import call
+
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

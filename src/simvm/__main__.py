@@ -2,6 +2,6 @@
 
 import sys
 
-from simvm.main import main
+from vmmigrate.simvm.main import main
 
 sys.exit(main())

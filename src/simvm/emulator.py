@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from simvm.incoming import IncomingMigration
-from simvm.machine import Machine, RunState
-from simvm.migration import (
+from vmmigrate.simvm.incoming import IncomingMigration
+from vmmigrate.simvm.machine import Machine, RunState
+from vmmigrate.simvm.migration import (
     PARAMETER_RANGES,
     RUNNING,
     SUPPORTED_CAPABILITIES,
@@ -23,7 +23,7 @@ from simvm.migration import (
     MigrationStatus,
     Parameters,
 )
-from simvm.outgoing import OutgoingMigration, parse_migration_uri
+from vmmigrate.simvm.outgoing import OutgoingMigration, parse_migration_uri
 
 log = logging.getLogger("simvm.emulator")
 

@@ -27,10 +27,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from simvm import stream
-from simvm.machine import Machine, RunState
-from simvm.migration import Capabilities, EmitFn, MigrationStatus, StatusCell
-from simvm.outgoing import parse_migration_uri
+from vmmigrate.simvm import stream
+from vmmigrate.simvm.machine import Machine, RunState
+from vmmigrate.simvm.migration import Capabilities, EmitFn, MigrationStatus, StatusCell
+from vmmigrate.simvm.outgoing import parse_migration_uri
 
 log = logging.getLogger("simvm.incoming")
 

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from simvm.stream import PAGE_SIZE
+from vmmigrate.simvm.stream import PAGE_SIZE
 
 log = logging.getLogger("simvm.machine")
 

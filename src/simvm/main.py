@@ -22,9 +22,9 @@ import sys
 import uuid as uuidlib
 from typing import NoReturn
 
-from simvm.emulator import Emulator
-from simvm.machine import Machine, RunState
-from simvm.monitor import Monitor
+from vmmigrate.simvm.emulator import Emulator
+from vmmigrate.simvm.machine import Machine, RunState
+from vmmigrate.simvm.monitor import Monitor
 
 log = logging.getLogger("simvm")
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from simvm.emulator import CommandError, Emulator
+from vmmigrate.simvm.emulator import CommandError, Emulator
 
 log = logging.getLogger("simvm.monitor")
 

@@ -37,9 +37,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from simvm import stream
-from simvm.machine import Machine, RunState
-from simvm.migration import (
+from vmmigrate.simvm import stream
+from vmmigrate.simvm.machine import Machine, RunState
+from vmmigrate.simvm.migration import (
     Capabilities,
     EmitFn,
     MigrationStatus,

@@ -1,3 +1,3 @@
-from srcd.main import main
+from vmmigrate.srcd.main import main
 
 main()

@@ -10,16 +10,16 @@ from collections.abc import Coroutine
 from typing import Any
 
 import grpc.aio
+from vmmigrate.common import tunnelwire
+from vmmigrate.common.config import DaemonConfig
+from vmmigrate.common.domainxml import DomainDef, parse_domain
+from vmmigrate.common.errors import HostBusy
+from vmmigrate.common.failpoints import Failpoints
+from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.rpc import open_channel
+from vmmigrate.common.store import HostStore
+from vmmigrate.srcd.jobs import SourceJobTable
 
-from common import tunnelwire
-from common.config import DaemonConfig
-from common.domainxml import DomainDef, parse_domain
-from common.errors import HostBusy
-from common.failpoints import Failpoints
-from common.hypervisor import QMPHypervisor
-from common.rpc import open_channel
-from common.store import HostStore
-from srcd.jobs import SourceJobTable
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 
 import structlog
+from vmmigrate.common.domainxml import DomainDef, parse_domain
+from vmmigrate.common.errors import JobActive, OperationInvalid
+from vmmigrate.common.qmp import QMPExecuteError
+from vmmigrate.srcd.context import SourceContext
 
-from common.domainxml import DomainDef, parse_domain
-from common.errors import JobActive, OperationInvalid
-from common.qmp import QMPExecuteError
-from srcd.context import SourceContext
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.domains")

@@ -14,13 +14,13 @@ import time
 from typing import Any
 
 import structlog
+from vmmigrate.common.domainxml import DomainDef
+from vmmigrate.common.errors import OperationInvalid
+from vmmigrate.common.flags import MigrateFlag, flag_names
+from vmmigrate.common.phase import Phase, advance
+from vmmigrate.common.rpc import Deadline
+from vmmigrate.common.store import HostStore, JobLock, JobRecord
 
-from common.domainxml import DomainDef
-from common.errors import OperationInvalid
-from common.flags import MigrateFlag, flag_names
-from common.phase import Phase, advance
-from common.rpc import Deadline
-from common.store import HostStore, JobLock, JobRecord
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.jobs")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.config import DEFAULT_SRCD_PORT
-from common.daemon import daemon_main
-from common.failpoints import SRCD_FAILPOINTS
-from srcd.server import running_server
+from vmmigrate.common.config import DEFAULT_SRCD_PORT
+from vmmigrate.common.daemon import daemon_main
+from vmmigrate.common.failpoints import SRCD_FAILPOINTS
+from vmmigrate.srcd.server import running_server
 
 
 def _options(ap: argparse.ArgumentParser) -> None:

@@ -18,18 +18,18 @@ import time
 import uuid
 
 import structlog
+from vmmigrate.common import tunnelwire
+from vmmigrate.common.caps import check_destination
+from vmmigrate.common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
+from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag
+from vmmigrate.common.phase import Phase
+from vmmigrate.common.rpc import LOST_ANSWER_RETRY, Deadline, call, call_retrying, retry_busy
+from vmmigrate.srcd import phases
+from vmmigrate.srcd.context import SourceContext
+from vmmigrate.srcd.jobs import SourceJob, SourceParams
+from vmmigrate.srcd.perform import perform_live
+from vmmigrate.srcd.tunnel import SourceTunnel
 
-from common import tunnelwire
-from common.caps import check_destination
-from common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
-from common.flags import SOURCE_ONLY, MigrateFlag
-from common.phase import Phase
-from common.rpc import LOST_ANSWER_RETRY, Deadline, call, call_retrying, retry_busy
-from srcd import phases
-from srcd.context import SourceContext
-from srcd.jobs import SourceJob, SourceParams
-from srcd.perform import perform_live
-from srcd.tunnel import SourceTunnel
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.p2p")

@@ -15,20 +15,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-
-from common.cookie import MigrationCookie, format_cookie
-from common.errors import (
+from vmmigrate.common.cookie import MigrationCookie, format_cookie
+from vmmigrate.common.errors import (
     OperationAborted,
     OperationFailed,
     PeerUnavailable,
     Timeout,
     VmmigrateError,
 )
-from common.flags import MigrateFlag
-from common.phase import Phase
-from common.qmp import QMPError
-from srcd.context import SourceContext
-from srcd.jobs import SourceJob
+from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.common.phase import Phase
+from vmmigrate.common.qmp import QMPError
+from vmmigrate.srcd.context import SourceContext
+from vmmigrate.srcd.jobs import SourceJob
 
 log = structlog.get_logger("vmmigrate.srcd.perform")
 

@@ -14,16 +14,28 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
+from vmmigrate.common.cookie import (
+    ACCEPT_CONFIRM,
+    CookieFlag,
+    MigrationCookie,
+    format_cookie,
+    parse_cookie,
+)
+from vmmigrate.common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
+from vmmigrate.common.errors import (
+    JobActive,
+    OperationInvalid,
+    PeerUnavailable,
+    Timeout,
+    VmmigrateError,
+)
+from vmmigrate.common.flags import MigrateFlag, check_begin_flags
+from vmmigrate.common.phase import Phase
+from vmmigrate.common.rpc import Deadline
+from vmmigrate.common.store import JobRecord, validate_migration_id
+from vmmigrate.srcd.context import SourceContext
+from vmmigrate.srcd.jobs import SourceJob, SourceParams
 
-from common.cookie import ACCEPT_CONFIRM, CookieFlag, MigrationCookie, format_cookie, parse_cookie
-from common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
-from common.errors import JobActive, OperationInvalid, PeerUnavailable, Timeout, VmmigrateError
-from common.flags import MigrateFlag, check_begin_flags
-from common.phase import Phase
-from common.rpc import Deadline
-from common.store import JobRecord, validate_migration_id
-from srcd.context import SourceContext
-from srcd.jobs import SourceJob, SourceParams
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.phases")

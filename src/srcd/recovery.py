@@ -32,16 +32,16 @@ import contextlib
 import time
 
 import structlog
+from vmmigrate.common.domainxml import DomainDef, parse_domain
+from vmmigrate.common.errors import JobActive, VmmigrateError
+from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag
+from vmmigrate.common.phase import Phase
+from vmmigrate.common.qmp import QMPError
+from vmmigrate.common.rpc import Deadline, call
+from vmmigrate.srcd import phases
+from vmmigrate.srcd.context import SourceContext
+from vmmigrate.srcd.jobs import SourceJob, SourceParams
 
-from common.domainxml import DomainDef, parse_domain
-from common.errors import JobActive, VmmigrateError
-from common.flags import SOURCE_ONLY, MigrateFlag
-from common.phase import Phase
-from common.qmp import QMPError
-from common.rpc import Deadline, call
-from srcd import phases
-from srcd.context import SourceContext
-from srcd.jobs import SourceJob, SourceParams
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.recovery")

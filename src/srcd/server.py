@@ -15,22 +15,22 @@ from typing import Any
 import grpc
 import grpc.aio
 import structlog
+from vmmigrate.common.config import DaemonConfig
+from vmmigrate.common.daemon import grpc_server, rpc_handler
+from vmmigrate.common.errors import InvalidArgument, OperationInvalid, VmmigrateError
+from vmmigrate.common.failpoints import Failpoints
+from vmmigrate.common.flags import MigrateFlag, check_api_flags, parse_flags
+from vmmigrate.common.hypervisor import hypervisor_for
+from vmmigrate.common.rpc import Deadline
+from vmmigrate.common.store import HostStore
+from vmmigrate.srcd import phases
+from vmmigrate.srcd.context import OutgoingSlots, PeerPool, SourceContext
+from vmmigrate.srcd.domains import DomainAPI, domain_ref
+from vmmigrate.srcd.jobs import SourceJobTable, SourceParams
+from vmmigrate.srcd.p2p import P2PMigration, new_migration_id
+from vmmigrate.srcd.perform import UNLIMITED_BPS, perform_live
+from vmmigrate.srcd.recovery import expire_parked, recover_source_jobs
 
-from common.config import DaemonConfig
-from common.daemon import grpc_server, rpc_handler
-from common.errors import InvalidArgument, OperationInvalid, VmmigrateError
-from common.failpoints import Failpoints
-from common.flags import MigrateFlag, check_api_flags, parse_flags
-from common.hypervisor import hypervisor_for
-from common.rpc import Deadline
-from common.store import HostStore
-from srcd import phases
-from srcd.context import OutgoingSlots, PeerPool, SourceContext
-from srcd.domains import DomainAPI, domain_ref
-from srcd.jobs import SourceJobTable, SourceParams
-from srcd.p2p import P2PMigration, new_migration_id
-from srcd.perform import UNLIMITED_BPS, perform_live
-from srcd.recovery import expire_parked, recover_source_jobs
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

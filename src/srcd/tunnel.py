@@ -21,10 +21,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import structlog
+from vmmigrate.common import tunnelwire
+from vmmigrate.common.errors import OperationFailed
+from vmmigrate.common.rpc import translate
 
-from common import tunnelwire
-from common.errors import OperationFailed
-from common.rpc import translate
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.tunnel")

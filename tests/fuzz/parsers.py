@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from hypothesis import strategies as st
-
-from common.cookie import (
+from vmmigrate.common.cookie import (
     ACCEPT_CONFIRM,
     ACCEPT_FINISH,
     ACCEPT_PERFORM,
@@ -31,8 +30,8 @@ from common.cookie import (
     format_cookie,
     parse_cookie,
 )
-from common.domainxml import canonical, parse_domain, rename
-from common.errors import CookieError, VmmigrateError
+from vmmigrate.common.domainxml import canonical, parse_domain, rename
+from vmmigrate.common.errors import CookieError, VmmigrateError
 
 T = TypeVar("T")
 
@@ -284,7 +283,7 @@ def _as_str(data: bytes) -> str | None:
 
 
 def _check_domain(d: object) -> None:
-    from common.domainxml import DomainDef
+    from vmmigrate.common.domainxml import DomainDef
 
     assert isinstance(d, DomainDef)
     if not d.name or "/" in d.name or d.name in (".", "..") or "\n" in d.name:

@@ -40,11 +40,11 @@ from google.protobuf import descriptor as pbd
 from google.protobuf.message import Message
 from helpers.hosts import Host, sample_domain_xml
 from hypothesis import strategies as st
+from vmmigrate.common import tunnelwire
+from vmmigrate.common.cookie import MigrationCookie, format_cookie
+from vmmigrate.common.errors import ERROR_CLASS_KEY
+from vmmigrate.common.flags import MigrateFlag
 
-from common import tunnelwire
-from common.cookie import MigrationCookie, format_cookie
-from common.errors import ERROR_CLASS_KEY
-from common.flags import MigrateFlag
 from fuzz.parsers import FRAGMENTS, Crash, mutated
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 

@@ -48,7 +48,7 @@ class Daemon:
         self.log_path = host.workdir / f"{kind}.log"
         self.address = ""
         args = [
-            sys.executable, "-m", kind,
+            sys.executable, "-m", f"vmmigrate.{kind}",
             "--listen", f"{host.ip}:{port}",
             "--state-dir", str(host.state_dir),
             "--log-format", "json",
@@ -193,7 +193,7 @@ class Host:
                 time.sleep(0.01)
 
     def migctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "migctl", "-c", self.src, *args]
+        cmd = [sys.executable, "-m", "vmmigrate.migctl", "-c", self.src, *args]
         r = subprocess.run(
             self.prefix + cmd, capture_output=True, text=True, timeout=timeout,
             stdin=subprocess.DEVNULL,

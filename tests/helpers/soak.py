@@ -25,7 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common.failpoints import DSTD_FAILPOINTS, SRCD_FAILPOINTS
+from vmmigrate.common.failpoints import DSTD_FAILPOINTS, SRCD_FAILPOINTS
+
 from helpers.hosts import Host, sample_domain_xml
 from helpers.live import alive
 from helpers.qmp import qmp_for, runtime_record
@@ -220,7 +221,7 @@ class Soak:
             args.append("--p2p")
         if p2p and d.live and tunnelled:
             args.append("--tunnelled")
-        cmd = [sys.executable, "-m", "migctl", "-c", src.src, *args, d.name, dst.dst]
+        cmd = [sys.executable, "-m", "vmmigrate.migctl", "-c", src.src, *args, d.name, dst.dst]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                            stdin=subprocess.DEVNULL)
         if "Traceback" in r.stderr:

@@ -13,8 +13,8 @@ import grpc
 import grpc.aio
 import pytest
 from helpers.hosts import Host, sample_domain_xml, settled
+from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag
 
-from common.flags import SOURCE_ONLY, MigrateFlag
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

@@ -8,8 +8,8 @@ import uuid as uuidlib
 import grpc
 import pytest
 from helpers.hosts import Host, sample_domain_xml, settled
+from vmmigrate.common.flags import MigrateFlag
 
-from common.flags import MigrateFlag
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

@@ -31,7 +31,7 @@ from helpers.live import runs_on_exactly_one, state
 
 def _list_failpoints(daemon: str) -> list[str]:
     out = subprocess.run(
-        [sys.executable, "-m", daemon, "--list-failpoints"],
+        [sys.executable, "-m", f"vmmigrate.{daemon}", "--list-failpoints"],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout
     return [line for line in out.splitlines() if line]
@@ -104,7 +104,7 @@ def test_fault_matrix(hosts: tuple[Host, Host], kind: str, failpoint: str) -> No
     victim = _process(armed, which)
     started = time.monotonic()
     client = subprocess.Popen(
-        [sys.executable, "-m", "migctl", "-c", a.src, *_migrate_args(kind, name, b)],
+        [sys.executable, "-m", "vmmigrate.migctl", "-c", a.src, *_migrate_args(kind, name, b)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
     )
     crashed = False

@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 from helpers.hosts import Host, sample_domain_xml
+from vmmigrate.common.cookie import MigrationCookie, format_cookie
+from vmmigrate.common.errors import ERROR_CLASS_KEY
+from vmmigrate.common.flags import MigrateFlag
 
-from common.cookie import MigrationCookie, format_cookie
-from common.errors import ERROR_CLASS_KEY
-from common.flags import MigrateFlag
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

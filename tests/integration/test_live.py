@@ -108,7 +108,7 @@ def test_live_migration_of_inactive_domain(hosts: tuple[Host, Host], domname: st
 
 def _slow_migration(a: Host, domname: str, extra: list[str], b: Host) -> subprocess.Popen[str]:
     """Start a live migration that takes a while (low bandwidth), in the background."""
-    cmd = [sys.executable, "-m", "migctl", "-c", a.src, *LIVE, "--p2p", *extra, domname, b.dst]
+    cmd = [sys.executable, "-m", "vmmigrate.migctl", "-c", a.src, *LIVE, "--p2p", *extra, domname, b.dst]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

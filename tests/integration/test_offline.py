@@ -7,8 +7,7 @@ import uuid as uuidlib
 
 import pytest
 from helpers.hosts import Host, sample_domain_xml
-
-from common.domainxml import canonical
+from vmmigrate.common.domainxml import canonical
 
 OFFLINE = ("migrate", "--offline", "--persistent")
 

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from helpers.hosts import Host
 from helpers.live import checksum, start_domain, state
+from vmmigrate.common import tunnelwire
 
-from common import tunnelwire
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers.hosts import Host, sample_domain_xml
-
-from common.domainxml import canonical
+from vmmigrate.common.domainxml import canonical
 
 from .netlab import Network, start_hosts
 

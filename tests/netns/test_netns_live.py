@@ -87,7 +87,7 @@ def kill_emulators(*hosts: Host) -> None:
 
 def popen_migctl(h: Host, *args: str) -> subprocess.Popen[str]:
     """migctl in the host's namespace, in the background."""
-    cmd = [*h.prefix, sys.executable, "-m", "migctl", "-c", h.src, *args]
+    cmd = [*h.prefix, sys.executable, "-m", "vmmigrate.migctl", "-c", h.src, *args]
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
     )

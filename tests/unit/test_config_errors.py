@@ -8,11 +8,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from common import errors
-from common.config import add_common_options, load_config, parse_hostport
-from common.failpoints import ALL_FAILPOINTS, Failpoints
-from common.rpc import status_of
+from vmmigrate.common import errors
+from vmmigrate.common.config import add_common_options, load_config, parse_hostport
+from vmmigrate.common.failpoints import ALL_FAILPOINTS, Failpoints
+from vmmigrate.common.rpc import status_of
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -73,7 +72,7 @@ def test_every_error_class_round_trips_through_a_status() -> None:
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
-        if cls.__module__ != "common.errors":
+        if cls.__module__ != "vmmigrate.common.errors":
             continue
         code, message, metadata = status_of(cls("boom"))
         assert code == cls.code and message == "boom"

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from common.cookie import (
+from vmmigrate.common.cookie import (
     ACCEPT_CONFIRM,
     ACCEPT_FINISH,
     ACCEPT_PERFORM,
@@ -28,7 +27,7 @@ from common.cookie import (
     format_cookie,
     parse_cookie,
 )
-from common.errors import CookieError, OperationInvalid, SameHost
+from vmmigrate.common.errors import CookieError, OperationInvalid, SameHost
 
 VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "libvirt-cookies"
 SAMPLES = [

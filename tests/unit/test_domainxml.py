@@ -7,15 +7,14 @@ import uuid as uuidlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from common.domainxml import (
+from vmmigrate.common.domainxml import (
     canonical,
     check_abi_stable,
     parse_domain,
     rename,
     validate_name,
 )
-from common.errors import OperationInvalid, XMLError
+from vmmigrate.common.errors import OperationInvalid, XMLError
 
 SAMPLE = """<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>web01</name>

@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
-from common.durable import atomic_write, clean_temp_files, durable_unlink, fsync_dir
-from common.errors import StorageError, StorageFull
+from vmmigrate.common.durable import atomic_write, clean_temp_files, durable_unlink, fsync_dir
+from vmmigrate.common.errors import StorageError, StorageFull
 
 
 def temp_files(directory: Path) -> list[str]:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from common.errors import ArgumentUnsupported, OperationInvalid, UnsupportedFlags
-from common.flags import (
+from vmmigrate.common.errors import ArgumentUnsupported, OperationInvalid, UnsupportedFlags
+from vmmigrate.common.flags import (
     ALL_FLAGS,
     MigrateFlag,
     check_begin_flags,
@@ -13,7 +12,7 @@ from common.flags import (
     flag_names,
     parse_flags,
 )
-from common.phase import Phase, advance, check_phase_transition
+from vmmigrate.common.phase import Phase, advance, check_phase_transition
 
 F = MigrateFlag
 

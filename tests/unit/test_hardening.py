@@ -9,10 +9,9 @@ import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from common.domainxml import parse_domain, rename, validate_name
-from common.errors import NoDomain, XMLError
-from common.rpc import MAX_STATUS_MESSAGE_BYTES, bounded_message, status_of
+from vmmigrate.common.domainxml import parse_domain, rename, validate_name
+from vmmigrate.common.errors import NoDomain, XMLError
+from vmmigrate.common.rpc import MAX_STATUS_MESSAGE_BYTES, bounded_message, status_of
 
 
 def encoded_size(message: str) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 
 import pytest
+from vmmigrate.migctl.progress import Progress
+from vmmigrate.srcd.perform import Action, decide
 
-from migctl.progress import Progress
-from srcd.perform import Action, decide
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 CASES = [

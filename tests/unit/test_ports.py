@@ -9,10 +9,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
-from common.errors import OperationFailed
-from dstd.phases import PORT_ATTEMPTS, _start_incoming
-from dstd.ports import PortAllocator
+from vmmigrate.common.errors import OperationFailed
+from vmmigrate.dstd.phases import PORT_ATTEMPTS, _start_incoming
+from vmmigrate.dstd.ports import PortAllocator
 
 
 class RacingHypervisor:

@@ -9,9 +9,8 @@ import time
 from typing import Any
 
 import pytest
-
-from common.errors import JobActive, Timeout
-from common.rpc import call_retrying
+from vmmigrate.common.errors import JobActive, Timeout
+from vmmigrate.common.rpc import call_retrying
 
 
 class Peer:

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from simvm import stream
-from simvm.migration import Decision, Parameters, PassStats, decide
+from vmmigrate.simvm import stream
+from vmmigrate.simvm.migration import Decision, Parameters, PassStats, decide
 
 UUID = "6f1c1a8e-3b0e-4d55-9a57-0f3c2b1d9e01"
 Mangle = Callable[[int, bytes], "bytes | None"] | None
@@ -173,7 +172,7 @@ class Lab:
         argv = [
             sys.executable,
             "-m",
-            "simvm",
+            "vmmigrate.simvm",
             "-name",
             name,
             "-uuid",

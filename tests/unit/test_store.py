@@ -20,9 +20,8 @@ from xml.sax.saxutils import escape
 
 import pytest
 from structlog.testing import capture_logs
-
-from common.domainxml import DomainDef, parse_domain, rename
-from common.errors import (
+from vmmigrate.common.domainxml import DomainDef, parse_domain, rename
+from vmmigrate.common.errors import (
     DomainExists,
     InvalidArgument,
     JobActive,
@@ -33,9 +32,8 @@ from common.errors import (
     VmmigrateError,
     XMLError,
 )
-from common.store import HostStore, JobLock, JobRecord, validate_migration_id
+from vmmigrate.common.store import HostStore, JobLock, JobRecord, validate_migration_id
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 HERE = Path(__file__).resolve().parent
 
 U1 = "6f2b1d9e-8c3a-4a7b-9d2e-1f0a5b6c7d8e"
@@ -350,7 +348,6 @@ def test_storage_full_leaves_the_store_consistent(tiny_fs: Path) -> None:
 
 HOLDER = """
 import sys
-sys.path.insert(0, sys.argv[1])
 import logging
 import structlog
 structlog.configure(
@@ -358,10 +355,10 @@ structlog.configure(
     logger_factory=structlog.PrintLoggerFactory(sys.stderr),
 )
 from pathlib import Path
-from common.domainxml import parse_domain
-from common.store import HostStore
-s = HostStore(Path(sys.argv[2]))
-d = parse_domain(sys.argv[3])
+from vmmigrate.common.domainxml import parse_domain
+from vmmigrate.common.store import HostStore
+s = HostStore(Path(sys.argv[1]))
+d = parse_domain(sys.argv[2])
 lock = s.acquire_job(d)
 print("held", flush=True)
 sys.stdin.readline()
@@ -376,7 +373,7 @@ def holder(store: HostStore) -> Iterator[tuple[subprocess.Popen[str], DomainDef]
     d = mkdef("web", U1)
     store.define(d)
     p = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(SRC), str(store.state_dir), d.xml],
+        [sys.executable, "-c", HOLDER, str(store.state_dir), d.xml],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -815,7 +812,6 @@ def run_ops(store: HostStore, tag: str, seed: int, count: int) -> list[dict[str,
 WORKER = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-sys.path.insert(0, sys.argv[2])
 import logging
 import structlog
 structlog.configure(
@@ -823,12 +819,12 @@ structlog.configure(
     logger_factory=structlog.PrintLoggerFactory(sys.stderr),
 )
 from pathlib import Path
-from common.store import HostStore
+from vmmigrate.common.store import HostStore
 from test_store import run_ops
-store = HostStore(Path(sys.argv[3]))
+store = HostStore(Path(sys.argv[2]))
 print(json.dumps({"host_uuid": store.identity.host_uuid}), flush=True)
 sys.stdin.readline()
-history = run_ops(store, sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+history = run_ops(store, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
 print(json.dumps(history), flush=True)
 """
 
@@ -919,7 +915,7 @@ def test_two_processes_hammer_one_store(tmp_path: Path) -> None:
     state = tmp_path / "state"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(SRC), str(HERE), str(state), tag, str(seed), "200"],
+            [sys.executable, "-c", WORKER, str(HERE), str(state), tag, str(seed), "200"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -7,8 +7,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
-
-from common import tunnelwire
+from vmmigrate.common import tunnelwire
 
 
 async def _chunks(items: list[bytes], fail: Exception | None = None) -> AsyncIterator[bytes]:
