@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import uuid as uuidlib
+from collections.abc import Callable
 from typing import NoReturn
 
 from vmmigrate.simvm.emulator import Emulator
@@ -27,6 +28,8 @@ from vmmigrate.simvm.machine import Machine, RunState
 from vmmigrate.simvm.monitor import Monitor
 
 log = logging.getLogger("simvm")
+
+ExitRequest = Callable[[int, str], None]
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
@@ -135,18 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.unlink(args.pidfile)
 
 
-async def _run(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    exit_code: asyncio.Future[tuple[int, str]] = loop.create_future()
-
-    def request_exit(code: int, reason: str) -> None:
-        def settle() -> None:
-            if not exit_code.done():
-                exit_code.set_result((code, reason))
-
-        loop.call_soon_threadsafe(settle)
-
-    monitor = Monitor()
+def _build(args: argparse.Namespace, monitor: Monitor, request_exit: ExitRequest) -> Emulator:
+    """The machine and its emulator as the command line asks (nothing started yet)."""
     if args.incoming:
         initial = RunState.INMIGRATE
     else:
@@ -168,6 +161,23 @@ async def _run(args: argparse.Namespace) -> int:
         autostart=not args.paused,
     )
     monitor.emulator = emulator
+    return emulator
+
+
+async def _run(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    exit_code: asyncio.Future[tuple[int, str]] = loop.create_future()
+
+    def request_exit(code: int, reason: str) -> None:
+        def settle() -> None:
+            if not exit_code.done():
+                exit_code.set_result((code, reason))
+
+        loop.call_soon_threadsafe(settle)
+
+    monitor = Monitor()
+    emulator = _build(args, monitor, request_exit)
+    machine = emulator.machine
     if args.incoming == "defer":
         emulator.incoming_deferred = True
     elif args.incoming:
