@@ -10,7 +10,9 @@ process) reads an emulator's stream from a socket fed by ``dd if=/dev/zero`` and
 interceptor) relays what arrives into a socket drained by ``dd of=/dev/null`` and sends
 credit back once per CREDIT_STEP. The two encodings are served side by side by the same
 server and run alternately, --reps times each, --mib MiB per run; the table gives the
-median throughput and the CPU seconds per GiB of each process.
+median throughput and the CPU seconds per GiB of each process, then what encoding and
+decoding one 1 MiB Chunk costs in-process (the typed stream's own overhead, free of the
+noise of a shared machine).
 
     .venv/bin/python bench/bench_tunnel.py --mib 512 --reps 5 [--json out.json]
 
@@ -196,6 +198,26 @@ async def _source(channel: grpc.aio.Channel, typed: bool, mib: int) -> int:
     return sent
 
 
+def codec_cost(n: int = 1000) -> dict[str, float]:
+    """What the typed stream adds per 1 MiB message, in-process: encoding on the source,
+    decoding and reading ``.data`` on the destination (microseconds, median of 5)."""
+    chunk = _chunk_type()
+    payload = b"\xab" * tunnelwire.CHUNK
+    wire = chunk(data=payload).SerializeToString()
+    enc, dec = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            chunk(data=payload).SerializeToString()
+        t1 = time.perf_counter()
+        for _ in range(n):
+            _ = chunk.FromString(wire).data
+        t2 = time.perf_counter()
+        enc.append((t1 - t0) / n * 1e6)
+        dec.append((t2 - t1) / n * 1e6)
+    return {"encode_us_per_mib": statistics.median(enc), "decode_us_per_mib": statistics.median(dec)}
+
+
 def _cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
@@ -234,6 +256,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         server.stdin.close()
         server.wait(10)
     return {
+        "codec": codec_cost(),
         "mib": args.mib,
         "reps": args.reps,
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
@@ -263,6 +286,9 @@ def main() -> None:
         print(f"{name:10} {m['MBps']:8.0f} {m['src_cpu_per_gib']:14.3f} {m['dst_cpu_per_gib']:14.3f}")
     for name, rs in result["runs"].items():
         print(name, "runs MB/s:", " ".join(f"{r['MBps']:.0f}" for r in rs))
+    c = result["codec"]
+    print(f"typed stream's own cost per 1 MiB message: encode {c['encode_us_per_mib']:.0f} us, "
+          f"decode + .data {c['decode_us_per_mib']:.0f} us")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

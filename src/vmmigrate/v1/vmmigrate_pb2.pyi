@@ -1087,8 +1087,9 @@ class TunnelFrame(_message.Message):
       0x00 (data)    the bytes the incoming emulator sent back, as they are (1 to 1048576).
       0x01 (credit)  exactly 8 bytes, unsigned big-endian: the total number of bytes of the
                      stream handed to the incoming emulator so far (never decreasing). Sent
-                     at least once per 1 MiB (1048576 bytes) handed over, and once after the
-                     source's EOF, when every byte has been handed over.
+                     whenever 1 MiB (1048576 bytes) or more was handed over since the last
+                     credit, and after the source's EOF for what remains uncredited, so that
+                     the last credit equals every byte the source sent.
     An empty payload means the incoming emulator closed its side (EOF); the stream then ends
     with status OK. Any other type byte, or a credit payload of another length, is an error.
     """

@@ -1169,9 +1169,10 @@ class TunnelBytesStub:
     vmmigrate-migration-id: the id of a migration PrepareTunnel prepared. Required: the
     call is refused before any byte flows if no tunnelled incoming migration has it.
 
-    Flow control: srcd keeps at most 8 MiB (8388608 bytes) sent beyond the last credit it
-    received, so that little is left to cross after the source emulator switches over.
-    A migration has at most one Carry call; its gRPC deadline is the migration's.
+    Flow control: srcd sends no further message while 8 MiB (8388608 bytes) or more of what
+    it sent is not yet credited, so that little is left to cross after the source emulator
+    switches over. srcd opens one Carry call per migration; its gRPC deadline is the
+    migration's.
 
     Errors end the call with a status and the error class in the trailing metadata:
     FAILED_PRECONDITION  no tunnelled incoming migration with id '<id>'
@@ -1212,9 +1213,10 @@ class TunnelBytesServicer:
     vmmigrate-migration-id: the id of a migration PrepareTunnel prepared. Required: the
     call is refused before any byte flows if no tunnelled incoming migration has it.
 
-    Flow control: srcd keeps at most 8 MiB (8388608 bytes) sent beyond the last credit it
-    received, so that little is left to cross after the source emulator switches over.
-    A migration has at most one Carry call; its gRPC deadline is the migration's.
+    Flow control: srcd sends no further message while 8 MiB (8388608 bytes) or more of what
+    it sent is not yet credited, so that little is left to cross after the source emulator
+    switches over. srcd opens one Carry call per migration; its gRPC deadline is the
+    migration's.
 
     Errors end the call with a status and the error class in the trailing metadata:
     FAILED_PRECONDITION  no tunnelled incoming migration with id '<id>'
@@ -1264,9 +1266,10 @@ class TunnelBytes:
     vmmigrate-migration-id: the id of a migration PrepareTunnel prepared. Required: the
     call is refused before any byte flows if no tunnelled incoming migration has it.
 
-    Flow control: srcd keeps at most 8 MiB (8388608 bytes) sent beyond the last credit it
-    received, so that little is left to cross after the source emulator switches over.
-    A migration has at most one Carry call; its gRPC deadline is the migration's.
+    Flow control: srcd sends no further message while 8 MiB (8388608 bytes) or more of what
+    it sent is not yet credited, so that little is left to cross after the source emulator
+    switches over. srcd opens one Carry call per migration; its gRPC deadline is the
+    migration's.
 
     Errors end the call with a status and the error class in the trailing metadata:
     FAILED_PRECONDITION  no tunnelled incoming migration with id '<id>'
