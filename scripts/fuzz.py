@@ -9,8 +9,7 @@ Targets:
   rpc-<Service.Method>[variant]  every field of one RPC, mutated, sent to real srcd/dstd
                     processes (two loopback hosts, 127.0.0.6 and 127.0.0.7)
   rpc-raw           arbitrary bytes as the serialized request of any unary method
-  rpc-tunnel        the Tunnel stream with arbitrary chunks
-  rpc-tunnel-bytes  the TunnelBytes stream with arbitrary messages and metadata (credit)
+  rpc-tunnel        the TunnelBytes.Carry stream with arbitrary messages and metadata
 
 Engines: hypothesis (every target; generation only, no shrinking, fresh random seeds per
 batch) and, for the parser targets, atheris (coverage-guided libFuzzer, seeded with real
@@ -130,7 +129,6 @@ def rpc_targets(lab_box: list[object]) -> dict[str, tuple[Callable[..., None], o
         out[f"rpc-{rpc.name}"] = (lambda data, rpc=rpc: R.field_case(lab(), rpc, data), st.data())
     out["rpc-raw"] = (lambda data: R.raw_case(lab(), data), st.data())
     out["rpc-tunnel"] = (lambda data: R.tunnel_case(lab(), data), st.data())
-    out["rpc-tunnel-bytes"] = (lambda data: R.tunnel_bytes_case(lab(), data), st.data())
     return out
 
 

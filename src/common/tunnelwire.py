@@ -1,18 +1,16 @@
 """The tunnel's byte stream on the wire, shared by srcd (which opens it) and dstd (which
 serves it), and the socket I/O both use to feed it.
 
-Two encodings of the same stream exist:
-
-- ``TunnelBytes``, used when the destination advertises :data:`FEATURE`: a gRPC
-  bidirectional stream whose messages are the emulator's bytes as they are, with no
-  protobuf around them (a method outside the proto, served by a generic handler with
-  identity serializers: no message is built or parsed per chunk). The migration id travels
-  in the call's metadata (:data:`MIGRATION_ID_KEY`) instead of a first message, so dstd
-  validates the stream before any byte flows. An empty message means "the sender closed its
-  side" (the old encoding's ``eof``); the end of the request stream means the same.
-- ``MigrationDestinationService.Tunnel`` (the proto's ``TunnelChunk`` messages), still served
-  for sources that predate ``TunnelBytes``, and used towards destinations that do not
-  advertise it.
+The stream is ``TunnelBytes.Carry`` (proto/vmmigrate/v1/vmmigrate.proto states its framing
+exactly): a gRPC bidirectional stream declared in the proto but carried without protobuf
+around its messages. dstd serves it with a generic handler with no (de)serializers and srcd
+calls it without serializers, so no message is built or parsed per chunk: a protobuf-typed
+stream of the same bytes copies every chunk once more on each side and measured slower
+(bench/bench_tunnel.py). The migration id travels in the call's metadata
+(:data:`MIGRATION_ID_KEY`), so dstd validates the stream before any byte flows. srcd's
+messages are the emulator's bytes as they are; an empty one means "the sender closed its
+side", as does the end of the request stream. dstd's messages are framed
+(:func:`parse_frame`): data the incoming emulator sent back, or credit.
 
 The tunnel is CPU-bound in the two daemons (docs/PERFORMANCE.md): every copy and every
 await per chunk counts, hence raw sockets (``sock_recv`` straight into the bytes handed to
@@ -26,24 +24,25 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-SERVICE = "vmmigrate.v1.TunnelBytes"
-METHOD = f"/{SERVICE}/Carry"
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+
+# The names come from the proto's declaration, so that the contract lives in one place.
+_CARRY = pb.DESCRIPTOR.services_by_name["TunnelBytes"].methods_by_name["Carry"]
+SERVICE = _CARRY.containing_service.full_name  # vmmigrate.v1.TunnelBytes
+METHOD_NAME = _CARRY.name
+METHOD = f"/{SERVICE}/{METHOD_NAME}"
 MIGRATION_ID_KEY = "vmmigrate-migration-id"
-FEATURE = "TUNNEL_BYTES"  # in CapabilitiesResponse.features when dstd serves METHOD
 EOF = b""
 
-# Credit (flow control) on TunnelBytes, when dstd advertises CREDIT_FEATURE and srcd asks
-# for it with CREDIT_KEY in the call's metadata. dstd's messages are then framed: a data
-# frame is FRAME_DATA + the emulator's bytes; a credit frame is FRAME_CREDIT + the total
-# bytes handed to the incoming emulator so far (8 bytes, big-endian); EOF stays empty.
-# srcd keeps at most CREDIT_WINDOW bytes sent but not yet handed over: without a bound,
-# gRPC's buffers and windows may hold many MiB, all of which must cross after the source
-# emulator's switch-over, with the guest paused; and with credit srcd knows when every
-# byte is over, so Finish need not wait for the stream to close. 8 MiB: 4 MiB stalled the
-# pipeline (dstd's relay alone holds up to 3 MiB), and 8 MiB gave the shortest pauses and
-# the best throughput of 4, 8 and no credit (bench_live, docs/PERFORMANCE.md).
-CREDIT_FEATURE = "TUNNEL_CREDIT"
-CREDIT_KEY = "vmmigrate-tunnel-credit"
+# Credit (flow control): every message from dstd is a frame. A data frame is FRAME_DATA +
+# the incoming emulator's bytes; a credit frame is FRAME_CREDIT + the total bytes handed to
+# the incoming emulator so far (8 bytes, big-endian); EOF stays empty. srcd keeps at most
+# CREDIT_WINDOW bytes sent but not yet handed over: without a bound, gRPC's buffers and
+# windows may hold many MiB, all of which must cross after the source emulator's
+# switch-over, with the guest paused; and with credit srcd knows when every byte is over,
+# so Finish need not wait for the stream to close. 8 MiB: 4 MiB stalled the pipeline
+# (dstd's relay alone holds up to 3 MiB), and 8 MiB gave the shortest pauses and the best
+# throughput of 4, 8 and no credit (bench_live, docs/PERFORMANCE.md).
 FRAME_DATA = b"\x00"
 FRAME_CREDIT = b"\x01"
 CREDIT_WINDOW = 8 * 1024 * 1024
@@ -54,6 +53,11 @@ CREDIT_STEP = 1024 * 1024
 
 def credit_frame(delivered: int) -> bytes:
     return FRAME_CREDIT + delivered.to_bytes(8, "big")
+
+
+def data_frame(data: bytes) -> bytes:
+    """dstd's message for ``data`` from the incoming emulator (b"": its EOF, unframed)."""
+    return FRAME_DATA + data if data else EOF
 
 
 def parse_frame(msg: bytes) -> tuple[bytes, int | None]:

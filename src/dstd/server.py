@@ -32,7 +32,7 @@ from vmmigrate.dstd.incoming import IncomingTable
 from vmmigrate.dstd.ports import PortAllocator
 from vmmigrate.dstd.recovery import recover_incoming_jobs
 from vmmigrate.dstd.results import FinishResults
-from vmmigrate.dstd.tunnel import carry_tunnel, carry_tunnel_bytes
+from vmmigrate.dstd.tunnel import carry_tunnel_bytes
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -45,8 +45,6 @@ FEATURES = (
     "MIGRATE_CHANGE_PROTECTION",
     "MIGRATION_OFFLINE",
     "MIGRATION_PARAMS",
-    tunnelwire.FEATURE,
-    tunnelwire.CREDIT_FEATURE,
 )
 
 handler = rpc_handler("destination")
@@ -155,31 +153,17 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
             ),
         )
 
-    async def Tunnel(
-        self, request_iterator: AsyncIterator[pb.TunnelChunk], context: Any
-    ) -> AsyncIterator[pb.TunnelChunk]:
-        """The migration stream of a tunnelled migration (errors end the stream with a
-        status, like every other RPC; a streaming handler cannot use @handler)."""
-        with structlog.contextvars.bound_contextvars(rpc="Tunnel", role="destination"):
-            try:
-                async for chunk in carry_tunnel(self.ctx, request_iterator):
-                    yield chunk
-            except VmmigrateError as exc:
-                await abort_with(context, exc, log)
-
     async def TunnelBytes(
         self, request_iterator: AsyncIterator[bytes], context: Any
     ) -> AsyncIterator[bytes]:
-        """TunnelBytes (common/tunnelwire.py): the same stream as raw bytes, outside the
-        proto; the migration id is in the call's metadata."""
+        """TunnelBytes.Carry (common/tunnelwire.py): the stream as raw bytes, the migration
+        id in the call's metadata (errors end the stream with a status, like every other
+        RPC; a streaming handler cannot use @handler)."""
         with structlog.contextvars.bound_contextvars(rpc="TunnelBytes", role="destination"):
             metadata = dict(context.invocation_metadata() or ())
             migration_id = str(metadata.get(tunnelwire.MIGRATION_ID_KEY, ""))
-            credit = metadata.get(tunnelwire.CREDIT_KEY) == "1"
             try:
-                async for data in carry_tunnel_bytes(
-                    self.ctx, migration_id, request_iterator, credit=credit
-                ):
+                async for data in carry_tunnel_bytes(self.ctx, migration_id, request_iterator):
                     yield data
             except VmmigrateError as exc:
                 await abort_with(context, exc, log)
@@ -239,17 +223,14 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
     def register(server: grpc.aio.Server) -> None:
         service = MigrationDestinationService(ctx)
         pb_grpc.add_MigrationDestinationServiceServicer_to_server(service, server)
-        # TunnelBytes is not in the proto: a generic handler without (de)serializers, so
-        # its messages reach the handler as the bytes they are (common/tunnelwire.py).
+        # TunnelBytes is declared in the proto but not protobuf-encoded: a generic handler
+        # without (de)serializers, so its messages reach the handler as the bytes they are
+        # (common/tunnelwire.py); the generated servicer would parse them.
+        carry = grpc.stream_stream_rpc_method_handler(service.TunnelBytes)
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
-                    tunnelwire.SERVICE,
-                    {
-                        tunnelwire.METHOD.rpartition("/")[2]: grpc.stream_stream_rpc_method_handler(
-                            service.TunnelBytes
-                        )
-                    },
+                    tunnelwire.SERVICE, {tunnelwire.METHOD_NAME: carry}
                 ),
             )
         )

@@ -1,10 +1,7 @@
 """Tunnelled migration, destination side: the stream arrives over gRPC and goes to the
 incoming emulator, which listens on a unix socket only; bytes it sends back (simvm's
-acknowledgement) return the same way.
-
-Two encodings arrive here (common/tunnelwire.py): TunnelBytes (raw bytes, the migration id
-in metadata) and the proto's Tunnel (TunnelChunk messages, the id in the first one). Both
-are validated the same way before a byte goes to the emulator, and carried by one pump.
+acknowledgement) return the same way, framed, with credit (common/tunnelwire.py).
+The stream is validated before a byte goes to the emulator.
 """
 
 from __future__ import annotations
@@ -12,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import structlog
 from vmmigrate.common import tunnelwire
-from vmmigrate.common.errors import InvalidArgument, OperationFailed, OperationInvalid
+from vmmigrate.common.errors import OperationFailed, OperationInvalid
 from vmmigrate.dstd.context import DestinationContext
 from vmmigrate.dstd.incoming import IncomingJob
-
-from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.dstd.tunnel")
 
@@ -48,52 +43,64 @@ async def _connect(loop: asyncio.AbstractEventLoop, job: IncomingJob) -> socket.
 _DONE = object()
 
 
+class _Upstream:
+    """The source's bytes to the emulator, with a credit frame (the total handed to the
+    emulator) put on ``out`` once per CREDIT_STEP and at the end (common/tunnelwire.py)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, out: asyncio.Queue[Any]
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.out = out
+        self.received = 0
+        self.credited = 0
+
+    def give_credit(self) -> None:
+        if self.received > self.credited:
+            self.out.put_nowait(tunnelwire.credit_frame(self.received))
+            self.credited = self.received
+
+    async def deliver(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+        self.received += len(data)
+        if self.received - self.credited >= tunnelwire.CREDIT_STEP:  # per MiB, not per read
+            self.give_credit()
+
+    async def run(self, incoming: AsyncIterator[bytes]) -> None:
+        await tunnelwire.relay(incoming, self.deliver)
+        self.give_credit()  # the rest: the source waits for every byte to be credited
+        tunnelwire.shutdown_write(self.sock)
+
+
+async def _downstream(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, out: asyncio.Queue[Any]
+) -> None:
+    """What the emulator sends back, as data frames on ``out``, then _DONE (or an error)."""
+    try:
+        while True:
+            data = await tunnelwire.recv_chunk(loop, sock)
+            if not data:
+                break
+            out.put_nowait(tunnelwire.data_frame(data))
+    except OSError as exc:  # the emulator reset the connection (a stream it refused)
+        out.put_nowait(OperationFailed(f"incoming emulator closed the tunnel: {exc}"))
+        return
+    out.put_nowait(_DONE)
+
+
 async def _pump(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
     incoming: AsyncIterator[bytes],
-    wrap: Callable[[bytes], Any],
-    credit: Callable[[int], Any] | None = None,
-) -> AsyncGenerator[Any, None]:
-    """Carry ``incoming`` (b"" = EOF) to the emulator, and what it sends back out, wrapped;
-    with ``credit``, also a credit message (the total handed to the emulator) once per
-    CREDIT_STEP and at the end (common/tunnelwire.py). Ends after the emulator closed its
-    side and every incoming byte was delivered."""
-    received = credited = 0
+) -> AsyncGenerator[bytes, None]:
+    """Carry ``incoming`` (b"" = EOF) to the emulator, and what it sends back out as data
+    frames, with credit frames among them. Ends after the emulator closed its side and every
+    incoming byte was delivered."""
     out: asyncio.Queue[Any] = asyncio.Queue()  # the emulator sends back next to nothing
-
-    def give_credit() -> None:
-        nonlocal credited
-        if credit is not None and received > credited:
-            out.put_nowait(credit(received))
-            credited = received
-
-    async def deliver(data: bytes) -> None:
-        nonlocal received
-        await loop.sock_sendall(sock, data)
-        received += len(data)
-        if received - credited >= tunnelwire.CREDIT_STEP:  # a message per MiB, not per read
-            give_credit()
-
-    async def upstream() -> None:
-        await tunnelwire.relay(incoming, deliver)
-        give_credit()  # the rest: the source waits for every byte to be credited
-        tunnelwire.shutdown_write(sock)
-
-    async def downstream() -> None:
-        try:
-            while True:
-                data = await tunnelwire.recv_chunk(loop, sock)
-                if not data:
-                    break
-                out.put_nowait(wrap(data))
-        except OSError as exc:  # the emulator reset the connection (a stream it refused)
-            out.put_nowait(OperationFailed(f"incoming emulator closed the tunnel: {exc}"))
-            return
-        out.put_nowait(_DONE)
-
-    up = asyncio.ensure_future(upstream())
-    down = asyncio.ensure_future(downstream())
+    upstream = _Upstream(loop, sock, out)
+    up = asyncio.ensure_future(upstream.run(incoming))
+    down = asyncio.ensure_future(_downstream(loop, sock, out))
     try:
         while True:
             item = await out.get()
@@ -110,65 +117,22 @@ async def _pump(
             raise OperationFailed(f"incoming emulator closed the tunnel: {exc}") from exc
         while not out.empty():  # credit given after the emulator closed its side
             yield out.get_nowait()
-        yield wrap(tunnelwire.EOF)
+        yield tunnelwire.EOF
     finally:
         up.cancel()
         down.cancel()
         sock.close()
-        log.info("tunnel_closed", bytes=received)
+        log.info("tunnel_closed", bytes=upstream.received)
 
 
 async def carry_tunnel_bytes(
-    ctx: DestinationContext, migration_id: str, chunks: AsyncIterator[bytes], *, credit: bool
+    ctx: DestinationContext, migration_id: str, chunks: AsyncIterator[bytes]
 ) -> AsyncIterator[bytes]:
-    """TunnelBytes: messages are the stream's bytes; the id came in the call's metadata.
-    With ``credit`` (the source asked for it), messages back are framed and carry credit."""
+    """TunnelBytes.Carry: ``chunks`` are the stream's bytes, the id came in the call's
+    metadata; what goes back is framed (data and credit)."""
     job = _tunnelled_job(ctx, migration_id)
     loop = asyncio.get_running_loop()
     sock = await _connect(loop, job)
-    pump = (
-        _pump(loop, sock, chunks, _framed, tunnelwire.credit_frame)
-        if credit
-        else _pump(loop, sock, chunks, _as_is)
-    )
-    async with contextlib.aclosing(pump):
-        async for data in pump:
-            yield data
-
-
-async def carry_tunnel(
-    ctx: DestinationContext, chunks: AsyncIterator[pb.TunnelChunk]
-) -> AsyncIterator[pb.TunnelChunk]:
-    """The proto's Tunnel (sources that predate TunnelBytes)."""
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        raise InvalidArgument("empty tunnel stream") from None
-    job = _tunnelled_job(ctx, first.migration_id)
-    loop = asyncio.get_running_loop()
-    sock = await _connect(loop, job)
-
-    async def data() -> AsyncIterator[bytes]:
-        if first.data:
-            yield first.data
-        async for chunk in chunks:
-            if chunk.data:
-                yield chunk.data
-            if chunk.eof:
-                return
-
-    async with contextlib.aclosing(_pump(loop, sock, data(), _to_chunk)) as pump:
+    async with contextlib.aclosing(_pump(loop, sock, chunks)) as pump:
         async for msg in pump:
             yield msg
-
-
-def _as_is(data: bytes) -> bytes:
-    return data
-
-
-def _framed(data: bytes) -> bytes:
-    return tunnelwire.FRAME_DATA + data if data else tunnelwire.EOF
-
-
-def _to_chunk(data: bytes) -> pb.TunnelChunk:
-    return pb.TunnelChunk(data=data) if data else pb.TunnelChunk(eof=True)

@@ -18,7 +18,6 @@ import time
 import uuid
 
 import structlog
-from vmmigrate.common import tunnelwire
 from vmmigrate.common.caps import check_destination
 from vmmigrate.common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag
@@ -221,15 +220,11 @@ class P2PMigration:
             if not prepared.uri:
                 raise OperationFailed("domainMigratePrepare3 did not set uri")
             return await perform_live(self.ctx, job, uri=prepared.uri, probe=self.probe)
-        # Raw bytes when the destination serves them; the proto's Tunnel for an older one.
-        raw = tunnelwire.FEATURE in self.dest_features
         tunnel = SourceTunnel(
-            self.ctx.peers.tunnel_bytes(self.dest_uri) if raw else self.dest.Tunnel,
+            self.ctx.peers.tunnel_bytes(self.dest_uri),
             self.dest_uri,
             self.migration_id,
             max(self.deadline.remaining(), 1.0),
-            raw=raw,
-            credit=tunnelwire.CREDIT_FEATURE in self.dest_features,
         )
         uri = await tunnel.open()
         try:

@@ -5,8 +5,8 @@ is carried to the destination's dstd over one bidirectional gRPC stream (the dae
 connection), where dstd hands it to the incoming emulator. The two emulators never connect
 to each other. Bytes flowing back (simvm's acknowledgement) take the same way back.
 
-The stream is ``TunnelBytes`` (raw bytes, the migration id in metadata) when the destination
-advertises it, else the proto's ``Tunnel`` (see common/tunnelwire.py for both).
+The stream is ``TunnelBytes.Carry`` (raw bytes, the migration id in metadata; dstd's
+messages framed, with credit: common/tunnelwire.py).
 """
 
 from __future__ import annotations
@@ -25,47 +25,7 @@ from vmmigrate.common import tunnelwire
 from vmmigrate.common.errors import OperationFailed
 from vmmigrate.common.rpc import translate
 
-from vmmigrate.v1 import vmmigrate_pb2 as pb
-
 log = structlog.get_logger("vmmigrate.srcd.tunnel")
-
-
-class _Framing:
-    """How chunks go on the wire: as they are (TunnelBytes) or in TunnelChunk messages;
-    with ``credit`` (TunnelBytes only), dstd's messages are framed and carry credit."""
-
-    def __init__(self, raw: bool, migration_id: str, credit: bool) -> None:
-        self.raw = raw
-        self.mid = migration_id
-        self.credit = raw and credit
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        if not self.raw:
-            return ()
-        if self.credit:
-            return ((tunnelwire.MIGRATION_ID_KEY, self.mid), (tunnelwire.CREDIT_KEY, "1"))
-        return ((tunnelwire.MIGRATION_ID_KEY, self.mid),)
-
-    def first(self) -> Any:
-        """The message that opens the stream (the proto names the migration in it)."""
-        return None if self.raw else pb.TunnelChunk(migration_id=self.mid)
-
-    def data(self, chunk: bytes) -> Any:
-        return chunk if self.raw else pb.TunnelChunk(data=chunk)
-
-    def eof(self) -> Any:
-        return tunnelwire.EOF if self.raw else pb.TunnelChunk(eof=True)
-
-    def parse(self, msg: Any) -> tuple[bytes, bool, int | None]:
-        """(data, eof, credit) of a message from the destination."""
-        if self.credit:
-            if not msg:
-                return b"", True, None
-            data, credit = tunnelwire.parse_frame(msg)
-            return data, False, credit
-        if self.raw:
-            return msg, not msg, None
-        return msg.data, msg.eof, None
 
 
 class SourceTunnel:
@@ -75,19 +35,15 @@ class SourceTunnel:
         peer: str,
         migration_id: str,
         deadline_s: float,
-        *,
-        raw: bool,
-        credit: bool = False,
     ) -> None:
-        """``open_stream``: the stream-stream callable (TunnelBytes when ``raw``, else the
-        stub's Tunnel); ``credit``: the destination serves credit (common/tunnelwire.py)."""
+        """``open_stream``: the TunnelBytes.Carry stream-stream callable, without
+        serializers (PeerPool.tunnel_bytes)."""
         self._open_stream = open_stream
         self._peer = peer
         self._mid = migration_id
-        self._framing = _Framing(raw, migration_id, credit)
         self._acked = 0  # bytes the destination handed to its emulator (credit)
         self._credit = asyncio.Event()
-        self._credit_open = self._framing.credit
+        self._credit_open = True
         self._written = False  # every byte from the emulator went to gRPC, then EOF
         self.drained = False  # drain() saw every byte handed over, the stream still open
         self._deadline_s = deadline_s
@@ -123,12 +79,9 @@ class SourceTunnel:
         await self._carry(loop, tunnelwire.nonblocking(conn))
 
     async def _carry(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-        framing = self._framing
-        call: Any = self._open_stream(timeout=self._deadline_s, metadata=framing.metadata())
+        metadata = ((tunnelwire.MIGRATION_ID_KEY, self._mid),)
+        call: Any = self._open_stream(timeout=self._deadline_s, metadata=metadata)
         try:
-            first = framing.first()
-            if first is not None:
-                await call.write(first)
             down = asyncio.ensure_future(self._downstream(loop, call, conn))
 
             async def send(data: bytes) -> None:
@@ -137,11 +90,11 @@ class SourceTunnel:
                     self._credit.clear()
                     await self._credit.wait()
                 self.bytes_up += len(data)
-                await call.write(framing.data(data))
+                await call.write(data)
 
             try:
                 await tunnelwire.relay(tunnelwire.socket_chunks(loop, conn), send)
-                await call.write(framing.eof())
+                await call.write(tunnelwire.EOF)
                 await call.done_writing()
                 self._written = True
                 self._credit.set()  # drain() may be waiting for this
@@ -162,15 +115,15 @@ class SourceTunnel:
     ) -> None:
         try:
             async for msg in call:
-                data, eof, credit = self._framing.parse(msg)
+                if not msg:  # the incoming emulator closed its side
+                    tunnelwire.shutdown_write(conn)
+                    return
+                data, credit = tunnelwire.parse_frame(msg)
                 if credit is not None:
                     self._acked = max(self._acked, credit)
                     self._credit.set()
                 if data:
                     await loop.sock_sendall(conn, data)
-                if eof:
-                    tunnelwire.shutdown_write(conn)
-                    return
         finally:
             # no more credit will come: the sender stops waiting for it (the stream's end
             # or error is then what it meets)
@@ -193,23 +146,20 @@ class SourceTunnel:
         sent, credited, started = self.bytes_up, self._acked, time.monotonic()
         try:
             async with asyncio.timeout(timeout):
-                if self._framing.credit:
-                    await self._delivered(self._task)
-                else:
-                    await asyncio.shield(self._task)
+                await self._delivered(self._task)
         except TimeoutError:
             log.warning("tunnel_drain_timeout", migration_id=self._mid)
         log.info(
             "tunnel_drained",
             migration_id=self._mid,
             sent_at_completion=sent,
-            credited_at_completion=credited if self._framing.credit else None,
+            credited_at_completion=credited,
             total=self.bytes_up,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
 
     async def _delivered(self, task: asyncio.Task[None]) -> None:
-        """With credit: until the destination reports every byte handed to the incoming
+        """Until the destination reports every byte handed to the incoming
         emulator (or the stream ended). The stream itself ends only when that emulator
         closes its side, which Finish need not wait for: it waits for the emulator's own
         completion, as in a direct migration."""
@@ -223,7 +173,7 @@ class SourceTunnel:
         self.drained = not task.done()
 
     async def linger(self, timeout: float) -> None:
-        """After a drain by credit: let the stream end by itself (the incoming emulator
+        """After a drain: let the stream end by itself (the incoming emulator
         closes it), for at most ``timeout`` seconds, then close. Tearing it down at once
         could reset a connection whose last bytes the emulator has not read yet."""
         if self._task is not None and not self._task.done():

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz.rpc import CATALOG, Lab, Rpc, field_case, raw_case, tunnel_bytes_case, tunnel_case
+from fuzz.rpc import CATALOG, Lab, Rpc, field_case, raw_case, tunnel_case
 
 FUZZ = settings(
     max_examples=12,
@@ -34,9 +34,3 @@ def test_raw_request_bytes(lab: Lab, data: st.DataObject) -> None:
 @given(data=st.data())
 def test_tunnel_stream(lab: Lab, data: st.DataObject) -> None:
     tunnel_case(lab, data)
-
-
-@settings(FUZZ, max_examples=25)
-@given(data=st.data())
-def test_tunnel_bytes_stream(lab: Lab, data: st.DataObject) -> None:
-    tunnel_bytes_case(lab, data)

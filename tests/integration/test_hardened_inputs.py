@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from helpers.hosts import Host, sample_domain_xml
+from vmmigrate.common import tunnelwire
 from vmmigrate.common.cookie import MigrationCookie, format_cookie
 from vmmigrate.common.errors import ERROR_CLASS_KEY
 from vmmigrate.common.flags import MigrateFlag
@@ -90,22 +91,10 @@ def test_undecodable_request_is_invalid_argument(hosts: tuple[Host, Host], daemo
     assert a.names() is not None  # still serving
 
 
-def test_undecodable_tunnel_chunk_is_invalid_argument(hosts: tuple[Host, Host]) -> None:
-    a, _ = hosts
-    with grpc.insecure_channel(a.dst, options=OPTIONS) as ch:
-        call = ch.stream_stream("/vmmigrate.v1.MigrationDestinationService/Tunnel",
-                                request_serializer=None, response_deserializer=None)
-        with pytest.raises(grpc.RpcError) as err:
-            for _ in call(iter([b"\x0a\x02\xff\xff"]), timeout=10):
-                pass
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert (err.value.details() or "").startswith("malformed request message for Tunnel: ")
-
-
 def test_garbage_stream_to_a_tunnelled_migration_fails_cleanly(hosts: tuple[Host, Host],
                                                                domname: str) -> None:
     """The incoming emulator refuses a stream it cannot read and exits. That was once a
-    ConnectionResetError out of the Tunnel handler (UNKNOWN). Now either the stream ends
+    ConnectionResetError out of the tunnel's handler (UNKNOWN). Now either the stream ends
     with what the emulator said (simvm's NAK, carried back as data: on a unix socket a
     writer is not told that the reader left with bytes unread), or with a clean INTERNAL
     error when the emulator's going away is seen; the incoming migration is then cancelled
@@ -122,10 +111,11 @@ def test_garbage_stream_to_a_tunnelled_migration_fails_cleanly(hosts: tuple[Host
             header=pb.PhaseHeader(migration_id=mid, flags=flags, cookie=cookie_for(domname, u)),
             domain_xml=sample_domain_xml(domname, u)), timeout=10)
         back = b""
+        carry = ch.stream_stream(tunnelwire.METHOD)
         try:
-            for chunk in stub.Tunnel(
-                    iter([pb.TunnelChunk(migration_id=mid, data=b"\xab" * 1_000_000)]), timeout=10):
-                back += chunk.data
+            for msg in carry(iter([b"\xab" * 1_000_000]), timeout=10,
+                             metadata=[(tunnelwire.MIGRATION_ID_KEY, mid)]):
+                back += tunnelwire.parse_frame(msg)[0] if msg else b""
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.INTERNAL, err.details()
             assert (err.details() or "").startswith("incoming emulator closed the tunnel: ")

@@ -1,4 +1,5 @@
-"""The tunnel's relay (common/tunnelwire.relay): order, end, errors, overlap."""
+"""The tunnel's wire helpers (common/tunnelwire.py): the relay (order, end, errors, overlap)
+and the framing the proto states for TunnelBytes.Carry."""
 
 from __future__ import annotations
 
@@ -115,3 +116,29 @@ def test_socket_chunks_yields_until_eof() -> None:
         return got
 
     assert b"".join(asyncio.run(main())) == b"hello world"
+
+
+def test_the_wire_names_come_from_the_proto() -> None:
+    """The method path is the proto's TunnelBytes.Carry, a stream both ways; a rename in the
+    proto would move the wire name, which old peers would no longer find."""
+    from vmmigrate.v1 import vmmigrate_pb2 as pb
+
+    carry = pb.DESCRIPTOR.services_by_name["TunnelBytes"].methods_by_name["Carry"]
+    assert carry.client_streaming and carry.server_streaming
+    assert (carry.input_type.name, carry.output_type.name) == ("TunnelData", "TunnelFrame")
+    assert tunnelwire.METHOD == "/vmmigrate.v1.TunnelBytes/Carry"
+    assert (tunnelwire.SERVICE, tunnelwire.METHOD_NAME) == ("vmmigrate.v1.TunnelBytes", "Carry")
+
+
+def test_frames_round_trip_as_the_proto_states() -> None:
+    assert tunnelwire.credit_frame(0x0102030405060708) == b"\x01\x01\x02\x03\x04\x05\x06\x07\x08"
+    assert tunnelwire.parse_frame(tunnelwire.credit_frame(2**64 - 1)) == (b"", 2**64 - 1)
+    assert tunnelwire.data_frame(b"ack") == b"\x00ack"
+    assert tunnelwire.parse_frame(tunnelwire.data_frame(b"ack")) == (b"ack", None)
+    assert tunnelwire.data_frame(b"") == tunnelwire.EOF == b""
+
+
+@pytest.mark.parametrize("msg", [b"\x02data", b"\x01short", b"\x01" + b"\x00" * 9, b""])
+def test_a_malformed_frame_is_refused(msg: bytes) -> None:
+    with pytest.raises(ValueError, match="unknown tunnel frame"):
+        tunnelwire.parse_frame(msg)

@@ -3,12 +3,14 @@
 isort:skip_file
 vmmigrate wire protocol, version 1.
 
-Three services:
+Four services:
   DomainService            on srcd: the client API (what migctl talks to).
   MigrationSourceService   on srcd: the source phases (Begin, Perform, Confirm) for a
                            client-driven ("managed") migration.
   MigrationDestinationService on dstd: capabilities and the destination phases
-                           (Prepare, Finish); later the tunnel stream.
+                           (Prepare, Finish).
+  TunnelBytes              on dstd: the stream of a tunnelled migration, whose messages
+                           are NOT protobuf-encoded (see its comment below).
 Both daemons also serve grpc.health.v1.Health.
 
 Flags are libvirt's virDomainMigrateFlags values (VIR_MIGRATE_LIVE = 1 ...).
@@ -1055,32 +1057,63 @@ class FinishResponse(_message.Message):
 Global___FinishResponse: _TypeAlias = FinishResponse  # noqa: Y015
 
 @_typing.final
-class TunnelChunk(_message.Message):
-    """Tunnelled migration: the hypervisor's migration stream, carried over the daemons' own
-    connection. The source sends the stream; the first message names the migration.
+class TunnelData(_message.Message):
+    """srcd -> dstd. Payload: the source emulator's bytes, as they are, in order; 1 to 1048576
+    bytes per message. An empty payload means the source emulator closed its side (EOF), as
+    does the end of the request stream; nothing follows it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MIGRATION_ID_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    EOF_FIELD_NUMBER: _builtins.int
-    migration_id: _builtins.str
-    """first message only"""
     data: _builtins.bytes
-    eof: _builtins.bool
-    """the sender closed its side"""
+    """documentation only: the payload IS these bytes"""
     def __init__(
         self,
         *,
-        migration_id: _builtins.str = ...,
         data: _builtins.bytes = ...,
-        eof: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "migration_id", b"migration_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TunnelChunk: _TypeAlias = TunnelChunk  # noqa: Y015
+Global___TunnelData: _TypeAlias = TunnelData  # noqa: Y015
+
+@_typing.final
+class TunnelFrame(_message.Message):
+    """dstd -> srcd. Payload: one type byte, then:
+      0x00 (data)    the bytes the incoming emulator sent back, as they are (1 to 1048576).
+      0x01 (credit)  exactly 8 bytes, unsigned big-endian: the total number of bytes of the
+                     stream handed to the incoming emulator so far (never decreasing). Sent
+                     whenever 1 MiB (1048576 bytes) or more was handed over since the last
+                     credit, and after the source's EOF for what remains uncredited, so that
+                     the last credit equals every byte the source sent.
+    An empty payload means the incoming emulator closed its side (EOF); the stream then ends
+    with status OK. Any other type byte, or a credit payload of another length, is an error.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """type 0x00"""
+    credit: _builtins.int
+    """type 0x01"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        credit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "data", b"data", "frame", b"frame"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "data", b"data", "frame", b"frame"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["data", "credit"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___TunnelFrame: _TypeAlias = TunnelFrame  # noqa: Y015

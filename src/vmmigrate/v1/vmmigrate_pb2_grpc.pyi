@@ -3,12 +3,14 @@
 isort:skip_file
 vmmigrate wire protocol, version 1.
 
-Three services:
+Four services:
   DomainService            on srcd: the client API (what migctl talks to).
   MigrationSourceService   on srcd: the source phases (Begin, Perform, Confirm) for a
                            client-driven ("managed") migration.
   MigrationDestinationService on dstd: capabilities and the destination phases
-                           (Prepare, Finish); later the tunnel stream.
+                           (Prepare, Finish).
+  TunnelBytes              on dstd: the stream of a tunnelled migration, whose messages
+                           are NOT protobuf-encoded (see its comment below).
 Both daemons also serve grpc.health.v1.Health.
 
 Flags are libvirt's virDomainMigrateFlags values (VIR_MIGRATE_LIVE = 1 ...).
@@ -267,8 +269,9 @@ class MigrationDestinationServiceStub:
     Prepare: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareRequest, _vmmigrate_pb2.PrepareResponse]
     Finish: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishRequest, _vmmigrate_pb2.FinishResponse]
     PrepareTunnel: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareRequest, _vmmigrate_pb2.PrepareResponse]
-    """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned)."""
-    Tunnel: _grpc.StreamStreamMultiCallable[_vmmigrate_pb2.TunnelChunk, _vmmigrate_pb2.TunnelChunk]
+    """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned); the
+    stream then goes over TunnelBytes.Carry.
+    """
 
 @_typing.type_check_only
 class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
@@ -277,8 +280,9 @@ class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
     Prepare: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareRequest, _vmmigrate_pb2.PrepareResponse]  # type: ignore[assignment]
     Finish: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishRequest, _vmmigrate_pb2.FinishResponse]  # type: ignore[assignment]
     PrepareTunnel: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareRequest, _vmmigrate_pb2.PrepareResponse]  # type: ignore[assignment]
-    """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned)."""
-    Tunnel: _aio.StreamStreamMultiCallable[_vmmigrate_pb2.TunnelChunk, _vmmigrate_pb2.TunnelChunk]  # type: ignore[assignment]
+    """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned); the
+    stream then goes over TunnelBytes.Carry.
+    """
 
 class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -308,13 +312,120 @@ class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vmmigrate_pb2.PrepareRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vmmigrate_pb2.PrepareResponse, _abc.Awaitable[_vmmigrate_pb2.PrepareResponse]]:
-        """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned)."""
-
-    @_abc_1.abstractmethod
-    def Tunnel(
-        self,
-        request_iterator: _MaybeAsyncIterator[_vmmigrate_pb2.TunnelChunk],
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_vmmigrate_pb2.TunnelChunk], _abc.AsyncIterator[_vmmigrate_pb2.TunnelChunk]]: ...
+        """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned); the
+        stream then goes over TunnelBytes.Carry.
+        """
 
 def add_MigrationDestinationServiceServicer_to_server(servicer: MigrationDestinationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class TunnelBytesStub:
+    """---------------------------------------------------------------------------------------
+    TunnelBytes (dstd): the hypervisor's migration stream of a tunnelled migration
+    (--p2p --tunnelled), carried over the daemons' own connection. srcd accepts the source
+    emulator's stream on a loopback port and writes it to Carry; dstd hands it to the
+    incoming emulator (which listens on a unix socket only) and sends back what that
+    emulator writes, and credit.
+
+    WIRE FRAMING. Carry's messages are not serialized protobuf messages. dstd serves it with
+    a generic handler that has no (de)serializers and srcd calls it without serializers, so
+    the payload of every gRPC message (what follows gRPC's own 5-byte message prefix) is the
+    raw byte layout described at TunnelData and TunnelFrame; the two message types only give
+    those payloads a name here and are never encoded by either side. (A stream of real
+    protobuf messages carrying the same bytes costs a copy per message on each side and
+    measured slower: bench/bench_tunnel.py.)
+
+    Call (request) metadata:
+      vmmigrate-migration-id: the id of a migration PrepareTunnel prepared. Required: the
+        call is refused before any byte flows if no tunnelled incoming migration has it.
+
+    Flow control: srcd sends no further message while 8 MiB (8388608 bytes) or more of what
+    it sent is not yet credited, so that little is left to cross after the source emulator
+    switches over. srcd opens one Carry call per migration; its gRPC deadline is the
+    migration's.
+
+    Errors end the call with a status and the error class in the trailing metadata:
+      FAILED_PRECONDITION  no tunnelled incoming migration with id '<id>'
+      INTERNAL             cannot reach the incoming emulator: <reason>
+      INTERNAL             incoming emulator closed the tunnel: <reason>
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> TunnelBytesAsyncStub: ...
+    Carry: _grpc.StreamStreamMultiCallable[_vmmigrate_pb2.TunnelData, _vmmigrate_pb2.TunnelFrame]
+
+@_typing.type_check_only
+class TunnelBytesAsyncStub(TunnelBytesStub):
+    """---------------------------------------------------------------------------------------
+    TunnelBytes (dstd): the hypervisor's migration stream of a tunnelled migration
+    (--p2p --tunnelled), carried over the daemons' own connection. srcd accepts the source
+    emulator's stream on a loopback port and writes it to Carry; dstd hands it to the
+    incoming emulator (which listens on a unix socket only) and sends back what that
+    emulator writes, and credit.
+
+    WIRE FRAMING. Carry's messages are not serialized protobuf messages. dstd serves it with
+    a generic handler that has no (de)serializers and srcd calls it without serializers, so
+    the payload of every gRPC message (what follows gRPC's own 5-byte message prefix) is the
+    raw byte layout described at TunnelData and TunnelFrame; the two message types only give
+    those payloads a name here and are never encoded by either side. (A stream of real
+    protobuf messages carrying the same bytes costs a copy per message on each side and
+    measured slower: bench/bench_tunnel.py.)
+
+    Call (request) metadata:
+      vmmigrate-migration-id: the id of a migration PrepareTunnel prepared. Required: the
+        call is refused before any byte flows if no tunnelled incoming migration has it.
+
+    Flow control: srcd sends no further message while 8 MiB (8388608 bytes) or more of what
+    it sent is not yet credited, so that little is left to cross after the source emulator
+    switches over. srcd opens one Carry call per migration; its gRPC deadline is the
+    migration's.
+
+    Errors end the call with a status and the error class in the trailing metadata:
+      FAILED_PRECONDITION  no tunnelled incoming migration with id '<id>'
+      INTERNAL             cannot reach the incoming emulator: <reason>
+      INTERNAL             incoming emulator closed the tunnel: <reason>
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Carry: _aio.StreamStreamMultiCallable[_vmmigrate_pb2.TunnelData, _vmmigrate_pb2.TunnelFrame]  # type: ignore[assignment]
+
+class TunnelBytesServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------------------------------
+    TunnelBytes (dstd): the hypervisor's migration stream of a tunnelled migration
+    (--p2p --tunnelled), carried over the daemons' own connection. srcd accepts the source
+    emulator's stream on a loopback port and writes it to Carry; dstd hands it to the
+    incoming emulator (which listens on a unix socket only) and sends back what that
+    emulator writes, and credit.
+
+    WIRE FRAMING. Carry's messages are not serialized protobuf messages. dstd serves it with
+    a generic handler that has no (de)serializers and srcd calls it without serializers, so
+    the payload of every gRPC message (what follows gRPC's own 5-byte message prefix) is the
+    raw byte layout described at TunnelData and TunnelFrame; the two message types only give
+    those payloads a name here and are never encoded by either side. (A stream of real
+    protobuf messages carrying the same bytes costs a copy per message on each side and
+    measured slower: bench/bench_tunnel.py.)
+
+    Call (request) metadata:
+      vmmigrate-migration-id: the id of a migration PrepareTunnel prepared. Required: the
+        call is refused before any byte flows if no tunnelled incoming migration has it.
+
+    Flow control: srcd sends no further message while 8 MiB (8388608 bytes) or more of what
+    it sent is not yet credited, so that little is left to cross after the source emulator
+    switches over. srcd opens one Carry call per migration; its gRPC deadline is the
+    migration's.
+
+    Errors end the call with a status and the error class in the trailing metadata:
+      FAILED_PRECONDITION  no tunnelled incoming migration with id '<id>'
+      INTERNAL             cannot reach the incoming emulator: <reason>
+      INTERNAL             incoming emulator closed the tunnel: <reason>
+    """
+
+    @_abc_1.abstractmethod
+    def Carry(
+        self,
+        request_iterator: _MaybeAsyncIterator[_vmmigrate_pb2.TunnelData],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_vmmigrate_pb2.TunnelFrame], _abc.AsyncIterator[_vmmigrate_pb2.TunnelFrame]]: ...
+
+def add_TunnelBytesServicer_to_server(servicer: TunnelBytesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
