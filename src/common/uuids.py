@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 
+from vmmigrate.common.errors import InvalidArgument
+
 # The C locale's isspace(): what virUUIDParse skips around the digits.
 _C_SPACE = " \t\n\v\f\r"
 _UUID_RE = re.compile(rf"[{_C_SPACE}]*((?:[- ]*[0-9a-fA-F]{{2}}){{16}})[{_C_SPACE}]*\Z")
@@ -29,3 +31,11 @@ def canonical_uuid_or_none(text: str) -> str | None:
 def same_uuid(a: str, b: str) -> bool:
     """Do two texts name the same UUID? Texts that are not UUIDs compare as they are."""
     return (canonical_uuid_or_none(a) or a) == (canonical_uuid_or_none(b) or b)
+
+
+def require_uuid(text: str, what: str) -> str:
+    """``text`` as a canonical UUID; InvalidArgument naming ``what`` ("domain uuid")."""
+    u = canonical_uuid_or_none(text)
+    if u is None:
+        raise InvalidArgument(f"invalid {what} {text!r}")
+    return u
