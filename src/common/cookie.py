@@ -33,6 +33,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from lxml import etree
 from vmmigrate.common.errors import CookieError, SameHost
@@ -238,6 +239,27 @@ def parse_cookie(
         shown = root.tag if root.prefix is None else qualified_name(root)
         raise CookieError(f"unexpected root element <{shown}>, expecting <qemu-migration>")
 
+    name, uuid, hostname, hostuuid = _parse_identity(
+        root, expect_name=expect_name, expect_uuid=expect_uuid, local_hostuuid=local_hostuuid
+    )
+    return MigrationCookie(
+        name=name,
+        uuid=uuid,
+        hostname=hostname,
+        hostuuid=hostuuid,
+        features=_parse_features(root, accept),
+        **_parse_sections(root, accept),
+    )
+
+
+def _parse_identity(
+    root: etree._Element,
+    *,
+    expect_name: str | None,
+    expect_uuid: str | None,
+    local_hostuuid: str | None,
+) -> tuple[str, str, str, str]:
+    """The domain's name and UUID and the sender's hostname and host UUID, checked."""
     name = _child_string(root, "name")
     if not name:
         raise CookieError("missing name element in migration data")
@@ -271,8 +293,11 @@ def parse_cookie(
             raise ValueError(f"local host UUID {local_hostuuid!r} is malformed")
         if hostuuid == local:
             raise SameHost(f"Attempt to migrate guest to the same host {hostuuid_text}")
+    return name, uuid, hostname, hostuuid
 
-    features = _parse_features(root, accept)
+
+def _parse_sections(root: etree._Element, accept: CookieFlag) -> dict[str, Any]:
+    """The optional sections this phase accepts, as MigrationCookie fields."""
 
     def wanted(flag: CookieFlag, tag: str) -> etree._Element | None:
         # libvirt reads an optional section only when this phase asked for it.
@@ -304,23 +329,17 @@ def parse_cookie(
     capabilities = None if el is None else _parse_capabilities(el)
     el = wanted(CookieFlag.BLOCK_DIRTY_BITMAPS, "blockDirtyBitmaps")
     bitmaps = None if el is None else _parse_block_dirty_bitmaps(root, el)
-
-    return MigrationCookie(
-        name=name,
-        uuid=uuid,
-        hostname=hostname,
-        hostuuid=hostuuid,
-        features=features,
-        graphics=graphics,
-        lockstate=lockstate,
-        domain=domain,
-        network=network,
-        nbd=nbd,
-        statistics=statistics,
-        cpu=cpu,
-        capabilities=capabilities,
-        block_dirty_bitmaps=bitmaps,
-    )
+    return {
+        "graphics": graphics,
+        "lockstate": lockstate,
+        "domain": domain,
+        "network": network,
+        "nbd": nbd,
+        "statistics": statistics,
+        "cpu": cpu,
+        "capabilities": capabilities,
+        "block_dirty_bitmaps": bitmaps,
+    }
 
 
 def _parse_features(root: etree._Element, accept: CookieFlag) -> CookieFlag:
@@ -494,17 +513,7 @@ def format_cookie(c: MigrationCookie) -> bytes:
     if c.graphics is not None:
         out.append(_format_graphics(c.graphics))
     if c.lockstate is not None:
-        ls = c.lockstate
-        if ls.leases:
-            out.append(
-                f"  <lockstate driver='{_esc_attr(ls.driver)}'>\n"
-                f"    <leases>{_esc_text(ls.leases)}</leases>\n"
-                "  </lockstate>\n"
-            )
-        else:
-            # libvirt omits a lock state without leases; we keep the driver so that the
-            # value survives a round trip.
-            out.append(f"  <lockstate driver='{_esc_attr(ls.driver)}'/>\n")
+        out.append(_format_lockstate(c.lockstate))
     if c.domain is not None:
         out.append(_format_section(c.domain, "domain"))
     if c.network is not None:
@@ -512,20 +521,11 @@ def format_cookie(c: MigrationCookie) -> bytes:
     if c.nbd is not None:
         out.append(_format_nbd(c.nbd))
     if c.statistics is not None:
-        out.append("  <statistics>\n")
-        for sname, value in c.statistics:
-            if not _STAT_NAME_RE.fullmatch(sname):
-                raise CookieError(f"invalid statistics element name {sname!r}")
-            out.append(f"    <{sname}>{_esc_text(value)}</{sname}>\n")
-        out.append("  </statistics>\n")
+        out.append(_format_statistics(c.statistics))
     if c.cpu is not None:
         out.append(_format_section(c.cpu, "cpu"))
     if c.capabilities is not None:
-        out.append("  <capabilities>\n")
-        for cap in c.capabilities:
-            auto = "yes" if cap.auto else "no"
-            out.append(f"    <cap name='{_esc_attr(cap.name)}' auto='{auto}'/>\n")
-        out.append("  </capabilities>\n")
+        out.append(_format_capabilities(c.capabilities))
     if c.block_dirty_bitmaps is not None:
         out.append(_format_section(c.block_dirty_bitmaps, "blockDirtyBitmaps"))
     out.append("</qemu-migration>\n")
@@ -539,6 +539,36 @@ def format_cookie(c: MigrationCookie) -> bytes:
 
 
 _STAT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def _format_lockstate(ls: LockState) -> str:
+    if ls.leases:
+        return (
+            f"  <lockstate driver='{_esc_attr(ls.driver)}'>\n"
+            f"    <leases>{_esc_text(ls.leases)}</leases>\n"
+            "  </lockstate>\n"
+        )
+    # libvirt omits a lock state without leases; we keep the driver so that the value
+    # survives a round trip.
+    return f"  <lockstate driver='{_esc_attr(ls.driver)}'/>\n"
+
+
+def _format_statistics(statistics: tuple[tuple[str, str], ...]) -> str:
+    out = ["  <statistics>\n"]
+    for sname, value in statistics:
+        if not _STAT_NAME_RE.fullmatch(sname):
+            raise CookieError(f"invalid statistics element name {sname!r}")
+        out.append(f"    <{sname}>{_esc_text(value)}</{sname}>\n")
+    out.append("  </statistics>\n")
+    return "".join(out)
+
+
+def _format_capabilities(caps: tuple[Capability, ...]) -> str:
+    lines = "".join(
+        f"    <cap name='{_esc_attr(cap.name)}' auto='{'yes' if cap.auto else 'no'}'/>\n"
+        for cap in caps
+    )
+    return f"  <capabilities>\n{lines}  </capabilities>\n"
 
 
 def _format_graphics(g: Graphics) -> str:
