@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tomllib
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from vmmigrate.common.address import DEFAULT_SRCD_PORT as DEFAULT_SRCD_PORT  # n
 from vmmigrate.common.address import format_hostport as format_hostport  # noqa: PLC0414
 from vmmigrate.common.address import parse_hostport as parse_hostport  # noqa: PLC0414
 from vmmigrate.common.errors import InvalidArgument
+from vmmigrate.common.uuids import canonical_uuid_or_none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +86,10 @@ def _coerce(name: str, value: Any) -> Any:
             return _parse_ports(f"{int(value[0])}-{int(value[1])}")
         raise InvalidArgument(f"migration_ports must be 'MIN-MAX', got {value!r}")
     if name == "host_uuid" and value is not None:
-        try:
-            return str(uuid.UUID(str(value)))
-        except ValueError:
-            raise InvalidArgument(f"host_uuid {value!r} is not a UUID") from None
+        host_uuid = canonical_uuid_or_none(str(value))
+        if host_uuid is None:
+            raise InvalidArgument(f"host_uuid {value!r} is not a UUID")
+        return host_uuid
     if name == "emulator" and value not in ("simvm", "qemu"):
         raise InvalidArgument(f"emulator must be 'simvm' or 'qemu', got {value!r}")
     if name in (

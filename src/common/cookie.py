@@ -22,9 +22,8 @@ Sections vmmigrate does not interpret (``<domain>``, ``<network>``, ``<cpu>``,
 ``<blockDirtyBitmaps>``) are kept as XML text, standalone (indentation level 0, no trailing
 newline). :func:`format_cookie` indents them into the cookie and :func:`parse_cookie`
 removes that indentation again, touching only whitespace-only text, so a section travels
-byte-identical and libvirt's own cookies re-format byte for byte. The serializer is our own
-because libvirt writes single-quoted attributes and escapes quotes in text, which lxml's
-``tostring`` does not.
+byte-identical and libvirt's own cookies re-format byte for byte (the serializer,
+:mod:`common.xmlwriter`, writes as libvirt does).
 
 Error texts follow libvirt's ``qemuMigrationCookieXMLParse`` word for word (PROTOCOL.md C.1).
 """
@@ -33,12 +32,14 @@ from __future__ import annotations
 
 import enum
 import re
-import uuid as uuidlib
 from dataclasses import dataclass
+from typing import Any
 
 from lxml import etree
 from vmmigrate.common.errors import CookieError, SameHost
+from vmmigrate.common.uuids import canonical_uuid_or_none
 from vmmigrate.common.xmlsafe import DEFAULT_MAX_DEPTH, parse_untrusted
+from vmmigrate.common.xmlwriter import XmlWriter, qualified_name
 
 __all__ = [
     "ACCEPT_CONFIRM",
@@ -235,9 +236,30 @@ def parse_cookie(
     root = parse_untrusted(raw, what="migration cookie", max_bytes=max_bytes, error=CookieError)
     if root.tag != "qemu-migration":
         # A default namespace would otherwise print as the very name we expect.
-        shown = root.tag if root.prefix is None else _qualified_name(root)
+        shown = root.tag if root.prefix is None else qualified_name(root)
         raise CookieError(f"unexpected root element <{shown}>, expecting <qemu-migration>")
 
+    name, uuid, hostname, hostuuid = _parse_identity(
+        root, expect_name=expect_name, expect_uuid=expect_uuid, local_hostuuid=local_hostuuid
+    )
+    return MigrationCookie(
+        name=name,
+        uuid=uuid,
+        hostname=hostname,
+        hostuuid=hostuuid,
+        features=_parse_features(root, accept),
+        **_parse_sections(root, accept),
+    )
+
+
+def _parse_identity(
+    root: etree._Element,
+    *,
+    expect_name: str | None,
+    expect_uuid: str | None,
+    local_hostuuid: str | None,
+) -> tuple[str, str, str, str]:
+    """The domain's name and UUID and the sender's hostname and host UUID, checked."""
     name = _child_string(root, "name")
     if not name:
         raise CookieError("missing name element in migration data")
@@ -249,7 +271,7 @@ def parse_cookie(
         raise CookieError("missing uuid element in migration data")
     if expect_uuid is not None:
         # libvirt compares the cookie's text with its own canonical rendering of the UUID.
-        expected = _canonical_uuid(expect_uuid) or expect_uuid
+        expected = canonical_uuid_or_none(expect_uuid) or expect_uuid
         if uuid != expected:
             raise CookieError(f"Incoming cookie data had unexpected UUID {uuid} vs {expected}")
 
@@ -260,19 +282,22 @@ def parse_cookie(
     hostuuid_text = _child_string(root, "hostuuid")
     if not hostuuid_text:
         raise CookieError("missing hostuuid element in migration data")
-    hostuuid = _canonical_uuid(hostuuid_text)
+    hostuuid = canonical_uuid_or_none(hostuuid_text)
     if hostuuid is None:
         raise CookieError("malformed hostuuid element in migration data")
     # Only the host UUID decides "same host": equal hostnames (localhost, clones) are common
     # and harmless, which is why libvirt stopped comparing them.
     if local_hostuuid is not None:
-        local = _canonical_uuid(local_hostuuid)
+        local = canonical_uuid_or_none(local_hostuuid)
         if local is None:
             raise ValueError(f"local host UUID {local_hostuuid!r} is malformed")
         if hostuuid == local:
             raise SameHost(f"Attempt to migrate guest to the same host {hostuuid_text}")
+    return name, uuid, hostname, hostuuid
 
-    features = _parse_features(root, accept)
+
+def _parse_sections(root: etree._Element, accept: CookieFlag) -> dict[str, Any]:
+    """The optional sections this phase accepts, as MigrationCookie fields."""
 
     def wanted(flag: CookieFlag, tag: str) -> etree._Element | None:
         # libvirt reads an optional section only when this phase asked for it.
@@ -304,23 +329,17 @@ def parse_cookie(
     capabilities = None if el is None else _parse_capabilities(el)
     el = wanted(CookieFlag.BLOCK_DIRTY_BITMAPS, "blockDirtyBitmaps")
     bitmaps = None if el is None else _parse_block_dirty_bitmaps(root, el)
-
-    return MigrationCookie(
-        name=name,
-        uuid=uuid,
-        hostname=hostname,
-        hostuuid=hostuuid,
-        features=features,
-        graphics=graphics,
-        lockstate=lockstate,
-        domain=domain,
-        network=network,
-        nbd=nbd,
-        statistics=statistics,
-        cpu=cpu,
-        capabilities=capabilities,
-        block_dirty_bitmaps=bitmaps,
-    )
+    return {
+        "graphics": graphics,
+        "lockstate": lockstate,
+        "domain": domain,
+        "network": network,
+        "nbd": nbd,
+        "statistics": statistics,
+        "cpu": cpu,
+        "capabilities": capabilities,
+        "block_dirty_bitmaps": bitmaps,
+    }
 
 
 def _parse_features(root: etree._Element, accept: CookieFlag) -> CookieFlag:
@@ -471,17 +490,6 @@ def _c_uint(text: str | None, hi: int) -> int | None:
     return value if value <= hi else None
 
 
-# virUUIDParse: blanks around, '-' or ' ' between hex pairs, exactly 32 hex digits.
-_UUID_RE = re.compile(rf"[{_C_SPACE}]*((?:[- ]*[0-9a-fA-F]{{2}}){{16}})[{_C_SPACE}]*\Z")
-
-
-def _canonical_uuid(text: str) -> str | None:
-    m = _UUID_RE.match(text)
-    if m is None:
-        return None
-    return str(uuidlib.UUID(hex=re.sub(r"[- ]", "", m.group(1))))
-
-
 # ---------------------------------------------------------------------------------------
 # Formatting
 
@@ -505,17 +513,7 @@ def format_cookie(c: MigrationCookie) -> bytes:
     if c.graphics is not None:
         out.append(_format_graphics(c.graphics))
     if c.lockstate is not None:
-        ls = c.lockstate
-        if ls.leases:
-            out.append(
-                f"  <lockstate driver='{_esc_attr(ls.driver)}'>\n"
-                f"    <leases>{_esc_text(ls.leases)}</leases>\n"
-                "  </lockstate>\n"
-            )
-        else:
-            # libvirt omits a lock state without leases; we keep the driver so that the
-            # value survives a round trip.
-            out.append(f"  <lockstate driver='{_esc_attr(ls.driver)}'/>\n")
+        out.append(_format_lockstate(c.lockstate))
     if c.domain is not None:
         out.append(_format_section(c.domain, "domain"))
     if c.network is not None:
@@ -523,20 +521,11 @@ def format_cookie(c: MigrationCookie) -> bytes:
     if c.nbd is not None:
         out.append(_format_nbd(c.nbd))
     if c.statistics is not None:
-        out.append("  <statistics>\n")
-        for sname, value in c.statistics:
-            if not _STAT_NAME_RE.fullmatch(sname):
-                raise CookieError(f"invalid statistics element name {sname!r}")
-            out.append(f"    <{sname}>{_esc_text(value)}</{sname}>\n")
-        out.append("  </statistics>\n")
+        out.append(_format_statistics(c.statistics))
     if c.cpu is not None:
         out.append(_format_section(c.cpu, "cpu"))
     if c.capabilities is not None:
-        out.append("  <capabilities>\n")
-        for cap in c.capabilities:
-            auto = "yes" if cap.auto else "no"
-            out.append(f"    <cap name='{_esc_attr(cap.name)}' auto='{auto}'/>\n")
-        out.append("  </capabilities>\n")
+        out.append(_format_capabilities(c.capabilities))
     if c.block_dirty_bitmaps is not None:
         out.append(_format_section(c.block_dirty_bitmaps, "blockDirtyBitmaps"))
     out.append("</qemu-migration>\n")
@@ -550,6 +539,36 @@ def format_cookie(c: MigrationCookie) -> bytes:
 
 
 _STAT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def _format_lockstate(ls: LockState) -> str:
+    if ls.leases:
+        return (
+            f"  <lockstate driver='{_esc_attr(ls.driver)}'>\n"
+            f"    <leases>{_esc_text(ls.leases)}</leases>\n"
+            "  </lockstate>\n"
+        )
+    # libvirt omits a lock state without leases; we keep the driver so that the value
+    # survives a round trip.
+    return f"  <lockstate driver='{_esc_attr(ls.driver)}'/>\n"
+
+
+def _format_statistics(statistics: tuple[tuple[str, str], ...]) -> str:
+    out = ["  <statistics>\n"]
+    for sname, value in statistics:
+        if not _STAT_NAME_RE.fullmatch(sname):
+            raise CookieError(f"invalid statistics element name {sname!r}")
+        out.append(f"    <{sname}>{_esc_text(value)}</{sname}>\n")
+    out.append("  </statistics>\n")
+    return "".join(out)
+
+
+def _format_capabilities(caps: tuple[Capability, ...]) -> str:
+    lines = "".join(
+        f"    <cap name='{_esc_attr(cap.name)}' auto='{'yes' if cap.auto else 'no'}'/>\n"
+        for cap in caps
+    )
+    return f"  <capabilities>\n{lines}  </capabilities>\n"
 
 
 def _format_graphics(g: Graphics) -> str:
@@ -578,16 +597,20 @@ def _format_nbd(nbd: Nbd) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Raw sections and the serializer
+# Raw sections
 
 _INDENT = 2  # a section's element sits one level below <qemu-migration>
-_XML_NS = "http://www.w3.org/XML/1998/namespace"
+
+# libvirt's virBufferEscapeString escapes all five in text and attributes alike.
+_WRITER = XmlWriter("migration cookie", CookieError)
+_esc_text = _WRITER.text
+_esc_attr = _WRITER.attr
 
 
 def _section_text(el: etree._Element) -> str:
     """A cookie child as standalone XML text (its cookie indentation removed)."""
     out: list[str] = []
-    _write_element(el, out, -_INDENT, None)
+    _WRITER.element(el, out, -_INDENT)
     return "".join(out)
 
 
@@ -603,124 +626,9 @@ def _format_section(text: str, tag: str) -> str:
     )
     if el.tag != tag:
         raise CookieError(
-            f"<{tag}> section of the migration cookie has root element <{_qualified_name(el)}>"
+            f"<{tag}> section of the migration cookie has root element <{qualified_name(el)}>"
         )
     out = [" " * _INDENT]
-    _write_element(el, out, _INDENT, None)
+    _WRITER.element(el, out, _INDENT)
     out.append("\n")
     return "".join(out)
-
-
-def _write_element(
-    el: etree._Element,
-    out: list[str],
-    delta: int,
-    parent_nsmap: dict[str | None, str] | None,
-) -> None:
-    """Serialize ``el`` (without its tail) the way libvirt writes XML.
-
-    ``parent_nsmap`` None marks the top element, which declares every namespace in scope
-    so that the text stands alone. ``delta`` shifts the indentation of whitespace-only text.
-    """
-    name = _qualified_name(el)
-    out.append("<" + name)
-    nsmap = el.nsmap
-    for key, value in el.attrib.items():
-        out.append(f" {_attr_name(str(key), nsmap)}='{_esc_attr(str(value))}'")
-    # Declarations after the attributes, where libvirt writes them (<domain type=.. xmlns:..>).
-    inherited = parent_nsmap or {}
-    for prefix, uri in nsmap.items():
-        if parent_nsmap is None or inherited.get(prefix) != uri:
-            attr = "xmlns" if prefix is None else f"xmlns:{prefix}"
-            out.append(f" {attr}='{_esc_attr(uri)}'")
-    if None in inherited and None not in nsmap:
-        out.append(" xmlns=''")  # an undeclared default namespace
-    children = list(el)
-    if el.text is None and not children:
-        out.append("/>")
-        return
-    out.append(">")
-    if el.text:
-        out.append(_esc_text(_reindent(el.text, delta)))
-    for child in children:
-        if isinstance(child.tag, str):
-            _write_element(child, out, delta, nsmap)
-        else:  # comment, processing instruction or entity: lxml writes these verbatim
-            out.append(etree.tostring(child, encoding="unicode", with_tail=False))
-        if child.tail:
-            out.append(_esc_text(_reindent(child.tail, delta)))
-    out.append(f"</{name}>")
-
-
-def _qualified_name(el: etree._Element) -> str:
-    local = etree.QName(el).localname
-    return local if el.prefix is None else f"{el.prefix}:{local}"
-
-
-def _attr_name(key: str, nsmap: dict[str | None, str]) -> str:
-    if not key.startswith("{"):
-        return key
-    uri, local = key[1:].split("}", 1)
-    if uri == _XML_NS:
-        return f"xml:{local}"
-    for prefix, candidate in nsmap.items():
-        if candidate == uri and prefix is not None:
-            return f"{prefix}:{local}"
-    raise CookieError(f"no namespace prefix for attribute {key}")  # not reachable from parsed XML
-
-
-def _reindent(text: str, delta: int) -> str:
-    """Shift the indentation after the last newline of whitespace-only text by ``delta``.
-
-    Text with anything but blanks is content and is never touched. Removing only happens when
-    the full amount is there, so adding after removing always gives back the original.
-    """
-    if "\n" not in text or text.strip(" \t\r\n"):
-        return text
-    cut = text.rfind("\n") + 1
-    head, indent = text[:cut], text[cut:]
-    if delta > 0:
-        return head + " " * delta + indent
-    if indent.startswith(" " * -delta):
-        return head + indent[-delta:]
-    return text
-
-
-# XML 1.0 Char production; anything else cannot be written at all.
-_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-# libvirt's virBufferEscapeString escapes all five in text and attributes alike. \r (and in
-# attributes \t and \n) become references because an XML parser would normalise them away.
-_TEXT_ESCAPES = str.maketrans(
-    {"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;", '"': "&quot;", "\r": "&#13;"}
-)
-_ATTR_ESCAPES = str.maketrans(
-    {
-        "&": "&amp;",
-        "<": "&lt;",
-        ">": "&gt;",
-        "'": "&apos;",
-        '"': "&quot;",
-        "\r": "&#13;",
-        "\n": "&#10;",
-        "\t": "&#9;",
-    }
-)
-
-
-def _check_chars(value: str) -> None:
-    m = _NOT_XML_CHAR.search(value)
-    if m is not None:
-        raise CookieError(
-            f"cannot put character U+{ord(m.group()):04X} into a migration cookie: {value!r}"
-        )
-
-
-def _esc_text(value: str) -> str:
-    _check_chars(value)
-    return value.translate(_TEXT_ESCAPES)
-
-
-def _esc_attr(value: str) -> str:
-    _check_chars(value)
-    return value.translate(_ATTR_ESCAPES)

@@ -9,21 +9,14 @@ field must change (a UUID generated on define, a rename), only that element is t
 from __future__ import annotations
 
 import dataclasses
-import re
 import uuid as uuidlib
 
 from lxml import etree
 from vmmigrate.common.errors import OperationInvalid, XMLError
-from vmmigrate.common.xmlsafe import parse_untrusted
+from vmmigrate.common.uuids import canonical_uuid_or_none
+from vmmigrate.common.xmlsafe import first_non_xml_char, parse_untrusted
 
 DEFAULT_MAX_XML_BYTES = 4 * 1024 * 1024
-
-_UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
-)
-
-# Characters XML 1.0 cannot carry (lxml refuses to write them).
-_NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +45,7 @@ def validate_name(name: str) -> None:
         raise XMLError(f"name {name!r} cannot contain '\\n'")
     if name in (".", ".."):
         raise XMLError(f"domain name '{name}' is not allowed")
-    if _NOT_XML_CHAR.search(name):
+    if first_non_xml_char(name) is not None:
         # only reachable through a rename (--dname): parsed XML cannot carry these
         raise XMLError(f"name {name!r} contains a character XML cannot carry")
     if len(name.encode("utf-8")) > 1024:
@@ -66,10 +59,10 @@ def validate_name(name: str) -> None:
 
 def canonical_uuid(text: str) -> str:
     """libvirt accepts UUIDs with or without dashes, any case."""
-    t = text.strip()
-    if not _UUID_RE.match(t):
+    u = canonical_uuid_or_none(text)
+    if u is None:
         raise XMLError("malformed uuid element")
-    return str(uuidlib.UUID(t))
+    return u
 
 
 def _child_text(root: etree._Element, tag: str) -> str | None:

@@ -26,7 +26,10 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import structlog
 from vmmigrate.common.errors import StorageError, StorageFull
+
+log = structlog.get_logger("vmmigrate.store")
 
 TEMP_PREFIX = ".tmp-"
 
@@ -42,11 +45,20 @@ def storage_error(action: str, path: Path, exc: OSError) -> StorageError:
 
 
 @contextlib.contextmanager
-def _translated(action: str, path: Path) -> Iterator[None]:
+def storage_errors(action: str, path: Path) -> Iterator[None]:
+    """Translate any OSError raised inside into :func:`storage_error`'s ("cannot ACTION
+    PATH: reason"). Catch the OSErrors that are answers (FileNotFoundError, BlockingIOError)
+    inside the block: whatever leaves it is a storage failure."""
     try:
         yield
     except OSError as exc:
         raise storage_error(action, path, exc) from exc
+
+
+def report_unreadable(path: Path | str, reason: str) -> None:
+    """A state file that cannot be used is skipped and reported, never fatal: one bad file
+    must not take the daemon (or every other domain or job) down with it."""
+    log.warning("store_file_unreadable", path=str(path), reason=reason)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -66,7 +78,7 @@ def _fsync_dir_raw(path: Path) -> None:
 
 def fsync_dir(path: Path) -> None:
     """Make the directory's entries (creations, renames, removals) durable."""
-    with _translated("sync", path):
+    with storage_errors("sync", path):
         _fsync_dir_raw(path)
 
 
@@ -89,7 +101,7 @@ def atomic_write(
     """
     directory = path.parent
     tmp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
-    with _translated("write", path):
+    with storage_errors("write", path):
         # 0o600: definitions and journal records are the daemons' business only (libvirt
         # keeps /etc/libvirt/qemu/*.xml 0600 as well).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -114,7 +126,7 @@ def atomic_write(
 def durable_unlink(path: Path, *, durable: bool = True) -> bool:
     """Remove ``path`` and make the removal durable. False if it did not exist.
     ``durable=False``: a plain unlink, for records that may harmlessly come back."""
-    with _translated("remove", path):
+    with storage_errors("remove", path):
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -131,7 +143,7 @@ def clean_temp_files(directory: Path) -> int:
     docstring): it cannot tell a leftover from a write in progress.
     """
     removed = 0
-    with _translated("clean", directory):
+    with storage_errors("clean", directory):
         with os.scandir(directory) as entries:
             names = [
                 e.name

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from lxml import etree
@@ -96,22 +97,37 @@ def process_alive(rec: RuntimeRecord) -> bool:
     return _start_ticks(rec.pid) == rec.start_ticks
 
 
-class Hypervisor(Protocol):
-    """The narrow interface the daemons use."""
+class RunState(enum.StrEnum):
+    """A domain's run state: QMP's RunState values (query-status), plus SHUTOFF when no
+    emulator runs and UNKNOWN when it does not answer, or answers a state this build does
+    not know. A StrEnum: comparisons with the QMP strings keep working."""
 
-    def record(self, uuid: str) -> RuntimeRecord | None: ...
-    async def start(
-        self, d: DomainDef, *, paused: bool = False, incoming: str | None = None
-    ) -> RuntimeRecord: ...
-    async def execute(
-        self,
-        uuid: str,
-        command: str,
-        arguments: dict[str, Any] | None = None,
-        timeout: float = 10.0,
-    ) -> Any: ...
-    async def status(self, uuid: str) -> str: ...
-    async def kill(self, uuid: str) -> None: ...
+    DEBUG = "debug"
+    INMIGRATE = "inmigrate"
+    INTERNAL_ERROR = "internal-error"
+    IO_ERROR = "io-error"
+    PAUSED = "paused"
+    POSTMIGRATE = "postmigrate"
+    PRELAUNCH = "prelaunch"
+    FINISH_MIGRATE = "finish-migrate"
+    RESTORE_VM = "restore-vm"
+    RUNNING = "running"
+    SAVE_VM = "save-vm"
+    SHUTDOWN = "shutdown"
+    SUSPENDED = "suspended"
+    WATCHDOG = "watchdog"
+    GUEST_PANICKED = "guest-panicked"
+    COLO = "colo"
+    SHUTOFF = "shutoff"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def of(cls, value: object) -> RunState:
+        """``value`` (query-status's "status") as a RunState; UNKNOWN if it is none."""
+        for state in cls:
+            if state.value == value:
+                return state
+        return cls.UNKNOWN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,17 +423,17 @@ class QMPHypervisor:
         mon = await self.monitor(uuid)
         return await mon.execute(command, arguments, timeout=timeout)
 
-    async def status(self, uuid: str) -> str:
-        """QMP run state, or "shutoff" when no emulator runs."""
+    async def status(self, uuid: str) -> RunState:
+        """QMP run state, or SHUTOFF when no emulator runs."""
         if self.record(uuid) is None:
-            return "shutoff"
+            return RunState.SHUTOFF
         try:
             r = await self.execute(uuid, "query-status")
         except QMPError:
-            return "shutoff" if self.record(uuid) is None else "unknown"
-        return str(r.get("status", "unknown"))
+            return RunState.SHUTOFF if self.record(uuid) is None else RunState.UNKNOWN
+        return RunState.of(r.get("status"))
 
-    async def wait_incoming(self, uuid: str, until: float, poll: float) -> str:
+    async def wait_incoming(self, uuid: str, until: float, poll: float) -> RunState:
         """Wait until an incoming emulator leaves "inmigrate" (or ``until``, a monotonic
         time, passes); returns its run state then ("shutoff" when it went away).
 
@@ -428,7 +444,7 @@ class QMPHypervisor:
         seconds; with them, a slow poll remains as a safety net (a lost monitor sends none).
         """
         if self.record(uuid) is None:
-            return "shutoff"
+            return RunState.SHUTOFF
         mon = await self.monitor(uuid)
         wake = asyncio.Event()
         unsubscribe = mon.on_event(
@@ -441,7 +457,7 @@ class QMPHypervisor:
             while True:
                 wake.clear()  # before asking: an event during the query is not lost
                 status = await self.status(uuid)
-                if status != "inmigrate" or time.monotonic() >= until:
+                if status != RunState.INMIGRATE or time.monotonic() >= until:
                     return status
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(interval, max(until - time.monotonic(), 0))):

@@ -6,10 +6,22 @@ network, the size and the nesting depth are bounded, and the text must be UTF-8.
 
 from __future__ import annotations
 
+import re
+
 from lxml import etree
 from vmmigrate.common.errors import InvalidArgument
 
 DEFAULT_MAX_DEPTH = 64
+
+# Anything outside XML 1.0's Char production: no XML document can carry it, escaped or not
+# (lxml refuses to write it, and a parser refuses to read it).
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def first_non_xml_char(value: str) -> str | None:
+    """The first character of ``value`` that XML 1.0 cannot carry, or None."""
+    m = _NOT_XML_CHAR.search(value)
+    return None if m is None else m.group()
 
 
 def _parser() -> etree.XMLParser:

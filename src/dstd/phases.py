@@ -40,6 +40,7 @@ from vmmigrate.common.store import (
     OUTCOME_FINISHED,
     JobRecord,
     MigrationOutcome,
+    Role,
     validate_migration_id,
 )
 from vmmigrate.dstd.context import DestinationContext
@@ -159,7 +160,7 @@ def _record(req: PrepareInput, received: DomainDef, target: DomainDef) -> JobRec
     return JobRecord(
         source_name=received.name,
         migration_id=req.migration_id,
-        role="destination",
+        role=Role.DESTINATION,
         domain_name=target.name,
         domain_uuid=target.uuid,
         phase=Phase.PREPARE.label,

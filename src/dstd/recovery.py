@@ -38,12 +38,13 @@ from vmmigrate.common.store import (
     HostStore,
     JobRecord,
     MigrationOutcome,
+    Outcome,
 )
 
 log = structlog.get_logger("vmmigrate.dstd.recovery")
 
 
-def _outcome(rec: JobRecord, what: str, active: bool = False) -> MigrationOutcome:
+def _outcome(rec: JobRecord, what: Outcome, active: bool = False) -> MigrationOutcome:
     finished = what == OUTCOME_FINISHED
     return MigrationOutcome(
         migration_id=rec.migration_id,
@@ -55,14 +56,14 @@ def _outcome(rec: JobRecord, what: str, active: bool = False) -> MigrationOutcom
     )
 
 
-def _settle_offline(store: HostStore, rec: JobRecord) -> str:
+def _settle_offline(store: HostStore, rec: JobRecord) -> Outcome:
     here = store.find(rec.domain_uuid)
     if here is not None and rec.xml and here.xml == rec.xml:
         return OUTCOME_FINISHED
     return OUTCOME_CANCELLED
 
 
-async def _settle_live(store: HostStore, hv: QMPHypervisor, rec: JobRecord) -> tuple[str, bool]:
+async def _settle_live(store: HostStore, hv: QMPHypervisor, rec: JobRecord) -> tuple[Outcome, bool]:
     uuid = rec.domain_uuid
     status = "shutoff"
     if hv.record(uuid) is not None:

@@ -32,7 +32,7 @@ from vmmigrate.common.errors import (
 from vmmigrate.common.flags import MigrateFlag, check_begin_flags
 from vmmigrate.common.phase import Phase
 from vmmigrate.common.rpc import Deadline
-from vmmigrate.common.store import JobRecord, validate_migration_id
+from vmmigrate.common.store import JobRecord, Role, validate_migration_id
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import SourceJob, SourceParams
 
@@ -117,7 +117,7 @@ async def begin(
         now = time.time()
         record = JobRecord(
             migration_id=migration_id,
-            role="source",
+            role=Role.SOURCE,
             domain_name=current.name,
             domain_uuid=current.uuid,
             phase=Phase.BEGIN3.label,

@@ -1,0 +1,134 @@
+"""Incoming migrations on the destination: the reservation of a domain's name and UUID from
+Prepare to Finish, and the definition Finish persists.
+
+A reservation is the destination's journal record (role ``destination``): it never creates
+a definition, but while it exists nothing else may define, undefine or send away a domain
+with that name or UUID (libvirt holds the MIGRATION_IN job on the domain object). Every
+method runs its checks and its write under the store lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import structlog
+from vmmigrate.common.definitions import Definitions, check_clash
+from vmmigrate.common.domainxml import DomainDef, validate_name
+from vmmigrate.common.errors import InvalidArgument, OperationInvalid
+from vmmigrate.common.joblock import JobLocks, job_busy
+from vmmigrate.common.journal import JobRecord, Journal, Role, validate_migration_id
+from vmmigrate.common.storelock import StoreLock
+from vmmigrate.common.uuids import require_uuid, same_uuid
+
+log = structlog.get_logger("vmmigrate.store")
+
+
+class Reservations:
+    def __init__(
+        self, lock: StoreLock, journal: Journal, definitions: Definitions, jobs: JobLocks
+    ) -> None:
+        self._lock = lock
+        self._journal = journal
+        self._defs = definitions
+        self._jobs = jobs
+
+    def holder(self, name: str | None, uuid: str, *, ignore: str | None = None) -> JobRecord | None:
+        """The incoming migration (other than ``ignore``) that reserved name or uuid."""
+        for rec in self._journal.read_all():
+            if rec.role != Role.DESTINATION or rec.migration_id == ignore:
+                continue
+            if rec.domain_name == name or same_uuid(rec.domain_uuid, uuid):
+                return rec
+        return None
+
+    def _busy(self, name: str, uuid: str, migration_id: str) -> bool:
+        """Does another incoming migration, or a source job, hold the domain?"""
+        return self.holder(name, uuid, ignore=migration_id) is not None or (
+            self._jobs.held_locked(uuid)
+        )
+
+    def _own(self, migration_id: str) -> JobRecord:
+        rec = self._journal.read(migration_id)
+        if rec is None or rec.role != Role.DESTINATION:
+            raise OperationInvalid(f"no incoming migration with id '{migration_id}'")
+        return rec
+
+    def reserve(self, rec: JobRecord) -> bool:
+        """See :meth:`common.store.HostStore.reserve_incoming`."""
+        if rec.role != Role.DESTINATION:
+            raise InvalidArgument(
+                f"an incoming reservation needs role 'destination', not {rec.role!r}"
+            )
+        validate_migration_id(rec.migration_id)
+        validate_name(rec.domain_name)
+        uuid = require_uuid(rec.domain_uuid, "domain uuid")
+        name = rec.domain_name
+        with self._lock.held():
+            mine = self._journal.read(rec.migration_id)
+            if mine is not None and (
+                mine.role != Role.DESTINATION
+                or mine.domain_name != name
+                or not same_uuid(mine.domain_uuid, uuid)
+            ):
+                raise OperationInvalid(
+                    f"migration id '{rec.migration_id}' is already in use by a {mine.role} "
+                    f"job for domain '{mine.domain_name}'"
+                )
+            replaces = check_clash(self._defs.scan(), name, uuid)
+            if self._busy(name, uuid, rec.migration_id):
+                raise job_busy(name)
+            rec = dataclasses.replace(rec, role=Role.DESTINATION, domain_uuid=uuid)
+            if mine is not None and mine.started_unix:
+                rec = dataclasses.replace(rec, started_unix=mine.started_unix)
+            # Not fsync'd: a reservation lost in a crash was never a definition, and the
+            # restarted dstd drops reservations anyway. Both daemons still see it at once.
+            self._journal.write(rec, durable=False)
+        log.debug(
+            "incoming_reserved",
+            migration_id=rec.migration_id,
+            name=name,
+            uuid=uuid,
+            replaces=replaces,
+        )
+        return replaces
+
+    def persist(self, migration_id: str, d: DomainDef) -> bool:
+        """See :meth:`common.store.HostStore.persist_incoming`."""
+        validate_migration_id(migration_id)
+        parsed = self._defs.validated(d)
+        with self._lock.held():
+            self._own(migration_id)
+            defs = self._defs.scan()
+            replaced = check_clash(defs, parsed.name, parsed.uuid)
+            if self._busy(parsed.name, parsed.uuid, migration_id):
+                raise job_busy(parsed.name)
+            self._defs.write(parsed, defs)
+        log.info(
+            "domain_persisted",
+            migration_id=migration_id,
+            name=parsed.name,
+            uuid=parsed.uuid,
+            replaced=replaced,
+        )
+        return replaced
+
+    def unpersist(self, migration_id: str, previous: DomainDef | None) -> None:
+        """See :meth:`common.store.HostStore.unpersist_incoming`."""
+        validate_migration_id(migration_id)
+        with self._lock.held():
+            rec = self._own(migration_id)
+            defs = self._defs.scan()
+            if previous is not None:
+                self._defs.write(previous, defs)
+            else:
+                self._defs.remove(require_uuid(rec.domain_uuid, "domain uuid"), defs)
+        log.warning("incoming_persist_undone", migration_id=migration_id)
+
+    def release(self, migration_id: str) -> None:
+        """See :meth:`common.store.HostStore.release_incoming`."""
+        validate_migration_id(migration_id)
+        with self._lock.held():
+            rec = self._journal.read(migration_id)
+            if rec is not None and rec.role == Role.DESTINATION:
+                # a reservation that comes back after a crash is dropped at start-up
+                self._journal.remove(migration_id, durable=False)
