@@ -23,7 +23,7 @@ from vmmigrate.common.address import (
 from vmmigrate.common.errors import InvalidArgument, VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.rpc import Deadline, call, open_channel
-from vmmigrate.migctl import progress
+from vmmigrate.migctl import pki, progress
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -123,6 +123,7 @@ def _build_parser() -> ArgParser:
     p.add_argument("--migration-id")
     p.add_argument("domain")
     p.add_argument("desturi")
+    pki.add_parser(sub)
     return ap
 
 
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = _build_parser()
     try:
         a = ap.parse_args(argv)
-        code = asyncio.run(run(a))
+        # pki makes certificates locally: no daemon, no channel
+        code = pki.run(a) if a.command == "pki" else asyncio.run(run(a))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
