@@ -90,6 +90,13 @@ def _build_parser() -> ArgParser:
     ):
         p = sub.add_parser(cmd)
         p.add_argument("domain")
+    _add_migrate_parsers(sub)
+    pki.add_parser(sub)
+    return ap
+
+
+def _add_migrate_parsers(sub: Any) -> None:
+    """The migration commands: migrate and its job's queries and tunables."""
     p = sub.add_parser("domjobinfo", help="statistics of the domain's migration job")
     p.add_argument("domain")
     p.add_argument("--completed", action="store_true", help="the last finished job")
@@ -123,8 +130,6 @@ def _build_parser() -> ArgParser:
     p.add_argument("--migration-id")
     p.add_argument("domain")
     p.add_argument("desturi")
-    pki.add_parser(sub)
-    return ap
 
 
 def _read_file(path: str) -> str:
