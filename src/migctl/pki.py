@@ -24,12 +24,18 @@ DEFAULT_LEAF_DAYS = 825
 def add_parser(sub: Any) -> None:
     """Add ``pki`` and its subcommands to migctl's subparsers ``sub``."""
     p = sub.add_parser("pki", help="make the cluster's TLS certificates (CA, hosts, clients)")
-    psub = p.add_subparsers(dest="pki_command", required=True, parser_class=type(p))
+    psub = p.add_subparsers(
+        dest="pki_command", metavar="init|issue", required=True, parser_class=type(p)
+    )
 
     q = psub.add_parser("init", help="create the cluster's CA: DIR/ca.pem, DIR/ca-key.pem")
-    q.add_argument("dir", metavar="DIR")
+    q.add_argument("dir", metavar="DIR", help="where the CA goes (created mode 0700)")
     q.add_argument("--name", default=DEFAULT_CA_NAME, help="the CA's common name")
-    q.add_argument("--force", action="store_true", help="replace an existing CA")
+    q.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA (what it issued is no longer trusted)",
+    )
 
     q = psub.add_parser(
         "issue", help="issue a host or client certificate: OUT/ca.pem, cert.pem, key.pem"
@@ -47,6 +53,7 @@ def add_parser(sub: Any) -> None:
         "--days",
         type=int,
         default=DEFAULT_LEAF_DAYS,
+        metavar="N",
         help=f"validity in days (default {DEFAULT_LEAF_DAYS})",
     )
 

@@ -362,6 +362,10 @@ def test_issue_refuses_bad_input(
     assert not out.exists()
 
 
+def test_pki_needs_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "init|issue" in migctl_fails(capsys, "pki")
+
+
 def test_issue_refuses_a_ca_whose_key_does_not_match(tmp_path: Path) -> None:
     migctl("pki", "init", str(tmp_path / "a"))
     migctl("pki", "init", str(tmp_path / "b"))
