@@ -23,6 +23,7 @@ server translates to gRPC in exactly one place, and the client library translate
      +-- PeerUnavailable                UNAVAILABLE        the peer cannot be reached
      +-- Timeout                        DEADLINE_EXCEEDED  the deadline passed
      +-- OperationFailed                INTERNAL           a phase failed on the peer
+     +-- Unauthenticated                UNAUTHENTICATED    no usable peer certificate
 
 Messages follow libvirt's word for word where PROTOCOL.md quotes them.
 """
@@ -123,6 +124,12 @@ class OperationFailed(VmmigrateError):
     code = grpc.StatusCode.INTERNAL
 
 
+class Unauthenticated(VmmigrateError):
+    """libvirt's VIR_ERR_AUTH_FAILED: the peer's certificate does not say who it is."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 def _all_classes() -> dict[str, type[VmmigrateError]]:
     found: dict[str, type[VmmigrateError]] = {}
     todo: list[type[VmmigrateError]] = [VmmigrateError]
@@ -157,6 +164,7 @@ def error_from_status(
         HostBusy,
         InvalidArgument,
         OperationInvalid,
+        Unauthenticated,
     ):
         if candidate.code == code:
             return candidate(message)

@@ -23,7 +23,7 @@ from vmmigrate.common.address import (
 from vmmigrate.common.errors import InvalidArgument, VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.rpc import Deadline, call, open_channel
-from vmmigrate.migctl import progress
+from vmmigrate.migctl import pki, progress
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -90,6 +90,13 @@ def _build_parser() -> ArgParser:
     ):
         p = sub.add_parser(cmd)
         p.add_argument("domain")
+    _add_migrate_parsers(sub)
+    pki.add_parser(sub)
+    return ap
+
+
+def _add_migrate_parsers(sub: Any) -> None:
+    """The migration commands: migrate and its job's queries and tunables."""
     p = sub.add_parser("domjobinfo", help="statistics of the domain's migration job")
     p.add_argument("domain")
     p.add_argument("--completed", action="store_true", help="the last finished job")
@@ -123,7 +130,6 @@ def _build_parser() -> ArgParser:
     p.add_argument("--migration-id")
     p.add_argument("domain")
     p.add_argument("desturi")
-    return ap
 
 
 def _read_file(path: str) -> str:
@@ -355,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = _build_parser()
     try:
         a = ap.parse_args(argv)
-        code = asyncio.run(run(a))
+        # pki makes certificates locally: no daemon, no channel
+        code = pki.run(a) if a.command == "pki" else asyncio.run(run(a))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
