@@ -1,5 +1,5 @@
-"""The migration cookie: golden vectors (captured from real libvirt, and our own), every parser error
-property test that whatever we format we parse back unchanged."""
+"""The migration cookie: golden vectors (real libvirt's and ours), every parser error text,
+hostile input, and a property test that whatever we format we parse back unchanged."""
 
 from __future__ import annotations
 
