@@ -36,6 +36,7 @@ def test_tunnel_stream(lab: Lab, data: st.DataObject) -> None:
     tunnel_case(lab, data)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=25)
 @given(data=st.data())
 def test_tunnel_bytes_stream(lab: Lab, data: st.DataObject) -> None:
