@@ -31,7 +31,7 @@ sockets: both QEMUs share this machine's clock), 8 sampled guest RAM words check
 destination, a timeline of the daemons' log events, the daemons' CPU seconds and the
 machine's CPU use.
 
-    .venv/bin/python bench/bench_live.py [--n 5] [--json /tmp/live.json] [--profile DIR]
+    .venv/bin/python -m bench.bench_live [--n 5] [--json /tmp/live.json] [--profile DIR]
 
 With --profile DIR extra, separately reported loops of direct and tunnelled RPC migrations
 run with py-spy attached to the four daemons (py-spy in the venv or on PATH), and migctl's
@@ -66,15 +66,11 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from vmmigrate.common.flags import MigrateFlag
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from helpers.hosts import Host  # noqa: E402
-from vmmigrate.common.flags import MigrateFlag  # noqa: E402
-
-from vmmigrate.v1 import vmmigrate_pb2 as pb  # noqa: E402
-from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc  # noqa: E402
+from tests.helpers.hosts import Host
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"

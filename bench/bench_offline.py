@@ -6,7 +6,7 @@ Starts two real hosts (a srcd and a dstd each, as separate processes) on 127.0.0
 channels, no migctl process start-up in the timing) and prints a result table; --json
 writes the same results as JSON.
 
-    .venv/bin/python bench/bench_offline.py --json /tmp/bench.json
+    .venv/bin/python -m bench.bench_offline --json /tmp/bench.json
 
 Phases:
   latency   one domain migrated back and forth A -> B -> A ... (--warmup untimed, then --n
@@ -46,17 +46,13 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.common.rpc import Deadline
+from vmmigrate.migctl import managed
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from helpers.hosts import Host, sample_domain_xml  # noqa: E402
-from vmmigrate.common.flags import MigrateFlag  # noqa: E402
-from vmmigrate.common.rpc import Deadline  # noqa: E402
-from vmmigrate.migctl import managed  # noqa: E402
-
-from vmmigrate.v1 import vmmigrate_pb2 as pb  # noqa: E402
-from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc  # noqa: E402
+from tests.helpers.hosts import Host, sample_domain_xml
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 P2P_FLAGS = (
     MigrateFlag.OFFLINE

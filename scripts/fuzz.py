@@ -19,9 +19,10 @@ an inconsistent result, an UNKNOWN/INTERNAL status, a dead daemon, or a state ch
 refused request; each is written to --crash-dir.
 
 Examples:
-  scripts/fuzz.py --seconds 60                     # every target, 60 s each
-  scripts/fuzz.py --targets 'cookie-*' domain --engine atheris --seconds 300
-  scripts/fuzz.py --targets 'rpc-*' --max-examples 2000 --json out.json
+From the repository root (tests.fuzz is imported from there):
+  .venv/bin/python -m scripts.fuzz --seconds 60     # every target, 60 s each
+  .venv/bin/python -m scripts.fuzz --targets 'cookie-*' domain --engine atheris --seconds 300
+  .venv/bin/python -m scripts.fuzz --targets 'rpc-*' --max-examples 2000 --json out.json
 """
 
 from __future__ import annotations
@@ -40,12 +41,6 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-# tests/ first: its package "fuzz" must win over this script's own name.
-sys.path[:] = [str(ROOT / "tests")] + [
-    p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"
-]
 
 
 @dataclass
@@ -103,8 +98,9 @@ def run_hypothesis(name: str, case: Callable[..., None], strategy: object, *, se
 
 
 def parser_targets() -> dict[str, tuple[Callable[..., None], object]]:
-    from fuzz import parsers as P
     from hypothesis import strategies as st
+
+    from tests.fuzz import parsers as P
 
     out: dict[str, tuple[Callable[..., None], object]] = {}
     for acc_name, accept in P.ACCEPT_SETS.items():
@@ -116,8 +112,9 @@ def parser_targets() -> dict[str, tuple[Callable[..., None], object]]:
 
 
 def rpc_targets(lab_box: list[object]) -> dict[str, tuple[Callable[..., None], object]]:
-    from fuzz import rpc as R
     from hypothesis import strategies as st
+
+    from tests.fuzz import rpc as R
 
     def lab() -> R.Lab:
         if not lab_box:
@@ -141,7 +138,7 @@ def atheris_child(target: str) -> None:
 
     with atheris.instrument_imports():
         from vmmigrate.common import cookie, domainxml, xmlsafe  # noqa: F401
-    from fuzz import parsers as P
+    from tests.fuzz import parsers as P
 
     if target == "domain":
         def one(data: bytes) -> None:
@@ -157,7 +154,7 @@ def atheris_child(target: str) -> None:
 
 
 def run_atheris(name: str, seconds: float, max_examples: int, crash_dir: Path) -> Result:
-    from fuzz import parsers as P
+    from tests.fuzz import parsers as P
 
     res = Result(name, "atheris")
     corpus = Path(tempfile.mkdtemp(prefix=f"corpus-{name}-"))
@@ -165,7 +162,7 @@ def run_atheris(name: str, seconds: float, max_examples: int, crash_dir: Path) -
     for i, s in enumerate(seeds):
         (corpus / f"seed-{i}").write_bytes(b"\x01" + s if name == "domain" else s)
     crash_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--atheris-child", name, "--",
+    cmd = [sys.executable, "-m", "scripts.fuzz", "--atheris-child", name, "--",
            f"-max_total_time={int(seconds)}", f"-runs={max_examples}", "-max_len=65536",
            "-rss_limit_mb=2048", "-timeout=30", f"-artifact_prefix={crash_dir}/{name}-",
            "-print_final_stats=1", str(corpus)]

@@ -2,7 +2,7 @@
 """The long soak: migrations back and forth between two loopback hosts with every failpoint
 armed at random; prints the counts, exits 1 on any invariant violation.
 
-    .venv/bin/python scripts/soak.py --migrations 2000
+    .venv/bin/python -m scripts.soak   # from the repository root --migrations 2000
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from helpers.soak import soak
+from tests.helpers.soak import soak
 
 
 def main() -> int:

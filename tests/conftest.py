@@ -1,9 +1,6 @@
 import sys
 from pathlib import Path
 
-# Tests import the helpers package from tests/ (the product itself is pip-installed).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 
 def pytest_terminal_summary(terminalreporter: object) -> None:
     """Print the fault matrix's table (tests/integration/test_fault_matrix.py) if it ran."""

@@ -91,10 +91,6 @@ class Failpoints:
             armed[name] = Action(kind, int(m.group(2) or 0), percent)
         return cls(armed, seed)
 
-    @classmethod
-    def from_environ(cls) -> Failpoints:
-        return cls.parse(os.environ.get(ENV_VAR, ""), os.environ.get(SEED_VAR))
-
     def __bool__(self) -> bool:
         return bool(self._armed)
 

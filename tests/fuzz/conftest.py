@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fuzz.rpc import Lab
+from .rpc import Lab
 
 
 @pytest.fixture(scope="module")

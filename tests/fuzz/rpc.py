@@ -38,15 +38,16 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor as pbd
 from google.protobuf.message import Message
-from helpers.hosts import Host, sample_domain_xml
 from hypothesis import strategies as st
 from vmmigrate.common import tunnelwire
 from vmmigrate.common.cookie import MigrationCookie, format_cookie
 from vmmigrate.common.errors import ERROR_CLASS_KEY
 from vmmigrate.common.flags import MigrateFlag
 
-from fuzz.parsers import FRAGMENTS, Crash, mutated
 from vmmigrate.v1 import vmmigrate_pb2 as pb
+
+from ..helpers.hosts import Host, sample_domain_xml
+from .parsers import FRAGMENTS, Crash, mutated
 
 OFFLINE = int(MigrateFlag.OFFLINE | MigrateFlag.PERSIST_DEST)
 OFFLINE_P2P = OFFLINE | int(MigrateFlag.PEER2PEER)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz.parsers import (
+from .parsers import (
     ACCEPT_SETS,
     FRAGMENTS,
     SEED_COOKIES,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz.rpc import CATALOG, Lab, Rpc, field_case, raw_case, tunnel_case
+from .rpc import CATALOG, Lab, Rpc, field_case, raw_case, tunnel_case
 
 FUZZ = settings(
     max_examples=12,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import uuid as uuidlib
 
-from helpers.hosts import Host, sample_domain_xml
-from helpers.qmp import qmp_for, runtime_record
+from .hosts import Host, sample_domain_xml
+from .qmp import qmp_for, runtime_record
 
 
 def start_domain(h: Host, name: str, memory_mib: int = 32) -> str:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from vmmigrate.common.failpoints import DSTD_FAILPOINTS, SRCD_FAILPOINTS
 
-from helpers.hosts import Host, sample_domain_xml
-from helpers.live import alive
-from helpers.qmp import qmp_for, runtime_record
+from .hosts import Host, sample_domain_xml
+from .live import alive
+from .qmp import qmp_for, runtime_record
 
 ACTIONS = ("crash", "error", "delay(30)")
 

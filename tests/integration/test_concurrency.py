@@ -62,6 +62,7 @@ def _failed_rpcs(h: Host, daemon: str, code: str) -> list[dict[str, object]]:
     return [e for e in d.events() if e.get("event") == "rpc_failed" and e.get("code") == code]
 
 
+@pytest.mark.slow
 def test_200_offline_migrations_in_flight_with_churn(fresh_hosts: tuple[Host, Host]) -> None:
     """200 p2p offline migrations A -> B at once (the destination holds each reservation a
     while, so they overlap), while two clients per host define, undefine and list."""
@@ -123,6 +124,7 @@ def test_200_offline_migrations_in_flight_with_churn(fresh_hosts: tuple[Host, Ho
     assert on_a == churned["A"]
 
 
+@pytest.mark.slow
 def test_destination_limit_answers_busy_and_sources_back_off(fresh_hosts: tuple[Host, Host]) -> None:
     """max_incoming 2: at most two incoming migrations at once; the others get
     RESOURCE_EXHAUSTED, retry with backoff, and all complete."""
@@ -153,6 +155,7 @@ def test_destination_limit_answers_busy_and_sources_back_off(fresh_hosts: tuple[
     settled(a, b)
 
 
+@pytest.mark.slow
 def test_busy_destination_refuses_prepare_clearly(fresh_hosts: tuple[Host, Host]) -> None:
     """A Prepare beyond max_incoming: RESOURCE_EXHAUSTED with a clear text, nothing
     reserved; once a slot frees, the same Prepare succeeds."""

@@ -56,6 +56,7 @@ def test_destination_killed_between_prepare_and_finish(fresh_hosts: tuple[Host, 
     assert b.names() == ["victim"] and a.names() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failpoint", ["dstd.finish.before_persist", "dstd.prepare.after_reserve",
                                        "dstd.finish.after_persist", "dstd.finish.after_outcome"])
 def test_destination_crashes_during_p2p(fresh_hosts: tuple[Host, Host], failpoint: str) -> None:
@@ -89,6 +90,7 @@ def test_destination_crashes_during_p2p(fresh_hosts: tuple[Host, Host], failpoin
     assert other.names() == ["victim"] and owner.names() == []
 
 
+@pytest.mark.slow
 def test_definitions_survive_daemon_restarts(fresh_hosts: tuple[Host, Host]) -> None:
     a, b = fresh_hosts
     a.start()

@@ -28,6 +28,8 @@ import pytest
 from helpers.hosts import Host, sample_domain_xml, settled, wait_until
 from helpers.live import runs_on_exactly_one, state
 
+pytestmark = pytest.mark.slow
+
 
 def _list_failpoints(daemon: str) -> list[str]:
     out = subprocess.run(

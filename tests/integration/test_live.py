@@ -200,6 +200,7 @@ def test_timeout_suspend_completes(hosts: tuple[Host, Host], domname: str) -> No
     b.migctl("destroy", domname)
 
 
+@pytest.mark.slow
 def test_auto_converge(hosts: tuple[Host, Host], domname: str) -> None:
     a, b = hosts
     u = start_domain(a, domname, memory_mib=16)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers.soak import soak
+
+pytestmark = pytest.mark.slow
 
 
 def test_soak_with_random_failpoints(tmp_path: Path) -> None:

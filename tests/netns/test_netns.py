@@ -18,7 +18,7 @@ from vmmigrate.common.domainxml import canonical
 
 from .netlab import Network, start_hosts
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 OFFLINE = ("migrate", "--offline", "--persistent")
 PARTITION_RPC_TIMEOUT = 2.0

@@ -39,7 +39,7 @@ from helpers.qmp import qmp_for, runtime_record
 
 from .netlab import Network
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 LIVE = ("migrate", "--live", "--persistent")
 MOVE = (*LIVE, "--p2p", "--undefinesource")

@@ -251,14 +251,28 @@ async def incoming_port(q: QMP) -> int:
     return int(info["socket-address"][0]["port"])
 
 
-async def wait_migration(q: QMP, timeout: float = 20.0) -> dict[str, Any]:
+async def wait_reply(
+    q: QMP,
+    command: str,
+    until: Callable[[dict[str, Any]], bool],
+    timeout: float = 20.0,
+) -> dict[str, Any]:
+    """Ask ``command`` again until its reply satisfies ``until``; that reply."""
     deadline = time.monotonic() + timeout
     while True:
-        info: dict[str, Any] = await q.ok("query-migrate")
-        if info.get("status") in FINAL:
-            return info
-        assert time.monotonic() < deadline, f"migration still {info}"
+        reply: dict[str, Any] = await q.ok(command)
+        if until(reply):
+            return reply
+        assert time.monotonic() < deadline, f"{command} still {reply}"
         await asyncio.sleep(0.02)
+
+
+def passes_done(info: dict[str, Any]) -> int:
+    return int(info.get("ram", {}).get("dirty-sync-count", 0))
+
+
+async def wait_migration(q: QMP, timeout: float = 20.0) -> dict[str, Any]:
+    return await wait_reply(q, "query-migrate", lambda i: i.get("status") in FINAL, timeout)
 
 
 async def status(q: QMP) -> str:
@@ -399,7 +413,8 @@ def test_precopy_converges_and_memory_arrives_intact(lab: Lab) -> None:
         await d.event("RESUME")
         here, there = await s.ok("x-simvm-checksum"), await d.ok("x-simvm-checksum")
         assert there["source-sha256"] == here["sha256"]
-        await asyncio.sleep(0.1)
+        # the destination's vCPU runs: wait until it has written to its memory
+        await wait_reply(d, "x-simvm-checksum", lambda c: c["writes"] > there["writes"])
         await d.ok("stop")
         assert (await d.ok("x-simvm-checksum"))["sha256"] != here["sha256"]  # it ran: dirtied
         assert (await d.ok("query-migrate"))["status"] == "completed"
@@ -466,10 +481,12 @@ def test_no_convergence_then_cancel_leaves_the_source_running_and_intact(lab: La
         s, d = await src.connect(), await dst.connect()
         await s.ok("migrate-set-parameters", **NOT_CONVERGING)
         await s.ok("migrate", uri=f"tcp:127.0.0.1:{await incoming_port(d)}")
-        await asyncio.sleep(1.0)
-        early = await s.ok("query-migrate")
-        await asyncio.sleep(1.5)
-        late = await s.ok("query-migrate")
+        # pass after pass without converging: a pass's figures once a full pass at the cap
+        # has been measured, then those of a later pass
+        early = await wait_reply(s, "query-migrate", lambda i: passes_done(i) >= 3)
+        late = await wait_reply(
+            s, "query-migrate", lambda i: passes_done(i) > passes_done(early) + 1
+        )
         assert early["status"] == late["status"] == "active"
         assert late["ram"]["dirty-sync-count"] > early["ram"]["dirty-sync-count"] >= 2
         assert late["ram"]["dirty-pages-rate"] > 0 and "cpu-throttle-percentage" not in late

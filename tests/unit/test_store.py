@@ -809,9 +809,9 @@ def run_ops(store: HostStore, tag: str, seed: int, count: int) -> list[dict[str,
     return history
 
 
+# run from the repository root, where this module is tests.unit.test_store
 WORKER = """
 import json, sys
-sys.path.insert(0, sys.argv[1])
 import logging
 import structlog
 structlog.configure(
@@ -820,11 +820,11 @@ structlog.configure(
 )
 from pathlib import Path
 from vmmigrate.common.store import HostStore
-from test_store import run_ops
-store = HostStore(Path(sys.argv[2]))
+from tests.unit.test_store import run_ops
+store = HostStore(Path(sys.argv[1]))
 print(json.dumps({"host_uuid": store.identity.host_uuid}), flush=True)
 sys.stdin.readline()
-history = run_ops(store, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+history = run_ops(store, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 print(json.dumps(history), flush=True)
 """
 
@@ -915,7 +915,8 @@ def test_two_processes_hammer_one_store(tmp_path: Path) -> None:
     state = tmp_path / "state"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(HERE), str(state), tag, str(seed), "200"],
+            [sys.executable, "-c", WORKER, str(state), tag, str(seed), "200"],
+            cwd=HERE.parents[1],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

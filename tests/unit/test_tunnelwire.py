@@ -72,7 +72,12 @@ def test_relay_write_error_stops_the_reader() -> None:
     async def main() -> None:
         with pytest.raises(BrokenPipeError):
             await tunnelwire.relay(endless(), write, depth=2)
-        await asyncio.sleep(0.01)  # a reader still running would go on counting
+        # the reader was cancelled: wait for it to end (a reader still running would go on
+        # counting, and would still be pending here)
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            _, pending = await asyncio.wait(others, timeout=5)
+            assert not pending, pending
 
     asyncio.run(main())
     assert read <= 4  # the chunk written, the queue's two, the one being put
