@@ -25,7 +25,8 @@ removes that indentation again, touching only whitespace-only text, so a section
 byte-identical and libvirt's own cookies re-format byte for byte (the serializer,
 :mod:`common.xmlwriter`, writes as libvirt does).
 
-Error texts follow libvirt's ``qemuMigrationCookieXMLParse`` word for word (PROTOCOL.md C.1).
+Error texts follow libvirt's ``qemuMigrationCookieXMLParse`` word for word
+(docs/ARCHITECTURE.md section 5).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ NO_FEATURES = CookieFlag(0)
 
 # Features libvirt announces with <feature name=..>: a receiver that does not understand one
 # must refuse the migration rather than silently lose lock state, the persistent definition
-# or the hotplug layout (PROTOCOL.md C.2).
+# or the hotplug layout (docs/ARCHITECTURE.md section 5).
 MANDATORY = (
     CookieFlag.LOCKSTATE
     | CookieFlag.PERSISTENT
@@ -113,7 +114,7 @@ MANDATORY = (
     | CookieFlag.CPU_HOTPLUG
 )
 
-# What each receiving phase parses (PROTOCOL.md C.3, "eats").
+# What each receiving phase parses (docs/ARCHITECTURE.md section 5).
 ACCEPT_PREPARE = (
     CookieFlag.LOCKSTATE
     | CookieFlag.NBD

@@ -1,4 +1,4 @@
-"""Crash-safe file primitives for the host state directory (DESIGN.md section 2).
+"""Crash-safe file primitives for the host state directory (docs/ARCHITECTURE.md section 6).
 
 Every file that must survive a crash is written the same way:
 
@@ -13,7 +13,7 @@ removes at the next start. That cleanup must not run while another process may b
 into the same directory; the host store does it under its store-wide lock, and writes
 under that same lock.
 
-OSErrors are translated here, once (STYLE.md 8): ENOSPC and EDQUOT become
+OSErrors are translated here, once (docs/ARCHITECTURE.md section 10): ENOSPC and EDQUOT become
 :class:`~common.errors.StorageFull`, everything else :class:`~common.errors.StorageError`.
 """
 

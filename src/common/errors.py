@@ -25,7 +25,7 @@ server translates to gRPC in exactly one place, and the client library translate
      +-- OperationFailed                INTERNAL           a phase failed on the peer
      +-- Unauthenticated                UNAUTHENTICATED    no usable peer certificate
 
-Messages follow libvirt's word for word where PROTOCOL.md quotes them.
+Messages follow libvirt's word for word where libvirt has them (docs/ARCHITECTURE.md section 4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """libvirt's virDomainMigrateFlags, with libvirt's names and values, and their validation.
 
 The checks and their texts follow libvirt's Begin (qemuMigrationSrcBeginPhase) and Prepare
-(qemuMigrationDstPrepareAny) word for word; see PROTOCOL.md sections B.2 and B.4.
+(qemuMigrationDstPrepareAny) word for word; see docs/ARCHITECTURE.md section 4.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def check_api_flags(flags: MigrateFlag) -> None:
 
 
 def check_begin_flags(flags: MigrateFlag) -> None:
-    """Flag checks of the source's Begin phase (PROTOCOL.md B.2 steps 7-9)."""
+    """Flag checks of the source's Begin phase (docs/ARCHITECTURE.md section 4)."""
     check_api_flags(flags)
     _check_common(flags)
     check_offline_flags(flags, tunnelled=MigrateFlag.TUNNELLED in flags)
@@ -130,7 +130,8 @@ def check_begin_flags(flags: MigrateFlag) -> None:
 
 
 def check_prepare_flags(flags: MigrateFlag) -> None:
-    """Flag checks of the destination's Prepare phase (PROTOCOL.md B.4, PrepareAny order).
+    """Flag checks of the destination's Prepare phase, in PrepareAny's order
+    (docs/ARCHITECTURE.md section 4).
 
     The public-API rules (tunnelled needs p2p ...) belong to the caller's side, as in
     libvirt, where the client library makes them before any daemon is asked."""
