@@ -4,14 +4,14 @@ gRPC decodes a request before any handler runs; a message that does not decode (
 wire format, a string field that is not UTF-8) makes grpc.aio answer UNKNOWN with the
 protobuf exception's repr, as if the daemon had crashed. This interceptor moves decoding
 into the handler call, so the daemon answers INVALID_ARGUMENT with a clear message and the
-error class (InvalidArgument) in the trailing metadata, like any other bad input. Streamed
-requests (the tunnel) get an InvalidArgument raised from the request iterator, which the
-streaming handler turns into a status itself.
+error class (InvalidArgument) in the trailing metadata, like any other bad input. The
+tunnel's stream has no deserializer (its messages are raw bytes, validated by its handler),
+so it passes through untouched.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -54,16 +54,4 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return await inner(request, context)
 
             return handler._replace(request_deserializer=None, unary_unary=unary)
-        if handler.stream_stream is not None:
-            inner_stream = handler.stream_stream
-
-            async def stream(raw_iter: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
-                async def decoded() -> AsyncIterator[Any]:
-                    async for raw in raw_iter:
-                        yield _decode(deserializer, raw, method)
-
-                async for response in inner_stream(decoded(), context):
-                    yield response
-
-            return handler._replace(request_deserializer=None, stream_stream=stream)
-        return handler  # no unary-stream or stream-unary RPCs in vmmigrate.v1
+        return handler  # the tunnel (raw bytes) has no deserializer: handled above
