@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc.aio
@@ -207,118 +208,167 @@ async def run(a: argparse.Namespace) -> int:
     address = a.connect
     channel = open_channel(address)
     try:
-        return await _dispatch(a, address, channel)
+        handler = COMMANDS.get(a.command) or _cmd_lifecycle
+        await handler(a, _Session(address, channel))
+        return 0
     finally:
         await channel.close(None)
 
 
-async def _dispatch(a: argparse.Namespace, address: str, channel: grpc.aio.Channel) -> int:
-    dom = pb_grpc.DomainServiceStub(channel)
+class _Session:
+    """One command's connection to srcd: the channel, its stub, and calls with a deadline."""
 
-    async def rpc(method: Any, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        return await call(method, request, timeout=timeout, peer=address, what=DAEMON)
+    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
+        self.address = address
+        self.channel = channel
+        self.dom = pb_grpc.DomainServiceStub(channel)
 
-    cmd = a.command
-    if cmd == "define":
-        r = await rpc(dom.Define, pb.DefineRequest(xml=_read_file(a.file)))
-        print(f"Domain '{r.domain.name}' defined from {a.file}")
-    elif cmd == "undefine":
-        r = await rpc(dom.Undefine, pb.UndefineRequest(domain=a.domain))
-        print(f"Domain '{r.domain.name}' has been undefined")
-    elif cmd == "list":
-        r = await rpc(dom.List, pb.ListRequest(all=a.all or a.inactive))
-        rows = [e for e in r.domains if not a.inactive or e.state == pb.DOMAIN_STATE_SHUTOFF]
-        if a.name or a.uuid:
-            for e in rows:
-                print(e.domain.name if a.name else e.domain.uuid)
-        else:
-            _print_table(rows)
-    elif cmd == "domstate":
-        r = await rpc(dom.GetState, pb.DomainRequest(domain=a.domain))
-        print(STATE_WORDS.get(r.state, "no state"))
-    elif cmd in ("domuuid", "domname"):
-        r = await rpc(dom.GetInfo, pb.DomainRequest(domain=a.domain))
-        print(r.domain.uuid if cmd == "domuuid" else r.domain.name)
-    elif cmd == "dominfo":
-        r = await rpc(dom.GetInfo, pb.DomainRequest(domain=a.domain))
-        rows = [
-            ("Id", "-" if r.domain.id < 0 else str(r.domain.id)),
-            ("Name", r.domain.name),
-            ("UUID", r.domain.uuid),
-            ("OS Type", r.os_type),
-            ("State", STATE_WORDS.get(r.state, "no state")),
-            ("CPU(s)", str(r.vcpus)),
-            ("Max memory", f"{r.max_memory_kib} KiB"),
-            ("Used memory", f"{r.used_memory_kib} KiB"),
-            ("Persistent", "yes" if r.persistent else "no"),
-            ("Autostart", "enable" if r.autostart else "disable"),
-        ]
-        if r.migration_job:
-            rows.append(("Migration job", r.migration_job))
-        for k, v in rows:
-            print(f"{k + ':':<16}{v}")
-        print()
-    elif cmd == "dumpxml":
-        r = await rpc(dom.DumpXML, pb.DumpXMLRequest(domain=a.domain, inactive=a.inactive))
-        sys.stdout.write(r.xml if r.xml.endswith("\n") else r.xml + "\n")
-    elif cmd == "migrate":
-        flags = migrate_flags(a)
-        params = migrate_params(a)
-        dest = _dest_address(a.desturi)
-        seconds = float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
-        if MigrateFlag.PEER2PEER in flags:
-            migration: Any = rpc(
-                dom.Migrate,
-                pb.MigrateRequest(
-                    domain=a.domain,
-                    dest_uri=dest,
-                    flags=int(flags),
-                    params=params,
-                    migration_id=a.migration_id or "",
-                ),
-                timeout=seconds,
-            )
-        else:
-            # only client-driven migration needs lxml and the phase sequence: a p2p
-            # migrate (the common case) starts faster without them
-            from vmmigrate.migctl import managed  # noqa: PLC0415
+    async def rpc(self, method: Any, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        return await call(method, request, timeout=timeout, peer=self.address, what=DAEMON)
 
-            migration = managed.migrate(
-                source=pb_grpc.MigrationSourceServiceStub(channel),
-                source_address=address,
-                dest_address=dest,
-                domain=a.domain,
-                flags=flags,
-                params=params,
-                migration_id=a.migration_id,
-                deadline=Deadline(seconds),
-            )
-        live = MigrateFlag.OFFLINE not in flags
-        await progress.watch(
-            migration,
-            domains=dom,
-            address=address,
+
+async def _cmd_define(a: argparse.Namespace, s: _Session) -> None:
+    r = await s.rpc(s.dom.Define, pb.DefineRequest(xml=_read_file(a.file)))
+    print(f"Domain '{r.domain.name}' defined from {a.file}")
+
+
+async def _cmd_undefine(a: argparse.Namespace, s: _Session) -> None:
+    r = await s.rpc(s.dom.Undefine, pb.UndefineRequest(domain=a.domain))
+    print(f"Domain '{r.domain.name}' has been undefined")
+
+
+async def _cmd_list(a: argparse.Namespace, s: _Session) -> None:
+    r = await s.rpc(s.dom.List, pb.ListRequest(all=a.all or a.inactive))
+    rows = [e for e in r.domains if not a.inactive or e.state == pb.DOMAIN_STATE_SHUTOFF]
+    if a.name or a.uuid:
+        for e in rows:
+            print(e.domain.name if a.name else e.domain.uuid)
+    else:
+        _print_table(rows)
+
+
+async def _cmd_domstate(a: argparse.Namespace, s: _Session) -> None:
+    r = await s.rpc(s.dom.GetState, pb.DomainRequest(domain=a.domain))
+    print(STATE_WORDS.get(r.state, "no state"))
+
+
+async def _cmd_domuuid_or_name(a: argparse.Namespace, s: _Session) -> None:
+    r = await s.rpc(s.dom.GetInfo, pb.DomainRequest(domain=a.domain))
+    print(r.domain.uuid if a.command == "domuuid" else r.domain.name)
+
+
+async def _cmd_dominfo(a: argparse.Namespace, s: _Session) -> None:
+    r = await s.rpc(s.dom.GetInfo, pb.DomainRequest(domain=a.domain))
+    rows = [
+        ("Id", "-" if r.domain.id < 0 else str(r.domain.id)),
+        ("Name", r.domain.name),
+        ("UUID", r.domain.uuid),
+        ("OS Type", r.os_type),
+        ("State", STATE_WORDS.get(r.state, "no state")),
+        ("CPU(s)", str(r.vcpus)),
+        ("Max memory", f"{r.max_memory_kib} KiB"),
+        ("Used memory", f"{r.used_memory_kib} KiB"),
+        ("Persistent", "yes" if r.persistent else "no"),
+        ("Autostart", "enable" if r.autostart else "disable"),
+    ]
+    if r.migration_job:
+        rows.append(("Migration job", r.migration_job))
+    for k, v in rows:
+        print(f"{k + ':':<16}{v}")
+    print()
+
+
+async def _cmd_dumpxml(a: argparse.Namespace, s: _Session) -> None:
+    r = await s.rpc(s.dom.DumpXML, pb.DumpXMLRequest(domain=a.domain, inactive=a.inactive))
+    sys.stdout.write(r.xml if r.xml.endswith("\n") else r.xml + "\n")
+
+
+async def _cmd_migrate(a: argparse.Namespace, s: _Session) -> None:
+    flags = migrate_flags(a)
+    params = migrate_params(a)
+    dest = _dest_address(a.desturi)
+    seconds = float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
+    migration: Any
+    if MigrateFlag.PEER2PEER in flags:
+        request = pb.MigrateRequest(
             domain=a.domain,
-            verbose=a.verbose and live,
-            abortable=live,
+            dest_uri=dest,
+            flags=int(flags),
+            params=params,
+            migration_id=a.migration_id or "",
         )
-    elif cmd in LIFECYCLE:
-        method, words = LIFECYCLE[cmd]
-        r = await rpc(getattr(dom, method), pb.DomainRequest(domain=a.domain))
-        print(f"Domain '{r.domain.name}' {words}")
-    elif cmd == "domjobinfo":
-        info = await rpc(dom.GetJobInfo, pb.JobInfoRequest(domain=a.domain, completed=a.completed))
-        print_jobinfo(info)
-    elif cmd == "domjobabort":
-        await rpc(dom.AbortJob, pb.AbortJobRequest(domain=a.domain))
-    elif cmd == "migrate-setspeed":
-        await rpc(dom.SetMaxSpeed, pb.SpeedRequest(domain=a.domain, bandwidth_mib=a.bandwidth))
-    elif cmd == "migrate-getspeed":
-        r = await rpc(dom.GetMaxSpeed, pb.DomainRequest(domain=a.domain))
-        print(r.bandwidth_mib)
-    elif cmd == "migrate-setmaxdowntime":
-        await rpc(dom.SetMaxDowntime, pb.DowntimeRequest(domain=a.domain, downtime_ms=a.downtime))
-    return 0
+        migration = s.rpc(s.dom.Migrate, request, timeout=seconds)
+    else:
+        # imported here: a p2p migrate (the common case) starts faster without the
+        # client-driven sequence's modules
+        from vmmigrate.migctl import managed  # noqa: PLC0415
+
+        migration = managed.migrate(
+            source=pb_grpc.MigrationSourceServiceStub(s.channel),
+            source_address=s.address,
+            dest_address=dest,
+            domain=a.domain,
+            flags=flags,
+            params=params,
+            migration_id=a.migration_id,
+            deadline=Deadline(seconds),
+        )
+    live = MigrateFlag.OFFLINE not in flags
+    await progress.watch(
+        migration,
+        domains=s.dom,
+        address=s.address,
+        domain=a.domain,
+        verbose=a.verbose and live,
+        abortable=live,
+    )
+
+
+async def _cmd_lifecycle(a: argparse.Namespace, s: _Session) -> None:
+    method, words = LIFECYCLE[a.command]
+    r = await s.rpc(getattr(s.dom, method), pb.DomainRequest(domain=a.domain))
+    print(f"Domain '{r.domain.name}' {words}")
+
+
+async def _cmd_domjobinfo(a: argparse.Namespace, s: _Session) -> None:
+    request = pb.JobInfoRequest(domain=a.domain, completed=a.completed)
+    print_jobinfo(await s.rpc(s.dom.GetJobInfo, request))
+
+
+async def _cmd_domjobabort(a: argparse.Namespace, s: _Session) -> None:
+    await s.rpc(s.dom.AbortJob, pb.AbortJobRequest(domain=a.domain))
+
+
+async def _cmd_setspeed(a: argparse.Namespace, s: _Session) -> None:
+    await s.rpc(s.dom.SetMaxSpeed, pb.SpeedRequest(domain=a.domain, bandwidth_mib=a.bandwidth))
+
+
+async def _cmd_getspeed(a: argparse.Namespace, s: _Session) -> None:
+    r = await s.rpc(s.dom.GetMaxSpeed, pb.DomainRequest(domain=a.domain))
+    print(r.bandwidth_mib)
+
+
+async def _cmd_setmaxdowntime(a: argparse.Namespace, s: _Session) -> None:
+    await s.rpc(s.dom.SetMaxDowntime, pb.DowntimeRequest(domain=a.domain, downtime_ms=a.downtime))
+
+
+Command = Callable[[argparse.Namespace, _Session], Awaitable[None]]
+COMMANDS: dict[str, Command] = {
+    "define": _cmd_define,
+    "undefine": _cmd_undefine,
+    "list": _cmd_list,
+    "domstate": _cmd_domstate,
+    "domuuid": _cmd_domuuid_or_name,
+    "domname": _cmd_domuuid_or_name,
+    "dominfo": _cmd_dominfo,
+    "dumpxml": _cmd_dumpxml,
+    "migrate": _cmd_migrate,
+    "domjobinfo": _cmd_domjobinfo,
+    "domjobabort": _cmd_domjobabort,
+    "migrate-setspeed": _cmd_setspeed,
+    "migrate-getspeed": _cmd_getspeed,
+    "migrate-setmaxdowntime": _cmd_setmaxdowntime,
+}  # every other command is a lifecycle one (LIFECYCLE)
 
 
 LIFECYCLE = {
