@@ -114,6 +114,30 @@ def _insert_after(root: etree._Element, anchor: etree._Element, new: etree._Elem
     anchor.addnext(new)
 
 
+def _name(names: list[etree._Element]) -> str:
+    """The domain's one <name>, validated."""
+    if len(names) > 1:
+        raise XMLError("domain XML has more than one <name> element")
+    name = (names[0].text or "").strip() if names else ""
+    validate_name(name)
+    if names and names[0].text != name:
+        raise XMLError("domain name must not start or end with white space")
+    return name
+
+
+def _vcpus(vcpu_el: etree._Element | None) -> int:
+    """<vcpu current=...>N</vcpu>: the vCPUs the domain starts with (1 without the element)."""
+    if vcpu_el is None:
+        return 1
+    try:
+        vcpus = int((vcpu_el.get("current") or vcpu_el.text or "1").strip())
+    except ValueError:
+        raise XMLError(f"invalid value '{vcpu_el.text}' for element <vcpu>") from None
+    if vcpus < 1:
+        raise XMLError("Invalid number of vCPUs")
+    return vcpus
+
+
 def parse_domain(
     text: str | bytes,
     *,
@@ -132,12 +156,7 @@ def parse_domain(
     if root.get("type") is None:
         raise XMLError("missing domain type attribute")
     names = root.findall("name")
-    if len(names) > 1:
-        raise XMLError("domain XML has more than one <name> element")
-    name = (names[0].text or "").strip() if names else ""
-    validate_name(name)
-    if names and names[0].text != name:
-        raise XMLError("domain name must not start or end with white space")
+    name = _name(names)
     changed = False
     uuid_text = _child_text(root, "uuid")
     if uuid_text is None:
@@ -151,15 +170,7 @@ def parse_domain(
     if len(root.findall("uuid")) > 1:
         raise XMLError("domain XML has more than one <uuid> element")
     uuid = canonical_uuid(uuid_text)
-    vcpu_el = root.find("vcpu")
-    vcpus = 1
-    if vcpu_el is not None:
-        try:
-            vcpus = int((vcpu_el.get("current") or vcpu_el.text or "1").strip())
-        except ValueError:
-            raise XMLError(f"invalid value '{vcpu_el.text}' for element <vcpu>") from None
-        if vcpus < 1:
-            raise XMLError("Invalid number of vCPUs")
+    vcpus = _vcpus(root.find("vcpu"))
     memory = _memory_kib(root.find("memory"))
     current = _memory_kib(root.find("currentMemory")) or memory
     os_type = (root.findtext("os/type") or "hvm").strip()
