@@ -159,6 +159,9 @@ class Lab:
             "-H", f"unix://{self.sock}",
             "--pidfile", str(self.pidfile),
             "--storage-driver", os.environ.get("VMMIGRATE_LAB_STORAGE", "overlay2"),
+            # cgroups are not namespaced here (v1, no cgroupns): a parent of the lab's own
+            # keeps its containers apart from a system dockerd's "docker" and other labs'
+            "--cgroup-parent", f"/{self.tag}",
         ]  # fmt: skip
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -189,6 +192,11 @@ class Lab:
         umount_under(self.root)
         umount_under(self.exec_root)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        # dockerd removes its containers' cgroups, not the parent it was given
+        cgroups = Path("/sys/fs/cgroup")
+        for parent in [*cgroups.glob(f"*/{self.tag}"), cgroups / self.tag]:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.exec_root, ignore_errors=True)
 

@@ -173,7 +173,10 @@ def _kill_destination_mid_migration(cluster: Cluster) -> None:
     _wait_for_job(cluster, "kill1")
     hostb = cluster.container("hostb")
     cluster.lab.docker("kill", hostb)
+    killed = time.monotonic()
     _, err = proc.communicate(timeout=300)
+    TIMINGS["hostb killed: from the kill to the client's error"] = time.monotonic() - killed
+    print(f"\nmigctl after the kill: {err.strip()}")
     assert proc.returncode != 0, "the migration succeeded though its destination was killed"
     assert err.startswith("error: "), err
     cluster.lab.docker("start", hostb)
@@ -202,6 +205,21 @@ def _wait_for_job(cluster: Cluster, name: str, timeout: float = 60.0) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"no migration job seen for {name}")
+
+
+def test_containers_reach_nothing_off_the_machine(cluster: Cluster) -> None:
+    """The lab's namespace has no route out: a connect to a TEST-NET address fails at once
+    (ENETUNREACH), not after a timeout, so no packet can have left."""
+    probe = (
+        "import errno, socket\n"
+        "try:\n"
+        "    socket.create_connection(('192.0.2.1', 80), timeout=5)\n"
+        "except OSError as e:\n"
+        "    print(errno.errorcode.get(e.errno, e))\n"
+    )
+    for service in ("client", "hosta"):
+        out = cluster.compose("exec", "-T", service, "python3", "-c", probe).stdout
+        assert out.strip() == "ENETUNREACH", (service, out)
 
 
 def test_compose_file_is_v1_compatible() -> None:
