@@ -6,10 +6,8 @@ the daemon's data and exec roots, socket and pidfile are the lab's own, so it ne
 system dockerd or another lab. The base image is built with debootstrap from the mirror apt
 already uses, and the project image from wheels made on the host: no registry is needed.
 
-Used by test_compose.py; also usable by hand::
-
-    python tests/container/lab.py up      # prints DOCKER_HOST=...; the lab stays up
-    python tests/container/lab.py down PID
+Used by test_compose.py. ``python3 tests/container/lab.py base`` builds (or finds) the
+cached base rootfs tarball and prints its path, e.g. to warm a CI cache.
 """
 
 from __future__ import annotations
