@@ -2,9 +2,10 @@
 
 Everything runs inside a lab (lab.py): a dockerd of its own in a network namespace with only
 loopback, images built with no registry (a debootstrap base, the project from host-made
-wheels). From the client container: an offline and a live peer-to-peer migration, then a
-live migration during which the destination container is killed and started again, after
-which the domain must be on exactly one host, with the same definition, and migratable again.
+wheels). From the client container: offline migrations (peer-to-peer and client-driven),
+live ones (direct and tunnelled), then a live migration during which the destination
+container is killed and started again, after which the domain must be on exactly one host,
+with the same definition, and migratable again.
 
 Plaintext for now: mutual TLS (an init service running `migctl pki`, a readonly client
 refused a migration) comes with the daemons' TLS support.
@@ -126,7 +127,7 @@ def cluster() -> Iterator[Cluster]:
                 lab.stop()
             print("\ncontainer lab timings (s):")
             for label, seconds in TIMINGS.items():
-                print(f"  {label:45} {seconds:7.1f}")
+                print(f"  {label:52} {seconds:7.1f}")
 
 
 def test_offline_p2p_migration(cluster: Cluster) -> None:
@@ -140,6 +141,29 @@ def test_offline_p2p_migration(cluster: Cluster) -> None:
         assert "off1" in cluster.names("hostb")
         assert "off1" not in cluster.names("hosta")
         assert cluster.migctl("dumpxml", "off1", host="hostb").stdout == xml_a
+
+
+def test_offline_client_driven_migration(cluster: Cluster) -> None:
+    """migctl in the client container runs the phases itself, reaching hostb's dstd."""
+    with _timed("scenario: offline client-driven"):
+        cluster.define("off2")
+        cluster.migctl("migrate", "--offline", "--persistent", "off2", "hostb:7302")
+        # without --undefinesource the source keeps its definition, as libvirt's does
+        assert "off2" in cluster.names("hostb")
+        assert "off2" in cluster.names("hosta")
+
+
+def test_live_tunnelled_migration(cluster: Cluster) -> None:
+    """The hypervisor stream rides srcd's gRPC connection to hostb's dstd."""
+    with _timed("scenario: live p2p tunnelled"):
+        cluster.define("tun1", memory_mib=32)
+        cluster.migctl("start", "tun1")
+        cluster.migctl(
+            "migrate", "--live", "--p2p", "--tunnelled", "--persistent", "--undefinesource",
+            "tun1", "hostb:7302",
+        )  # fmt: skip
+        assert cluster.state("tun1", "hostb") == "running"
+        assert "tun1" not in cluster.names("hosta")
 
 
 def test_live_p2p_migration(cluster: Cluster) -> None:
