@@ -14,7 +14,7 @@ median throughput and the CPU seconds per GiB of each process, then what encodin
 decoding one 1 MiB Chunk costs in-process (the typed stream's own overhead, free of the
 noise of a shared machine).
 
-    .venv/bin/python bench/bench_tunnel.py --mib 512 --reps 5 [--json out.json]
+    .venv/bin/python -m bench.bench_tunnel --mib 512 --reps 5 [--json out.json]
 
 This is a benchmark script, not a test: it stops by itself.
 """

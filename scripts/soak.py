@@ -2,7 +2,7 @@
 """The long soak: migrations back and forth between two loopback hosts with every failpoint
 armed at random; prints the counts, exits 1 on any invariant violation.
 
-    .venv/bin/python -m scripts.soak   # from the repository root --migrations 2000
+    .venv/bin/python -m scripts.soak --migrations 2000   # from the repository root
 """
 
 from __future__ import annotations

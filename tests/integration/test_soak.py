@@ -1,5 +1,5 @@
 """A bounded soak in the suite: migrations back and forth with every failpoint armed at
-random (see tests/helpers/soak.py; scripts/soak.py runs the long one)."""
+random (see tests/helpers/soak.py; python -m scripts.soak runs the long one)."""
 
 from __future__ import annotations
 
