@@ -20,9 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.hosts import sample_domain_xml
-
 from container import lab as labmod
+from helpers.hosts import sample_domain_xml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
