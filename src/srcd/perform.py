@@ -234,11 +234,11 @@ async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[
                 total_ms=info.get("total-time"),
             )
             return
+        if status == "failed" and reason is Action.CANCEL_PEER_LOST:
+            status = "cancelled"  # the stream broke as we cancelled it: the cause is the peer
         if status == "failed":
             job.outcome, job.error = "failed", str(info.get("error-desc", "unexpectedly failed"))
             raise OperationFailed(f"job 'migration out' failed: {job.error}")
-        if status == "failed" and reason is Action.CANCEL_PEER_LOST:
-            status = "cancelled"  # the stream broke as we cancelled it: the cause is the peer
         if status == "cancelled":
             job.outcome = "cancelled"
             raise _cancelled_error(job, reason)
