@@ -60,7 +60,7 @@ def test_lost_destination_is_reported_as_such() -> None:
     hv = ScriptedHypervisor(before=["active"], after_cancel=["failed"])
     job = _job()
     job.peer_lost = True
-    with pytest.raises(OperationFailed, match="^Lost connection to destination host$"):
+    with pytest.raises(OperationFailed, match=r"^Lost connection to destination host$"):
         asyncio.run(perform._watch(_ctx(hv), job, asyncio.Queue()))
     assert "migrate_cancel" in hv.commands
     assert job.outcome == "cancelled"
