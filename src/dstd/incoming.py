@@ -40,7 +40,7 @@ class IncomingJob:
     replaces: bool  # an inactive definition with the same name and UUID exists here
     phase: Phase = Phase.PREPARE
     last_active: float = dataclasses.field(default_factory=time.monotonic)
-    busy: bool = False  # a Finish or a tunnel stream is running
+    busy: bool = False  # its Finish is running (a second one is told JobActive)
     # live migration
     host: str = ""
     port: int = 0

@@ -273,8 +273,8 @@ async def _dispatch(a: argparse.Namespace, address: str, channel: grpc.aio.Chann
                 timeout=seconds,
             )
         else:
-            # only client-driven migration needs lxml and the phase sequence: a p2p
-            # migrate (the common case) starts faster without them
+            # only client-driven migration needs the phase sequence: a p2p migrate
+            # (the common case) starts faster without importing it
             from vmmigrate.migctl import managed  # noqa: PLC0415
 
             migration = managed.migrate(

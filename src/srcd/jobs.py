@@ -19,7 +19,7 @@ from vmmigrate.common.errors import OperationInvalid
 from vmmigrate.common.flags import MigrateFlag, flag_names
 from vmmigrate.common.phase import Phase, advance
 from vmmigrate.common.rpc import Deadline
-from vmmigrate.common.store import HostStore, JobLock, JobRecord
+from vmmigrate.common.store import JobLock, JobRecord
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -107,8 +107,7 @@ class SourceJob:
 class SourceJobTable:
     """The jobs of this srcd, by migration id. Only the event loop thread touches it."""
 
-    def __init__(self, store: HostStore) -> None:
-        self._store = store
+    def __init__(self) -> None:
         self._jobs: dict[str, SourceJob] = {}
 
     def __len__(self) -> int:

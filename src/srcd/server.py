@@ -320,7 +320,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
     ctx = SourceContext(
         config=config,
         store=store,
-        jobs=SourceJobTable(store),
+        jobs=SourceJobTable(),
         peers=PeerPool(config.max_message_bytes),
         failpoints=Failpoints.parse(config.failpoints, config.failpoint_seed or None),
         hypervisor=hypervisor_for(
