@@ -60,9 +60,16 @@ class IncomingJob:
         return MigrateFlag.TUNNELLED in self.flags
 
     def advance(self, new: Phase) -> None:
+        """Move to ``new`` (the destination's table), and the journal record with it (the
+        caller writes it)."""
         self.phase = advance(
-            self.phase, new, migration_id=self.migration_id, domain=self.target.name
+            self.phase,
+            new,
+            "destination",
+            migration_id=self.migration_id,
+            domain=self.target.name,
         )
+        self.record = self.record.with_phase(new.label)
         self.last_active = time.monotonic()
 
 

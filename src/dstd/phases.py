@@ -32,7 +32,7 @@ from vmmigrate.common.errors import (
     OperationInvalid,
 )
 from vmmigrate.common.flags import MigrateFlag, check_prepare_flags
-from vmmigrate.common.phase import Phase
+from vmmigrate.common.phase import Phase, require
 from vmmigrate.common.qmp import QMPError
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import (
@@ -362,14 +362,23 @@ async def finish(
         if cancelled:
             return pb.FinishResponse()
         raise OperationInvalid(f"domain '{dest_name}' is not processing incoming migration")
-    if job.busy and job.phase is Phase.FINISH3:
-        # JobActive, not a failure: the source asks again and gets this Finish's answer
-        raise JobActive(f"Finish of migration '{migration_id}' is already running")
+    return await _finish_job(ctx, job, cancelled, cookie)
+
+
+def _finish_running(job: IncomingJob) -> JobActive:
+    # JobActive, not a failure: the source asks again and gets this Finish's answer
+    return JobActive(f"Finish of migration '{job.migration_id}' is already running")
+
+
+@require(Phase.PREPARE, refuse=_finish_running)
+async def _finish_job(
+    ctx: DestinationContext, job: IncomingJob, cancelled: bool, cookie: bytes
+) -> pb.FinishResponse:
+    migration_id = job.migration_id
     job.busy = True
     try:
         await ctx.failpoints.hit("dstd.finish.before")
         job.advance(Phase.FINISH3)
-        job.record = job.record.with_phase(job.phase.label)
         if job.offline:
             return await finish_offline(ctx, job, cancelled)
         return await finish_live(ctx, job, cancelled, cookie)

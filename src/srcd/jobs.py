@@ -95,9 +95,12 @@ class SourceJob:
         return MigrateFlag.OFFLINE in self.flags
 
     def advance(self, new: Phase) -> None:
+        """Move to ``new`` (the source's table), and the journal record with it (the
+        caller writes it: how durably depends on the phase)."""
         self.phase = advance(
-            self.phase, new, migration_id=self.migration_id, domain=self.domain.name
+            self.phase, new, "source", migration_id=self.migration_id, domain=self.domain.name
         )
+        self.record = self.record.with_phase(new.label)
         self.last_active = time.monotonic()
 
     def touch(self) -> None:

@@ -102,7 +102,6 @@ async def perform_live(
     the error is raised and the source is left for Confirm(cancelled) to resume.
     """
     job.advance(Phase.PERFORM3)
-    job.record = job.record.with_phase(job.phase.label)
     await asyncio.to_thread(ctx.store.journal_put, job.record)
     hv = ctx.hypervisor
     uuid = job.domain.uuid
@@ -147,7 +146,6 @@ async def perform_live(
         if keepalive is not None:
             keepalive.cancel()
     job.advance(Phase.PERFORM3_DONE)
-    job.record = job.record.with_phase(job.phase.label)
     if job.peer:
         # The guest is paused until the destination's Finish resumes it: no fsync here.
         # With a destination to ask, a restarted srcd settles PERFORM3 and PERFORM3_DONE

@@ -170,7 +170,6 @@ async def _enter_confirm(
     ctx: SourceContext, job: SourceJob, cancelled: bool, cookie: bytes
 ) -> None:
     job.advance(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
-    job.record = job.record.with_phase(job.phase.label)
     if not job.offline:
         # Live: a crash from here on must kill (CONFIRM3) or resume (CONFIRM3_CANCELLED)
         # the source on restart. Offline needs no record of it: an offline job found at
