@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import time
 from typing import Any
 
@@ -63,6 +64,26 @@ class SourceParams:
         )
 
 
+class JobOutcome(enum.StrEnum):
+    """How a live migration job ended (domjobinfo --completed's job type)."""
+
+    NONE = ""  # not ended yet
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletedJob:
+    """What domjobinfo --completed shows after a live migration job ended."""
+
+    migration_id: str
+    outcome: JobOutcome
+    error: str
+    elapsed_ms: int
+    stats: dict[str, Any]
+
+
 @dataclasses.dataclass
 class SourceJob:
     """One outgoing migration of one domain."""
@@ -87,7 +108,7 @@ class SourceJob:
     started: float = dataclasses.field(default_factory=time.monotonic)
     abort_requested: bool = False
     peer_lost: bool = False
-    outcome: str = ""  # "", "completed", "failed", "cancelled"
+    outcome: JobOutcome = JobOutcome.NONE
     error: str = ""
 
     @property
@@ -105,6 +126,15 @@ class SourceJob:
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
+
+    def completed(self) -> CompletedJob:
+        return CompletedJob(
+            migration_id=self.migration_id,
+            outcome=self.outcome,
+            error=self.error,
+            elapsed_ms=int((time.monotonic() - self.started) * 1000),
+            stats=dict(self.stats),
+        )
 
 
 class SourceJobTable:

@@ -27,7 +27,7 @@ from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.phase import Phase
 from vmmigrate.common.qmp import QMPError
 from vmmigrate.srcd.context import SourceContext
-from vmmigrate.srcd.jobs import SourceJob
+from vmmigrate.srcd.jobs import JobOutcome, SourceJob
 
 log = structlog.get_logger("vmmigrate.srcd.perform")
 
@@ -137,7 +137,7 @@ async def perform_live(
         await _watch(ctx, job, events)
         await ctx.failpoints.hit("srcd.perform.after_migrate")
     except QMPError as exc:
-        job.outcome, job.error = "failed", str(exc)
+        job.outcome, job.error = JobOutcome.FAILED, str(exc)
         if hv.record(uuid) is None:
             raise OperationFailed("domain unexpectedly quit during migration") from exc
         raise OperationFailed(f"job 'migration out' failed: {exc}") from exc
@@ -217,7 +217,7 @@ async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[
             job.stats = info
         status = str(info.get("status", ""))
         if status == "completed":
-            job.outcome = "completed"
+            job.outcome = JobOutcome.COMPLETED
             # QEMU may say "completed" a moment before it fills in its totals
             for _ in range(50):
                 if info.get("total-time"):
@@ -235,10 +235,11 @@ async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[
         if status == "failed" and reason is Action.CANCEL_PEER_LOST:
             status = "cancelled"  # the stream broke as we cancelled it: the cause is the peer
         if status == "failed":
-            job.outcome, job.error = "failed", str(info.get("error-desc", "unexpectedly failed"))
+            job.outcome = JobOutcome.FAILED
+            job.error = str(info.get("error-desc", "unexpectedly failed"))
             raise OperationFailed(f"job 'migration out' failed: {job.error}")
         if status == "cancelled":
-            job.outcome = "cancelled"
+            job.outcome = JobOutcome.CANCELLED
             raise _cancelled_error(job, reason)
         action = decide(
             elapsed=time.monotonic() - started,

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 from vmmigrate.common.cookie import (
@@ -35,7 +34,7 @@ from vmmigrate.common.phase import Phase
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import JobLock, JobRecord, validate_migration_id
 from vmmigrate.srcd.context import SourceContext
-from vmmigrate.srcd.jobs import SourceJob, SourceParams
+from vmmigrate.srcd.jobs import JobOutcome, SourceJob, SourceParams
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -293,19 +292,8 @@ async def confirm_live(
         await ctx.failpoints.hit("srcd.confirm.after")
         ctx.ended.add(job.migration_id, cancelled)
     finally:
-        job.outcome = job.outcome or ("cancelled" if cancelled else "completed")
-        ctx.completed_jobs[uuid] = job_snapshot(job)
-
-
-def job_snapshot(job: SourceJob) -> dict[str, Any]:
-    """What domjobinfo --completed shows after the job ended."""
-    return {
-        "migration_id": job.migration_id,
-        "outcome": job.outcome,
-        "error": job.error,
-        "elapsed_ms": int((time.monotonic() - job.started) * 1000),
-        "stats": dict(job.stats),
-    }
+        job.outcome = job.outcome or (JobOutcome.CANCELLED if cancelled else JobOutcome.COMPLETED)
+        ctx.completed_jobs[uuid] = job.completed()
 
 
 async def confirm(ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie: bytes) -> None:

@@ -27,7 +27,7 @@ from vmmigrate.common.store import HostStore
 from vmmigrate.srcd import phases
 from vmmigrate.srcd.context import OutgoingSlots, PeerPool, SourceContext
 from vmmigrate.srcd.domains import DomainAPI, domain_ref
-from vmmigrate.srcd.jobs import SourceJob, SourceJobTable, SourceParams
+from vmmigrate.srcd.jobs import JobOutcome, SourceJob, SourceJobTable, SourceParams
 from vmmigrate.srcd.p2p import P2PMigration, new_migration_id
 from vmmigrate.srcd.perform import UNLIMITED_BPS, perform_live
 from vmmigrate.srcd.recovery import expire_parked, recover_source_jobs
@@ -129,15 +129,15 @@ class DomainService(pb_grpc.DomainServiceServicer):
     async def GetJobInfo(self, request: pb.JobInfoRequest, context: Any) -> pb.JobInfo:
         d = await self.api.require_known(_require(request.domain, "domain name"))
         if request.completed:
-            snap = self.ctx.completed_jobs.get(d.uuid)
-            if not isinstance(snap, dict):
+            done = self.ctx.completed_jobs.get(d.uuid)
+            if done is None:
                 return pb.JobInfo(type="None")
             return job_info(
-                snap["stats"],
-                snap["migration_id"],
-                snap["elapsed_ms"],
-                _JOB_TYPES.get(snap["outcome"], "Completed"),
-                snap["error"],
+                done.stats,
+                done.migration_id,
+                done.elapsed_ms,
+                _JOB_TYPES.get(done.outcome, "Completed"),
+                done.error,
             )
         job = self.ctx.jobs.for_domain(d.uuid)
         if job is None or job.offline:
@@ -197,7 +197,11 @@ class DomainService(pb_grpc.DomainServiceServicer):
 
 # libvirt's unlimited migration speed (QEMU_DOMAIN_MIG_BANDWIDTH_MAX, MiB/s)
 MAX_SPEED_MIB = 8796093022207
-_JOB_TYPES = {"completed": "Completed", "failed": "Failed", "cancelled": "Cancelled"}
+_JOB_TYPES = {
+    JobOutcome.COMPLETED: "Completed",
+    JobOutcome.FAILED: "Failed",
+    JobOutcome.CANCELLED: "Cancelled",
+}
 
 
 def job_info(stats: dict[str, Any], mid: str, elapsed_ms: int, kind: str, error: str) -> pb.JobInfo:
