@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc.aio
@@ -100,6 +102,11 @@ def _build_parser() -> ArgParser:
     p.add_argument("domain")
     p.add_argument("downtime", type=int)
 
+    _add_migrate(sub)
+    return ap
+
+
+def _add_migrate(sub: Any) -> None:
     p = sub.add_parser("migrate", help="migrate a domain to another host")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--live", action="store_true")
@@ -123,7 +130,6 @@ def _build_parser() -> ArgParser:
     p.add_argument("--migration-id")
     p.add_argument("domain")
     p.add_argument("desturi")
-    return ap
 
 
 def _read_file(path: str) -> str:
@@ -206,114 +212,171 @@ async def run(a: argparse.Namespace) -> int:
         await channel.close(None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """What a command needs: the arguments and the daemon it talks to."""
+
+    a: argparse.Namespace
+    address: str
+    channel: grpc.aio.Channel
+    dom: pb_grpc.DomainServiceStub
+
+    async def rpc(self, method: Any, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        return await call(method, request, timeout=timeout, peer=self.address, what=DAEMON)
+
+
 async def _dispatch(a: argparse.Namespace, address: str, channel: grpc.aio.Channel) -> int:
-    dom = pb_grpc.DomainServiceStub(channel)
-
-    async def rpc(method: Any, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        return await call(method, request, timeout=timeout, peer=address, what=DAEMON)
-
-    cmd = a.command
-    if cmd == "define":
-        r = await rpc(dom.Define, pb.DefineRequest(xml=_read_file(a.file)))
-        print(f"Domain '{r.domain.name}' defined from {a.file}")
-    elif cmd == "undefine":
-        r = await rpc(dom.Undefine, pb.UndefineRequest(domain=a.domain))
-        print(f"Domain '{r.domain.name}' has been undefined")
-    elif cmd == "list":
-        r = await rpc(dom.List, pb.ListRequest(all=a.all or a.inactive))
-        rows = [e for e in r.domains if not a.inactive or e.state == pb.DOMAIN_STATE_SHUTOFF]
-        if a.name or a.uuid:
-            for e in rows:
-                print(e.domain.name if a.name else e.domain.uuid)
-        else:
-            _print_table(rows)
-    elif cmd == "domstate":
-        r = await rpc(dom.GetState, pb.DomainRequest(domain=a.domain))
-        print(STATE_WORDS.get(r.state, "no state"))
-    elif cmd in ("domuuid", "domname"):
-        r = await rpc(dom.GetInfo, pb.DomainRequest(domain=a.domain))
-        print(r.domain.uuid if cmd == "domuuid" else r.domain.name)
-    elif cmd == "dominfo":
-        r = await rpc(dom.GetInfo, pb.DomainRequest(domain=a.domain))
-        rows = [
-            ("Id", "-" if r.domain.id < 0 else str(r.domain.id)),
-            ("Name", r.domain.name),
-            ("UUID", r.domain.uuid),
-            ("OS Type", r.os_type),
-            ("State", STATE_WORDS.get(r.state, "no state")),
-            ("CPU(s)", str(r.vcpus)),
-            ("Max memory", f"{r.max_memory_kib} KiB"),
-            ("Used memory", f"{r.used_memory_kib} KiB"),
-            ("Persistent", "yes" if r.persistent else "no"),
-            ("Autostart", "enable" if r.autostart else "disable"),
-        ]
-        if r.migration_job:
-            rows.append(("Migration job", r.migration_job))
-        for k, v in rows:
-            print(f"{k + ':':<16}{v}")
-        print()
-    elif cmd == "dumpxml":
-        r = await rpc(dom.DumpXML, pb.DumpXMLRequest(domain=a.domain, inactive=a.inactive))
-        sys.stdout.write(r.xml if r.xml.endswith("\n") else r.xml + "\n")
-    elif cmd == "migrate":
-        flags = migrate_flags(a)
-        params = migrate_params(a)
-        dest = _dest_address(a.desturi)
-        seconds = float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
-        if MigrateFlag.PEER2PEER in flags:
-            migration: Any = rpc(
-                dom.Migrate,
-                pb.MigrateRequest(
-                    domain=a.domain,
-                    dest_uri=dest,
-                    flags=int(flags),
-                    params=params,
-                    migration_id=a.migration_id or "",
-                ),
-                timeout=seconds,
-            )
-        else:
-            # only client-driven migration needs the phase sequence: a p2p migrate
-            # (the common case) starts faster without importing it
-            from vmmigrate.migctl import managed  # noqa: PLC0415
-
-            migration = managed.migrate(
-                source=pb_grpc.MigrationSourceServiceStub(channel),
-                source_address=address,
-                dest_address=dest,
-                domain=a.domain,
-                flags=flags,
-                params=params,
-                migration_id=a.migration_id,
-                deadline=Deadline(seconds),
-            )
-        live = MigrateFlag.OFFLINE not in flags
-        await progress.watch(
-            migration,
-            domains=dom,
-            address=address,
-            domain=a.domain,
-            verbose=a.verbose and live,
-            abortable=live,
-        )
-    elif cmd in LIFECYCLE:
-        method, words = LIFECYCLE[cmd]
-        r = await rpc(getattr(dom, method), pb.DomainRequest(domain=a.domain))
+    s = Session(a, address, channel, pb_grpc.DomainServiceStub(channel))
+    if a.command in LIFECYCLE:
+        method, words = LIFECYCLE[a.command]
+        r = await s.rpc(getattr(s.dom, method), pb.DomainRequest(domain=a.domain))
         print(f"Domain '{r.domain.name}' {words}")
-    elif cmd == "domjobinfo":
-        info = await rpc(dom.GetJobInfo, pb.JobInfoRequest(domain=a.domain, completed=a.completed))
-        print_jobinfo(info)
-    elif cmd == "domjobabort":
-        await rpc(dom.AbortJob, pb.AbortJobRequest(domain=a.domain))
-    elif cmd == "migrate-setspeed":
-        await rpc(dom.SetMaxSpeed, pb.SpeedRequest(domain=a.domain, bandwidth_mib=a.bandwidth))
-    elif cmd == "migrate-getspeed":
-        r = await rpc(dom.GetMaxSpeed, pb.DomainRequest(domain=a.domain))
-        print(r.bandwidth_mib)
-    elif cmd == "migrate-setmaxdowntime":
-        await rpc(dom.SetMaxDowntime, pb.DowntimeRequest(domain=a.domain, downtime_ms=a.downtime))
+    else:
+        await COMMANDS[a.command](s)
     return 0
 
+
+async def _define(s: Session) -> None:
+    r = await s.rpc(s.dom.Define, pb.DefineRequest(xml=_read_file(s.a.file)))
+    print(f"Domain '{r.domain.name}' defined from {s.a.file}")
+
+
+async def _undefine(s: Session) -> None:
+    r = await s.rpc(s.dom.Undefine, pb.UndefineRequest(domain=s.a.domain))
+    print(f"Domain '{r.domain.name}' has been undefined")
+
+
+async def _list(s: Session) -> None:
+    a = s.a
+    r = await s.rpc(s.dom.List, pb.ListRequest(all=a.all or a.inactive))
+    rows = [e for e in r.domains if not a.inactive or e.state == pb.DOMAIN_STATE_SHUTOFF]
+    if a.name or a.uuid:
+        for e in rows:
+            print(e.domain.name if a.name else e.domain.uuid)
+    else:
+        _print_table(rows)
+
+
+async def _domstate(s: Session) -> None:
+    r = await s.rpc(s.dom.GetState, pb.DomainRequest(domain=s.a.domain))
+    print(STATE_WORDS.get(r.state, "no state"))
+
+
+async def _domuuid_or_name(s: Session) -> None:
+    r = await s.rpc(s.dom.GetInfo, pb.DomainRequest(domain=s.a.domain))
+    print(r.domain.uuid if s.a.command == "domuuid" else r.domain.name)
+
+
+async def _dominfo(s: Session) -> None:
+    r = await s.rpc(s.dom.GetInfo, pb.DomainRequest(domain=s.a.domain))
+    rows = [
+        ("Id", "-" if r.domain.id < 0 else str(r.domain.id)),
+        ("Name", r.domain.name),
+        ("UUID", r.domain.uuid),
+        ("OS Type", r.os_type),
+        ("State", STATE_WORDS.get(r.state, "no state")),
+        ("CPU(s)", str(r.vcpus)),
+        ("Max memory", f"{r.max_memory_kib} KiB"),
+        ("Used memory", f"{r.used_memory_kib} KiB"),
+        ("Persistent", "yes" if r.persistent else "no"),
+        ("Autostart", "enable" if r.autostart else "disable"),
+    ]
+    if r.migration_job:
+        rows.append(("Migration job", r.migration_job))
+    for k, v in rows:
+        print(f"{k + ':':<16}{v}")
+    print()
+
+
+async def _dumpxml(s: Session) -> None:
+    r = await s.rpc(s.dom.DumpXML, pb.DumpXMLRequest(domain=s.a.domain, inactive=s.a.inactive))
+    sys.stdout.write(r.xml if r.xml.endswith("\n") else r.xml + "\n")
+
+
+async def _migrate(s: Session) -> None:
+    a = s.a
+    flags = migrate_flags(a)
+    params = migrate_params(a)
+    dest = _dest_address(a.desturi)
+    seconds = float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
+    if MigrateFlag.PEER2PEER in flags:
+        migration: Any = s.rpc(
+            s.dom.Migrate,
+            pb.MigrateRequest(
+                domain=a.domain,
+                dest_uri=dest,
+                flags=int(flags),
+                params=params,
+                migration_id=a.migration_id or "",
+            ),
+            timeout=seconds,
+        )
+    else:
+        # only client-driven migration needs the phase sequence: a p2p migrate (the
+        # common case) starts faster without importing it
+        from vmmigrate.migctl import managed  # noqa: PLC0415
+
+        migration = managed.migrate(
+            source=pb_grpc.MigrationSourceServiceStub(s.channel),
+            source_address=s.address,
+            dest_address=dest,
+            domain=a.domain,
+            flags=flags,
+            params=params,
+            migration_id=a.migration_id,
+            deadline=Deadline(seconds),
+        )
+    live = MigrateFlag.OFFLINE not in flags
+    await progress.watch(
+        migration,
+        domains=s.dom,
+        address=s.address,
+        domain=a.domain,
+        verbose=a.verbose and live,
+        abortable=live,
+    )
+
+
+async def _domjobinfo(s: Session) -> None:
+    request = pb.JobInfoRequest(domain=s.a.domain, completed=s.a.completed)
+    print_jobinfo(await s.rpc(s.dom.GetJobInfo, request))
+
+
+async def _domjobabort(s: Session) -> None:
+    await s.rpc(s.dom.AbortJob, pb.AbortJobRequest(domain=s.a.domain))
+
+
+async def _setspeed(s: Session) -> None:
+    request = pb.SpeedRequest(domain=s.a.domain, bandwidth_mib=s.a.bandwidth)
+    await s.rpc(s.dom.SetMaxSpeed, request)
+
+
+async def _getspeed(s: Session) -> None:
+    r = await s.rpc(s.dom.GetMaxSpeed, pb.DomainRequest(domain=s.a.domain))
+    print(r.bandwidth_mib)
+
+
+async def _setmaxdowntime(s: Session) -> None:
+    request = pb.DowntimeRequest(domain=s.a.domain, downtime_ms=s.a.downtime)
+    await s.rpc(s.dom.SetMaxDowntime, request)
+
+
+COMMANDS: dict[str, Callable[[Session], Awaitable[None]]] = {
+    "define": _define,
+    "undefine": _undefine,
+    "list": _list,
+    "domstate": _domstate,
+    "domuuid": _domuuid_or_name,
+    "domname": _domuuid_or_name,
+    "dominfo": _dominfo,
+    "dumpxml": _dumpxml,
+    "migrate": _migrate,
+    "domjobinfo": _domjobinfo,
+    "domjobabort": _domjobabort,
+    "migrate-setspeed": _setspeed,
+    "migrate-getspeed": _getspeed,
+    "migrate-setmaxdowntime": _setmaxdowntime,
+}
 
 LIFECYCLE = {
     "start": ("Start", "started"),
