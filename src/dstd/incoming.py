@@ -40,7 +40,7 @@ class IncomingJob:
     replaces: bool  # an inactive definition with the same name and UUID exists here
     phase: Phase = Phase.PREPARE
     last_active: float = dataclasses.field(default_factory=time.monotonic)
-    busy: bool = False  # a Finish or a tunnel stream is running
+    busy: bool = False  # its Finish is running (a second one is told JobActive)
     # live migration
     host: str = ""
     port: int = 0
@@ -60,9 +60,16 @@ class IncomingJob:
         return MigrateFlag.TUNNELLED in self.flags
 
     def advance(self, new: Phase) -> None:
+        """Move to ``new`` (the destination's table), and the journal record with it (the
+        caller writes it)."""
         self.phase = advance(
-            self.phase, new, migration_id=self.migration_id, domain=self.target.name
+            self.phase,
+            new,
+            "destination",
+            migration_id=self.migration_id,
+            domain=self.target.name,
         )
+        self.record = self.record.with_phase(new.label)
         self.last_active = time.monotonic()
 
 

@@ -32,7 +32,7 @@ from vmmigrate.common.errors import (
     OperationInvalid,
 )
 from vmmigrate.common.flags import MigrateFlag, check_prepare_flags
-from vmmigrate.common.phase import Phase
+from vmmigrate.common.phase import Phase, require
 from vmmigrate.common.qmp import QMPError
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import (
@@ -118,7 +118,7 @@ async def prepare(
     On failure nothing is left: no reservation, no emulator, no port. On success the incoming
     job holds them until Finish, or until its deadline passes without one.
     """
-    validate_migration_id(req.migration_id)
+    # (the id checks ran in prepare_once, before the retry lookup)
     # libvirt's PrepareAny order: the offline trio first, then post-copy, then the rest.
     check_prepare_flags(req.flags)
     tunnelled = MigrateFlag.TUNNELLED in req.flags
@@ -128,7 +128,6 @@ async def prepare(
         raise OperationInvalid("PrepareTunnel called but no TUNNELLED flag set")
     if req.migration_id in ctx.incoming:
         raise OperationInvalid(f"migration id '{req.migration_id}' is already in use")
-    check_not_ended(ctx, req.migration_id)
     limit = ctx.config.max_incoming
     if limit and len(ctx.incoming) >= limit:
         raise HostBusy(
@@ -143,6 +142,35 @@ async def prepare(
 def check_not_ended(ctx: DestinationContext, migration_id: str) -> None:
     if ctx.results.known(migration_id):
         raise OperationInvalid(f"migration '{migration_id}' has already ended")
+
+
+def require_migration_id(migration_id: str) -> str:
+    if not migration_id:
+        raise InvalidArgument("missing migration id")
+    return migration_id
+
+
+async def prepare_once(
+    ctx: DestinationContext, req: PrepareInput, *, tunnel_rpc: bool, fingerprint: str
+) -> pb.PrepareResponse:
+    """Prepare, asked once per migration id: a retry of the same request (its answer was
+    lost) gets the first answer, and the work is done once. The id is checked, and an
+    ended migration refused, before the answer is looked up: a Prepare retried while its
+    Finish runs must not get the stale answer."""
+    validate_migration_id(req.migration_id)
+    check_not_ended(ctx, req.migration_id)
+    answers = ctx.prepares
+    if req.migration_id in answers and req.migration_id not in ctx.incoming:
+        answers.forget(req.migration_id)  # its job ended: the answer is stale
+
+    async def first() -> pb.PrepareResponse:
+        try:
+            return await prepare(ctx, req, tunnel_rpc=tunnel_rpc)
+        except BaseException:
+            answers.forget(req.migration_id)  # a failed Prepare may be tried again
+            raise
+
+    return await answers.run_once(req.migration_id, first, fingerprint=fingerprint)
 
 
 def _check_cookie(ctx: DestinationContext, req: PrepareInput, received: DomainDef) -> None:
@@ -281,12 +309,52 @@ async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.Prepare
     )
 
 
+def _early_finish_answer(
+    ctx: DestinationContext, migration_id: str, dest_name: str, cancelled: bool
+) -> pb.FinishResponse | None:
+    """Finish's checks before it touches a job, and its answer when there is no job to
+    finish; None: run it (or get the answer of the Finish that runs)."""
+    require_migration_id(migration_id)
+    if not dest_name:
+        raise NoDomain("missing domain name")
+    if migration_id not in ctx.incoming and migration_id not in ctx.results:
+        ended = ctx.results.ended(migration_id)
+        if ended is not None:
+            return answer_for(ctx, ended)
+        if cancelled:
+            # A source that could not learn whether its Prepare arrived cancels it
+            # blindly: remember the id, so that a Prepare delivered late (a TCP
+            # retransmission after a partition) is refused instead of reserving.
+            ctx.results.tombstone(migration_id)
+            return pb.FinishResponse()
+        raise OperationInvalid(f"domain '{dest_name}' is not processing incoming migration")
+    job = ctx.incoming.find(migration_id)
+    if job is not None and job.target.name != dest_name:
+        # Refused before it touches the job: not an answer to keep for retries, or the
+        # right Finish (or the source's cancel) would get this error and never run.
+        raise NoDomain(f"no domain with matching name '{dest_name}'")
+    return None
+
+
+async def finish_once(
+    ctx: DestinationContext, migration_id: str, dest_name: str, cancelled: bool, cookie: bytes
+) -> pb.FinishResponse:
+    """Finish, run once per migration id: it runs to its end once started (a client that
+    goes away half-way must not leave a reservation, an emulator or a half-done persist
+    behind), and a retry of it gets the first answer."""
+    early = _early_finish_answer(ctx, migration_id, dest_name, cancelled)
+    if early is not None:
+        return early
+    return await ctx.results.run_once(
+        migration_id, lambda: finish(ctx, migration_id, dest_name, cancelled, cookie)
+    )
+
+
 async def finish(
     ctx: DestinationContext, migration_id: str, dest_name: str, cancelled: bool, cookie: bytes
 ) -> pb.FinishResponse:
-    """Finish: dispatch to its variant. The incoming job always ends here."""
-    if not dest_name:
-        raise NoDomain("missing domain name")
+    """Finish (after finish_once's checks): dispatch to its variant. The incoming job
+    always ends here."""
     job = ctx.incoming.get(migration_id, dest_name)
     # A Finish (a blind cancel, a restarted source asking) may overtake its Prepare, still
     # starting the emulator: wait for it, or Prepare would go on for a job that has ended
@@ -295,16 +363,23 @@ async def finish(
         if cancelled:
             return pb.FinishResponse()
         raise OperationInvalid(f"domain '{dest_name}' is not processing incoming migration")
-    if job.target.name != dest_name:
-        raise NoDomain(f"no domain with matching name '{dest_name}'")
-    if job.busy and job.phase is Phase.FINISH3:
-        # JobActive, not a failure: the source asks again and gets this Finish's answer
-        raise JobActive(f"Finish of migration '{migration_id}' is already running")
+    return await _finish_job(ctx, job, cancelled, cookie)
+
+
+def _finish_running(job: IncomingJob) -> JobActive:
+    # JobActive, not a failure: the source asks again and gets this Finish's answer
+    return JobActive(f"Finish of migration '{job.migration_id}' is already running")
+
+
+@require(Phase.PREPARE, refuse=_finish_running)
+async def _finish_job(
+    ctx: DestinationContext, job: IncomingJob, cancelled: bool, cookie: bytes
+) -> pb.FinishResponse:
+    migration_id = job.migration_id
     job.busy = True
     try:
         await ctx.failpoints.hit("dstd.finish.before")
         job.advance(Phase.FINISH3)
-        job.record = job.record.with_phase(job.phase.label)
         if job.offline:
             return await finish_offline(ctx, job, cancelled)
         return await finish_live(ctx, job, cancelled, cookie)

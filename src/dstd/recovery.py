@@ -29,7 +29,7 @@ import structlog
 from vmmigrate.common.domainxml import parse_domain
 from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
-from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.hypervisor import QMPHypervisor, RunState
 from vmmigrate.common.phase import Phase
 from vmmigrate.common.qmp import QMPError
 from vmmigrate.common.store import (
@@ -72,7 +72,7 @@ async def _settle_live(store: HostStore, hv: QMPHypervisor, rec: JobRecord) -> t
         except (QMPError, VmmigrateError, OSError) as exc:
             log.warning("recovery_status_failed", migration_id=rec.migration_id, error=str(exc))
             status = "unknown"
-    if rec.phase == Phase.FINISH3.label and status in ("running", "paused"):
+    if rec.phase == Phase.FINISH3.label and status in (RunState.RUNNING, RunState.PAUSED):
         flags = MigrateFlag(rec.flags)
         if MigrateFlag.PERSIST_DEST in flags:
             target = parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)

@@ -20,12 +20,12 @@ from vmmigrate.common import tunnelwire
 from vmmigrate.common.caps import PROTOCOL_VERSION
 from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.daemon import abort_with, grpc_server, rpc_handler
-from vmmigrate.common.errors import InvalidArgument, NoDomain, OperationInvalid, VmmigrateError
+from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import parse_flags
 from vmmigrate.common.hypervisor import hypervisor_for
 from vmmigrate.common.rpc import Deadline
-from vmmigrate.common.store import HostStore, validate_migration_id
+from vmmigrate.common.store import HostStore
 from vmmigrate.dstd import phases
 from vmmigrate.dstd.context import DestinationContext
 from vmmigrate.dstd.incoming import IncomingTable
@@ -74,11 +74,9 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
         self, request: pb.PrepareRequest, context: Any, tunnel_rpc: bool
     ) -> pb.PrepareResponse:
         h = request.header
-        if not h.migration_id:
-            raise InvalidArgument("missing migration id")
         cfg = self.ctx.config
         req = phases.PrepareInput(
-            migration_id=h.migration_id,
+            migration_id=phases.require_migration_id(h.migration_id),
             flags=parse_flags(h.flags, "prepare"),
             cookie=h.cookie,
             domain_xml=request.domain_xml,
@@ -89,23 +87,8 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
             ),
             peer=context.peer(),
         )
-        validate_migration_id(req.migration_id)
-        phases.check_not_ended(self.ctx, req.migration_id)
-        prepares = self.ctx.prepares
-        if req.migration_id in prepares and req.migration_id not in self.ctx.incoming:
-            prepares.forget(req.migration_id)  # its job ended: the answer is stale
-
-        async def prepare() -> pb.PrepareResponse:
-            try:
-                return await phases.prepare(self.ctx, req, tunnel_rpc=tunnel_rpc)
-            except BaseException:
-                prepares.forget(req.migration_id)  # a failed Prepare may be tried again
-                raise
-
-        # A retried Prepare (same migration id, same request: the answer was lost) gets
-        # the first answer; the work is done once.
-        return await prepares.run_once(
-            req.migration_id, prepare, fingerprint=_fingerprint(request, tunnel_rpc)
+        return await phases.prepare_once(
+            self.ctx, req, tunnel_rpc=tunnel_rpc, fingerprint=_fingerprint(request, tunnel_rpc)
         )
 
     @handler
@@ -120,37 +103,8 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
     async def Finish(self, request: pb.FinishRequest, context: Any) -> pb.FinishResponse:
         h = request.header
         parse_flags(h.flags, "finish")
-        if not h.migration_id:
-            raise InvalidArgument("missing migration id")
-        # Finish must run to its end once started (a client that goes away half-way must
-        # not leave a reservation, an emulator or a half-done persist behind), and a retry
-        # of it (same migration id) gets the first answer: the work is done once.
-        if not request.dest_name:
-            raise NoDomain("missing domain name")
-        mid = h.migration_id
-        if mid not in self.ctx.incoming and mid not in self.ctx.results:
-            ended = self.ctx.results.ended(mid)
-            if ended is not None:
-                return phases.answer_for(self.ctx, ended)
-            if request.cancelled:
-                # A source that could not learn whether its Prepare arrived cancels it
-                # blindly: remember the id, so that a Prepare delivered late (a TCP
-                # retransmission after a partition) is refused instead of reserving.
-                self.ctx.results.tombstone(mid)
-                return pb.FinishResponse()
-            raise OperationInvalid(
-                f"domain '{request.dest_name}' is not processing incoming migration"
-            )
-        job = self.ctx.incoming.find(h.migration_id)
-        if job is not None and job.target.name != request.dest_name:
-            # Refused before it touches the job: not an answer to keep for retries, or the
-            # right Finish (or the source's cancel) would get this error and never run.
-            raise NoDomain(f"no domain with matching name '{request.dest_name}'")
-        return await self.ctx.results.run_once(
-            mid,
-            lambda: phases.finish(
-                self.ctx, h.migration_id, request.dest_name, request.cancelled, h.cookie
-            ),
+        return await phases.finish_once(
+            self.ctx, h.migration_id, request.dest_name, request.cancelled, h.cookie
         )
 
     async def TunnelBytes(

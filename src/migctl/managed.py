@@ -1,12 +1,15 @@
-"""Client-driven ("managed") migration: migctl runs the v3 sequence itself.
+"""Client-driven ("managed") migration: migctl runs the v3 sequence (common/coordinator.py)
+itself, with both sides over gRPC.
 
-libvirt's virDomainMigrateVersion3Full (PROTOCOL.md A.3), with change protection (the
+libvirt's virDomainMigrateVersion3Full (docs/ARCHITECTURE.md), with change protection (the
 source holds the job from Begin to Confirm):
 
-    Begin (source) -> Prepare (destination)   failure: Confirm(cancelled) ends the source job
-    Perform (source, skipped for offline)      failure: Finish(cancelled), no Confirm
-    Finish (destination, always)               cancelled = Finish returned no domain
-    Confirm (source)                           failure: reported as a warning only
+    Prepare fails        Confirm(cancelled) ends the source job
+    no URI from Prepare  (checked before the offline shortcut) Finish(cancelled), Confirm
+    Perform fails        the source's Perform ended its job: Finish(cancelled), no Confirm
+    Finish answer lost   live: no Confirm (the destination may run the domain), an error
+                         that says so; offline: as any failed Finish
+    Confirm fails        reported as a warning only
 """
 
 from __future__ import annotations
@@ -16,23 +19,16 @@ import time
 import uuid
 from typing import Any
 
-from vmmigrate.common.caps import check_destination
-from vmmigrate.common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
-from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag, check_api_flags
-from vmmigrate.common.rpc import (
-    LOST_ANSWER_RETRY,
-    Deadline,
-    call,
-    call_retrying,
-    open_channel,
-    retry_busy,
-)
+from vmmigrate.common.coordinator import AskFinish, Begun, Coordinator, Prepared
+from vmmigrate.common.errors import OperationFailed, VmmigrateError
+from vmmigrate.common.flags import MigrateFlag, check_api_flags
+from vmmigrate.common.rpc import LOST_ANSWER_RETRY, Deadline, call, call_retrying, open_channel
+from vmmigrate.common.v3client import RemoteDestination, phase_header
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 SOURCE = "source host"
-DEST = "destination host"
 RPC_TIMEOUT = 30.0
 
 
@@ -67,6 +63,107 @@ async def migrate(
         await channel.close(None)
 
 
+class RemoteSource:
+    """A srcd, driven over gRPC with change protection."""
+
+    perform_ends_job_on_failure = True  # the source's Perform restored the domain itself
+
+    def __init__(
+        self,
+        stub: pb_grpc.MigrationSourceServiceStub,
+        *,
+        address: str,
+        domain: str,
+        dest_address: str,
+        flags: MigrateFlag,
+        params: pb.MigrationParams,
+        migration_id: str,
+        deadline: Deadline,
+    ) -> None:
+        self.stub = stub
+        self.address = address
+        self.domain = domain
+        self.dest_address = dest_address
+        self.flags = flags | MigrateFlag.CHANGE_PROTECTION
+        self.params = params
+        self.migration_id = migration_id
+        self.deadline = deadline
+        self.name = domain  # the name on the source, once Begin said it
+
+    def _header(self, cookie: bytes = b"") -> pb.PhaseHeader:
+        return phase_header(self.migration_id, self.flags, cookie, self.deadline.unix_ms)
+
+    async def _call(self, method: Any, request: Any, stream: bool = False) -> Any:
+        # Perform (a stream) may take as long as the whole migration
+        if stream:
+            timeout = max(self.deadline.remaining(), 1.0)
+        else:
+            timeout = self.deadline.rpc_timeout(RPC_TIMEOUT)
+        return await call(method, request, timeout=timeout, peer=self.address, what=SOURCE)
+
+    async def begin(self) -> Begun:
+        request = pb.BeginRequest(
+            header=self._header(),
+            domain=self.domain,
+            params=self.params,
+            dest_address=self.dest_address,
+        )
+        begun: pb.BeginResponse = await self._call(self.stub.Begin, request)
+        flags = MigrateFlag(begun.flags)
+        self.flags = flags | MigrateFlag.CHANGE_PROTECTION
+        self.name = begun.domain_name
+        return Begun(begun.cookie, begun.domain_xml, flags, begun.domain_name)
+
+    async def abandon(self) -> None:
+        # With change protection, Confirm(cancelled) just ends the source's job.
+        await self.confirm(True, b"")
+
+    async def after_prepare(self, prepared: Prepared) -> None:
+        if not prepared.uri and MigrateFlag.OFFLINE not in self.flags:
+            # libvirt makes this check before the offline shortcut in managed mode
+            raise OperationFailed("domainMigratePrepare3 did not set uri")
+
+    async def perform(self, prepared: Prepared) -> bytes:
+        params = pb.MigrationParams()
+        params.CopyFrom(self.params)
+        params.migrate_uri = prepared.uri
+        request = pb.PerformRequest(
+            header=self._header(prepared.cookie), domain=self.domain, params=params
+        )
+        performed: pb.PerformResponse = await self._call(self.stub.Perform, request, stream=True)
+        return performed.cookie
+
+    def finish_unknown(self, exc: VmmigrateError, ask: AskFinish) -> VmmigrateError | None:
+        if MigrateFlag.OFFLINE in self.flags:
+            return None
+        # The destination may be running the domain: no Confirm(cancelled), which would
+        # resume it here too. The source's parked job ends by itself later.
+        return OperationFailed(
+            f"Lost connection to destination host during Finish ({exc}): domain "
+            f"'{self.name}' is left paused on the source, as the destination may be "
+            "running it; check it there before resuming it here"
+        )
+
+    async def after_finish(self) -> None:
+        """Nothing runs between Finish and Confirm here."""
+
+    async def confirm(self, cancelled: bool, cookie: bytes) -> None:
+        try:
+            # idempotent by migration id: a lost answer is asked for again
+            await call_retrying(
+                self.stub.Confirm,
+                pb.ConfirmRequest(
+                    header=self._header(cookie), domain=self.domain, cancelled=cancelled
+                ),
+                timeout=RPC_TIMEOUT,
+                peer=self.address,
+                what=SOURCE,
+                until=time.monotonic() + LOST_ANSWER_RETRY,
+            )
+        except VmmigrateError as exc:
+            print(f"warning: Confirm on the source failed: {exc}", file=sys.stderr)
+
+
 async def _run(
     *,
     source: pb_grpc.MigrationSourceServiceStub,
@@ -79,141 +176,22 @@ async def _run(
     mid: str,
     deadline: Deadline,
 ) -> pb.DomainRef:
-    def header(f: MigrateFlag, cookie: bytes = b"") -> pb.PhaseHeader:
-        return pb.PhaseHeader(
-            migration_id=mid, flags=int(f), cookie=cookie, deadline_unix_ms=deadline.unix_ms
-        )
-
-    async def to_source(
-        method: Any, request: Any, cleanup: bool = False, stream: bool = False
-    ) -> Any:
-        if stream:  # Perform: as long as the whole migration may take
-            timeout = max(deadline.remaining(), 1.0)
-        else:
-            timeout = RPC_TIMEOUT if cleanup else deadline.rpc_timeout(RPC_TIMEOUT)
-        return await call(method, request, timeout=timeout, peer=source_address, what=SOURCE)
-
-    async def to_dest(method: Any, request: Any, cleanup: bool = False) -> Any:
-        timeout = RPC_TIMEOUT if cleanup else deadline.rpc_timeout(RPC_TIMEOUT)
-        return await call(method, request, timeout=timeout, peer=dest_address, what=DEST)
-
-    caps: pb.CapabilitiesResponse = await to_dest(dest.GetCapabilities, pb.CapabilitiesRequest())
-    check_destination(caps.protocol_version, caps.offline, flags)
-
-    src_flags = flags | MigrateFlag.CHANGE_PROTECTION
-    begun: pb.BeginResponse = await to_source(
-        source.Begin,
-        pb.BeginRequest(
-            header=header(src_flags), domain=domain, params=params, dest_address=dest_address
-        ),
+    src = RemoteSource(
+        source,
+        address=source_address,
+        domain=domain,
+        dest_address=dest_address,
+        flags=flags,
+        params=params,
+        migration_id=mid,
+        deadline=deadline,
     )
-    src_flags = MigrateFlag(begun.flags) | MigrateFlag.CHANGE_PROTECTION
-    destflags = MigrateFlag(begun.flags) & ~SOURCE_ONLY & ~MigrateFlag.CHANGE_PROTECTION
-    source_name = begun.domain_name
-
-    async def confirm(cancelled: bool, cookie: bytes) -> None:
-        try:
-            # idempotent by migration id: a lost answer is asked for again
-            await call_retrying(
-                source.Confirm,
-                pb.ConfirmRequest(
-                    header=header(src_flags, cookie), domain=domain, cancelled=cancelled
-                ),
-                timeout=RPC_TIMEOUT,
-                peer=source_address,
-                what=SOURCE,
-                until=time.monotonic() + LOST_ANSWER_RETRY,
-            )
-        except VmmigrateError as exc:
-            print(f"warning: Confirm on the source failed: {exc}", file=sys.stderr)
-
-    try:
-        prepare_request = pb.PrepareRequest(
-            header=header(destflags, begun.cookie), domain_xml=begun.domain_xml, params=params
-        )
-        # idempotent by migration id: asked again if the answer is lost, and with backoff
-        # while the destination is busy (its host limit), until the deadline
-        prepared: pb.PrepareResponse = await retry_busy(
-            lambda: call_retrying(
-                dest.Prepare,
-                prepare_request,
-                timeout=deadline.rpc_timeout(RPC_TIMEOUT),
-                peer=dest_address,
-                what=DEST,
-                until=time.monotonic() + LOST_ANSWER_RETRY,
-            ),
-            deadline,
-        )
-    except BaseException:
-        # With change protection, Confirm(cancelled) just ends the source's job.
-        await confirm(True, b"")
-        raise
-
-    first_error: VmmigrateError | None = None
-    notify_source = True
-    if not prepared.uri and MigrateFlag.OFFLINE not in flags:
-        # libvirt makes this check before the offline shortcut in managed mode
-        first_error = OperationFailed("domainMigratePrepare3 did not set uri")
-        perform_cookie, cancelled = b"", True
-    elif MigrateFlag.OFFLINE in flags:
-        perform_cookie, cancelled = b"", False  # Perform skipped, Prepare's cookie dropped
-    else:
-        perform_params = pb.MigrationParams()
-        perform_params.CopyFrom(params)
-        perform_params.migrate_uri = prepared.uri
-        try:
-            performed: pb.PerformResponse = await to_source(
-                source.Perform,
-                pb.PerformRequest(
-                    header=header(src_flags, prepared.cookie),
-                    domain=domain,
-                    params=perform_params,
-                ),
-                stream=True,
-            )
-            perform_cookie, cancelled = performed.cookie, False
-        except VmmigrateError as exc:
-            # the source's Perform restored the domain and ended its job: no Confirm
-            first_error, perform_cookie, cancelled = exc, b"", True
-            notify_source = False
-
-    dest_domain: pb.DomainRef | None = None
-    finish_cookie = b""
-    try:
-        # Finish is idempotent by migration id: a lost answer is asked for again.
-        finished: pb.FinishResponse = await call_retrying(
-            dest.Finish,
-            pb.FinishRequest(
-                header=header(destflags, perform_cookie),
-                dest_name=params.dest_name or source_name,
-                cancelled=cancelled,
-                params=params,
-            ),
-            timeout=RPC_TIMEOUT if cancelled else deadline.rpc_timeout(RPC_TIMEOUT),
-            peer=dest_address,
-            what=DEST,
-            until=time.monotonic() + RPC_TIMEOUT,
-            while_active=True,
-        )
-        if finished.HasField("domain"):
-            dest_domain = finished.domain
-        finish_cookie = finished.cookie
-    except (PeerUnavailable, Timeout) as exc:
-        if MigrateFlag.OFFLINE not in flags and not cancelled:
-            # The destination may be running the domain: no Confirm(cancelled), which would
-            # resume it here too. The source's parked job ends by itself later.
-            raise OperationFailed(
-                f"Lost connection to destination host during Finish ({exc}): domain "
-                f"'{source_name}' is left paused on the source, as the destination may be "
-                "running it; check it there before resuming it here"
-            ) from exc
-        first_error = first_error or exc
-    except VmmigrateError as exc:
-        first_error = first_error or exc
-    if notify_source:
-        await confirm(dest_domain is None, finish_cookie)
-    if first_error is not None:
-        raise first_error
-    if dest_domain is None:
-        raise OperationFailed("migration failed: the destination did not return a domain")
-    return dest_domain
+    destination = RemoteDestination(
+        dest,
+        address=dest_address,
+        migration_id=mid,
+        deadline=deadline,
+        params=params,
+        rpc_timeout=RPC_TIMEOUT,
+    )
+    return await Coordinator(src, destination, flags).run()

@@ -18,7 +18,7 @@ from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.hypervisor import QMPHypervisor
 from vmmigrate.common.rpc import open_channel
 from vmmigrate.common.store import HostStore
-from vmmigrate.srcd.jobs import SourceJobTable
+from vmmigrate.srcd.jobs import CompletedJob, SourceJobTable
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -134,7 +134,7 @@ class SourceContext:
     max_speed_mib: dict[str, int] = dataclasses.field(default_factory=dict)
     max_downtime_ms: dict[str, int] = dataclasses.field(default_factory=dict)
     # The last finished migration job of each domain (domjobinfo --completed).
-    completed_jobs: dict[str, object] = dataclasses.field(default_factory=dict)
+    completed_jobs: dict[str, CompletedJob] = dataclasses.field(default_factory=dict)
     # Tasks that outlive an RPC (settling a migration whose Finish answer was lost).
     background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
 

@@ -12,6 +12,7 @@ import asyncio
 import structlog
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import JobActive, OperationInvalid
+from vmmigrate.common.hypervisor import RunState
 from vmmigrate.common.qmp import QMPExecuteError
 from vmmigrate.srcd.context import SourceContext
 
@@ -38,7 +39,7 @@ class DomainAPI:
         status = await self.ctx.hypervisor.status(d.uuid)
         if status == "shutoff":
             return pb.DOMAIN_STATE_SHUTOFF
-        return pb.DOMAIN_STATE_RUNNING if status == "running" else pb.DOMAIN_STATE_PAUSED
+        return pb.DOMAIN_STATE_RUNNING if status == RunState.RUNNING else pb.DOMAIN_STATE_PAUSED
 
     async def define(self, xml: str) -> tuple[DomainDef, bool]:
         d = parse_domain(xml, max_bytes=self.ctx.config.max_xml_bytes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from vmmigrate.common.errors import OperationInvalid
 from vmmigrate.common.flags import MigrateFlag, flag_names
 from vmmigrate.common.phase import Phase, advance
 from vmmigrate.common.rpc import Deadline
-from vmmigrate.common.store import HostStore, JobLock, JobRecord
+from vmmigrate.common.store import JobLock, JobRecord
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -63,6 +64,26 @@ class SourceParams:
         )
 
 
+class JobOutcome(enum.StrEnum):
+    """How a live migration job ended (domjobinfo --completed's job type)."""
+
+    NONE = ""  # not ended yet
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletedJob:
+    """What domjobinfo --completed shows after a live migration job ended."""
+
+    migration_id: str
+    outcome: JobOutcome
+    error: str
+    elapsed_ms: int
+    stats: dict[str, Any]
+
+
 @dataclasses.dataclass
 class SourceJob:
     """One outgoing migration of one domain."""
@@ -87,7 +108,7 @@ class SourceJob:
     started: float = dataclasses.field(default_factory=time.monotonic)
     abort_requested: bool = False
     peer_lost: bool = False
-    outcome: str = ""  # "", "completed", "failed", "cancelled"
+    outcome: JobOutcome = JobOutcome.NONE
     error: str = ""
 
     @property
@@ -95,20 +116,31 @@ class SourceJob:
         return MigrateFlag.OFFLINE in self.flags
 
     def advance(self, new: Phase) -> None:
+        """Move to ``new`` (the source's table), and the journal record with it (the
+        caller writes it: how durably depends on the phase)."""
         self.phase = advance(
-            self.phase, new, migration_id=self.migration_id, domain=self.domain.name
+            self.phase, new, "source", migration_id=self.migration_id, domain=self.domain.name
         )
+        self.record = self.record.with_phase(new.label)
         self.last_active = time.monotonic()
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
 
+    def completed(self) -> CompletedJob:
+        return CompletedJob(
+            migration_id=self.migration_id,
+            outcome=self.outcome,
+            error=self.error,
+            elapsed_ms=int((time.monotonic() - self.started) * 1000),
+            stats=dict(self.stats),
+        )
+
 
 class SourceJobTable:
     """The jobs of this srcd, by migration id. Only the event loop thread touches it."""
 
-    def __init__(self, store: HostStore) -> None:
-        self._store = store
+    def __init__(self) -> None:
         self._jobs: dict[str, SourceJob] = {}
 
     def __len__(self) -> int:

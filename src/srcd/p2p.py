@@ -1,13 +1,14 @@
-"""The peer-to-peer driver: srcd runs the whole v3 sequence itself.
+"""The peer-to-peer driver: srcd runs the whole v3 sequence itself (common/coordinator.py),
+with a local source side (srcd/phases.py) and a destination side over gRPC.
 
-It reads like libvirt's failure matrix (PROTOCOL.md A.2):
+Where p2p differs from a client-driven migration (libvirt's, docs/ARCHITECTURE.md):
 
-    begin (local)  -> prepare (destination)   failure: job ends, no Finish, no Confirm
-    perform (local, skipped for offline)       failure: cancelled = True, error kept
-    finish (destination, always)               cancelled = Finish returned no domain
-    confirm (local, always)                    failure: logged, never hides the first error
-
-The first error is the one reported.
+    prepare fails       the job ends (abandon); a lost answer is cancelled blindly, later
+    perform fails       Confirm(cancelled) still runs here (the job is this driver's)
+    finish answer lost  the job stays held (a live domain paused) and is settled in the
+                        background when the destination answers; the error says so
+    finish fails        the destination is told to let go of the incoming job, later
+    confirm fails       logged, never hides the first error
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import uuid
 
 import structlog
 from vmmigrate.common.caps import check_destination
+from vmmigrate.common.coordinator import AskFinish, Begun, Coordinator, Prepared
 from vmmigrate.common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
-from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag
+from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.phase import Phase
-from vmmigrate.common.rpc import LOST_ANSWER_RETRY, Deadline, call, call_retrying, retry_busy
+from vmmigrate.common.rpc import Deadline, call
+from vmmigrate.common.v3client import DEST, RemoteDestination, finish_request
 from vmmigrate.srcd import phases
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import SourceJob, SourceParams
@@ -32,8 +35,6 @@ from vmmigrate.srcd.tunnel import SourceTunnel
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.p2p")
-
-DEST = "destination host"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,137 +48,74 @@ def new_migration_id() -> str:
     return str(uuid.uuid4())
 
 
-class P2PMigration:
-    """One p2p migration. Each method is one step of the sequence; run() is the sequence."""
+class P2PDestination(RemoteDestination):
+    """dstd as srcd's p2p driver sees it: capabilities cached per peer, a fresh channel
+    after the peer was unreachable, srcd's failpoints, and blind cancels of an incoming
+    job in the background."""
 
     def __init__(
         self,
         ctx: SourceContext,
         *,
-        migration_id: str,
-        domain_key: str,
         dest_uri: str,
-        flags: MigrateFlag,
+        migration_id: str,
+        deadline: Deadline,
         params: SourceParams,
     ) -> None:
-        self.ctx = ctx
-        self.migration_id = migration_id
-        self.domain_key = domain_key
-        self.dest_uri = dest_uri
-        self.flags = flags | MigrateFlag.PEER2PEER
-        # p2p is already one job: libvirt clears CHANGE_PROTECTION here.
-        self.flags &= ~MigrateFlag.CHANGE_PROTECTION
-        self.params = params
-        self.deadline = Deadline(ctx.config.migration_timeout)
-        self.dest = ctx.peers.destination(dest_uri)
-        self.phases: list[str] = []
-        self.dest_features: frozenset[str] = frozenset()
-
-    def _header(self, flags: MigrateFlag, cookie: bytes) -> pb.PhaseHeader:
-        return pb.PhaseHeader(
-            migration_id=self.migration_id,
-            flags=int(flags),
-            cookie=cookie,
-            deadline_unix_ms=self.deadline.unix_ms,
+        super().__init__(
+            ctx.peers.destination(dest_uri),
+            address=dest_uri,
+            migration_id=migration_id,
+            deadline=deadline,
+            params=params.to_pb(),
+            rpc_timeout=ctx.config.rpc_timeout,
+            before=lambda phase: ctx.failpoints.hit(f"srcd.{phase}.before"),
         )
+        self.ctx = ctx
 
-    def _rpc_timeout(self, cleanup: bool = False) -> float:
-        """Per-RPC deadline. Cleanup calls (Finish cancelled) still get a full RPC timeout
-        after the migration's deadline passed: leaving the peer reserved is worse."""
-        cap = self.ctx.config.rpc_timeout
-        return cap if cleanup else self.deadline.rpc_timeout(cap)
-
-    async def check_destination(self) -> None:
+    async def check(self, flags: MigrateFlag) -> None:
         """The first call of a migration. A cached channel that failed earlier (the peer was
         down or cut off) fails fast until its reconnect backoff ends, with a stale error:
         on UNAVAILABLE, try once more on a fresh channel, as libvirt opens a new connection
         for every migration."""
-        cached = self.ctx.peers.cached_caps(self.dest_uri)
+        cached = self.ctx.peers.cached_caps(self.address)
         if cached is not None:
-            check_destination(cached.protocol_version, cached.offline, self.flags)
-            self.dest_features = frozenset(cached.features)
+            check_destination(cached.protocol_version, cached.offline, flags)
             return
-        request = pb.CapabilitiesRequest()
         try:
-            caps: pb.CapabilitiesResponse = await call(
-                self.dest.GetCapabilities,
-                request,
-                timeout=self._rpc_timeout(),
-                peer=self.dest_uri,
-                what=DEST,
-            )
+            caps = await self.capabilities()
         except PeerUnavailable:
-            self.dest = await self.ctx.peers.reconnect(self.dest_uri)
-            caps = await call(
-                self.dest.GetCapabilities,
-                request,
-                timeout=self._rpc_timeout(),
-                peer=self.dest_uri,
-                what=DEST,
-            )
-        self.ctx.peers.remember_caps(self.dest_uri, caps)
-        check_destination(caps.protocol_version, caps.offline, self.flags)
-        self.dest_features = frozenset(caps.features)
+            self.stub = await self.ctx.peers.reconnect(self.address)
+            caps = await self.capabilities()
+        self.ctx.peers.remember_caps(self.address, caps)
+        check_destination(caps.protocol_version, caps.offline, flags)
 
-    async def prepare(
-        self, begin: phases.BeginResult, destflags: MigrateFlag
-    ) -> pb.PrepareResponse:
-        self.phases.append("prepare")
-        await self.ctx.failpoints.hit("srcd.prepare.before")
-        method = (
-            self.dest.PrepareTunnel if MigrateFlag.TUNNELLED in destflags else self.dest.Prepare
-        )
-        request = pb.PrepareRequest(
-            header=self._header(destflags, begin.cookie),
-            domain_xml=begin.domain_xml,
-            params=self.params.to_pb(),
-        )
-        # Prepare is idempotent by migration id: a lost answer is asked for again (briefly:
-        # a peer that stays away fails the migration); a busy destination is asked again
-        # with backoff until the migration's deadline.
-        response: pb.PrepareResponse = await retry_busy(
-            lambda: call_retrying(
-                method,
-                request,
-                timeout=self._rpc_timeout(),
-                peer=self.dest_uri,
-                what=DEST,
-                until=time.monotonic() + LOST_ANSWER_RETRY,
-            ),
-            self.deadline,
-        )
-        return response
+    async def prepare_failed(self, exc: BaseException, flags: MigrateFlag) -> None:
+        if isinstance(exc, (PeerUnavailable, Timeout)):
+            # Did Prepare arrive? Unknown: it may still (a TCP retransmission after a
+            # partition) and reserve the domain there. Cancel it blindly, in the
+            # background, until the peer answers: Finish(cancelled) is idempotent and
+            # leaves a tombstone that refuses a late Prepare.
+            self.cancel_later(flags)
+        if isinstance(exc, PeerUnavailable):
+            # the next migration asks the peer afresh, on a fresh channel
+            await self.ctx.peers.reconnect(self.address)
 
-    async def finish(
-        self, job: SourceJob, destflags: MigrateFlag, cookie: bytes, cancelled: bool
-    ) -> pb.FinishResponse:
-        self.phases.append("finish")
-        await self.ctx.failpoints.hit("srcd.finish.before")
-        # Finish is idempotent by migration id: when the answer is lost (link down, peer
-        # busy), ask again for a while instead of guessing its outcome.
-        rpc_timeout = self.ctx.config.rpc_timeout
-        response: pb.FinishResponse = await call_retrying(
-            self.dest.Finish,
-            pb.FinishRequest(
-                header=self._header(destflags, cookie),
-                dest_name=self.params.dest_name or job.domain.name,
-                cancelled=cancelled,
-                params=self.params.to_pb(),
-            ),
-            timeout=rpc_timeout if cancelled else self.deadline.rpc_timeout(rpc_timeout),
-            peer=self.dest_uri,
-            what=DEST,
-            until=time.monotonic() + rpc_timeout,
-            while_active=True,
-        )
-        return response
+    def finish_failed(self, flags: MigrateFlag) -> None:
+        # Finish failed (here or there): make sure the destination lets go of the
+        # incoming job now rather than at its deadline (idempotent: a Finish that
+        # answered already keeps its answer)
+        self.cancel_later(flags)
 
-    def _cancel_remote_prepare(self, job: SourceJob, destflags: MigrateFlag) -> None:
-        dest_name = self.params.dest_name or job.domain.name
-        request = pb.FinishRequest(
-            header=self._header(destflags, b""), dest_name=dest_name, cancelled=True
+    def cancel_later(self, flags: MigrateFlag) -> None:
+        request = finish_request(
+            self.migration_id,
+            flags,
+            dest_name=self.dest_name,
+            cancelled=True,
+            deadline_unix_ms=self.deadline.unix_ms,
         )
-        ctx, peer, mid = self.ctx, self.dest_uri, self.migration_id
+        ctx, peer, mid = self.ctx, self.address, self.migration_id
 
         async def cancel() -> None:
             # gRPC keepalive closes a silent connection within ~15 s, so no Prepare can
@@ -205,30 +143,70 @@ class P2PMigration:
     async def probe(self) -> None:
         """Is the destination still there? (keepalive during Perform)"""
         await call(
-            self.dest.GetCapabilities,
+            self.stub.GetCapabilities,
             pb.CapabilitiesRequest(),
             timeout=self.ctx.config.rpc_timeout,
-            peer=self.dest_uri,
+            peer=self.address,
             what=DEST,
         )
 
-    async def perform(self, job: SourceJob, prepared: pb.PrepareResponse) -> bytes:
+
+@dataclasses.dataclass
+class LocalSource:
+    """This srcd's own source phases (srcd/phases.py), for the p2p driver."""
+
+    perform_ends_job_on_failure = False  # the driver confirms (cancelled) itself
+
+    ctx: SourceContext
+    dest: P2PDestination
+    domain_key: str
+    flags: MigrateFlag
+    params: SourceParams
+    _job: SourceJob | None = None
+
+    @property
+    def job(self) -> SourceJob:
+        if self._job is None:
+            raise OperationFailed("no migration job: Begin has not run")
+        return self._job
+
+    async def begin(self) -> Begun:
+        job, begun = await phases.begin(
+            self.ctx,
+            migration_id=self.dest.migration_id,
+            domain_key=self.domain_key,
+            flags=self.flags,
+            params=self.params,
+            peer=self.dest.address,
+            deadline=self.dest.deadline,
+            driven=True,
+        )
+        self._job = job
+        return Begun(begun.cookie, begun.domain_xml, begun.flags, job.domain.name)
+
+    async def abandon(self) -> None:
+        await phases.abandon(self.ctx, self.job)
+
+    async def after_prepare(self, prepared: Prepared) -> None:
+        await self.ctx.failpoints.hit("srcd.prepare.after")
+
+    async def perform(self, prepared: Prepared) -> bytes:
         """Perform (local): the hypervisor stream, direct to the URI Prepare returned, or
         through the daemons' own connection when tunnelled."""
-        self.phases.append("perform")
+        job, dest = self.job, self.dest
         if MigrateFlag.TUNNELLED not in self.flags:
             if not prepared.uri:
                 raise OperationFailed("domainMigratePrepare3 did not set uri")
-            return await perform_live(self.ctx, job, uri=prepared.uri, probe=self.probe)
+            return await perform_live(self.ctx, job, uri=prepared.uri, probe=dest.probe)
         tunnel = SourceTunnel(
-            self.ctx.peers.tunnel_bytes(self.dest_uri),
-            self.dest_uri,
-            self.migration_id,
-            max(self.deadline.remaining(), 1.0),
+            self.ctx.peers.tunnel_bytes(dest.address),
+            dest.address,
+            dest.migration_id,
+            max(dest.deadline.remaining(), 1.0),
         )
         uri = await tunnel.open()
         try:
-            cookie = await perform_live(self.ctx, job, uri=uri, probe=self.probe)
+            cookie = await perform_live(self.ctx, job, uri=uri, probe=dest.probe)
             await tunnel.drain(self.ctx.config.rpc_timeout)
         except VmmigrateError:
             tunnel.check()  # a broken tunnel is the real cause
@@ -240,116 +218,79 @@ class P2PMigration:
                 await tunnel.close()
         return cookie
 
-    async def run(self) -> P2PResult:
-        await self.check_destination()
-        job, begun = await phases.begin(
-            self.ctx,
-            migration_id=self.migration_id,
-            domain_key=self.domain_key,
-            flags=self.flags,
-            params=self.params,
-            peer=self.dest_uri,
-            deadline=self.deadline,
-            driven=True,
+    def finish_unknown(self, exc: VmmigrateError, ask: AskFinish) -> VmmigrateError:
+        """The job stays held, a live domain paused, until the destination answers (in
+        the background); and say so."""
+        job = self.job
+
+        async def ask_pb() -> pb.FinishResponse:
+            return (await ask()).to_pb()
+
+        phases.settle_later(self.ctx, job, ask_pb)
+        if job.offline:
+            return OperationFailed(
+                f"Lost connection to destination host during Finish ({exc}): whether "
+                f"domain '{job.domain.name}' is defined there is settled when the "
+                "destination answers (until then its definition stays here)"
+            )
+        return OperationFailed(
+            f"Lost connection to destination host during Finish ({exc}): domain "
+            f"'{job.domain.name}' stays paused here until the destination answers "
+            "whether it runs it (then it is stopped here, or resumed)"
         )
-        self.phases.append("begin")
-        destflags = begun.flags & ~SOURCE_ONLY
-        try:
-            prepared = await self.prepare(begun, destflags)
-        except BaseException as exc:
-            await phases.abandon(self.ctx, job)
-            if isinstance(exc, (PeerUnavailable, Timeout)):
-                # Did Prepare arrive? Unknown: it may still (a TCP retransmission after a
-                # partition) and reserve the domain there. Cancel it blindly, in the
-                # background, until the peer answers: Finish(cancelled) is idempotent and
-                # leaves a tombstone that refuses a late Prepare.
-                self._cancel_remote_prepare(job, destflags)
-            if isinstance(exc, PeerUnavailable):
-                # the next migration asks the peer afresh, on a fresh channel
-                await self.ctx.peers.reconnect(self.dest_uri)
-            raise
 
-        first_error: VmmigrateError | None = None
-        try:
-            await self.ctx.failpoints.hit("srcd.prepare.after")
-        except VmmigrateError as exc:
-            # Prepare succeeded there: from here on a failure goes through Finish(cancelled)
-            first_error = exc
-        if first_error is not None:
-            perform_cookie, cancelled = b"", True
-        elif job.offline:
-            # Offline: Perform is skipped and Prepare's cookie is thrown away, so Finish
-            # gets no cookie (libvirt does the same).
-            perform_cookie, cancelled = b"", False
-        else:
-            try:
-                perform_cookie = await self.perform(job, prepared)
-                cancelled = False
-            except VmmigrateError as exc:
-                first_error, perform_cookie, cancelled = exc, b"", True
+    async def after_finish(self) -> None:
+        await self.ctx.failpoints.hit("srcd.finish.after")
 
-        dest_domain: pb.DomainRef | None = None
-        finish_cookie = b""
+    async def confirm(self, cancelled: bool, cookie: bytes) -> None:
         try:
-            finished = await self.finish(job, destflags, perform_cookie, cancelled)
-            if finished.HasField("domain"):
-                dest_domain = finished.domain
-            finish_cookie = finished.cookie
-        except (PeerUnavailable, Timeout) as exc:
-            if not cancelled:
-                # Finish may have run there: guessing could run the domain twice (live) or
-                # leave it defined on both hosts (offline, --undefinesource). The job stays
-                # held, a live domain paused, until the destination answers; and say so.
-                phases.settle_later(
-                    self.ctx, job, lambda: self.finish(job, destflags, perform_cookie, False)
-                )
-                if job.offline:
-                    raise OperationFailed(
-                        f"Lost connection to destination host during Finish ({exc}): whether "
-                        f"domain '{job.domain.name}' is defined there is settled when the "
-                        "destination answers (until then its definition stays here)"
-                    ) from exc
-                raise OperationFailed(
-                    f"Lost connection to destination host during Finish ({exc}): domain "
-                    f"'{job.domain.name}' stays paused here until the destination answers "
-                    "whether it runs it (then it is stopped here, or resumed)"
-                ) from exc
-            first_error = first_error or exc
-        except VmmigrateError as exc:
-            first_error = first_error or exc
-            # Finish failed (here or there): make sure the destination lets go of the
-            # incoming job now rather than at its deadline (idempotent: a Finish that
-            # answered already keeps its answer)
-            self._cancel_remote_prepare(job, destflags)
-        try:
-            await self.ctx.failpoints.hit("srcd.finish.after")
-        except VmmigrateError as exc:
-            first_error = first_error or exc  # reported; Finish's answer still decides
-        # After Finish, "cancelled" means only: Finish returned no domain.
-        cancelled = dest_domain is None
-
-        self.phases.append("confirm")
-        try:
-            await phases.confirm(self.ctx, job, cancelled=cancelled, cookie=finish_cookie)
+            await phases.confirm(self.ctx, self.job, cancelled=cancelled, cookie=cookie)
         except VmmigrateError as exc:
             # libvirt: "Guest probably left in 'paused' state on source"; never hides the
             # real error, and a migration whose Finish returned a domain has succeeded.
             log.warning(
                 "confirm_failed",
-                migration_id=self.migration_id,
+                migration_id=self.dest.migration_id,
                 error=str(exc),
                 cancelled=cancelled,
             )
-        if first_error is not None:
-            raise first_error
-        if dest_domain is None:
-            raise OperationFailed("migration failed: the destination did not return a domain")
+
+
+class P2PMigration:
+    """One p2p migration: the v3 coordinator over this srcd's phases and the destination."""
+
+    def __init__(
+        self,
+        ctx: SourceContext,
+        *,
+        migration_id: str,
+        domain_key: str,
+        dest_uri: str,
+        flags: MigrateFlag,
+        params: SourceParams,
+    ) -> None:
+        self.migration_id = migration_id
+        flags |= MigrateFlag.PEER2PEER
+        # p2p is already one job: libvirt clears CHANGE_PROTECTION here.
+        flags &= ~MigrateFlag.CHANGE_PROTECTION
+        dest = P2PDestination(
+            ctx,
+            dest_uri=dest_uri,
+            migration_id=migration_id,
+            deadline=Deadline(ctx.config.migration_timeout),
+            params=params,
+        )
+        self.source = LocalSource(ctx, dest, domain_key=domain_key, flags=flags, params=params)
+        self.coordinator = Coordinator(self.source, dest, flags)
+
+    async def run(self) -> P2PResult:
+        dest_domain = await self.coordinator.run()
         log.info(
             "migration_completed",
             migration_id=self.migration_id,
-            domain=job.domain.name,
-            dest=self.dest_uri,
-            phases=self.phases,
+            domain=self.source.job.domain.name,
+            dest=self.source.dest.address,
+            phases=self.coordinator.phases,
             final_phase=Phase.CONFIRM3.label,
         )
-        return P2PResult(self.migration_id, dest_domain, tuple(self.phases))
+        return P2PResult(self.migration_id, dest_domain, tuple(self.coordinator.phases))

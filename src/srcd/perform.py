@@ -27,7 +27,7 @@ from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.phase import Phase
 from vmmigrate.common.qmp import QMPError
 from vmmigrate.srcd.context import SourceContext
-from vmmigrate.srcd.jobs import SourceJob
+from vmmigrate.srcd.jobs import JobOutcome, SourceJob
 
 log = structlog.get_logger("vmmigrate.srcd.perform")
 
@@ -102,18 +102,10 @@ async def perform_live(
     the error is raised and the source is left for Confirm(cancelled) to resume.
     """
     job.advance(Phase.PERFORM3)
-    job.record = job.record.with_phase(job.phase.label)
     await asyncio.to_thread(ctx.store.journal_put, job.record)
     hv = ctx.hypervisor
     uuid = job.domain.uuid
-    params: dict[str, Any] = {"max-bandwidth": bandwidth_bps(ctx, job)}
-    downtime = ctx.max_downtime_ms.get(uuid)
-    if downtime:
-        params["downtime-limit"] = downtime
-    caps = [
-        {"capability": "auto-converge", "state": MigrateFlag.AUTO_CONVERGE in job.flags},
-        {"capability": "events", "state": True},
-    ]
+    params, caps = _stream_settings(ctx, job)
     keepalive: asyncio.Task[None] | None = None
     mon = await hv.monitor(uuid)
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -138,7 +130,7 @@ async def perform_live(
         await _watch(ctx, job, events)
         await ctx.failpoints.hit("srcd.perform.after_migrate")
     except QMPError as exc:
-        job.outcome, job.error = "failed", str(exc)
+        job.outcome, job.error = JobOutcome.FAILED, str(exc)
         if hv.record(uuid) is None:
             raise OperationFailed("domain unexpectedly quit during migration") from exc
         raise OperationFailed(f"job 'migration out' failed: {exc}") from exc
@@ -146,8 +138,27 @@ async def perform_live(
         unsubscribe()
         if keepalive is not None:
             keepalive.cancel()
+    return await _performed(ctx, job)
+
+
+def _stream_settings(
+    ctx: SourceContext, job: SourceJob
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(migrate-set-parameters, migrate-set-capabilities) for this job's stream."""
+    params: dict[str, Any] = {"max-bandwidth": bandwidth_bps(ctx, job)}
+    downtime = ctx.max_downtime_ms.get(job.domain.uuid)
+    if downtime:
+        params["downtime-limit"] = downtime
+    caps = [
+        {"capability": "auto-converge", "state": MigrateFlag.AUTO_CONVERGE in job.flags},
+        {"capability": "events", "state": True},
+    ]
+    return params, caps
+
+
+async def _performed(ctx: SourceContext, job: SourceJob) -> bytes:
+    """The stream completed: PERFORM3_DONE, and the cookie for Finish."""
     job.advance(Phase.PERFORM3_DONE)
-    job.record = job.record.with_phase(job.phase.label)
     if job.peer:
         # The guest is paused until the destination's Finish resumes it: no fsync here.
         # With a destination to ask, a restarted srcd settles PERFORM3 and PERFORM3_DONE
@@ -160,7 +171,7 @@ async def perform_live(
     return format_cookie(
         MigrationCookie(
             name=job.domain.name,
-            uuid=uuid,
+            uuid=job.domain.uuid,
             hostname=identity.hostname,
             hostuuid=identity.host_uuid,
             statistics=_cookie_stats(job.stats),
@@ -207,6 +218,23 @@ def _cancelled_error(job: SourceJob, reason: Action) -> VmmigrateError:
     return OperationAborted("operation aborted: job 'migration out' canceled by client")
 
 
+async def _completed(ctx: SourceContext, job: SourceJob, info: dict[str, Any]) -> None:
+    job.outcome = JobOutcome.COMPLETED
+    # QEMU may say "completed" a moment before it fills in its totals
+    for _ in range(50):
+        if info.get("total-time"):
+            break
+        await asyncio.sleep(0.001)
+        info = await ctx.hypervisor.execute(job.domain.uuid, "query-migrate")
+    job.stats = info
+    log.info(
+        "perform_completed",
+        migration_id=job.migration_id,
+        downtime_ms=info.get("downtime"),
+        total_ms=info.get("total-time"),
+    )
+
+
 async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[str, Any]]) -> None:
     hv = ctx.hypervisor
     uuid = job.domain.uuid
@@ -219,28 +247,16 @@ async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[
             job.stats = info
         status = str(info.get("status", ""))
         if status == "completed":
-            job.outcome = "completed"
-            # QEMU may say "completed" a moment before it fills in its totals
-            for _ in range(50):
-                if info.get("total-time"):
-                    break
-                await asyncio.sleep(0.001)
-                info = await hv.execute(uuid, "query-migrate")
-            job.stats = info
-            log.info(
-                "perform_completed",
-                migration_id=job.migration_id,
-                downtime_ms=info.get("downtime"),
-                total_ms=info.get("total-time"),
-            )
+            await _completed(ctx, job, info)
             return
-        if status == "failed":
-            job.outcome, job.error = "failed", str(info.get("error-desc", "unexpectedly failed"))
-            raise OperationFailed(f"job 'migration out' failed: {job.error}")
         if status == "failed" and reason is Action.CANCEL_PEER_LOST:
             status = "cancelled"  # the stream broke as we cancelled it: the cause is the peer
+        if status == "failed":
+            job.outcome = JobOutcome.FAILED
+            job.error = str(info.get("error-desc", "unexpectedly failed"))
+            raise OperationFailed(f"job 'migration out' failed: {job.error}")
         if status == "cancelled":
-            job.outcome = "cancelled"
+            job.outcome = JobOutcome.CANCELLED
             raise _cancelled_error(job, reason)
         action = decide(
             elapsed=time.monotonic() - started,

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 from vmmigrate.common.cookie import (
@@ -30,11 +29,12 @@ from vmmigrate.common.errors import (
     VmmigrateError,
 )
 from vmmigrate.common.flags import MigrateFlag, check_begin_flags
+from vmmigrate.common.hypervisor import RunState, RuntimeRecord
 from vmmigrate.common.phase import Phase
 from vmmigrate.common.rpc import Deadline
-from vmmigrate.common.store import JobRecord, Role, validate_migration_id
+from vmmigrate.common.store import JobLock, JobRecord, Role, validate_migration_id
 from vmmigrate.srcd.context import SourceContext
-from vmmigrate.srcd.jobs import SourceJob, SourceParams
+from vmmigrate.srcd.jobs import JobOutcome, SourceJob, SourceParams
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -70,6 +70,22 @@ def _check_persist_xml(ctx: SourceContext, current: DomainDef, params: SourcePar
     return check_abi_stable(current, new, new_name=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Begin:
+    """What Begin's variants share: the request, and what begin() took (the domain's job
+    lock, an outgoing slot) on the stack that gives them back if Begin fails."""
+
+    migration_id: str
+    current: DomainDef
+    flags: MigrateFlag
+    params: SourceParams
+    peer: str
+    deadline: Deadline
+    driven: bool
+    lock: JobLock
+    stack: contextlib.AsyncExitStack
+
+
 async def begin(
     ctx: SourceContext,
     *,
@@ -82,7 +98,8 @@ async def begin(
     driven: bool,
     queue_wait: float | None = None,
 ) -> tuple[SourceJob, BeginResult]:
-    """Begin: take the domain's migration job and produce the XML and cookie for Prepare.
+    """Begin: take the domain's migration job and produce the XML and cookie for Prepare;
+    dispatches to its variant (begin_offline, begin_live).
 
     On success the job is held (lock, journal record at BEGIN3, table entry) until
     ctx.jobs.end(). On failure nothing is left behind.
@@ -96,73 +113,109 @@ async def begin(
         # a second migration of it is refused at once rather than queued)
         await ctx.outgoing.acquire(deadline.remaining() if queue_wait is None else queue_wait)
         stack.callback(ctx.outgoing.release)
-        # libvirt checks, in its order: the job, then "domain is not running" for a
-        # non-offline migration, then the flag rules.
-        runtime = ctx.hypervisor.record(current.uuid)
-        if MigrateFlag.OFFLINE not in flags and runtime is None:
-            raise OperationInvalid("domain is not running")
-        check_begin_flags(flags)
-        was_running = False
-        if runtime is not None:
-            # what is sent is the running definition (libvirt: the live def, also offline)
-            if runtime.xml:
-                current = parse_domain(
-                    runtime.xml, generate_uuid=False, max_bytes=len(runtime.xml.encode()) + 1
-                )
-            was_running = await ctx.hypervisor.status(current.uuid) == "running"
-            if MigrateFlag.OFFLINE not in flags and not was_running:
-                flags |= MigrateFlag.PAUSED  # libvirt: a paused domain stays paused
-        to_send = _definition_to_send(ctx, current, params)
-        _check_persist_xml(ctx, current, params)
-        now = time.time()
-        record = JobRecord(
-            migration_id=migration_id,
-            role=Role.SOURCE,
-            domain_name=current.name,
-            domain_uuid=current.uuid,
-            phase=Phase.BEGIN3.label,
-            flags=int(flags),
-            peer=peer,
-            dest_name=params.dest_name,
-            started_unix=now,
-            updated_unix=now,
-            was_running=was_running,
-        )
-        if MigrateFlag.OFFLINE in flags:
-            # Offline, the record need not survive a power cut: the source changes only in
-            # Confirm (--undefinesource, itself durable), after the destination persisted
-            # its copy, so without the record the domain is at worst defined on both hosts,
-            # never lost. It still survives a crash of srcd itself (the page cache does).
-            ctx.store.journal_put(record, durable=False)
-        else:
-            # Live: a restarted srcd must find it to resume or stop the source.
-            await asyncio.to_thread(ctx.store.journal_put, record)
-        # a finished job's record may harmlessly come back after a crash: no fsync
-        stack.callback(ctx.store.journal_remove, migration_id, durable=False)
-        await ctx.failpoints.hit("srcd.begin.after_journal")
-        identity = ctx.store.identity
-        cookie = MigrationCookie(
-            name=current.name,
-            uuid=current.uuid,
-            hostname=identity.hostname,
-            hostuuid=identity.host_uuid,
-            features=CookieFlag.LOCKSTATE,
-        )
-        job = SourceJob(
-            migration_id=migration_id,
-            domain=current,
-            flags=flags,
-            params=params,
-            peer=peer,
-            deadline=deadline,
-            record=record,
-            lock=lock,
-            cleanup=stack.pop_all(),
-            driven=driven,
-            was_running=was_running,
-        )
+        start = _Begin(migration_id, current, flags, params, peer, deadline, driven, lock, stack)
+        variant = begin_offline if MigrateFlag.OFFLINE in flags else begin_live
+        job, result = await variant(ctx, start)
     ctx.jobs.add(job)
-    log.debug("phase_begin_done", migration_id=migration_id, domain=current.name)
+    log.debug("phase_begin_done", migration_id=migration_id, domain=job.domain.name)
+    return job, result
+
+
+def _running_definition(runtime: RuntimeRecord, current: DomainDef) -> DomainDef:
+    """What is sent is the running definition (libvirt: the live def, also offline)."""
+    if not runtime.xml:
+        return current
+    return parse_domain(runtime.xml, generate_uuid=False, max_bytes=len(runtime.xml.encode()) + 1)
+
+
+async def begin_offline(ctx: SourceContext, start: _Begin) -> tuple[SourceJob, BeginResult]:
+    """Offline Begin: the definition, also of a running domain (which stays untouched)."""
+    # libvirt checks, in its order: the job, then the flag rules.
+    check_begin_flags(start.flags)
+    current, was_running = start.current, False
+    runtime = ctx.hypervisor.record(current.uuid)
+    if runtime is not None:
+        current = _running_definition(runtime, current)
+        was_running = await ctx.hypervisor.status(current.uuid) == RunState.RUNNING
+    # Offline, the record need not survive a power cut: the source changes only in
+    # Confirm (--undefinesource, itself durable), after the destination persisted its
+    # copy, so without the record the domain is at worst defined on both hosts, never
+    # lost. It still survives a crash of srcd itself (the page cache does).
+    return await _take_job(ctx, start, current, start.flags, was_running, durable=False)
+
+
+async def begin_live(ctx: SourceContext, start: _Begin) -> tuple[SourceJob, BeginResult]:
+    """Live Begin: the domain must run here; a paused one stays paused (PAUSED)."""
+    # libvirt checks, in its order: the job, then "domain is not running", then the flag
+    # rules.
+    runtime = ctx.hypervisor.record(start.current.uuid)
+    if runtime is None:
+        raise OperationInvalid("domain is not running")
+    check_begin_flags(start.flags)
+    current = _running_definition(runtime, start.current)
+    flags = start.flags
+    was_running = await ctx.hypervisor.status(current.uuid) == RunState.RUNNING
+    if not was_running:
+        flags |= MigrateFlag.PAUSED  # libvirt: a paused domain stays paused
+    # Live: a restarted srcd must find the record to resume or stop the source.
+    return await _take_job(ctx, start, current, flags, was_running, durable=True)
+
+
+async def _take_job(
+    ctx: SourceContext,
+    start: _Begin,
+    current: DomainDef,
+    flags: MigrateFlag,
+    was_running: bool,
+    *,
+    durable: bool,
+) -> tuple[SourceJob, BeginResult]:
+    """Begin's common end: check what is sent, journal the job at BEGIN3, build the job
+    and the cookie for Prepare."""
+    to_send = _definition_to_send(ctx, current, start.params)
+    _check_persist_xml(ctx, current, start.params)
+    now = time.time()
+    record = JobRecord(
+        migration_id=start.migration_id,
+        role=Role.SOURCE,
+        domain_name=current.name,
+        domain_uuid=current.uuid,
+        phase=Phase.BEGIN3.label,
+        flags=int(flags),
+        peer=start.peer,
+        dest_name=start.params.dest_name,
+        started_unix=now,
+        updated_unix=now,
+        was_running=was_running,
+    )
+    if durable:
+        await asyncio.to_thread(ctx.store.journal_put, record)
+    else:
+        ctx.store.journal_put(record, durable=False)
+    # a finished job's record may harmlessly come back after a crash: no fsync
+    start.stack.callback(ctx.store.journal_remove, start.migration_id, durable=False)
+    await ctx.failpoints.hit("srcd.begin.after_journal")
+    identity = ctx.store.identity
+    cookie = MigrationCookie(
+        name=current.name,
+        uuid=current.uuid,
+        hostname=identity.hostname,
+        hostuuid=identity.host_uuid,
+        features=CookieFlag.LOCKSTATE,
+    )
+    job = SourceJob(
+        migration_id=start.migration_id,
+        domain=current,
+        flags=flags,
+        params=start.params,
+        peer=start.peer,
+        deadline=start.deadline,
+        record=record,
+        lock=start.lock,
+        cleanup=start.stack.pop_all(),
+        driven=start.driven,
+        was_running=was_running,
+    )
     return job, BeginResult(cookie=format_cookie(cookie), domain_xml=to_send.xml, flags=flags)
 
 
@@ -170,7 +223,6 @@ async def _enter_confirm(
     ctx: SourceContext, job: SourceJob, cancelled: bool, cookie: bytes
 ) -> None:
     job.advance(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
-    job.record = job.record.with_phase(job.phase.label)
     if not job.offline:
         # Live: a crash from here on must kill (CONFIRM3) or resume (CONFIRM3_CANCELLED)
         # the source on restart. Offline needs no record of it: an offline job found at
@@ -225,7 +277,7 @@ async def confirm_live(
         await _enter_confirm(ctx, job, cancelled, cookie)
         if cancelled:
             status = await ctx.hypervisor.status(uuid)
-            if job.was_running and status not in ("running", "shutoff"):
+            if job.was_running and status not in (RunState.RUNNING, RunState.SHUTOFF):
                 await ctx.hypervisor.execute(uuid, "cont")
                 log.info("source_resumed", migration_id=job.migration_id, domain=job.domain.name)
         else:
@@ -240,19 +292,8 @@ async def confirm_live(
         await ctx.failpoints.hit("srcd.confirm.after")
         ctx.ended.add(job.migration_id, cancelled)
     finally:
-        job.outcome = job.outcome or ("cancelled" if cancelled else "completed")
-        ctx.completed_jobs[uuid] = job_snapshot(job)
-
-
-def job_snapshot(job: SourceJob) -> dict[str, Any]:
-    """What domjobinfo --completed shows after the job ended."""
-    return {
-        "migration_id": job.migration_id,
-        "outcome": job.outcome,
-        "error": job.error,
-        "elapsed_ms": int((time.monotonic() - job.started) * 1000),
-        "stats": dict(job.stats),
-    }
+        job.outcome = job.outcome or (JobOutcome.CANCELLED if cancelled else JobOutcome.COMPLETED)
+        ctx.completed_jobs[uuid] = job.completed()
 
 
 async def confirm(ctx: SourceContext, job: SourceJob, *, cancelled: bool, cookie: bytes) -> None:

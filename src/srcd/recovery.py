@@ -3,7 +3,7 @@
 
 Start-up adopts every source record of the journal before the server answers anything
 (the job lock is taken again, so no new migration of the domain can start), then settles
-each one in the background, with libvirt's table (PROTOCOL.md E.3) as the baseline:
+each one in the background, with libvirt's table (docs/ARCHITECTURE.md) as the baseline:
 
 | phase left         | libvirt                    | vmmigrate                              |
 |--------------------|----------------------------|----------------------------------------|
@@ -32,12 +32,15 @@ import contextlib
 import time
 
 import structlog
+from vmmigrate.common.coordinator import destination_flags
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import JobActive, VmmigrateError
-from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag
+from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.phase import Phase
 from vmmigrate.common.qmp import QMPError
 from vmmigrate.common.rpc import Deadline, call
+from vmmigrate.common.store import Role
+from vmmigrate.common.v3client import DEST, finish_request
 from vmmigrate.srcd import phases
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import SourceJob, SourceParams
@@ -51,9 +54,9 @@ _STREAM_ACTIVE = ("setup", "active", "pre-switchover", "device", "cancelling", "
 
 def ask_finish(ctx: SourceContext, job: SourceJob, *, cancelled: bool) -> phases.AskFinish:
     """Finish on the job's destination, by migration id (idempotent there)."""
-    destflags = job.flags & ~SOURCE_ONLY & ~MigrateFlag.CHANGE_PROTECTION
-    request = pb.FinishRequest(
-        header=pb.PhaseHeader(migration_id=job.migration_id, flags=int(destflags)),
+    request = finish_request(
+        job.migration_id,
+        destination_flags(job.flags),
         dest_name=job.params.dest_name or job.domain.name,
         cancelled=cancelled,
     )
@@ -64,7 +67,7 @@ def ask_finish(ctx: SourceContext, job: SourceJob, *, cancelled: bool) -> phases
             request,
             timeout=ctx.config.rpc_timeout,
             peer=job.peer,
-            what="destination host",
+            what=DEST,
         )
         return response
 
@@ -82,7 +85,7 @@ def _domain_of(ctx: SourceContext, uuid: str) -> DomainDef | None:
 def adopt_source_jobs(ctx: SourceContext) -> list[SourceJob]:
     """Take over the journal's source records (before serving): each becomes a held job."""
     adopted = []
-    for rec in ctx.store.journal_list(role="source"):
+    for rec in ctx.store.journal_list(role=Role.SOURCE):
         domain = _domain_of(ctx, rec.domain_uuid)
         if domain is None:
             # nothing left here to settle (Confirm had stopped and undefined it)

@@ -21,12 +21,13 @@ from vmmigrate.common.errors import InvalidArgument, OperationInvalid, Vmmigrate
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import MigrateFlag, check_api_flags, parse_flags
 from vmmigrate.common.hypervisor import hypervisor_for
+from vmmigrate.common.phase import Phase, require
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore
 from vmmigrate.srcd import phases
 from vmmigrate.srcd.context import OutgoingSlots, PeerPool, SourceContext
 from vmmigrate.srcd.domains import DomainAPI, domain_ref
-from vmmigrate.srcd.jobs import SourceJobTable, SourceParams
+from vmmigrate.srcd.jobs import JobOutcome, SourceJob, SourceJobTable, SourceParams
 from vmmigrate.srcd.p2p import P2PMigration, new_migration_id
 from vmmigrate.srcd.perform import UNLIMITED_BPS, perform_live
 from vmmigrate.srcd.recovery import expire_parked, recover_source_jobs
@@ -128,15 +129,15 @@ class DomainService(pb_grpc.DomainServiceServicer):
     async def GetJobInfo(self, request: pb.JobInfoRequest, context: Any) -> pb.JobInfo:
         d = await self.api.require_known(_require(request.domain, "domain name"))
         if request.completed:
-            snap = self.ctx.completed_jobs.get(d.uuid)
-            if not isinstance(snap, dict):
+            done = self.ctx.completed_jobs.get(d.uuid)
+            if done is None:
                 return pb.JobInfo(type="None")
             return job_info(
-                snap["stats"],
-                snap["migration_id"],
-                snap["elapsed_ms"],
-                _JOB_TYPES.get(snap["outcome"], "Completed"),
-                snap["error"],
+                done.stats,
+                done.migration_id,
+                done.elapsed_ms,
+                _JOB_TYPES.get(done.outcome, "Completed"),
+                done.error,
             )
         job = self.ctx.jobs.for_domain(d.uuid)
         if job is None or job.offline:
@@ -196,7 +197,11 @@ class DomainService(pb_grpc.DomainServiceServicer):
 
 # libvirt's unlimited migration speed (QEMU_DOMAIN_MIG_BANDWIDTH_MAX, MiB/s)
 MAX_SPEED_MIB = 8796093022207
-_JOB_TYPES = {"completed": "Completed", "failed": "Failed", "cancelled": "Cancelled"}
+_JOB_TYPES = {
+    JobOutcome.COMPLETED: "Completed",
+    JobOutcome.FAILED: "Failed",
+    JobOutcome.CANCELLED: "Cancelled",
+}
 
 
 def job_info(stats: dict[str, Any], mid: str, elapsed_ms: int, kind: str, error: str) -> pb.JobInfo:
@@ -271,20 +276,21 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
         uri = request.params.migrate_uri
         if not uri:
             raise InvalidArgument("domainMigratePrepare3 did not set uri")
+        return pb.PerformResponse(cookie=await self._perform(job, uri))
+
+    @require(Phase.BEGIN3)
+    async def _perform(self, job: SourceJob, uri: str) -> bytes:
         job.driven = True  # the job is busy: no expiry while the stream runs
         try:
-            cookie = await asyncio.shield(
-                asyncio.ensure_future(perform_live(self.ctx, job, uri=uri))
-            )
+            return await asyncio.shield(asyncio.ensure_future(perform_live(self.ctx, job, uri=uri)))
         except VmmigrateError:
             # managed mode: a failed Perform restores the source and ends the job itself;
-            # the client calls Finish(cancelled) and no Confirm (libvirt's A.3).
+            # the client calls Finish(cancelled) and no Confirm (libvirt's, docs/ARCHITECTURE.md).
             await phases.confirm(self.ctx, job, cancelled=True, cookie=b"")
             raise
         finally:
             job.driven = False
             job.touch()
-        return pb.PerformResponse(cookie=cookie)
 
     @handler
     async def Confirm(self, request: pb.ConfirmRequest, context: Any) -> pb.ConfirmResponse:
@@ -298,8 +304,14 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
             raise InvalidArgument(
                 f"migration '{job.migration_id}' is driven by the source host itself"
             )
-        await phases.confirm(self.ctx, job, cancelled=request.cancelled, cookie=h.cookie)
+        await self._confirm(job, request.cancelled, h.cookie)
         return pb.ConfirmResponse()
+
+    # A parked job is confirmed after Begin (Prepare failed, or offline) or after its
+    # stream completed; while the stream runs, the job is driven (refused above).
+    @require(Phase.BEGIN3, Phase.PERFORM3_DONE)
+    async def _confirm(self, job: SourceJob, cancelled: bool, cookie: bytes) -> None:
+        await phases.confirm(self.ctx, job, cancelled=cancelled, cookie=cookie)
 
 
 async def _housekeeping(ctx: SourceContext) -> None:
@@ -320,7 +332,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
     ctx = SourceContext(
         config=config,
         store=store,
-        jobs=SourceJobTable(store),
+        jobs=SourceJobTable(),
         peers=PeerPool(config.max_message_bytes),
         failpoints=Failpoints.parse(config.failpoints, config.failpoint_seed or None),
         hypervisor=hypervisor_for(

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from typing import Any
+
 import pytest
-from vmmigrate.common.errors import ArgumentUnsupported, OperationInvalid, UnsupportedFlags
+from vmmigrate.common.errors import (
+    ArgumentUnsupported,
+    JobActive,
+    OperationInvalid,
+    UnsupportedFlags,
+)
 from vmmigrate.common.flags import (
     ALL_FLAGS,
     MigrateFlag,
@@ -12,7 +21,7 @@ from vmmigrate.common.flags import (
     flag_names,
     parse_flags,
 )
-from vmmigrate.common.phase import Phase, advance, check_phase_transition
+from vmmigrate.common.phase import TRANSITIONS, Phase, advance, check_phase_transition, require
 
 F = MigrateFlag
 
@@ -146,3 +155,110 @@ def test_transitions_are_logged() -> None:
         advance(Phase.BEGIN3, Phase.CONFIRM3, migration_id="m1")
     assert logs == [{"event": "phase_advanced", "old": "begin3", "new": "confirm3",
                      "migration_id": "m1", "log_level": "info"}]
+
+
+SOURCE_ALLOWED = {
+    (Phase.NONE, Phase.BEGIN3),
+    (Phase.BEGIN3, Phase.PERFORM3),
+    (Phase.BEGIN3, Phase.CONFIRM3),  # offline, or a lost Finish settled as done
+    (Phase.BEGIN3, Phase.CONFIRM3_CANCELLED),  # offline, or Prepare failed (client-driven)
+    (Phase.PERFORM3, Phase.PERFORM3_DONE),
+    (Phase.PERFORM3, Phase.CONFIRM3),  # a restarted srcd whose PERFORM3_DONE record was lost
+    (Phase.PERFORM3, Phase.CONFIRM3_CANCELLED),  # Perform failed
+    (Phase.PERFORM3_DONE, Phase.CONFIRM3),
+    (Phase.PERFORM3_DONE, Phase.CONFIRM3_CANCELLED),
+    (Phase.CONFIRM3, Phase.CONFIRM3),  # Confirm run again (retry, restart)
+    (Phase.CONFIRM3_CANCELLED, Phase.CONFIRM3_CANCELLED),
+}
+DESTINATION_ALLOWED = {(Phase.NONE, Phase.PREPARE), (Phase.PREPARE, Phase.FINISH3)}
+SOURCE_PHASES = [Phase.NONE, Phase.BEGIN3, Phase.PERFORM3, Phase.PERFORM3_DONE,
+                 Phase.CONFIRM3_CANCELLED, Phase.CONFIRM3]
+DESTINATION_PHASES = [Phase.NONE, Phase.PREPARE, Phase.FINISH3]
+
+
+def _every(role: str, phases: list[Phase], allowed: set[tuple[Phase, Phase]]) -> list[Any]:
+    return [pytest.param(role, old, new, (old, new) in allowed, id=f"{role}:{old.label}->{new.label}")
+            for old in phases for new in phases]
+
+
+@pytest.mark.parametrize(("role", "old", "new", "ok"),
+                         _every("source", SOURCE_PHASES, SOURCE_ALLOWED)
+                         + _every("destination", DESTINATION_PHASES, DESTINATION_ALLOWED))
+def test_transition_table(role: str, old: Phase, new: Phase, ok: bool) -> None:
+    """Every move between a role's phases: allowed exactly as the table says; backwards with
+    libvirt's text, anything else refused as not allowed."""
+    if ok:
+        assert advance(old, new, role) is new
+        return
+    with pytest.raises(OperationInvalid) as err:
+        check_phase_transition(old, new, role)
+    if new < old:
+        assert str(err.value) == f"migration protocol going backwards {old.label} => {new.label}"
+    else:
+        assert str(err.value).startswith(
+            f"migration protocol does not allow {old.label} => {new.label}")
+
+
+def test_table_matches_the_phases_roles() -> None:
+    assert set(TRANSITIONS) == {"source", "destination"}
+    assert {(o, n) for o, nexts in TRANSITIONS["source"].items() for n in nexts} == SOURCE_ALLOWED
+    assert {(o, n) for o, nexts in TRANSITIONS["destination"].items()
+            for n in nexts} == DESTINATION_ALLOWED
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (Phase.BEGIN3, Phase.PERFORM3_DONE),  # a stream never started cannot be complete
+    (Phase.PERFORM3, Phase.PERFORM3),  # a second Perform
+    (Phase.CONFIRM3_CANCELLED, Phase.CONFIRM3),  # a resumed source is never stopped after
+    (Phase.BEGIN3, Phase.FINISH3),  # another role's phase
+    (Phase.NONE, Phase.FINISH3),
+    (Phase.FINISH3, Phase.FINISH3),
+])
+def test_refused_forward_moves(old: Phase, new: Phase) -> None:
+    with pytest.raises(OperationInvalid, match="migration protocol does not allow"):
+        check_phase_transition(old, new)
+
+
+def test_job_advance_moves_its_record_too() -> None:
+    import contextlib
+    import types
+
+    from vmmigrate.common.rpc import Deadline
+    from vmmigrate.common.store import JobRecord
+    from vmmigrate.srcd.jobs import SourceJob, SourceParams
+
+    record = JobRecord(migration_id="m", role="source", domain_name="vm", domain_uuid="u",
+                       phase=Phase.BEGIN3.label, flags=0, peer="")
+    job = SourceJob(migration_id="m", domain=types.SimpleNamespace(name="vm", uuid="u"),  # type: ignore[arg-type]
+                    flags=F.LIVE, params=SourceParams(), peer="", deadline=Deadline(1.0),
+                    record=record, lock=None, cleanup=contextlib.AsyncExitStack())  # type: ignore[arg-type]
+    job.advance(Phase.PERFORM3)
+    assert (job.phase, job.record.phase) == (Phase.PERFORM3, "perform3")
+    with pytest.raises(OperationInvalid, match="going backwards"):
+        job.advance(Phase.BEGIN3)
+    assert (job.phase, job.record.phase) == (Phase.PERFORM3, "perform3")
+
+
+@dataclasses.dataclass
+class _Job:
+    phase: Phase
+
+
+def test_require_guards_by_phase() -> None:
+    ran: list[str] = []
+
+    @require(Phase.BEGIN3, Phase.PERFORM3_DONE)
+    async def confirm(ctx: str, job: _Job, cancelled: bool) -> str:
+        ran.append(f"{ctx}:{cancelled}")
+        return "done"
+
+    @require(Phase.PREPARE, refuse=lambda job: JobActive(f"busy in {job.phase.label}"))
+    async def finish(ctx: str, job: _Job) -> None:
+        ran.append("finish")
+
+    assert asyncio.run(confirm("c", _Job(Phase.PERFORM3_DONE), cancelled=True)) == "done"
+    with pytest.raises(OperationInvalid, match=r"^migration job is in phase perform3, not begin3 or perform3_done$"):
+        asyncio.run(confirm("c", _Job(Phase.PERFORM3), True))
+    with pytest.raises(JobActive, match="busy in finish3"):
+        asyncio.run(finish("c", _Job(Phase.FINISH3)))
+    assert ran == ["c:True"]
