@@ -44,6 +44,14 @@ class DaemonConfig:
     emulator: str = "simvm"
     qemu_binary: str = "qemu-system-x86_64"
     qemu_accel: str = "tcg"
+    # What a definition may make this host run: the emulators its <emulator> may name
+    # (absolute paths, or "simvm" for the built-in one; None: simvm and the qemu-system-*
+    # binaries in PATH when the daemon starts), whether <qemu:commandline> arguments are
+    # accepted, and the user and group emulators run as (None: the daemon's own).
+    emulators: tuple[str, ...] | None = None
+    allow_qemu_commandline: bool = False
+    emulator_user: str | None = None
+    emulator_group: str | None = None
     # Host limits: migrations this host runs at once as destination (dstd) and as source
     # (srcd). A busy destination answers RESOURCE_EXHAUSTED (the source retries with backoff
     # until its deadline); a busy source queues a migration until a slot frees or its
@@ -74,6 +82,27 @@ def _parse_ports(text: str) -> tuple[int, int]:
     if not (1 <= lo <= hi <= 65535):
         raise InvalidArgument(f"migration port range {text!r} is out of 1-65535 or reversed")
     return lo, hi
+
+
+_EMULATOR_KEYS = ("emulators", "allow_qemu_commandline", "emulator_user", "emulator_group")
+
+
+def _coerce_emulator_key(name: str, value: Any) -> Any:
+    if name == "emulators":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument("emulators must be a list of paths")
+        for path in value:
+            # a relative name would be looked up in PATH at each start: not one binary
+            if path != "simvm" and not path.startswith("/"):
+                raise InvalidArgument(f"emulators: '{path}' is not an absolute path or 'simvm'")
+        return tuple(value)
+    if name == "allow_qemu_commandline":
+        if not isinstance(value, bool):
+            raise InvalidArgument("allow_qemu_commandline must be true or false")
+        return value
+    if value is not None and (not isinstance(value, (str, int)) or str(value) == ""):
+        raise InvalidArgument(f"{name} must be a user or group name or number")
+    return None if value is None else str(value)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -138,7 +167,10 @@ def load_config(
     values.setdefault("listen", f"127.0.0.1:{default_port}")
     if "state_dir" not in values:
         raise InvalidArgument("--state-dir is required (or state_dir in the config file)")
-    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    coerced = {
+        k: _coerce_emulator_key(k, v) if k in _EMULATOR_KEYS else _coerce(k, v)
+        for k, v in values.items()
+    }
     parse_hostport(str(coerced["listen"]), default_port)
     return DaemonConfig(**coerced)
 
@@ -160,6 +192,13 @@ def add_common_options(ap: argparse.ArgumentParser) -> None:
         "--emulator",
         choices=["simvm", "qemu"],
         help="emulator for domains whose XML names none (default simvm)",
+    )
+    ap.add_argument(
+        "--allow-qemu-commandline",
+        dest="allow_qemu_commandline",
+        action="store_true",
+        default=None,
+        help="accept <qemu:commandline> in definitions (the domain is marked tainted)",
     )
     ap.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"])
     ap.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])

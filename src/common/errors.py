@@ -13,6 +13,7 @@ server translates to gRPC in exactly one place, and the client library translate
      +-- OperationInvalid               FAILED_PRECONDITION wrong state or flag combination
      |    +-- SameHost                  FAILED_PRECONDITION migrating to one's own host
      +-- ArgumentUnsupported            FAILED_PRECONDITION the peer lacks a feature
+     +-- ConfigUnsupported              FAILED_PRECONDITION this host's policy refuses it
      +-- NoDomain                       NOT_FOUND
      +-- DomainExists                   ALREADY_EXISTS     name / UUID conflicts
      +-- JobActive                      ABORTED            another job holds the domain
@@ -80,6 +81,13 @@ class SameHost(OperationInvalid):
 
 class ArgumentUnsupported(VmmigrateError):
     """libvirt's VIR_ERR_ARGUMENT_UNSUPPORTED: a side lacks a feature."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ConfigUnsupported(VmmigrateError):
+    """libvirt's VIR_ERR_CONFIG_UNSUPPORTED: a definition this host's configuration refuses
+    (an emulator outside its allowlist, <qemu:commandline> where it is not allowed)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 

@@ -2,7 +2,10 @@
 
 Two emulators speak the same QMP subset: real QEMU (``qemu-system-x86_64``) and simvm (our
 Python stand-in). Which one runs a domain: its XML's ``<emulator>`` when present, else the
-daemon's configured default.
+daemon's configured default. A definition runs nothing the host did not allow
+(:class:`EmulatorPolicy`): its ``<emulator>`` must be one of the host's emulators,
+``<qemu:commandline>`` needs the host's consent (and taints the domain), and emulators may
+run as an unprivileged user and group, as libvirt runs QEMU as libvirt-qemu.
 
 Runtime records live in the host state dir (``run/<uuid>.json``, written atomically), so
 both daemons of a host can control any running domain, and a restarted daemon reattaches to
@@ -17,11 +20,14 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import grp
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,9 +37,15 @@ from typing import Any
 
 import structlog
 from lxml import etree
+from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.domainxml import DomainDef
 from vmmigrate.common.durable import atomic_write, durable_unlink
-from vmmigrate.common.errors import InvalidArgument, OperationFailed, OperationInvalid
+from vmmigrate.common.errors import (
+    ConfigUnsupported,
+    InvalidArgument,
+    OperationFailed,
+    OperationInvalid,
+)
 from vmmigrate.common.qmp import QMPClient, QMPError, QMPExecuteError
 
 log = structlog.get_logger("vmmigrate.hypervisor")
@@ -130,31 +142,126 @@ class RunState(enum.StrEnum):
         return cls.UNKNOWN
 
 
+SIMVM = "simvm"  # how a definition (and the config) names the built-in emulator
+TAINT_CUSTOM_ARGV = "custom-argv"  # libvirt's taint flag for <qemu:commandline>
+
+
+@dataclasses.dataclass(frozen=True)
+class EmulatorPolicy:
+    """What a definition may make this host run.
+
+    ``allowed``: the values ``<emulator>`` may take (normalized absolute paths, and "simvm");
+    ``uid``/``gid``: the identity emulators run as (None: the daemon's own)."""
+
+    allowed: frozenset[str] = frozenset({SIMVM})
+    allow_qemu_commandline: bool = False
+    uid: int | None = None
+    gid: int | None = None
+
+    @property
+    def drops_privileges(self) -> bool:
+        return self.uid is not None or self.gid is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class EmulatorSettings:
     default: str = "simvm"  # simvm | qemu
     qemu_binary: str = "qemu-system-x86_64"
     qemu_accel: str = "tcg"
     simvm_dirty_rate: int = 0  # pages/s dirtied by simvm's vCPU
+    policy: EmulatorPolicy = EmulatorPolicy()
+
+
+def is_simvm(path: str) -> bool:
+    """Whether ``<emulator>`` names the built-in emulator: "simvm", or a path to its console
+    script. Either way the daemon runs its own copy (never the path), so the name says which
+    emulator, not which file is executed."""
+    return path == SIMVM or os.path.basename(path) == SIMVM
+
+
+def default_emulators(search_path: str) -> tuple[str, ...]:
+    """The allowlist when the config names none: simvm (by name and by its console scripts
+    beside the interpreter and in PATH) and every executable qemu-system-* in PATH."""
+    found = [SIMVM, str(Path(sys.executable).parent / SIMVM)]
+    for entry in search_path.split(os.pathsep):
+        if not entry or not os.path.isabs(entry) or not os.path.isdir(entry):
+            continue
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(entry)):
+                path = os.path.join(entry, name)
+                wanted = name.startswith("qemu-system-") or name == SIMVM
+                if wanted and os.path.isfile(path) and os.access(path, os.X_OK):
+                    found.append(os.path.normpath(path))
+    return tuple(dict.fromkeys(found))
+
+
+def _resolve_identity(user: str | None, group: str | None) -> tuple[int | None, int | None]:
+    """(uid, gid) of ``emulator_user``/``emulator_group`` (names or numbers); the group
+    defaults to the user's primary group."""
+    uid = gid = None
+    try:
+        if user is not None:
+            pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+            uid, gid = pw.pw_uid, pw.pw_gid
+        if group is not None:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except (KeyError, OverflowError):
+        raise InvalidArgument(
+            f"emulator_user/emulator_group: no such user or group ({user!r}, {group!r})"
+        ) from None
+    changes = (uid is not None and uid != os.getuid()) or (gid is not None and gid != os.getgid())
+    if changes and os.geteuid() != 0:
+        raise InvalidArgument("emulator_user/emulator_group need the daemon to run as root")
+    return uid, gid
+
+
+def policy_from_config(config: DaemonConfig, search_path: str) -> EmulatorPolicy:
+    """The host's emulator policy, computed once when the daemon starts."""
+    allowed = config.emulators
+    if allowed is None:
+        allowed = default_emulators(search_path)
+    uid, gid = _resolve_identity(config.emulator_user, config.emulator_group)
+    return EmulatorPolicy(
+        allowed=frozenset(p if p == SIMVM else os.path.normpath(p) for p in allowed),
+        allow_qemu_commandline=config.allow_qemu_commandline,
+        uid=uid,
+        gid=gid,
+    )
+
+
+def _xml_root(d: DomainDef) -> Any:
+    # the XML passed parse_domain's hardened parser already: this re-parse cannot expand
+    parser = etree.XMLParser(resolve_entities=False, no_network=True)
+    return etree.fromstring(d.xml.encode(), parser)
+
+
+def has_qemu_commandline(d: DomainDef) -> bool:
+    return _xml_root(d).find(f"{{{QEMU_NS}}}commandline") is not None
+
+
+def check_definition(d: DomainDef, policy: EmulatorPolicy) -> None:
+    """Refuse a definition that would run what this host did not allow (define, start and
+    Prepare all ask, so that nothing is stored, reserved or started for it)."""
+    if d.emulator:
+        name = d.emulator if d.emulator == SIMVM else os.path.normpath(d.emulator)
+        if name not in policy.allowed:
+            raise ConfigUnsupported(f"emulator '{d.emulator}' is not allowed on this host")
+    if not policy.allow_qemu_commandline and has_qemu_commandline(d):
+        raise ConfigUnsupported(
+            "<qemu:commandline> is not allowed on this host (allow_qemu_commandline)"
+        )
 
 
 def emulator_kind(d: DomainDef, default: str) -> str:
-    path = d.emulator
-    if not path:
+    """simvm or qemu: an allowed <emulator> that is not the built-in one is a QEMU binary."""
+    if not d.emulator:
         return default
-    base = os.path.basename(path)
-    if "simvm" in base:
-        return "simvm"
-    if "qemu" in base:
-        return "qemu"
-    raise InvalidArgument(f"unsupported emulator '{path}' for domain '{d.name}'")
+    return "simvm" if is_simvm(d.emulator) else "qemu"
 
 
 def _qemu_passthrough(d: DomainDef) -> list[str]:
     """libvirt's <qemu:commandline><qemu:arg value='...'/> extension, passed to QEMU."""
-    root = etree.fromstring(
-        d.xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True)
-    )
+    root = _xml_root(d)
     return [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
 
 
@@ -198,12 +305,8 @@ def build_argv(
     if incoming:
         common += ["-incoming", incoming]
     if kind == "simvm":
-        exe = (
-            d.emulator
-            if d.emulator and os.path.isabs(d.emulator) and os.access(d.emulator, os.X_OK)
-            else ""
-        )
-        head = [exe] if exe else [sys.executable, "-m", "vmmigrate.simvm"]
+        # the daemon's own interpreter and package: the XML's path is a name, never run
+        head = [sys.executable, "-m", "vmmigrate.simvm"]
         extra = ["-dirty-rate", str(settings.simvm_dirty_rate)] if settings.simvm_dirty_rate else []
         return head + common + extra
     binary = d.emulator or settings.qemu_binary
@@ -232,31 +335,71 @@ def build_argv(
 _MAX_SOCKET_DIR = 60
 
 
-def socket_dir_for(run_dir: Path) -> Path:
-    """Where the QMP sockets go: the run dir itself, or, when its path is too long for a
-    unix socket, a private directory under the system temp dir named after it."""
-    if len(os.fsencode(run_dir)) <= _MAX_SOCKET_DIR:
+def socket_dir_for(run_dir: Path, emulator_gid: int | None = None) -> Path:
+    """Where the QMP sockets (and the incoming unix sockets) go: the run dir itself, or,
+    when its path is too long for a unix socket, a private directory under the system temp
+    dir named after it.
+
+    Emulators that run as another user and group (``emulator_gid``) get a directory of
+    their own under the temp dir instead, owned by the daemon and writable by that group
+    alone: they create their sockets there without reaching the state dir, which may sit
+    under a directory they cannot enter and holds what they must not touch (the records)."""
+    if emulator_gid is None and len(os.fsencode(run_dir)) <= _MAX_SOCKET_DIR:
         return run_dir
     digest = hashlib.sha256(os.fsencode(run_dir.resolve())).hexdigest()[:16]
-    d = Path(tempfile.gettempdir()) / f"vmmigrate-{digest}"
+    suffix = "" if emulator_gid is None else "-emu"
+    d = Path(tempfile.gettempdir()) / f"vmmigrate-{digest}{suffix}"
     d.mkdir(mode=0o700, exist_ok=True)
+    # The temp dir is everyone's: a directory someone else made (or a symlink) in its place
+    # must not become where emulators' monitors are.
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise OperationFailed(f"socket directory {d} is not a directory owned by this daemon")
+    if emulator_gid is not None:
+        os.chown(d, -1, emulator_gid)
+        os.chmod(d, 0o770)
     return d
 
 
-def _spawn(argv: list[str], logfile: str) -> subprocess.Popen[bytes]:
-    """Start an emulator in a session of its own (it outlives the daemon)."""
-    with open(logfile, "ab") as out:
-        try:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise OperationFailed(f"cannot start emulator {argv[0]}: {exc}") from exc
+def _open_log(logfile: str) -> int:
+    # root's file, handed to the emulator as its stdout/stderr: it never opens it by name
+    return os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def mark_tainted(d: DomainDef, logfile: str, reason: str) -> None:
+    """Our equivalent of libvirt's "Domain id=N is tainted: custom-argv" line, written to
+    the domain's emulator log before the emulator starts (and in the daemon's log)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S%z")
+    line = f"{when}: domain '{d.name}' (uuid {d.uuid}) is tainted: {reason}\n"
+    fd = _open_log(logfile)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    log.warning("domain_tainted", domain=d.name, uuid=d.uuid, taint=reason)
+
+
+def _spawn(argv: list[str], logfile: str, policy: EmulatorPolicy) -> subprocess.Popen[bytes]:
+    """Start an emulator in a session of its own (it outlives the daemon), as the policy's
+    user and group, with no supplementary groups (the daemon's are root's)."""
+    identity: dict[str, Any] = {}
+    if policy.drops_privileges:
+        identity = {"user": policy.uid, "group": policy.gid, "extra_groups": [], "cwd": "/"}
+    fd = _open_log(logfile)
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            close_fds=True,
+            **identity,
+        )
+    except OSError as exc:
+        raise OperationFailed(f"cannot start emulator {argv[0]}: {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 class QMPHypervisor:
@@ -265,12 +408,22 @@ class QMPHypervisor:
     def __init__(self, run_dir: Path, settings: EmulatorSettings, role: str = "srcd") -> None:
         self.role = role
         self.run_dir = run_dir
-        self.socket_dir = socket_dir_for(run_dir)
         self.settings = settings
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir = socket_dir_for(run_dir, self.emulator_gid())
         self._monitors: dict[str, QMPClient] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._connect_locks: dict[str, asyncio.Lock] = {}
+
+    def emulator_gid(self) -> int | None:
+        """The group emulators' socket directory is writable by (None: the daemon's)."""
+        policy = self.settings.policy
+        if not policy.drops_privileges:
+            return None
+        return policy.gid if policy.gid is not None else os.getgid()
+
+    def check_definition(self, d: DomainDef) -> None:
+        check_definition(d, self.settings.policy)
 
     # ---------------------------------------------------------------- records
 
@@ -325,13 +478,17 @@ class QMPHypervisor:
     ) -> RuntimeRecord:
         if self.record(d.uuid) is not None:
             raise OperationInvalid("domain is already running")
+        # the policy may have changed since the definition was stored
+        self.check_definition(d)
         kind = emulator_kind(d, self.settings.default)
         qmp = str(self.socket_dir / f"{d.uuid}.qmp")
         logfile = str(self.run_dir / f"{d.uuid}.log")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(qmp)
         argv = build_argv(d, kind, self.settings, qmp, paused=paused, incoming=incoming)
-        proc = await asyncio.to_thread(_spawn, argv, logfile)
+        if has_qemu_commandline(d):
+            await asyncio.to_thread(mark_tainted, d, logfile, TAINT_CUSTOM_ARGV)
+        proc = await asyncio.to_thread(_spawn, argv, logfile, self.settings.policy)
         self._children[proc.pid] = proc
         ticks = _start_ticks(proc.pid) or 0
         rec = RuntimeRecord(
@@ -536,13 +693,18 @@ class QMPHypervisor:
         self._monitors.clear()
 
 
-def hypervisor_for(
-    state_dir: Path, emulator: str, qemu_binary: str, qemu_accel: str, role: str
-) -> QMPHypervisor:
+def hypervisor_for(config: DaemonConfig, role: str) -> QMPHypervisor:
     """The driver both daemons of a host build over the shared state dir (``role``: which
-    of the emulator's monitors this daemon uses)."""
+    of the emulator's monitors this daemon uses), with the host's emulator policy (its
+    default allowlist is what PATH holds now, at the daemon's start)."""
+    policy = policy_from_config(config, os.environ.get("PATH", os.defpath))
     return QMPHypervisor(
-        state_dir / "run",
-        EmulatorSettings(default=emulator, qemu_binary=qemu_binary, qemu_accel=qemu_accel),
+        config.state_dir / "run",
+        EmulatorSettings(
+            default=config.emulator,
+            qemu_binary=config.qemu_binary,
+            qemu_accel=config.qemu_accel,
+            policy=policy,
+        ),
         role=role,
     )

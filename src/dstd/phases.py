@@ -88,6 +88,10 @@ def _definitions(ctx: DestinationContext, req: PrepareInput) -> tuple[DomainDef,
         )
         new_name = req.dest_name if persist.name == req.dest_name else None
         check_abi_stable(received, persist, new_name=new_name)
+    # before anything is reserved or started: both would run here (one now, one when
+    # started again), so both must be what this host allows
+    for d in (received, persist):
+        ctx.hypervisor.check_definition(d)
     return received, persist
 
 

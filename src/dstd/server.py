@@ -158,9 +158,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
         hostname=config.hostname,
         max_xml_bytes=config.max_xml_bytes,
     )
-    hypervisor = hypervisor_for(
-        config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel, "dstd"
-    )
+    hypervisor = hypervisor_for(config, "dstd")
     # before serving: every Finish is answered from a settled state
     await recover_incoming_jobs(store, hypervisor)
     ports = PortAllocator(*config.migration_ports)

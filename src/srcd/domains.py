@@ -43,6 +43,8 @@ class DomainAPI:
 
     async def define(self, xml: str) -> tuple[DomainDef, bool]:
         d = parse_domain(xml, max_bytes=self.ctx.config.max_xml_bytes)
+        # refused before the store sees it: a definition this host would not run is not kept
+        self.ctx.hypervisor.check_definition(d)
         updated = await asyncio.to_thread(self.ctx.store.define, d)
         return d, updated
 

@@ -335,9 +335,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
         jobs=SourceJobTable(),
         peers=PeerPool(config.max_message_bytes),
         failpoints=Failpoints.parse(config.failpoints, config.failpoint_seed or None),
-        hypervisor=hypervisor_for(
-            config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel, "srcd"
-        ),
+        hypervisor=hypervisor_for(config, "srcd"),
         outgoing=OutgoingSlots(config.max_outgoing),
     )
     # before serving: the journal's jobs are held again, then settled in the background
