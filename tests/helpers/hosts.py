@@ -48,7 +48,7 @@ class Daemon:
         self.log_path = host.workdir / f"{kind}.log"
         self.address = ""
         args = [
-            sys.executable, "-m", f"vmmigrate.{kind}",
+            host.python, "-m", f"vmmigrate.{kind}",
             "--listen", f"{host.ip}:{port}",
             "--state-dir", str(host.state_dir),
             "--log-format", "json",
@@ -119,8 +119,11 @@ class Daemon:
 class Host:
     """A host: its loopback IP, its state dir, its srcd and dstd."""
 
-    def __init__(self, name: str, ip: str, workdir: Path, prefix: Sequence[str] = ()) -> None:
+    def __init__(self, name: str, ip: str, workdir: Path, prefix: Sequence[str] = (),
+                 python: str | None = None) -> None:
         self.name = name
+        # the daemons' interpreter (their simvm emulators run with it too); migctl keeps ours
+        self.python = python or sys.executable
         self.ip = ip
         self.workdir = workdir
         self.state_dir = workdir / "state"
