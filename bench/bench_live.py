@@ -1367,8 +1367,10 @@ def main(argv: list[str] | None = None) -> int:
         fill = tmp / "fill.bin"
         print(f"writing {args.fill_mib} MiB of random data to {fill}", flush=True)
         make_fill(fill, args.fill_mib)
-        a.start()
-        b.start()
+        # the guests' RAM loader is a <qemu:commandline> device: both hosts must allow it
+        allow = ["--allow-qemu-commandline"]
+        a.start(allow, allow)
+        b.start(allow, allow)
         raw, vm, extra, bench = asyncio.run(
             run_all(a, b, args, fill, tmp, Path(args.profile) if args.profile else None)
         )
