@@ -171,9 +171,10 @@ _PREFIXES = tuple(sorted({p for p in CATEGORIES.values() if p}))
 def category_of(exc: VmmigrateError) -> str:
     """libvirt's category prefix for ``exc``'s class."""
     for cls in type(exc).__mro__:
-        found = CATEGORIES.get(cls.__name__)
+        # a class may say it itself (a client-only class: migctl's unreadable file)
+        found = cls.__dict__.get("libvirt_category", CATEGORIES.get(cls.__name__))
         if found is not None:
-            return found
+            return str(found)
     return CATEGORIES["VmmigrateError"]
 
 
