@@ -90,7 +90,7 @@ def _option_entry(action: argparse.Action) -> tuple[str, str] | None:
     text = action.help or ""
     if not action.option_strings:
         # migctl takes operands by position only (virsh's [--domain] spelling is not taken)
-        word = f"<{(action.metavar or action.dest).lower()}>"
+        word = f"<{str(action.metavar or action.dest).lower()}>"
         return (f"[{word}]" if action.nargs == "?" else word), text
     name = max(action.option_strings, key=len)
     if action.nargs == 0:
