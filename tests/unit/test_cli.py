@@ -332,3 +332,34 @@ def test_drain_gives_up_after_the_grace_period() -> None:
         return loop.time() - start
 
     assert 0.25 <= asyncio.run(scenario()) < 5
+
+
+# --- contrib -------------------------------------------------------------------------------
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
+
+
+@pytest.mark.parametrize("prog", ["srcd", "dstd"])
+def test_example_config_loads_and_documents_every_key(prog: str) -> None:
+    import dataclasses
+
+    from vmmigrate.common.config import DaemonConfig, load_config
+
+    path = CONTRIB / f"{prog}.toml"
+    config = load_config(argparse.Namespace(), default_port=7301, config_file=path)
+    assert str(config.state_dir) == "/var/lib/vmmigrate"
+    text = path.read_text()
+    # every setting, but the tests' own failpoints and the other daemon's own ones
+    dst_only = {"max_incoming", "migration_address", "migration_ports"}
+    skip = {"failpoints", "failpoint_seed"} | (dst_only if prog == "srcd" else {"max_outgoing"})
+    for field in dataclasses.fields(DaemonConfig):
+        if field.name not in skip:
+            assert f"{field.name} = " in text, field.name
+
+
+@pytest.mark.parametrize("prog", ["srcd", "dstd"])
+def test_systemd_unit(prog: str) -> None:
+    text = (CONTRIB / "systemd" / f"{prog}.service").read_text()
+    for line in ("Type=notify", "Restart=on-failure", "KillMode=process",
+                 f"ExecStart=/usr/local/bin/{prog} --config /etc/vmmigrate/{prog}.toml"):
+        assert f"\n{line}\n" in text, line
