@@ -177,7 +177,9 @@ def test_destination_emulator_dies_mid_transfer(hosts: tuple[Host, Host], domnam
     assert rec is not None
     os.kill(rec["pid"], signal.SIGKILL)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1 and err.startswith("error: job 'migration out' failed"), err
+    assert proc.returncode == 1, err
+    assert err.splitlines()[0] == f"error: Failed to migrate domain '{domname}'", err
+    assert err.splitlines()[1].startswith("error: operation failed: job 'migration out' failed"), err
     assert state(a, domname) == "running"
     assert runs_on_exactly_one(a, b, u) == "A"
     assert checksum(a, u)["sha256"] == before
