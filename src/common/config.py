@@ -66,6 +66,9 @@ class DaemonConfig:
     # Armed failpoints (tests only), from $VMMIGRATE_FAILPOINTS, read by main().
     failpoints: str = ""
     failpoint_seed: str = ""  # from $VMMIGRATE_FAILPOINT_SEED: repeatable random faults
+    # SIGTERM: how long the migrations in flight may take to finish before the daemon exits
+    # anyway (leaving them to recovery at the next start), seconds. New ones are refused.
+    shutdown_grace: float = 30.0
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
 
@@ -105,6 +108,17 @@ def _coerce_emulator_key(name: str, value: Any) -> Any:
     return None if value is None else str(value)
 
 
+# Durations, seconds: all positive, but for shutdown_grace, which may be 0 (stop at once).
+_SECONDS = (
+    "rpc_timeout",
+    "migration_timeout",
+    "job_idle_timeout",
+    "migration_poll_interval",
+    "outcome_ttl",
+    "shutdown_grace",
+)
+
+
 def _coerce(name: str, value: Any) -> Any:
     if name == "state_dir":
         return Path(value)
@@ -121,15 +135,9 @@ def _coerce(name: str, value: Any) -> Any:
         return host_uuid
     if name == "emulator" and value not in ("simvm", "qemu"):
         raise InvalidArgument(f"emulator must be 'simvm' or 'qemu', got {value!r}")
-    if name in (
-        "rpc_timeout",
-        "migration_timeout",
-        "job_idle_timeout",
-        "migration_poll_interval",
-        "outcome_ttl",
-    ):
+    if name in _SECONDS:
         v = float(value)
-        if v <= 0:
+        if v < 0 or (v == 0 and name != "shutdown_grace"):
             raise InvalidArgument(f"{name} must be positive")
         return v
     if name in ("max_message_bytes", "max_xml_bytes"):
@@ -140,6 +148,12 @@ def _coerce(name: str, value: Any) -> Any:
             raise InvalidArgument(f"{name} must be 0 (no limit) or more")
         return n
     return value
+
+
+def default_config_file(path: Path) -> Path | None:
+    """``path`` if it exists (then it must be readable and valid: load_config says so),
+    None if it does not: a host without a config file runs on defaults and options."""
+    return path if path.exists() or path.is_symlink() else None
 
 
 def load_config(
@@ -176,7 +190,11 @@ def load_config(
 
 
 def add_common_options(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", type=Path, help="TOML config file")
+    ap.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (default /etc/vmmigrate/%(prog)s.toml when it exists)",
+    )
     ap.add_argument("--listen", help="HOST:PORT to serve on")
     ap.add_argument("--state-dir", dest="state_dir", help="the host state directory")
     ap.add_argument("--host-uuid", dest="host_uuid", help="override the host UUID")
@@ -200,5 +218,21 @@ def add_common_options(ap: argparse.ArgumentParser) -> None:
         default=None,
         help="accept <qemu:commandline> in definitions (the domain is marked tainted)",
     )
-    ap.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"])
-    ap.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    ap.add_argument(
+        "--shutdown-grace",
+        dest="shutdown_grace",
+        type=float,
+        help="on SIGTERM, how long migrations in flight may take to finish, s (default 30)",
+    )
+    ap.add_argument(
+        "--log-format",
+        dest="log_format",
+        choices=["auto", "json", "console"],
+        help="log lines as JSON or for a console (default auto: console on a terminal)",
+    )
+    ap.add_argument(
+        "--log-level",
+        dest="log_level",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe level logged (default info)",
+    )

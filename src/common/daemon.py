@@ -11,18 +11,31 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc.aio
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from vmmigrate.common.config import DaemonConfig, add_common_options, load_config
+from vmmigrate.common import sdnotify
+from vmmigrate.common.config import (
+    DaemonConfig,
+    add_common_options,
+    default_config_file,
+    load_config,
+)
 from vmmigrate.common.decodeguard import DecodeGuard
 from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.failpoints import ENV_VAR, SEED_VAR, Failpoints
 from vmmigrate.common.log import setup_logging
 from vmmigrate.common.rpc import SERVER_OPTIONS_BASE, message_size_options, status_of
+from vmmigrate.common.shutdown import ShutdownGate
+from vmmigrate.common.version import add_version_option
+
+# Where an installed daemon finds its configuration when no --config is given, as libvirtd
+# reads /etc/libvirt/libvirtd.conf: /etc/vmmigrate/srcd.toml and /etc/vmmigrate/dstd.toml.
+DEFAULT_CONFIG_DIR = Path("/etc/vmmigrate")
 
 ServerFactory = Callable[[DaemonConfig], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -36,8 +49,10 @@ def daemon_main(
     failpoint_names: tuple[str, ...],
     extra_options: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: list[str] | None = None,
+    config_dir: Path = DEFAULT_CONFIG_DIR,
 ) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=description)
+    add_version_option(ap, prog)
     add_common_options(ap)
     if extra_options is not None:
         extra_options(ap)
@@ -53,7 +68,9 @@ def daemon_main(
         args.failpoints = os.environ.get(ENV_VAR, "")
         args.failpoint_seed = os.environ.get(SEED_VAR, "")
         Failpoints.parse(args.failpoints)
-        config = load_config(args, default_port=default_port, config_file=args.config)
+        # no --config: the host's default file, when there is one
+        config_file = args.config or default_config_file(config_dir / f"{prog}.toml")
+        config = load_config(args, default_port=default_port, config_file=config_file)
     except VmmigrateError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -72,9 +89,14 @@ def daemon_main(
 async def _serve(prog: str, config: DaemonConfig, server_factory: ServerFactory) -> None:
     log = structlog.get_logger(f"vmmigrate.{prog}")
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: stop waiting for the migrations in flight
+
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     async with server_factory(config) as (address, ctx):
         log.info(
             "daemon_ready",
@@ -83,8 +105,32 @@ async def _serve(prog: str, config: DaemonConfig, server_factory: ServerFactory)
             state_dir=str(config.state_dir),
             host_uuid=ctx.store.identity.host_uuid,
         )
+        sdnotify.notify(f"READY=1\nSTATUS={prog} serving on {address}")
         await stop.wait()
-        log.info("daemon_stopping", daemon=prog)
+        log.info("daemon_stopping", daemon=prog, grace=config.shutdown_grace)
+        sdnotify.notify(f"STOPPING=1\nSTATUS={prog} finishing the migrations in flight")
+        await drain(ctx, config.shutdown_grace, hurry, log)
+
+
+async def drain(ctx: Any, grace: float, hurry: asyncio.Event, log: Any) -> None:
+    """Refuse new migrations, then wait (at most ``grace`` seconds) for those in flight.
+
+    What is still running after that is left as it is: the emulators outlive the daemon
+    and the journal says what each migration had done, so the next start settles them as it
+    settles a crash's (recovery)."""
+    ctx.gate.close()
+    end = loop_time() + grace
+    while (left := ctx.migrations_in_flight()) and not hurry.is_set():
+        if loop_time() >= end:
+            log.warning("shutdown_grace_expired", in_flight=left, left_to="recovery")
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), timeout=min(0.1, max(end - loop_time(), 0)))
+    log.info("daemon_drained", in_flight=ctx.migrations_in_flight())
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,10 +184,16 @@ async def grpc_server(
     service_names: Sequence[str],
     housekeeping: Callable[[], Awaitable[None]],
     interval: float = 1.0,
+    *,
+    gate: ShutdownGate | None = None,
 ) -> AsyncIterator[str]:
-    """Serve on config.listen; yields the bound address (port 0 picks one)."""
+    """Serve on config.listen; yields the bound address (port 0 picks one). ``gate``
+    refuses new migrations once the daemon stops (graceful SIGTERM)."""
+    interceptors: list[Any] = [DecodeGuard()]
+    if gate is not None:
+        interceptors.insert(0, gate)
     server = grpc.aio.server(
-        interceptors=[DecodeGuard()],
+        interceptors=interceptors,
         options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes),
     )
     register(server)

@@ -22,11 +22,15 @@ server translates to gRPC in exactly one place, and the client library translate
      +-- StorageError                   INTERNAL           a durable write failed
      |    +-- StorageFull               RESOURCE_EXHAUSTED ENOSPC / EDQUOT
      +-- PeerUnavailable                UNAVAILABLE        the peer cannot be reached
+     |    +-- ShuttingDown              UNAVAILABLE        the daemon drains on SIGTERM
      +-- Timeout                        DEADLINE_EXCEEDED  the deadline passed
      +-- OperationFailed                INTERNAL           a phase failed on the peer
      +-- Unauthenticated                UNAUTHENTICATED    no usable peer certificate
 
 Messages follow libvirt's word for word where libvirt has them (docs/ARCHITECTURE.md section 4).
+They carry the bare text: libvirt's category prefix (its virErrorNumber's text, e.g.
+``Requested operation is not valid: ``) is added once, by the client that prints the error
+(:func:`libvirt_text`).
 """
 
 from __future__ import annotations
@@ -124,6 +128,10 @@ class PeerUnavailable(VmmigrateError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ShuttingDown(PeerUnavailable):
+    """The daemon got SIGTERM: it finishes the migrations in flight and starts no new one."""
+
+
 class Timeout(VmmigrateError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -136,6 +144,57 @@ class Unauthenticated(VmmigrateError):
     """libvirt's VIR_ERR_AUTH_FAILED: the peer's certificate does not say who it is."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+# libvirt's category text (the virErrorNumber's message prefix) for each class, by class name
+# so that a class added elsewhere (PermissionDenied) is covered without importing it. The
+# nearest class in the MRO that is listed wins; "" prints the message alone, as libvirt does
+# for system errors (VIR_ERR_SYSTEM_ERROR: a failed connect, a failed write).
+CATEGORIES: dict[str, str] = {
+    "VmmigrateError": "internal error: ",  # VIR_ERR_INTERNAL_ERROR
+    "InvalidArgument": "invalid argument: ",  # VIR_ERR_INVALID_ARG
+    "XMLError": "XML error: ",  # VIR_ERR_XML_ERROR
+    "CookieError": "internal error: ",  # libvirt reports cookie faults as internal errors
+    "OperationInvalid": "Requested operation is not valid: ",  # VIR_ERR_OPERATION_INVALID
+    "SameHost": "internal error: ",  # libvirt's "Attempt to migrate guest to the same host"
+    "ArgumentUnsupported": "argument unsupported: ",  # VIR_ERR_ARGUMENT_UNSUPPORTED
+    "ConfigUnsupported": "unsupported configuration: ",  # VIR_ERR_CONFIG_UNSUPPORTED
+    "NoDomain": "Domain not found: ",  # VIR_ERR_NO_DOMAIN
+    "DomainExists": "operation failed: ",  # libvirt's "domain '%s' already exists ..."
+    "JobActive": "Requested operation is not valid: ",  # "another migration job is ..."
+    "OperationAborted": "operation aborted: ",  # VIR_ERR_OPERATION_ABORTED
+    "HostBusy": "operation failed: ",  # VIR_ERR_OPERATION_FAILED
+    "StorageError": "",  # VIR_ERR_SYSTEM_ERROR
+    "PeerUnavailable": "",  # VIR_ERR_SYSTEM_ERROR ("unable to connect to ...")
+    "Timeout": "Timed out during operation: ",  # VIR_ERR_OPERATION_TIMEOUT
+    "OperationFailed": "operation failed: ",  # VIR_ERR_OPERATION_FAILED
+    "Unauthenticated": "authentication failed: ",  # VIR_ERR_AUTH_FAILED
+    "PermissionDenied": "operation forbidden: ",  # VIR_ERR_OPERATION_DENIED
+}
+
+
+_PREFIXES = tuple(sorted({p for p in CATEGORIES.values() if p}))
+
+
+def category_of(exc: VmmigrateError) -> str:
+    """libvirt's category prefix for ``exc``'s class."""
+    for cls in type(exc).__mro__:
+        # a class may say it itself (a client-only class: migctl's unreadable file)
+        found = cls.__dict__.get("libvirt_category", CATEGORIES.get(cls.__name__))
+        if found is not None:
+            return str(found)
+    return CATEGORIES["VmmigrateError"]
+
+
+def libvirt_text(exc: VmmigrateError) -> str:
+    """The message as libvirt prints it: category prefix, then the text. A message that
+    already starts with a category (some wire messages carry libvirt's whole text, and a
+    crash is answered as ``internal error: ...``) is printed as it is: never two prefixes."""
+    prefix = category_of(exc)
+    message = exc.message
+    if not prefix or any(message.startswith(p) for p in _PREFIXES):
+        return message
+    return prefix + message
 
 
 def _all_classes() -> dict[str, type[VmmigrateError]]:

@@ -7,6 +7,7 @@ import dataclasses
 from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.shutdown import ShutdownGate
 from vmmigrate.common.store import HostStore
 from vmmigrate.dstd.incoming import IncomingTable
 from vmmigrate.dstd.ports import PortAllocator
@@ -24,3 +25,9 @@ class DestinationContext:
     results: FinishResults
     prepares: PrepareAnswers = dataclasses.field(default_factory=PrepareAnswers)
     outcomes_swept: float = float("-inf")  # monotonic time of the last expiry sweep
+    # Closed on SIGTERM: new migrations are refused while those in flight finish.
+    gate: ShutdownGate = dataclasses.field(default_factory=ShutdownGate)
+
+    def migrations_in_flight(self) -> int:
+        """Incoming migrations a graceful stop waits for (prepared, not finished yet)."""
+        return len(self.incoming)

@@ -193,6 +193,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
             register,
             ("vmmigrate.v1.MigrationDestinationService", tunnelwire.SERVICE),
             lambda: _housekeeping(ctx),
+            gate=ctx.gate,
         ) as address:
             yield address, ctx
     finally:

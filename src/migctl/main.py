@@ -2,7 +2,8 @@
 
     migctl [-c|--connect HOST:PORT] COMMAND ...
 
-Errors go to stderr as ``error: MESSAGE`` with exit status 1; success exits 0.
+Errors go to stderr as virsh prints them (``error: Failed to VERB domain 'NAME'``, then
+``error: `` with libvirt's category and the message) with exit status 1; success exits 0.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc.aio
-from vmmigrate.common.address import (
-    DEFAULT_DSTD_PORT,
-    DEFAULT_SRCD_PORT,
-    format_hostport,
-    parse_hostport,
+from vmmigrate.common.address import DEFAULT_SRCD_PORT
+from vmmigrate.common.errors import (
+    InvalidArgument,
+    NoDomain,
+    PeerUnavailable,
+    VmmigrateError,
+    libvirt_text,
 )
-from vmmigrate.common.errors import InvalidArgument, VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.rpc import Deadline, call, open_channel
-from vmmigrate.migctl import pki, progress
+from vmmigrate.common.version import add_version_option
+from vmmigrate.migctl import helptext, pki, progress
+from vmmigrate.migctl.uri import dest_address
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -45,6 +49,13 @@ CALL_TIMEOUT = 30.0
 DEFAULT_MIGRATE_TIMEOUT = 600.0
 
 
+class LocalFileError(InvalidArgument):
+    """A file named on the command line that cannot be read: libvirt reports it as a system
+    error (no category), before any "Failed to ..." line."""
+
+    libvirt_category = ""
+
+
 class UsageError(Exception):
     """A command line that virsh would refuse before talking to any daemon."""
 
@@ -55,82 +66,129 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def _build_parser() -> ArgParser:
-    ap = ArgParser(prog="migctl", description="vmmigrate client (virsh's names)")
+    ap = ArgParser(
+        prog="migctl",
+        description="vmmigrate client, with virsh's command and option names "
+        "('migctl help' lists the commands by group, 'migctl help COMMAND' shows one)",
+    )
+    add_version_option(ap, "migctl")
     ap.add_argument(
         "-c",
         "--connect",
         default=os.environ.get("MIGCTL_CONNECT") or f"127.0.0.1:{DEFAULT_SRCD_PORT}",
         help="srcd address HOST:PORT (default $MIGCTL_CONNECT, else 127.0.0.1:7301)",
     )
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=ArgParser)
-
-    p = sub.add_parser("define", help="define a domain from an XML file")
-    p.add_argument("file")
-    p = sub.add_parser("undefine", help="undefine a domain")
-    p.add_argument("domain")
-    p = sub.add_parser("list", help="list domains")
-    p.add_argument("--all", action="store_true", help="active and inactive domains")
-    p.add_argument("--inactive", action="store_true", help="inactive domains only")
-    p.add_argument("--name", action="store_true", help="names only, one per line")
-    p.add_argument("--uuid", action="store_true", help="UUIDs only, one per line")
-    for cmd in ("domstate", "dominfo", "domuuid", "domname"):
-        p = sub.add_parser(cmd)
-        p.add_argument("domain")
-    p = sub.add_parser("dumpxml", help="domain XML")
-    p.add_argument("domain")
-    p.add_argument("--inactive", action="store_true")
-
-    for cmd in (
-        "start",
-        "destroy",
-        "shutdown",
-        "suspend",
-        "resume",
-        "domjobabort",
-        "migrate-getspeed",
-    ):
-        p = sub.add_parser(cmd)
-        p.add_argument("domain")
+    sub = ap.add_subparsers(
+        dest="command", required=True, parser_class=ArgParser, metavar="COMMAND"
+    )
+    p = sub.add_parser("help", help="print help: every command, or one command's page")
+    p.add_argument("topic", nargs="?", metavar="COMMAND", help="a command or a group keyword")
+    _add_domain_parsers(sub)
     _add_migrate_parsers(sub)
     pki.add_parser(sub)
     return ap
 
 
+DOMAIN_HELP = "domain name or uuid"
+
+
+def _add_domain_parsers(sub: Any) -> None:
+    """Defining, listing, querying and running domains."""
+    p = sub.add_parser("define", help="define (but don't start) a domain from an XML file")
+    p.add_argument("file", help="file containing an XML domain description")
+    p = sub.add_parser("undefine", help="undefine a domain (its definition, not its disks)")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p = sub.add_parser("list", help="list domains (running ones unless --all or --inactive)")
+    p.add_argument("--all", action="store_true", help="active and inactive domains")
+    p.add_argument("--inactive", action="store_true", help="inactive domains only")
+    p.add_argument("--name", action="store_true", help="names only, one per line")
+    p.add_argument("--uuid", action="store_true", help="UUIDs only, one per line")
+    for cmd, text in (
+        ("domstate", "the state of a domain"),
+        ("dominfo", "basic information about a domain"),
+        ("domuuid", "convert a domain name to its UUID"),
+        ("domname", "convert a domain UUID to its name"),
+    ):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("domain", help=DOMAIN_HELP)
+    p = sub.add_parser("dumpxml", help="domain information in XML")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("--inactive", action="store_true", help="the persistent definition")
+    for cmd, text in (
+        ("start", "start a (previously defined) inactive domain"),
+        ("destroy", "stop a domain at once (power off)"),
+        ("shutdown", "ask a domain to shut down"),
+        ("suspend", "pause a running domain"),
+        ("resume", "resume a paused domain"),
+        ("domjobabort", "abort the domain's active migration job"),
+        ("migrate-getspeed", "the maximum migration bandwidth of a domain, MiB/s"),
+    ):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("domain", help=DOMAIN_HELP)
+
+
 def _add_migrate_parsers(sub: Any) -> None:
     """The migration commands: migrate and its job's queries and tunables."""
     p = sub.add_parser("domjobinfo", help="statistics of the domain's migration job")
-    p.add_argument("domain")
+    p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("--completed", action="store_true", help="the last finished job")
-    p = sub.add_parser("migrate-setspeed", help="maximum migration bandwidth, MiB/s")
-    p.add_argument("domain")
-    p.add_argument("bandwidth", type=int)
-    p = sub.add_parser("migrate-setmaxdowntime", help="maximum tolerable downtime, ms")
-    p.add_argument("domain")
-    p.add_argument("downtime", type=int)
+    p = sub.add_parser("migrate-setspeed", help="set the maximum migration bandwidth, MiB/s")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("bandwidth", type=int, help="bandwidth limit in MiB/s")
+    p = sub.add_parser("migrate-setmaxdowntime", help="set the maximum tolerable downtime, ms")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("downtime", type=int, help="maximum tolerable downtime, ms")
 
-    p = sub.add_parser("migrate", help="migrate a domain to another host")
+    p = sub.add_parser(
+        "migrate",
+        help="migrate a domain to another host",
+        description="Migrate a domain to another host: --live moves a running domain, "
+        "--offline only its definition (with --persistent). --p2p lets srcd drive the "
+        "migration; without it migctl drives the phases itself.",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--live", action="store_true")
-    mode.add_argument("--offline", action="store_true")
-    p.add_argument("--p2p", action="store_true")
-    p.add_argument("--tunnelled", "--tunneled", action="store_true")
-    p.add_argument("--persistent", action="store_true")
-    p.add_argument("--undefinesource", action="store_true")
-    p.add_argument("--suspend", action="store_true")
-    p.add_argument("--copy-storage-all", action="store_true")
-    p.add_argument("--copy-storage-inc", action="store_true")
-    p.add_argument("--unsafe", action="store_true")
-    p.add_argument("--auto-converge", action="store_true")
-    p.add_argument("--verbose", action="store_true")
-    p.add_argument("--dname")
-    p.add_argument("--xml", metavar="FILE")
-    p.add_argument("--persistent-xml", metavar="FILE")
-    p.add_argument("--bandwidth", type=int, metavar="MiB/s")
-    p.add_argument("--timeout", type=int, metavar="S")
-    p.add_argument("--timeout-suspend", action="store_true")
-    p.add_argument("--migration-id")
-    p.add_argument("domain")
-    p.add_argument("desturi")
+    mode.add_argument("--live", action="store_true", help="live migration of a running domain")
+    mode.add_argument("--offline", action="store_true", help="move the definition only")
+    p.add_argument("--p2p", action="store_true", help="peer-to-peer: srcd drives the migration")
+    p.add_argument(
+        "--tunnelled",
+        "--tunneled",
+        action="store_true",
+        help="carry the memory stream over the daemons' connection (with --p2p)",
+    )
+    p.add_argument("--persistent", action="store_true", help="define the domain on the target")
+    p.add_argument("--undefinesource", action="store_true", help="undefine it on the source")
+    p.add_argument("--suspend", action="store_true", help="leave it paused on the target")
+    p.add_argument("--copy-storage-all", action="store_true", help="copy non-shared disks in full")
+    p.add_argument(
+        "--copy-storage-inc", action="store_true", help="copy non-shared disks incrementally"
+    )
+    p.add_argument("--unsafe", action="store_true", help="migrate even if it may be unsafe")
+    p.add_argument(
+        "--auto-converge", action="store_true", help="throttle vCPUs until the copy converges"
+    )
+    p.add_argument("--verbose", action="store_true", help="print the progress of a migration")
+    p.add_argument("--dname", help="the domain's new name on the target")
+    p.add_argument("--xml", metavar="FILE", help="file with the domain XML for the target")
+    p.add_argument(
+        "--persistent-xml", metavar="FILE", help="file with the persistent XML for the target"
+    )
+    p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="bandwidth limit, MiB/s")
+    p.add_argument(
+        "--timeout",
+        type=int,
+        metavar="S",
+        help="suspend the domain if a live migration takes longer than S seconds",
+    )
+    p.add_argument(
+        "--timeout-suspend", action="store_true", help="with --timeout: suspend (the default)"
+    )
+    p.add_argument("--migration-id", help="the migration's id (default: a new UUID)")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument(
+        "desturi",
+        help="the destination: HOST[:PORT] of its dstd (7302) or qemu+tls://HOST/system",
+    )
 
 
 def _read_file(path: str) -> str:
@@ -138,7 +196,7 @@ def _read_file(path: str) -> str:
         with open(path, encoding="utf-8") as fh:  # no pathlib: migctl starts faster
             return fh.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"Failed to open file '{path}': {exc}") from exc
+        raise LocalFileError(f"Failed to open file '{path}': {exc}") from exc
 
 
 def migrate_flags(a: argparse.Namespace) -> MigrateFlag:
@@ -174,7 +232,7 @@ def migrate_flags(a: argparse.Namespace) -> MigrateFlag:
 
 def migrate_params(a: argparse.Namespace) -> pb.MigrationParams:
     if a.dname is not None and not a.dname:
-        raise InvalidArgument("invalid argument: dname must not be empty")
+        raise InvalidArgument("dname must not be empty")
     return pb.MigrationParams(
         dest_name=a.dname or "",
         dest_xml=_read_file(a.xml) if a.xml else "",
@@ -183,11 +241,6 @@ def migrate_params(a: argparse.Namespace) -> pb.MigrationParams:
         timeout_s=a.timeout or 0,
         timeout_suspend=a.timeout_suspend,
     )
-
-
-def _dest_address(desturi: str) -> str:
-    host, port = parse_hostport(desturi, DEFAULT_DSTD_PORT)
-    return format_hostport(host, port)
 
 
 def _print_table(rows: list[pb.ListEntry]) -> None:
@@ -286,7 +339,7 @@ async def _cmd_dumpxml(a: argparse.Namespace, s: _Session) -> None:
 async def _cmd_migrate(a: argparse.Namespace, s: _Session) -> None:
     flags = migrate_flags(a)
     params = migrate_params(a)
-    dest = _dest_address(a.desturi)
+    dest = dest_address(a.desturi)
     seconds = float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
     migration: Any
     if MigrateFlag.PEER2PEER in flags:
@@ -411,18 +464,72 @@ def main(argv: list[str] | None = None) -> None:
     ap = _build_parser()
     try:
         a = ap.parse_args(argv)
-        # pki makes certificates locally: no daemon, no channel
-        code = pki.run(a) if a.command == "pki" else asyncio.run(run(a))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = 1
-    except VmmigrateError as exc:
+        sys.exit(1)
+    sys.exit(_execute(ap, a))
+
+
+def _execute(ap: ArgParser, a: argparse.Namespace) -> int:
+    try:
+        if a.command == "help":
+            return _cmd_help(ap, a)
+        # pki makes certificates locally: no daemon, no channel
+        return pki.run(a) if a.command == "pki" else asyncio.run(run(a))
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = 1
+    except VmmigrateError as exc:
+        report_error(a, exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        code = 1
-    sys.exit(code)
+    return 1
+
+
+def _cmd_help(ap: ArgParser, a: argparse.Namespace) -> int:
+    try:
+        text = helptext.command_page(ap, a.topic) if a.topic else helptext.overview(ap)
+    except helptext.HelpError as exc:
+        raise UsageError(str(exc)) from None
+    sys.stdout.write(text)
+    return 0
+
+
+# virsh's first error line per command (its vshError text), before libvirt's own message
+FAILED_TO = {
+    "define": "Failed to define domain from {file}",
+    "undefine": "Failed to undefine domain '{domain}'",
+    "start": "Failed to start domain '{domain}'",
+    "destroy": "Failed to destroy domain '{domain}'",
+    "shutdown": "Failed to shutdown domain '{domain}'",
+    "suspend": "Failed to suspend domain '{domain}'",
+    "resume": "Failed to resume domain '{domain}'",
+    "migrate": "Failed to migrate domain '{domain}'",
+}
+
+
+def error_lines(a: argparse.Namespace, exc: VmmigrateError) -> list[str]:
+    """What virsh prints for a failed command: its own line where it has one (the lookup
+    that failed, the connection that failed, or the command's verb), then libvirt's
+    category and message."""
+    first = None
+    domain = getattr(a, "domain", None)
+    if isinstance(exc, LocalFileError):
+        first = None  # the command never ran
+    elif isinstance(exc, NoDomain) and domain:
+        first = f"failed to get domain '{domain}'"
+    elif isinstance(exc, PeerUnavailable) and exc.message.startswith(
+        f"unable to connect to {DAEMON} "
+    ):
+        first = "failed to connect to the hypervisor"
+    elif a.command in FAILED_TO:
+        first = FAILED_TO[a.command].format(domain=domain, file=getattr(a, "file", ""))
+    lines = [f"error: {first}"] if first else []
+    return [*lines, f"error: {libvirt_text(exc)}"]
+
+
+def report_error(a: argparse.Namespace, exc: VmmigrateError) -> None:
+    for line in error_lines(a, exc):
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

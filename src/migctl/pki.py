@@ -25,7 +25,11 @@ def add_parser(sub: Any) -> None:
     """Add ``pki`` and its subcommands to migctl's subparsers ``sub``."""
     p = sub.add_parser("pki", help="make the cluster's TLS certificates (CA, hosts, clients)")
     psub = p.add_subparsers(
-        dest="pki_command", metavar="init|issue", required=True, parser_class=type(p)
+        dest="pki_command",
+        metavar="init|issue",
+        required=True,
+        parser_class=type(p),
+        help="init makes the CA, issue a host's or a client's certificate",
     )
 
     q = psub.add_parser("init", help="create the cluster's CA: DIR/ca.pem, DIR/ca-key.pem")

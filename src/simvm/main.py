@@ -23,6 +23,7 @@ import uuid as uuidlib
 from collections.abc import Callable
 from typing import NoReturn
 
+from vmmigrate.common.version import package_version
 from vmmigrate.simvm.emulator import Emulator
 from vmmigrate.simvm.machine import Machine, RunState
 from vmmigrate.simvm.monitor import Monitor
@@ -99,8 +100,18 @@ def _non_negative(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="simvm", description="a QEMU stand-in speaking QMP", allow_abbrev=False)
-    p.add_argument("-name", default="", type=lambda v: _suboption(v, "guest"))
-    p.add_argument("-uuid", default=NIL_UUID, type=_uuid)
+    # QEMU spells it -version; --version is what the other three programs take
+    p.add_argument(
+        "-version",
+        "--version",
+        action="version",
+        version=f"simvm {package_version()}",
+        help="print the version and exit",
+    )
+    p.add_argument(
+        "-name", default="", type=lambda v: _suboption(v, "guest"), help="guest=NAME or NAME"
+    )
+    p.add_argument("-uuid", default=NIL_UUID, type=_uuid, help="the domain's UUID")
     p.add_argument("-m", dest="mib", default=128, type=_mib, help="memory size in MiB")
     p.add_argument("-smp", default=1, type=_smp, help="accepted; simvm runs one vCPU thread")
     p.add_argument("-qmp", required=True, type=_qmp, help="unix:PATH,server=on,wait=off")
@@ -114,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pages the vCPU dirties per second while running",
     )
     p.add_argument("-seed", type=int, help="seed for memory content and vCPU writes")
-    p.add_argument("-pidfile")
+    p.add_argument("-pidfile", help="write the process id to this file at start")
     return p
 
 

@@ -17,6 +17,7 @@ from vmmigrate.common.errors import HostBusy
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.hypervisor import QMPHypervisor
 from vmmigrate.common.rpc import open_channel
+from vmmigrate.common.shutdown import ShutdownGate
 from vmmigrate.common.store import HostStore
 from vmmigrate.srcd.jobs import CompletedJob, SourceJobTable
 
@@ -137,6 +138,12 @@ class SourceContext:
     completed_jobs: dict[str, CompletedJob] = dataclasses.field(default_factory=dict)
     # Tasks that outlive an RPC (settling a migration whose Finish answer was lost).
     background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+    # Closed on SIGTERM: new migrations are refused while those in flight finish.
+    gate: ShutdownGate = dataclasses.field(default_factory=ShutdownGate)
+
+    def migrations_in_flight(self) -> int:
+        """Jobs a graceful stop waits for: running or parked ones, and settling tasks."""
+        return len(self.jobs) + len(self.background)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` in the background, beyond the RPC that started it (kept referenced

@@ -351,6 +351,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
             register,
             ("vmmigrate.v1.DomainService", "vmmigrate.v1.MigrationSourceService"),
             lambda: _housekeeping(ctx),
+            gate=ctx.gate,
         ) as address:
             yield address, ctx
     finally:

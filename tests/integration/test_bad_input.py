@@ -58,7 +58,9 @@ def test_define_refuses_bad_xml(hosts: tuple[Host, Host], xml: str, message: str
     path.write_text(xml)
     r = a.migctl("define", str(path), check=False)
     assert r.returncode == 1
-    assert r.stderr.startswith(f"error: {message}"), r.stderr
+    first, second = r.stderr.splitlines()
+    assert first == f"error: Failed to define domain from {path}", r.stderr
+    assert second.startswith("error: ") and message in second, r.stderr
     assert a.names() == before
     assert a.domain_files() == files_before
 
@@ -82,10 +84,14 @@ def test_define_generates_uuid_and_refuses_conflicts(hosts: tuple[Host, Host], d
     path = a.workdir / "conflict.xml"
     path.write_text(sample_domain_xml(domname, other))
     r = a.migctl("define", str(path), check=False)
-    assert r.stderr.strip() == f"error: domain '{domname}' already exists with uuid {u}"
+    assert r.stderr.splitlines() == [
+        f"error: Failed to define domain from {path}",
+        f"error: operation failed: domain '{domname}' already exists with uuid {u}",
+    ]
     path.write_text(sample_domain_xml(domname + "-x", u))
     r = a.migctl("define", str(path), check=False)
-    assert r.stderr.strip() == f"error: domain '{domname}' is already defined with uuid {u}"
+    assert r.stderr.splitlines()[1] == (
+        f"error: operation failed: domain '{domname}' is already defined with uuid {u}")
     # the same name and UUID: an update, as libvirt
     path.write_text(sample_domain_xml(domname, u, memory_mib=96))
     a.migctl("define", str(path))
@@ -212,7 +218,9 @@ def test_unreachable_destination_leaves_source_untouched(hosts: tuple[Host, Host
         r = a.migctl("migrate", "--offline", "--persistent", "--undefinesource", *mode,
                      domname, f"127.0.0.4:{port}", check=False)
         assert r.returncode == 1
-        assert r.stderr.startswith(f"error: unable to connect to destination host '127.0.0.4:{port}'")
+        first, second = r.stderr.splitlines()[:2]
+        assert first == f"error: Failed to migrate domain '{domname}'"
+        assert second.startswith(f"error: unable to connect to destination host '127.0.0.4:{port}'")
         assert domname in a.names() and a.journal() == []
 
 
@@ -230,8 +238,11 @@ def test_silent_destination_hits_the_deadline(tmp_path_factory: pytest.TempPathF
             r = a.migctl("migrate", "--offline", "--persistent", "--p2p", "--undefinesource",
                          domname, f"127.0.0.5:{port}", check=False)
         assert r.returncode == 1
-        assert r.stderr.strip() == (
-            f"error: destination host '127.0.0.5:{port}' did not answer before the deadline")
+        assert r.stderr.splitlines() == [
+            f"error: Failed to migrate domain '{domname}'",
+            "error: Timed out during operation: "
+            f"destination host '127.0.0.5:{port}' did not answer before the deadline",
+        ]
         assert domname in a.names() and a.journal() == []
     finally:
         a.stop()
