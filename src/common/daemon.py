@@ -17,12 +17,14 @@ import grpc.aio
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from vmmigrate.common.authz import AuthInterceptor, Policy
 from vmmigrate.common.config import DaemonConfig, add_common_options, load_config
 from vmmigrate.common.decodeguard import DecodeGuard
 from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.failpoints import ENV_VAR, SEED_VAR, Failpoints
 from vmmigrate.common.log import setup_logging
 from vmmigrate.common.rpc import SERVER_OPTIONS_BASE, message_size_options, status_of
+from vmmigrate.common.tls import TlsFiles
 
 ServerFactory = Callable[[DaemonConfig], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -138,17 +140,29 @@ async def grpc_server(
     service_names: Sequence[str],
     housekeeping: Callable[[], Awaitable[None]],
     interval: float = 1.0,
+    *,
+    tls: TlsFiles | None = None,
+    policy: Policy | None = None,
 ) -> AsyncIterator[str]:
-    """Serve on config.listen; yields the bound address (port 0 picks one)."""
+    """Serve on config.listen; yields the bound address (port 0 picks one). With ``tls``:
+    mutual TLS, ``policy`` checked on every call (before the request is decoded), the
+    certificates re-read on SIGHUP; without: plaintext (common/tls.py decides which)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+    if tls is not None and policy is not None:
+        interceptors.append(AuthInterceptor(policy))
     server = grpc.aio.server(
-        interceptors=[DecodeGuard()],
+        interceptors=[*interceptors, DecodeGuard()],
         options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes),
     )
     register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(config.listen)
+    if tls is None:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, tls.server_credentials())
     await server.start()
+    _reload_on_sighup(tls)
     for name in ("", *service_names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -163,5 +177,22 @@ async def grpc_server(
         yield f"{host}:{port}"
     finally:
         task.cancel()
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await health.enter_graceful_shutdown()
         await server.stop(grace=2.0)
+
+
+def _reload_on_sighup(tls: TlsFiles | None) -> None:
+    """SIGHUP re-reads the certificates (rotation without a restart): the next handshake,
+    and the next channel to a peer, use the new files; connections already open go on."""
+    log = structlog.get_logger("vmmigrate.tls")
+
+    def hangup() -> None:
+        if tls is None:
+            log.info("sighup_ignored", reason="plaintext: no certificates to re-read")
+            return
+        log.info("tls_reload_requested", tls_dir=str(tls.directory))
+        tls.request_reload()
+        tls.current()  # re-read now, so that a bad rotation is logged at once
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
