@@ -59,8 +59,11 @@ def start_times(root: Path, ip: str, flags: list[str], n: int) -> dict[str, floa
     return out
 
 
-def completed_mib_s(h: Host, name: str) -> float:
-    text = h.migctl("domjobinfo", name, "--completed").stdout
+def completed_mib_s(h: Host, name: str) -> float | None:
+    r = h.migctl("domjobinfo", name, "--completed", check=False)
+    if r.returncode != 0:
+        return None
+    text = r.stdout
     rows = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     elapsed_ms = float(rows["Time elapsed"].split()[0])
     mib = float(rows["Data processed"].split()[0])
@@ -69,7 +72,8 @@ def completed_mib_s(h: Host, name: str) -> float:
 
 def tunnel_run(a: Host, b: Host, mib: int, reps: int) -> dict[str, Any]:
     name = f"bench-tls-{uuidlib.uuid4().hex[:8]}"
-    a.define(sample_domain_xml(name, memory_mib=mib), f"{name}.xml")
+    u = str(uuidlib.uuid4())
+    a.define(sample_domain_xml(name, u, memory_mib=mib), f"{name}.xml")
     a.migctl("start", name)
     walls, rates = [], []
     where, there = a, b
@@ -79,12 +83,14 @@ def tunnel_run(a: Host, b: Host, mib: int, reps: int) -> dict[str, Any]:
                      "--undefinesource", name, there.dst)
         wall = time.perf_counter() - t0
         walls.append(mib / wall)
-        rates.append(completed_mib_s(where, name))
+        rate = completed_mib_s(where, u)
+        if rate is not None:
+            rates.append(rate)
         where, there = there, where
     where.migctl("destroy", name)
     return {
         "wall_mib_s": round(statistics.median(walls), 1),
-        "job_mib_s": round(statistics.median(rates), 1),
+        "job_mib_s": round(statistics.median(rates), 1) if rates else None,
         "reps": reps,
     }
 
