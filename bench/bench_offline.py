@@ -160,7 +160,8 @@ class CpuMeter:
 class Client:
     """Warm channels to both daemons of both hosts."""
 
-    def __init__(self, a: Host, b: Host) -> None:
+    def __init__(self, a: Host, b: Host, tls: Path | None = None) -> None:
+        self.tls = tls  # a client certificate's directory: mTLS to every daemon
         self.hosts = {"A": a, "B": b}
         self.channels: list[grpc.aio.Channel] = []
         self.dom: dict[str, pb_grpc.DomainServiceStub] = {}
@@ -174,7 +175,7 @@ class Client:
             self.dst[name] = pb_grpc.MigrationDestinationServiceStub(dc)
 
     def _open(self, address: str) -> grpc.aio.Channel:
-        ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        ch = open_bench_channel(address, self.tls)
         self.channels.append(ch)
         return ch
 
@@ -192,6 +193,29 @@ class Client:
     async def names(self, host: str) -> list[str]:
         r = await self.dom[host].List(pb.ListRequest(all=True), timeout=RPC_TIMEOUT)
         return [e.domain.name for e in r.domains]
+
+
+def open_bench_channel(address: str, tls: Path | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    creds = grpc.ssl_channel_credentials(
+        (tls / "ca.pem").read_bytes(), (tls / "key.pem").read_bytes(), (tls / "cert.pem").read_bytes()
+    )
+    return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+
+
+def make_pki(root: Path, ips: Sequence[str]) -> tuple[Path, list[Path]]:
+    """--tls: a CA, an admin client and one host certificate per IP (vmmigrate.migctl.certs)."""
+    from vmmigrate.migctl import certs
+
+    certs.init_ca(root / "ca", force=True)
+    certs.issue_client(root / "ca", name="bench", role="admin", out=root / "client")
+    hosts = []
+    for i, ip in enumerate(ips):
+        out = root / f"host{i}"
+        certs.issue_host(root / "ca", name=f"host{i}", ips=[ip], out=out)
+        hosts.append(out)
+    return root / "client", hosts
 
 
 def other(host: str) -> str:
@@ -245,7 +269,8 @@ def managed_step(client: Client, name: str) -> Step:
         d = await managed._run(
             source=client.src[frm],
             source_address=client.hosts[frm].src,
-            dest=client.dst[to],
+            # through the source's relay, as migctl does (dstd takes host certificates only)
+            dest=managed.RelayedDestination(client.src[frm], client.hosts[to].dst),
             dest_address=client.hosts[to].dst,
             domain=name,
             flags=MANAGED_FLAGS,
@@ -283,7 +308,7 @@ async def latency(
     out: dict[str, dict[str, Any]] = {}
     modes: list[tuple[str, str, Callable[[Client, str], Step]]] = [
         ("p2p", "p2p: DomainService.Migrate, flags 0x41a", p2p_step),
-        ("managed", "client-driven: caps/Begin/Prepare/Finish/Confirm, warm", managed_step),
+        ("managed", "client-driven: Begin, relayed caps/Prepare/Finish, Confirm, warm", managed_step),
         ("managed_migctl", "client-driven: managed.migrate (new dest channel)", migctl_step),
     ]
     for key, label, make in modes:
@@ -309,12 +334,13 @@ async def latency(
 
 
 async def evacuate(
-    hosts: dict[str, Host], names: list[str], frm: str, to: str, clients: int
+    hosts: dict[str, Host], names: list[str], frm: str, to: str, clients: int,
+    tls: Path | None = None,
 ) -> dict[str, Any]:
     """Migrate ``names`` frm -> to with ``clients`` concurrent clients, own channel each."""
     chunks = [names[k::clients] for k in range(clients)]
     channels = [
-        grpc.aio.insecure_channel(hosts[frm].src, options=CHANNEL_OPTIONS) for _ in range(clients)
+        open_bench_channel(hosts[frm].src, tls) for _ in range(clients)
     ]
     dest_uri = hosts[to].dst
     lat: list[float] = []
@@ -395,7 +421,7 @@ async def throughput(
     for t in levels:
         for frm, to in (("A", "B"), ("B", "A")):
             with CpuMeter(pids) as cpu:
-                r = await evacuate(client.hosts, names, frm, to, t)
+                r = await evacuate(client.hosts, names, frm, to, t, client.tls)
             r["cpu_ms_per_migration"] = cpu.per_migration_ms(max(r["ok"], 1))
             r["verify"] = await verify_placement(client, names, to)
             runs.append(r)
@@ -518,7 +544,7 @@ async def run(args: argparse.Namespace, a: Host, b: Host) -> dict[str, Any]:
         "B.srcd": b.srcd.proc.pid,
         "B.dstd": b.dstd.proc.pid,
     }
-    client = Client(a, b)
+    client = Client(a, b, args.client_tls)
     await client.ready()
     results: dict[str, Any] = {}
     try:
@@ -553,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ips", default="127.0.0.2,127.0.0.3", help="loopback IPs of hosts A,B")
     ap.add_argument("--workdir", help="keep state and daemon logs here (default: temp dir)")
     ap.add_argument("--idle-s", type=float, default=3.0, help="idle CPU sample, seconds")
+    ap.add_argument("--tls", action="store_true", help="mutual TLS: certificates made in the workdir")
     ap.add_argument("--profile", metavar="DIR", help="also run a p2p loop under py-spy")
     ap.add_argument("--profile-rate", type=int, default=1000, help="py-spy samples/s")
     args = ap.parse_args(argv)
@@ -580,13 +607,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmm-bench-")))
         hosts: list[Host] = []
+        flags_a: list[str] = []
+        flags_b: list[str] = []
+        args.client_tls = None
+        if args.tls:
+            args.client_tls, (tls_a, tls_b) = make_pki(root / "pki", [ip_a, ip_b])
+            flags_a, flags_b = ["--tls-dir", str(tls_a)], ["--tls-dir", str(tls_b)]
+        results["params"]["tls"] = bool(args.tls)
         try:
             a = Host("A", ip_a, root / "A")
             hosts.append(a)
-            a.start()
+            a.start(flags_a, flags_a)
             b = Host("B", ip_b, root / "B")
             hosts.append(b)
-            b.start()
+            b.start(flags_b, flags_b)
             print(f"hosts: A srcd {a.src} dstd {a.dst}; B srcd {b.src} dstd {b.dst}", flush=True)
             results.update(asyncio.run(run(args, a, b)))
         finally:

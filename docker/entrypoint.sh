@@ -14,9 +14,10 @@ state=${VMMIGRATE_STATE_DIR:-/var/lib/vmmigrate}
 mkdir -p "$state"
 # Listening on every address of the container: dstd then names this container's hostname
 # as where incoming emulators listen, which the compose network resolves for the peer.
-dstd --listen "0.0.0.0:${DSTD_PORT:-7302}" --state-dir "$state" "$@" &
+# Plaintext off loopback needs --insecure (until the cluster gets its TLS material).
+dstd --listen "0.0.0.0:${DSTD_PORT:-7302}" --state-dir "$state" --insecure "$@" &
 dstd_pid=$!
-srcd --listen "0.0.0.0:${SRCD_PORT:-7301}" --state-dir "$state" "$@" &
+srcd --listen "0.0.0.0:${SRCD_PORT:-7301}" --state-dir "$state" --insecure "$@" &
 srcd_pid=$!
 
 stop() {

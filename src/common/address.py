@@ -7,10 +7,17 @@ address.
 
 from __future__ import annotations
 
+import ipaddress
+from pathlib import Path
+
 from vmmigrate.common.errors import InvalidArgument
 
 DEFAULT_SRCD_PORT = 7301
 DEFAULT_DSTD_PORT = 7302
+# Where srcd, dstd and migctl look for ca.pem, cert.pem, key.pem without --tls-dir (as
+# libvirt's /etc/pki/libvirt). Here rather than in common.tls: migctl decides between
+# plaintext and TLS before it imports the TLS machinery (common/tls.py).
+DEFAULT_TLS_DIR = Path("/etc/vmmigrate/pki")
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
@@ -36,3 +43,14 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
 
 def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST (an address or a name) is this machine's loopback only: the one place
+    plaintext needs no --insecure."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -71,6 +71,11 @@ class DaemonConfig:
     shutdown_grace: float = 30.0
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
+    # Mutual TLS: the directory with ca.pem, cert.pem, key.pem (``migctl pki issue``);
+    # None: /etc/vmmigrate/pki when it exists. ``insecure``: plaintext on any address
+    # (without it, plaintext is for loopback only; common/tls.py).
+    tls_dir: Path | None = None
+    insecure: bool = False
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(DaemonConfig)}
@@ -119,9 +124,28 @@ _SECONDS = (
 )
 
 
+def _optional_path(value: Any) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _insecure(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"insecure must be true or false, got {value!r}")
+    return value
+
+
+# Settings whose value is converted by one function, by name.
+_CONVERTERS: dict[str, Any] = {
+    "state_dir": Path,
+    "tls_dir": _optional_path,
+    "insecure": _insecure,
+}
+
+
 def _coerce(name: str, value: Any) -> Any:
-    if name == "state_dir":
-        return Path(value)
+    converter = _CONVERTERS.get(name)
+    if converter is not None:
+        return converter(value)
     if name == "migration_ports":
         if isinstance(value, str):
             return _parse_ports(value)
@@ -223,6 +247,17 @@ def add_common_options(ap: argparse.ArgumentParser) -> None:
         dest="shutdown_grace",
         type=float,
         help="on SIGTERM, how long migrations in flight may take to finish, s (default 30)",
+    )
+    ap.add_argument(
+        "--tls-dir",
+        dest="tls_dir",
+        help="directory with ca.pem, cert.pem, key.pem (default /etc/vmmigrate/pki if present)",
+    )
+    ap.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve plaintext, without TLS or roles (otherwise loopback addresses only)",
     )
     ap.add_argument(
         "--log-format",

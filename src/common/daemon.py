@@ -19,6 +19,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from vmmigrate.common import sdnotify
+from vmmigrate.common.authz import AuthInterceptor, Policy
 from vmmigrate.common.config import (
     DaemonConfig,
     add_common_options,
@@ -31,6 +32,7 @@ from vmmigrate.common.failpoints import ENV_VAR, SEED_VAR, Failpoints
 from vmmigrate.common.log import setup_logging
 from vmmigrate.common.rpc import SERVER_OPTIONS_BASE, message_size_options, status_of
 from vmmigrate.common.shutdown import ShutdownGate
+from vmmigrate.common.tls import TlsFiles
 from vmmigrate.common.version import add_version_option
 
 # Where an installed daemon finds its configuration when no --config is given, as libvirtd
@@ -186,21 +188,31 @@ async def grpc_server(
     interval: float = 1.0,
     *,
     gate: ShutdownGate | None = None,
+    tls: TlsFiles | None = None,
+    policy: Policy | None = None,
 ) -> AsyncIterator[str]:
-    """Serve on config.listen; yields the bound address (port 0 picks one). ``gate``
-    refuses new migrations once the daemon stops (graceful SIGTERM)."""
-    interceptors: list[Any] = [DecodeGuard()]
+    """Serve on config.listen; yields the bound address (port 0 picks one). With ``tls``:
+    mutual TLS, ``policy`` checked on every call (before the request is decoded), the
+    certificates re-read on SIGHUP; without: plaintext (common/tls.py decides which).
+    ``gate`` refuses new migrations once the daemon stops (graceful SIGTERM)."""
+    interceptors: list[Any] = []
+    if tls is not None and policy is not None:
+        interceptors.append(AuthInterceptor(policy))  # first: nothing runs for a stranger
     if gate is not None:
-        interceptors.insert(0, gate)
+        interceptors.append(gate)
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=[*interceptors, DecodeGuard()],
         options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes),
     )
     register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(config.listen)
+    if tls is None:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, tls.server_credentials())
     await server.start()
+    _reload_on_sighup(tls)
     for name in ("", *service_names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -215,5 +227,22 @@ async def grpc_server(
         yield f"{host}:{port}"
     finally:
         task.cancel()
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await health.enter_graceful_shutdown()
         await server.stop(grace=2.0)
+
+
+def _reload_on_sighup(tls: TlsFiles | None) -> None:
+    """SIGHUP re-reads the certificates (rotation without a restart): the next handshake,
+    and the next channel to a peer, use the new files; connections already open go on."""
+    log = structlog.get_logger("vmmigrate.tls")
+
+    def hangup() -> None:
+        if tls is None:
+            log.info("sighup_ignored", reason="plaintext: no certificates to re-read")
+            return
+        log.info("tls_reload_requested", tls_dir=str(tls.directory))
+        tls.request_reload()
+        tls.current()  # re-read now, so that a bad rotation is logged at once
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)

@@ -26,6 +26,7 @@ server translates to gRPC in exactly one place, and the client library translate
      +-- Timeout                        DEADLINE_EXCEEDED  the deadline passed
      +-- OperationFailed                INTERNAL           a phase failed on the peer
      +-- Unauthenticated                UNAUTHENTICATED    no usable peer certificate
+     +-- PermissionDenied               PERMISSION_DENIED  the peer's role does not allow it
 
 Messages follow libvirt's word for word where libvirt has them (docs/ARCHITECTURE.md section 4).
 They carry the bare text: libvirt's category prefix (its virErrorNumber's text, e.g.
@@ -195,6 +196,11 @@ def libvirt_text(exc: VmmigrateError) -> str:
     if not prefix or any(message.startswith(p) for p in _PREFIXES):
         return message
     return prefix + message
+class PermissionDenied(VmmigrateError):
+    """libvirt's VIR_ERR_OPERATION_DENIED ("operation forbidden: ..."): the peer is known
+    but its certificate's kind or role does not allow the call."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 def _all_classes() -> dict[str, type[VmmigrateError]]:
@@ -232,6 +238,7 @@ def error_from_status(
         InvalidArgument,
         OperationInvalid,
         Unauthenticated,
+        PermissionDenied,
     ):
         if candidate.code == code:
             return candidate(message)

@@ -16,7 +16,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -26,9 +26,13 @@ from vmmigrate.common.errors import (
     JobActive,
     PeerUnavailable,
     Timeout,
+    Unauthenticated,
     VmmigrateError,
     error_from_status,
 )
+
+if TYPE_CHECKING:  # migctl's start-up need not import the TLS module for plaintext
+    from vmmigrate.common.tls import TlsFiles
 
 T = TypeVar("T")
 
@@ -61,11 +65,15 @@ def message_size_options(max_bytes: int) -> tuple[tuple[str, Any], ...]:
     )
 
 
-def open_channel(address: str, *, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
-    """An insecure channel to HOST:PORT (loopback or a test host's namespace address)."""
-    return grpc.aio.insecure_channel(
-        address, options=BASE_CHANNEL_OPTIONS + message_size_options(max_message_bytes)
-    )
+def open_channel(
+    address: str, *, max_message_bytes: int = 16 * 1024 * 1024, tls: TlsFiles | None = None
+) -> grpc.aio.Channel:
+    """A channel to HOST:PORT: mutual TLS with ``tls`` (the server's certificate must name
+    HOST, a DNS name or an IP address, in its SANs), else plaintext."""
+    options = BASE_CHANNEL_OPTIONS + message_size_options(max_message_bytes)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
 
 
 # The status message travels percent-encoded in a trailer; past gRPC's metadata limit (8 KiB
@@ -111,6 +119,16 @@ def _class_name(err: grpc.aio.AioRpcError) -> str | None:
     return None
 
 
+# What gRPC's transport says when the TLS handshake failed (grpc core's and BoringSSL's
+# words): the peer is there, but it and we do not agree on who may talk.
+_HANDSHAKE_WORDS = ("ssl", "handshake", "certificate", "tls", "peer name")
+
+
+def _handshake_failed(details: str) -> bool:
+    lower = details.lower()
+    return any(word in lower for word in _HANDSHAKE_WORDS)
+
+
 def translate(err: grpc.aio.AioRpcError, peer: str, what: str) -> VmmigrateError:
     """Our error for a failed call to ``peer`` (``what`` names the peer in messages)."""
     code = err.code()
@@ -118,6 +136,13 @@ def translate(err: grpc.aio.AioRpcError, peer: str, what: str) -> VmmigrateError
     cls = _class_name(err)
     if cls is not None:
         return error_from_status(code, details, cls)
+    if code == grpc.StatusCode.UNAVAILABLE and _handshake_failed(details):
+        return Unauthenticated(
+            f"authentication failed: TLS handshake with {what} '{peer}' failed: check "
+            "--tls-dir (a certificate from the cluster's CA, not expired, and a server "
+            f"certificate naming '{peer.rpartition(':')[0]}'), or --insecure for a "
+            f"plaintext daemon ({details})"
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return PeerUnavailable(f"unable to connect to {what} '{peer}': {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

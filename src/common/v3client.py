@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from vmmigrate.common.caps import check_destination
 from vmmigrate.common.coordinator import Begun, Finished, Prepared
@@ -48,13 +49,27 @@ def finish_request(
     )
 
 
+class DestinationCalls(Protocol):
+    """dstd's phase calls: its stub (srcd), or srcd's relay of them (migctl, whose client
+    certificate dstd refuses; migctl/managed.py)."""
+
+    @property
+    def GetCapabilities(self) -> Any: ...
+    @property
+    def Prepare(self) -> Any: ...
+    @property
+    def PrepareTunnel(self) -> Any: ...
+    @property
+    def Finish(self) -> Any: ...
+
+
 class RemoteDestination:
     """A dstd, driven over gRPC. ``before`` runs before each phase call (named "prepare"
     or "finish"): srcd's failpoints."""
 
     def __init__(
         self,
-        stub: pb_grpc.MigrationDestinationServiceStub,
+        stub: pb_grpc.MigrationDestinationServiceStub | DestinationCalls,
         *,
         address: str,
         migration_id: str,

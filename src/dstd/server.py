@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import structlog
 from vmmigrate.common import tunnelwire
+from vmmigrate.common.authz import DSTD_POLICY
 from vmmigrate.common.caps import PROTOCOL_VERSION
 from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.daemon import abort_with, grpc_server, rpc_handler
@@ -26,6 +27,7 @@ from vmmigrate.common.flags import parse_flags
 from vmmigrate.common.hypervisor import hypervisor_for
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore
+from vmmigrate.common.tls import daemon_tls
 from vmmigrate.dstd import phases
 from vmmigrate.dstd.context import DestinationContext
 from vmmigrate.dstd.incoming import IncomingTable
@@ -152,6 +154,8 @@ async def _housekeeping(ctx: DestinationContext) -> None:
 @contextlib.asynccontextmanager
 async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, DestinationContext]]:
     """Start dstd's server; yields (bound address, context)."""
+    # first: a daemon that may not listen in plaintext refuses before touching its state
+    tls = daemon_tls(config.listen, config.tls_dir, config.insecure)
     store = HostStore(
         config.state_dir,
         host_uuid=config.host_uuid,
@@ -194,6 +198,8 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
             ("vmmigrate.v1.MigrationDestinationService", tunnelwire.SERVICE),
             lambda: _housekeeping(ctx),
             gate=ctx.gate,
+            tls=tls,
+            policy=DSTD_POLICY,
         ) as address:
             yield address, ctx
     finally:

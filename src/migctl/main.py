@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc.aio
-from vmmigrate.common.address import DEFAULT_SRCD_PORT
+from vmmigrate.common.address import (
+    DEFAULT_SRCD_PORT,
+    DEFAULT_TLS_DIR,
+    is_loopback,
+    parse_hostport,
+)
 from vmmigrate.common.errors import (
     InvalidArgument,
     NoDomain,
     PeerUnavailable,
+    Unauthenticated,
     VmmigrateError,
     libvirt_text,
 )
@@ -32,6 +40,9 @@ from vmmigrate.migctl.uri import dest_address
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from vmmigrate.common.tls import TlsFiles
 
 DAEMON = "daemon"
 STATE_WORDS = {
@@ -77,6 +88,17 @@ def _build_parser() -> ArgParser:
         "--connect",
         default=os.environ.get("MIGCTL_CONNECT") or f"127.0.0.1:{DEFAULT_SRCD_PORT}",
         help="srcd address HOST:PORT (default $MIGCTL_CONNECT, else 127.0.0.1:7301)",
+    )
+    ap.add_argument(
+        "--tls-dir",
+        default=os.environ.get("MIGCTL_TLS_DIR") or None,
+        help="directory with ca.pem, cert.pem, key.pem from 'migctl pki issue' "
+        f"(default $MIGCTL_TLS_DIR, else {DEFAULT_TLS_DIR} if present)",
+    )
+    ap.add_argument(
+        "--insecure",
+        action="store_true",
+        help="talk plaintext, without TLS (otherwise only to loopback addresses)",
     )
     sub = ap.add_subparsers(
         dest="command", required=True, parser_class=ArgParser, metavar="COMMAND"
@@ -257,13 +279,59 @@ def _print_table(rows: list[pb.ListEntry]) -> None:
     print()
 
 
+def _client_tls(a: argparse.Namespace) -> TlsFiles | None:
+    """TLS material for srcd at --connect, or None for plaintext: --insecure, or a loopback
+    address with no TLS directory. Plaintext elsewhere needs --insecure."""
+    if a.insecure:
+        return None
+    directory = Path(a.tls_dir) if a.tls_dir else None
+    if directory is None and DEFAULT_TLS_DIR.is_dir():
+        directory = DEFAULT_TLS_DIR
+    if directory is None:
+        if is_loopback(parse_hostport(a.connect, DEFAULT_SRCD_PORT)[0]):
+            return None
+        raise InvalidArgument(
+            f"no TLS material to reach {a.connect} (no --tls-dir, no $MIGCTL_TLS_DIR, no "
+            f"{DEFAULT_TLS_DIR}): make a client certificate with 'migctl pki issue CA_DIR "
+            "--client NAME --role admin --out DIR' and pass --tls-dir DIR, or pass "
+            "--insecure to talk plaintext"
+        )
+    # imported only for TLS: plaintext to loopback starts without the certificate machinery
+    from vmmigrate.common.tls import TlsFiles  # noqa: PLC0415
+
+    tls = TlsFiles(directory)
+    expiry = tls.current().not_after
+    if expiry <= datetime.datetime.now(datetime.UTC):
+        raise Unauthenticated(
+            f"authentication failed: the certificate in {directory} expired on "
+            f"{expiry:%Y-%m-%d %H:%M} UTC: issue a new one with 'migctl pki issue'"
+        )
+    return tls
+
+
+def _handshake_hint(exc: PeerUnavailable, tls: TlsFiles | None) -> VmmigrateError:
+    """A daemon that closes the connection right after it opened refused the handshake
+    (TLS 1.3 tells the client only then): say so instead of "unable to connect"."""
+    if "Socket closed" not in exc.message:
+        return exc
+    if tls is None:
+        return PeerUnavailable(f"{exc.message} (does the daemon require TLS? pass --tls-dir)")
+    return Unauthenticated(
+        f"authentication failed: TLS handshake refused by the daemon: check --tls-dir "
+        f"{tls.directory} (a certificate from the cluster's CA, not expired) ({exc.message})"
+    )
+
+
 async def run(a: argparse.Namespace) -> int:
     address = a.connect
-    channel = open_channel(address)
+    tls = _client_tls(a)
+    channel = open_channel(address, tls=tls)
     try:
         handler = COMMANDS.get(a.command) or _cmd_lifecycle
         await handler(a, _Session(address, channel))
         return 0
+    except PeerUnavailable as exc:
+        raise _handshake_hint(exc, tls) from exc
     finally:
         await channel.close(None)
 

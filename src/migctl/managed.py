@@ -22,7 +22,7 @@ from typing import Any
 from vmmigrate.common.coordinator import AskFinish, Begun, Coordinator, Prepared
 from vmmigrate.common.errors import OperationFailed, VmmigrateError
 from vmmigrate.common.flags import MigrateFlag, check_api_flags
-from vmmigrate.common.rpc import LOST_ANSWER_RETRY, Deadline, call, call_retrying, open_channel
+from vmmigrate.common.rpc import LOST_ANSWER_RETRY, Deadline, call, call_retrying
 from vmmigrate.common.v3client import RemoteDestination, phase_header
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -45,22 +45,52 @@ async def migrate(
 ) -> pb.DomainRef:
     check_api_flags(flags)
     mid = migration_id or str(uuid.uuid4())
-    channel = open_channel(dest_address)
-    try:
-        dest = pb_grpc.MigrationDestinationServiceStub(channel)
-        return await _run(
-            source=source,
-            source_address=source_address,
-            dest=dest,
-            dest_address=dest_address,
-            domain=domain,
-            flags=flags,
-            params=params,
-            mid=mid,
-            deadline=deadline,
+    return await _run(
+        source=source,
+        source_address=source_address,
+        dest=RelayedDestination(source, dest_address),
+        dest_address=dest_address,
+        domain=domain,
+        flags=flags,
+        params=params,
+        mid=mid,
+        deadline=deadline,
+    )
+
+
+class RelayedDestination:
+    """dstd's phase calls, through the source's srcd (MigrationSourceService's Destination*
+    RPCs): dstd accepts host certificates only, so migctl never calls it itself; srcd
+    forwards each request unchanged with its host certificate and this call's deadline.
+    One path, with TLS or without."""
+
+    def __init__(self, source: pb_grpc.MigrationSourceServiceStub, dest_address: str) -> None:
+        self._source: Any = source  # aio stubs: grpc's typing knows only sync calls
+        self._address = dest_address
+
+    async def GetCapabilities(  # dstd stub names
+        self, request: pb.CapabilitiesRequest, *, timeout: float
+    ) -> pb.CapabilitiesResponse:
+        relayed = pb.RelayCapabilitiesRequest(dest_address=self._address, request=request)
+        caps: pb.CapabilitiesResponse = await self._source.DestinationCapabilities(
+            relayed, timeout=timeout
         )
-    finally:
-        await channel.close(None)
+        return caps
+
+    async def Prepare(self, request: pb.PrepareRequest, *, timeout: float) -> pb.PrepareResponse:
+        relayed = pb.RelayPrepareRequest(dest_address=self._address, request=request)
+        prepared: pb.PrepareResponse = await self._source.DestinationPrepare(
+            relayed, timeout=timeout
+        )
+        return prepared
+
+    # srcd sends a Prepare whose flags say TUNNELLED as PrepareTunnel
+    PrepareTunnel = Prepare
+
+    async def Finish(self, request: pb.FinishRequest, *, timeout: float) -> pb.FinishResponse:
+        relayed = pb.RelayFinishRequest(dest_address=self._address, request=request)
+        finished: pb.FinishResponse = await self._source.DestinationFinish(relayed, timeout=timeout)
+        return finished
 
 
 class RemoteSource:
@@ -168,7 +198,7 @@ async def _run(
     *,
     source: pb_grpc.MigrationSourceServiceStub,
     source_address: str,
-    dest: pb_grpc.MigrationDestinationServiceStub,
+    dest: RelayedDestination,
     dest_address: str,
     domain: str,
     flags: MigrateFlag,

@@ -19,6 +19,7 @@ from vmmigrate.common.hypervisor import QMPHypervisor
 from vmmigrate.common.rpc import open_channel
 from vmmigrate.common.shutdown import ShutdownGate
 from vmmigrate.common.store import HostStore
+from vmmigrate.common.tls import TlsFiles
 from vmmigrate.srcd.jobs import CompletedJob, SourceJobTable
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -27,15 +28,23 @@ from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 class PeerPool:
     """One long-lived channel per destination address, so migrations reuse warm
-    connections (gRPC reconnects by itself after a peer restarts)."""
+    connections (gRPC reconnects by itself after a peer restarts). With ``tls``, channels
+    present this host's certificate; after a rotation (SIGHUP) new channels are opened
+    with the new one, and the old ones close once their calls end."""
 
     # How long a destination's capabilities are trusted without asking again. libvirt asks
     # on every migration; back-to-back migrations to one host (an evacuation) need not.
     CAPS_TTL = 5.0
 
-    def __init__(self, max_message_bytes: int) -> None:
+    # How long a channel replaced by a rotation may finish the calls it carries, seconds.
+    RETIRE_GRACE = 3600.0
+
+    def __init__(self, max_message_bytes: int, tls: TlsFiles | None = None) -> None:
         self._max = max_message_bytes
+        self._tls = tls
+        self._generation = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
         self._caps: dict[str, tuple[float, pb.CapabilitiesResponse]] = {}
 
     def cached_caps(self, address: str) -> pb.CapabilitiesResponse | None:
@@ -47,10 +56,26 @@ class PeerPool:
     def remember_caps(self, address: str, caps: pb.CapabilitiesResponse) -> None:
         self._caps[address] = (time.monotonic(), caps)
 
+    def _rotated(self) -> None:
+        """After a certificate rotation, retire every channel: the next call opens a new
+        one with the new certificate; a migration in flight keeps its stream."""
+        if self._tls is None:
+            return
+        self._tls.current()
+        if self._tls.generation == self._generation:
+            return
+        self._generation = self._tls.generation
+        channels, self._channels = self._channels, {}
+        for old in channels.values():
+            task = asyncio.ensure_future(old.close(self.RETIRE_GRACE))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
     def _channel(self, address: str) -> grpc.aio.Channel:
+        self._rotated()
         channel = self._channels.get(address)
         if channel is None:
-            channel = open_channel(address, max_message_bytes=self._max)
+            channel = open_channel(address, max_message_bytes=self._max, tls=self._tls)
             self._channels[address] = channel
         return channel
 
@@ -76,6 +101,8 @@ class PeerPool:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close(None)
+        for task in list(self._retiring):
+            task.cancel()
 
 
 class OutgoingSlots:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import structlog
+from vmmigrate.common.authz import SRCD_POLICY
 from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.daemon import grpc_server, rpc_handler
 from vmmigrate.common.errors import InvalidArgument, OperationInvalid, VmmigrateError
@@ -24,7 +25,8 @@ from vmmigrate.common.hypervisor import hypervisor_for
 from vmmigrate.common.phase import Phase, require
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore
-from vmmigrate.srcd import phases
+from vmmigrate.common.tls import daemon_tls
+from vmmigrate.srcd import phases, relay
 from vmmigrate.srcd.context import OutgoingSlots, PeerPool, SourceContext
 from vmmigrate.srcd.domains import DomainAPI, domain_ref
 from vmmigrate.srcd.jobs import JobOutcome, SourceJob, SourceJobTable, SourceParams
@@ -234,6 +236,24 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
         self.ctx = ctx
 
     @handler
+    async def DestinationCapabilities(
+        self, request: pb.RelayCapabilitiesRequest, context: Any
+    ) -> pb.CapabilitiesResponse:
+        return await relay.capabilities(self.ctx, request, context)
+
+    @handler
+    async def DestinationPrepare(
+        self, request: pb.RelayPrepareRequest, context: Any
+    ) -> pb.PrepareResponse:
+        return await relay.prepare(self.ctx, request, context)
+
+    @handler
+    async def DestinationFinish(
+        self, request: pb.RelayFinishRequest, context: Any
+    ) -> pb.FinishResponse:
+        return await relay.finish(self.ctx, request, context)
+
+    @handler
     async def Begin(self, request: pb.BeginRequest, context: Any) -> pb.BeginResponse:
         h = request.header
         flags = parse_flags(h.flags, "begin")
@@ -323,6 +343,8 @@ async def _housekeeping(ctx: SourceContext) -> None:
 @contextlib.asynccontextmanager
 async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, SourceContext]]:
     """Start srcd's server; yields (bound address, context)."""
+    # first: a daemon that may not listen in plaintext refuses before touching its state
+    tls = daemon_tls(config.listen, config.tls_dir, config.insecure)
     store = HostStore(
         config.state_dir,
         host_uuid=config.host_uuid,
@@ -333,7 +355,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
         config=config,
         store=store,
         jobs=SourceJobTable(),
-        peers=PeerPool(config.max_message_bytes),
+        peers=PeerPool(config.max_message_bytes, tls),
         failpoints=Failpoints.parse(config.failpoints, config.failpoint_seed or None),
         hypervisor=hypervisor_for(config, "srcd"),
         outgoing=OutgoingSlots(config.max_outgoing),
@@ -352,6 +374,8 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
             ("vmmigrate.v1.DomainService", "vmmigrate.v1.MigrationSourceService"),
             lambda: _housekeeping(ctx),
             gate=ctx.gate,
+            tls=tls,
+            policy=SRCD_POLICY,
         ) as address:
             yield address, ctx
     finally:

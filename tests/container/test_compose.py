@@ -56,7 +56,7 @@ class Cluster:
     def migctl(
         self, *args: str, host: str = "hosta", check: bool = True, input: bytes | None = None
     ) -> subprocess.CompletedProcess[str]:
-        cmd = ["exec", "-T", "client", "migctl", "-c", f"{host}:7301", *args]
+        cmd = ["exec", "-T", "client", "migctl", "-c", f"{host}:7301", "--insecure", *args]
         return self.compose(*cmd, check=check, input=input)
 
     def define(self, name: str, host: str = "hosta", memory_mib: int = 16) -> None:

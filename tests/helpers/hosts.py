@@ -120,7 +120,8 @@ class Host:
     """A host: its loopback IP, its state dir, its srcd and dstd."""
 
     def __init__(self, name: str, ip: str, workdir: Path, prefix: Sequence[str] = (),
-                 python: str | None = None) -> None:
+                 python: str | None = None,
+                 migctl_args: Sequence[str] = ()) -> None:
         self.name = name
         # the daemons' interpreter (their simvm emulators run with it too); migctl keeps ours
         self.python = python or sys.executable
@@ -129,6 +130,8 @@ class Host:
         self.state_dir = workdir / "state"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", "hostA"]
+        # migctl's own options for every call (e.g. --tls-dir DIR, --insecure)
+        self.migctl_args = list(migctl_args)
         self.srcd: Daemon | None = None
         self.dstd: Daemon | None = None
 
@@ -196,7 +199,7 @@ class Host:
                 time.sleep(0.01)
 
     def migctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "vmmigrate.migctl", "-c", self.src, *args]
+        cmd = [sys.executable, "-m", "vmmigrate.migctl", "-c", self.src, *self.migctl_args, *args]
         r = subprocess.run(
             self.prefix + cmd, capture_output=True, text=True, timeout=timeout,
             stdin=subprocess.DEVNULL,
@@ -206,7 +209,7 @@ class Host:
         return r
 
     def names(self) -> list[str]:
-        if self.prefix:  # in a network namespace: only a process inside it can connect
+        if self.prefix or self.migctl_args:  # in a namespace, or TLS: as migctl does
             out = self.migctl("list", "--all", "--name").stdout
             return [line for line in out.splitlines() if line]
         # the same List RPC migctl sends, without a client process per check

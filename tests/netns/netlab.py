@@ -159,13 +159,18 @@ class Network:
             raise NetnsError("; ".join(errors))
 
 
+# Namespace addresses are not loopback: plaintext there needs --insecure on every daemon and
+# every migctl (these tests are about the network; tests/netns/test_tls_netns.py about TLS).
+INSECURE = ("--insecure",)
+
+
 def start_hosts(net: Network, base: Path, *, srcd_a: tuple[str, ...] = ()) -> tuple[Host, Host]:
     """srcd + dstd of host A inside vmA on A's address, the same for B in vmB (port 0)."""
-    a = Host("A", net.ip_a, base / "A", prefix=net.prefix(net.ns_a))
-    b = Host("B", net.ip_b, base / "B", prefix=net.prefix(net.ns_b))
+    a = Host("A", net.ip_a, base / "A", prefix=net.prefix(net.ns_a), migctl_args=INSECURE)
+    b = Host("B", net.ip_b, base / "B", prefix=net.prefix(net.ns_b), migctl_args=INSECURE)
     try:
-        a.start(srcd_args=srcd_a)
-        b.start()
+        a.start(srcd_args=(*INSECURE, *srcd_a), dstd_args=INSECURE)
+        b.start(srcd_args=INSECURE, dstd_args=INSECURE)
     except BaseException:
         a.stop()
         b.stop()

@@ -37,7 +37,7 @@ from helpers.live import (
 )
 from helpers.qmp import qmp_for, runtime_record
 
-from .netlab import Network
+from .netlab import INSECURE, Network
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -87,7 +87,7 @@ def kill_emulators(*hosts: Host) -> None:
 
 def popen_migctl(h: Host, *args: str) -> subprocess.Popen[str]:
     """migctl in the host's namespace, in the background."""
-    cmd = [*h.prefix, sys.executable, "-m", "vmmigrate.migctl", "-c", h.src, *args]
+    cmd = [*h.prefix, sys.executable, "-m", "vmmigrate.migctl", "-c", h.src, *h.migctl_args, *args]
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
     )
@@ -194,11 +194,11 @@ def start_hosts(
     env_b: dict[str, str] | None = None,
 ) -> tuple[Host, Host]:
     """netlab.start_hosts, with options for B's dstd too."""
-    a = Host("A", net.ip_a, base / "A", prefix=net.prefix(net.ns_a))
-    b = Host("B", net.ip_b, base / "B", prefix=net.prefix(net.ns_b))
+    a = Host("A", net.ip_a, base / "A", prefix=net.prefix(net.ns_a), migctl_args=INSECURE)
+    b = Host("B", net.ip_b, base / "B", prefix=net.prefix(net.ns_b), migctl_args=INSECURE)
     try:
-        a.start(srcd_args=srcd_a, env=env_a)
-        b.start(dstd_args=dstd_b, env=env_b)
+        a.start(srcd_args=(*INSECURE, *srcd_a), dstd_args=INSECURE, env=env_a)
+        b.start(srcd_args=INSECURE, dstd_args=(*INSECURE, *dstd_b), env=env_b)
     except BaseException:
         a.stop()
         b.stop()

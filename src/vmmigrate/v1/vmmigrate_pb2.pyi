@@ -881,6 +881,78 @@ class ConfirmResponse(_message.Message):
 Global___ConfirmResponse: _TypeAlias = ConfirmResponse  # noqa: Y015
 
 @_typing.final
+class RelayCapabilitiesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEST_ADDRESS_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    dest_address: _builtins.str
+    """the dstd, HOST:PORT"""
+    @_builtins.property
+    def request(self) -> Global___CapabilitiesRequest: ...
+    def __init__(
+        self,
+        *,
+        dest_address: _builtins.str = ...,
+        request: Global___CapabilitiesRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest_address", b"dest_address", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayCapabilitiesRequest: _TypeAlias = RelayCapabilitiesRequest  # noqa: Y015
+
+@_typing.final
+class RelayPrepareRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEST_ADDRESS_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    dest_address: _builtins.str
+    @_builtins.property
+    def request(self) -> Global___PrepareRequest:
+        """sent as PrepareTunnel when its flags say TUNNELLED"""
+
+    def __init__(
+        self,
+        *,
+        dest_address: _builtins.str = ...,
+        request: Global___PrepareRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest_address", b"dest_address", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayPrepareRequest: _TypeAlias = RelayPrepareRequest  # noqa: Y015
+
+@_typing.final
+class RelayFinishRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEST_ADDRESS_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    dest_address: _builtins.str
+    @_builtins.property
+    def request(self) -> Global___FinishRequest: ...
+    def __init__(
+        self,
+        *,
+        dest_address: _builtins.str = ...,
+        request: Global___FinishRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest_address", b"dest_address", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayFinishRequest: _TypeAlias = RelayFinishRequest  # noqa: Y015
+
+@_typing.final
 class CapabilitiesRequest(_message.Message):
     """---------------------------------------------------------------------------------------
     MigrationDestinationService (dstd)

@@ -812,6 +812,21 @@ class MigrationSourceServiceStub:
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.ConfirmRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.ConfirmResponse.FromString,
                 _registered_method=True)
+        self.DestinationCapabilities = channel.unary_unary(
+                '/vmmigrate.v1.MigrationSourceService/DestinationCapabilities',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayCapabilitiesRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.CapabilitiesResponse.FromString,
+                _registered_method=True)
+        self.DestinationPrepare = channel.unary_unary(
+                '/vmmigrate.v1.MigrationSourceService/DestinationPrepare',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayPrepareRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareResponse.FromString,
+                _registered_method=True)
+        self.DestinationFinish = channel.unary_unary(
+                '/vmmigrate.v1.MigrationSourceService/DestinationFinish',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayFinishRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.FromString,
+                _registered_method=True)
 
 
 class MigrationSourceServiceServicer:
@@ -835,6 +850,28 @@ class MigrationSourceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DestinationCapabilities(self, request, context):
+        """The destination's calls of a client-driven migration, relayed: dstd accepts host
+        certificates only, so srcd forwards each request unchanged to the dstd at dest_address
+        with its own host certificate and the caller's deadline, and answers with dstd's
+        answer or error (an admin client's calls only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DestinationPrepare(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DestinationFinish(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationSourceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -852,6 +889,21 @@ def add_MigrationSourceServiceServicer_to_server(servicer, server):
                     servicer.Confirm,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.ConfirmRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.ConfirmResponse.SerializeToString,
+            ),
+            'DestinationCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestinationCapabilities,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayCapabilitiesRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.CapabilitiesResponse.SerializeToString,
+            ),
+            'DestinationPrepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestinationPrepare,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayPrepareRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareResponse.SerializeToString,
+            ),
+            'DestinationFinish': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestinationFinish,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayFinishRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -935,6 +987,87 @@ class MigrationSourceService:
             '/vmmigrate.v1.MigrationSourceService/Confirm',
             vmmigrate_dot_v1_dot_vmmigrate__pb2.ConfirmRequest.SerializeToString,
             vmmigrate_dot_v1_dot_vmmigrate__pb2.ConfirmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestinationCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.MigrationSourceService/DestinationCapabilities',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayCapabilitiesRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.CapabilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestinationPrepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.MigrationSourceService/DestinationPrepare',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayPrepareRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestinationFinish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.MigrationSourceService/DestinationFinish',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayFinishRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -228,6 +228,14 @@ class MigrationSourceServiceStub:
     Begin: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.BeginRequest, _vmmigrate_pb2.BeginResponse]
     Perform: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PerformRequest, _vmmigrate_pb2.PerformResponse]
     Confirm: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.ConfirmRequest, _vmmigrate_pb2.ConfirmResponse]
+    DestinationCapabilities: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayCapabilitiesRequest, _vmmigrate_pb2.CapabilitiesResponse]
+    """The destination's calls of a client-driven migration, relayed: dstd accepts host
+    certificates only, so srcd forwards each request unchanged to the dstd at dest_address
+    with its own host certificate and the caller's deadline, and answers with dstd's
+    answer or error (an admin client's calls only).
+    """
+    DestinationPrepare: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareRequest, _vmmigrate_pb2.PrepareResponse]
+    DestinationFinish: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayFinishRequest, _vmmigrate_pb2.FinishResponse]
 
 @_typing.type_check_only
 class MigrationSourceServiceAsyncStub(MigrationSourceServiceStub):
@@ -235,6 +243,14 @@ class MigrationSourceServiceAsyncStub(MigrationSourceServiceStub):
     Begin: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.BeginRequest, _vmmigrate_pb2.BeginResponse]  # type: ignore[assignment]
     Perform: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PerformRequest, _vmmigrate_pb2.PerformResponse]  # type: ignore[assignment]
     Confirm: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.ConfirmRequest, _vmmigrate_pb2.ConfirmResponse]  # type: ignore[assignment]
+    DestinationCapabilities: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayCapabilitiesRequest, _vmmigrate_pb2.CapabilitiesResponse]  # type: ignore[assignment]
+    """The destination's calls of a client-driven migration, relayed: dstd accepts host
+    certificates only, so srcd forwards each request unchanged to the dstd at dest_address
+    with its own host certificate and the caller's deadline, and answers with dstd's
+    answer or error (an admin client's calls only).
+    """
+    DestinationPrepare: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareRequest, _vmmigrate_pb2.PrepareResponse]  # type: ignore[assignment]
+    DestinationFinish: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayFinishRequest, _vmmigrate_pb2.FinishResponse]  # type: ignore[assignment]
 
 class MigrationSourceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -257,6 +273,32 @@ class MigrationSourceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vmmigrate_pb2.ConfirmRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vmmigrate_pb2.ConfirmResponse, _abc.Awaitable[_vmmigrate_pb2.ConfirmResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DestinationCapabilities(
+        self,
+        request: _vmmigrate_pb2.RelayCapabilitiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.CapabilitiesResponse, _abc.Awaitable[_vmmigrate_pb2.CapabilitiesResponse]]:
+        """The destination's calls of a client-driven migration, relayed: dstd accepts host
+        certificates only, so srcd forwards each request unchanged to the dstd at dest_address
+        with its own host certificate and the caller's deadline, and answers with dstd's
+        answer or error (an admin client's calls only).
+        """
+
+    @_abc_1.abstractmethod
+    def DestinationPrepare(
+        self,
+        request: _vmmigrate_pb2.RelayPrepareRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.PrepareResponse, _abc.Awaitable[_vmmigrate_pb2.PrepareResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DestinationFinish(
+        self,
+        request: _vmmigrate_pb2.RelayFinishRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.FinishResponse, _abc.Awaitable[_vmmigrate_pb2.FinishResponse]]: ...
 
 def add_MigrationSourceServiceServicer_to_server(servicer: MigrationSourceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,78 @@
+"""The destination's calls of a client-driven migration, relayed by srcd.
+
+dstd accepts host certificates only (common/authz.py), so a client that drives a migration
+itself reaches the destination through the source host: srcd forwards each request as it
+is to the dstd the client names, on the same channels as its own peer-to-peer migrations
+(with its host certificate), within the caller's deadline, and answers with dstd's answer
+or its error (same class, same code: the client's retry logic sees what dstd said).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmmigrate.common.address import DEFAULT_DSTD_PORT, format_hostport, parse_hostport
+from vmmigrate.common.errors import InvalidArgument
+from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.common.rpc import call
+from vmmigrate.common.v3client import DEST
+from vmmigrate.srcd.context import SourceContext
+
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+
+# Left of the caller's deadline for srcd's own answer to reach it, seconds: dstd's deadline
+# error must arrive before the client's own deadline passes.
+ANSWER_MARGIN = 0.05
+
+
+def _address(text: str) -> str:
+    if not text:
+        raise InvalidArgument("missing destination address")
+    host, port = parse_hostport(text, DEFAULT_DSTD_PORT)
+    return format_hostport(host, port)
+
+
+def _timeout(ctx: SourceContext, context: Any) -> float:
+    left = context.time_remaining()
+    if left is None:
+        return ctx.config.rpc_timeout
+    return max(float(left) - ANSWER_MARGIN, 0.001)
+
+
+async def capabilities(
+    ctx: SourceContext, request: pb.RelayCapabilitiesRequest, context: Any
+) -> pb.CapabilitiesResponse:
+    address = _address(request.dest_address)
+    stub = ctx.peers.destination(address)
+    caps: pb.CapabilitiesResponse = await call(
+        stub.GetCapabilities,
+        request.request,
+        timeout=_timeout(ctx, context),
+        peer=address,
+        what=DEST,
+    )
+    return caps
+
+
+async def prepare(
+    ctx: SourceContext, request: pb.RelayPrepareRequest, context: Any
+) -> pb.PrepareResponse:
+    address = _address(request.dest_address)
+    stub = ctx.peers.destination(address)
+    tunnelled = bool(request.request.header.flags & int(MigrateFlag.TUNNELLED))
+    method = stub.PrepareTunnel if tunnelled else stub.Prepare
+    prepared: pb.PrepareResponse = await call(
+        method, request.request, timeout=_timeout(ctx, context), peer=address, what=DEST
+    )
+    return prepared
+
+
+async def finish(
+    ctx: SourceContext, request: pb.RelayFinishRequest, context: Any
+) -> pb.FinishResponse:
+    address = _address(request.dest_address)
+    stub = ctx.peers.destination(address)
+    finished: pb.FinishResponse = await call(
+        stub.Finish, request.request, timeout=_timeout(ctx, context), peer=address, what=DEST
+    )
+    return finished
