@@ -196,6 +196,8 @@ def libvirt_text(exc: VmmigrateError) -> str:
     if not prefix or any(message.startswith(p) for p in _PREFIXES):
         return message
     return prefix + message
+
+
 class PermissionDenied(VmmigrateError):
     """libvirt's VIR_ERR_OPERATION_DENIED ("operation forbidden: ..."): the peer is known
     but its certificate's kind or role does not allow the call."""
