@@ -381,10 +381,24 @@ def mark_tainted(d: DomainDef, logfile: str, reason: str) -> None:
 
 def _spawn(argv: list[str], logfile: str, policy: EmulatorPolicy) -> subprocess.Popen[bytes]:
     """Start an emulator in a session of its own (it outlives the daemon), as the policy's
-    user and group, with no supplementary groups (the daemon's are root's)."""
-    identity: dict[str, Any] = {}
+    user and group, with no supplementary groups (the daemon's are root's).
+
+    The identity is changed by util-linux's setpriv in the child, not by Popen's user= and
+    group=: those make Python fork() the daemon (no vfork), and gRPC's fork handlers then
+    restart its threads in the child, which crashed there (SIGSEGV in the event engine)
+    before the exec."""
+    cwd: str | None = None
     if policy.drops_privileges:
-        identity = {"user": policy.uid, "group": policy.gid, "extra_groups": [], "cwd": "/"}
+        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        argv = [
+            setpriv,
+            f"--reuid={policy.uid}",
+            f"--regid={policy.gid}",
+            "--clear-groups",
+            "--",
+            *argv,
+        ]
+        cwd = "/"
     fd = _open_log(logfile)
     try:
         return subprocess.Popen(
@@ -394,7 +408,7 @@ def _spawn(argv: list[str], logfile: str, policy: EmulatorPolicy) -> subprocess.
             stderr=fd,
             start_new_session=True,
             close_fds=True,
-            **identity,
+            cwd=cwd,
         )
     except OSError as exc:
         raise OperationFailed(f"cannot start emulator {argv[0]}: {exc}") from exc
