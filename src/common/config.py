@@ -58,6 +58,10 @@ class DaemonConfig:
     # Armed failpoints (tests only), from $VMMIGRATE_FAILPOINTS, read by main().
     failpoints: str = ""
     failpoint_seed: str = ""  # from $VMMIGRATE_FAILPOINT_SEED: repeatable random faults
+    # Prometheus metrics: HOST:PORT to serve /metrics on (port 0 picks one); off if unset.
+    metrics_listen: str | None = None
+    # Finished migrations kept in the host's history (the oldest are pruned).
+    history_limit: int = 1000
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
 
@@ -76,9 +80,29 @@ def _parse_ports(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _history_limit(value: Any) -> int:
+    n = int(value)
+    if n < 1:
+        raise InvalidArgument("history_limit must be 1 or more")
+    return n
+
+
+def _metrics_listen(value: Any) -> str:
+    parse_hostport(str(value))  # HOST:PORT, checked before anything starts
+    return str(value)
+
+
+# settings whose value one function checks and converts
+_CONVERTERS: dict[str, Any] = {
+    "state_dir": Path,
+    "history_limit": _history_limit,
+    "metrics_listen": _metrics_listen,
+}
+
+
 def _coerce(name: str, value: Any) -> Any:
-    if name == "state_dir":
-        return Path(value)
+    if name in _CONVERTERS and value is not None:
+        return _CONVERTERS[name](value)
     if name == "migration_ports":
         if isinstance(value, str):
             return _parse_ports(value)
@@ -160,6 +184,11 @@ def add_common_options(ap: argparse.ArgumentParser) -> None:
         "--emulator",
         choices=["simvm", "qemu"],
         help="emulator for domains whose XML names none (default simvm)",
+    )
+    ap.add_argument(
+        "--metrics-listen",
+        dest="metrics_listen",
+        help="HOST:PORT to serve Prometheus metrics on (default: off)",
     )
     ap.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"])
     ap.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])

@@ -7,6 +7,7 @@ import dataclasses
 from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.observe import Observability
 from vmmigrate.common.store import HostStore
 from vmmigrate.dstd.incoming import IncomingTable
 from vmmigrate.dstd.ports import PortAllocator
@@ -22,5 +23,6 @@ class DestinationContext:
     hypervisor: QMPHypervisor
     ports: PortAllocator
     results: FinishResults
+    obs: Observability  # metrics, events, history
     prepares: PrepareAnswers = dataclasses.field(default_factory=PrepareAnswers)
     outcomes_swept: float = float("-inf")  # monotonic time of the last expiry sweep

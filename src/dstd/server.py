@@ -24,6 +24,7 @@ from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import parse_flags
 from vmmigrate.common.hypervisor import hypervisor_for
+from vmmigrate.common.observe import Observability, serving_metrics
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore
 from vmmigrate.dstd import phases
@@ -31,6 +32,7 @@ from vmmigrate.dstd.context import DestinationContext
 from vmmigrate.dstd.incoming import IncomingTable
 from vmmigrate.dstd.ports import PortAllocator
 from vmmigrate.dstd.recovery import recover_incoming_jobs
+from vmmigrate.dstd.report import job_dropped
 from vmmigrate.dstd.results import FinishResults
 from vmmigrate.dstd.tunnel import carry_tunnel_bytes
 
@@ -161,8 +163,9 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
     hypervisor = hypervisor_for(
         config.state_dir, config.emulator, config.qemu_binary, config.qemu_accel, "dstd"
     )
+    obs = Observability.for_daemon(config, "dstd", "destination")
     # before serving: every Finish is answered from a settled state
-    await recover_incoming_jobs(store, hypervisor)
+    await recover_incoming_jobs(store, hypervisor, obs.metrics.recovered)
     ports = PortAllocator(*config.migration_ports)
     ctx = DestinationContext(
         config=config,
@@ -172,7 +175,10 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
         hypervisor=hypervisor,
         ports=ports,
         results=FinishResults(store),
+        obs=obs,
     )
+    ctx.incoming.on_drop = lambda job: job_dropped(obs, job)
+    obs.metrics.track_in_flight(lambda: len(ctx.incoming))
 
     def register(server: grpc.aio.Server) -> None:
         service = MigrationDestinationService(ctx)
@@ -196,6 +202,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
             ("vmmigrate.v1.MigrationDestinationService", tunnelwire.SERVICE),
             lambda: _housekeeping(ctx),
         ) as address:
-            yield address, ctx
+            with serving_metrics(obs, config.metrics_listen):
+                yield address, ctx
     finally:
         await ctx.hypervisor.close()
