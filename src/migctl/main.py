@@ -24,7 +24,7 @@ from vmmigrate.common.address import (
 from vmmigrate.common.errors import InvalidArgument, VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.rpc import Deadline, call, open_channel
-from vmmigrate.migctl import pki, progress
+from vmmigrate.migctl import observe, pki, progress
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -73,9 +73,12 @@ def _build_parser() -> ArgParser:
     p.add_argument("--inactive", action="store_true", help="inactive domains only")
     p.add_argument("--name", action="store_true", help="names only, one per line")
     p.add_argument("--uuid", action="store_true", help="UUIDs only, one per line")
+    p.add_argument("--json", action="store_true", help="one JSON document")
     for cmd in ("domstate", "dominfo", "domuuid", "domname"):
         p = sub.add_parser(cmd)
         p.add_argument("domain")
+        if cmd == "dominfo":
+            p.add_argument("--json", action="store_true", help="one JSON document")
     p = sub.add_parser("dumpxml", help="domain XML")
     p.add_argument("domain")
     p.add_argument("--inactive", action="store_true")
@@ -92,6 +95,7 @@ def _build_parser() -> ArgParser:
         p = sub.add_parser(cmd)
         p.add_argument("domain")
     _add_migrate_parsers(sub)
+    observe.add_parsers(sub)
     pki.add_parser(sub)
     return ap
 
@@ -101,6 +105,7 @@ def _add_migrate_parsers(sub: Any) -> None:
     p = sub.add_parser("domjobinfo", help="statistics of the domain's migration job")
     p.add_argument("domain")
     p.add_argument("--completed", action="store_true", help="the last finished job")
+    p.add_argument("--json", action="store_true", help="one JSON document")
     p = sub.add_parser("migrate-setspeed", help="maximum migration bandwidth, MiB/s")
     p.add_argument("domain")
     p.add_argument("bandwidth", type=int)
@@ -240,7 +245,9 @@ async def _cmd_undefine(a: argparse.Namespace, s: _Session) -> None:
 async def _cmd_list(a: argparse.Namespace, s: _Session) -> None:
     r = await s.rpc(s.dom.List, pb.ListRequest(all=a.all or a.inactive))
     rows = [e for e in r.domains if not a.inactive or e.state == pb.DOMAIN_STATE_SHUTOFF]
-    if a.name or a.uuid:
+    if a.json:
+        observe.list_json(rows, STATE_WORDS)
+    elif a.name or a.uuid:
         for e in rows:
             print(e.domain.name if a.name else e.domain.uuid)
     else:
@@ -259,6 +266,8 @@ async def _cmd_domuuid_or_name(a: argparse.Namespace, s: _Session) -> None:
 
 async def _cmd_dominfo(a: argparse.Namespace, s: _Session) -> None:
     r = await s.rpc(s.dom.GetInfo, pb.DomainRequest(domain=a.domain))
+    if a.json:
+        return observe.dominfo_json(r, STATE_WORDS)
     rows = [
         ("Id", "-" if r.domain.id < 0 else str(r.domain.id)),
         ("Name", r.domain.name),
@@ -332,7 +341,8 @@ async def _cmd_lifecycle(a: argparse.Namespace, s: _Session) -> None:
 
 async def _cmd_domjobinfo(a: argparse.Namespace, s: _Session) -> None:
     request = pb.JobInfoRequest(domain=a.domain, completed=a.completed)
-    print_jobinfo(await s.rpc(s.dom.GetJobInfo, request))
+    info = await s.rpc(s.dom.GetJobInfo, request)
+    observe.jobinfo_json(info) if a.json else print_jobinfo(info)
 
 
 async def _cmd_domjobabort(a: argparse.Namespace, s: _Session) -> None:
@@ -368,6 +378,8 @@ COMMANDS: dict[str, Command] = {
     "migrate-setspeed": _cmd_setspeed,
     "migrate-getspeed": _cmd_getspeed,
     "migrate-setmaxdowntime": _cmd_setmaxdowntime,
+    "event": observe.cmd_event,
+    "jobs": observe.cmd_jobs,
 }  # every other command is a lifecycle one (LIFECYCLE)
 
 
