@@ -88,7 +88,7 @@ class EventLog:
             self._append(line)
         except OSError as exc:
             log.warning("event_not_written", path=str(self.path), error=str(exc))
-        log.debug("domain_event", domain=domain, event=kind[0], detail=kind[1])
+        log.debug("domain_event", domain=domain, lifecycle=kind[0], detail=kind[1])
 
     def _append(self, line: bytes) -> None:
         while True:

@@ -203,6 +203,8 @@ class DomainService(pb_grpc.DomainServiceServicer):
     ) -> AsyncIterator[pb.DomainEvent]:
         """The host's lifecycle events from now on, until the client goes away (a stream:
         not unary, so not under @handler; errors are translated the same way)."""
+        # logged once the stream follows the log: what comes after reaches this client
+        log.info("events_stream_opened", domain=request.domain or None)
         try:
             async for ev in events.follow(self.ctx.obs.events):
                 if request.domain and request.domain not in (ev.domain, ev.uuid):
