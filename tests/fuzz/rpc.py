@@ -318,7 +318,8 @@ UNARY_METHODS = [
     (svc.name, m.name)
     for svc in pb.DESCRIPTOR.services_by_name.values()
     for m in svc.methods
-    if not m.client_streaming
+    # a server stream (Events) never ends by itself: not a unary case
+    if not m.client_streaming and not m.server_streaming
 ]
 
 
