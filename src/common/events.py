@@ -10,7 +10,9 @@ writer that finds it past ``max_bytes`` renames it to ``events.log.1`` (replacin
 previous one) under the same lock; a follower notices the new file by its inode and drains
 the old one first. Events are not fsync'd: they are a notification, not a record.
 
-The follower wakes on a short interval (inotify would need a dependency or ctypes for a
+A follower that sleeps through two rotations misses the events of the first rotated
+file: with the default size (about 7000 events) that takes thousands of events within one
+interval, which no host makes. The follower wakes on a short interval (inotify would need a dependency or ctypes for a
 gain of a few milliseconds).
 
 The words are virsh event's (event 'lifecycle'): the event type and its detail, e.g.
