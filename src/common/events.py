@@ -12,8 +12,8 @@ the old one first. Events are not fsync'd: they are a notification, not a record
 
 A follower that sleeps through two rotations misses the events of the first rotated
 file: with the default size (about 7000 events) that takes thousands of events within one
-interval, which no host makes. The follower wakes on a short interval (inotify would need a dependency or ctypes for a
-gain of a few milliseconds).
+interval, which no host makes. The follower wakes on a short interval (inotify would
+need a dependency or ctypes for a gain of a few milliseconds).
 
 The words are virsh event's (event 'lifecycle'): the event type and its detail, e.g.
 ``Started Booted``, ``Stopped Migrated``.
