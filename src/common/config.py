@@ -69,6 +69,10 @@ class DaemonConfig:
     # SIGTERM: how long the migrations in flight may take to finish before the daemon exits
     # anyway (leaving them to recovery at the next start), seconds. New ones are refused.
     shutdown_grace: float = 30.0
+    # Prometheus metrics: HOST:PORT to serve /metrics on (port 0 picks one); off if unset.
+    metrics_listen: str | None = None
+    # Finished migrations kept in the host's history (the oldest are pruned).
+    history_limit: int = 1000
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     # Mutual TLS: the directory with ca.pem, cert.pem, key.pem (``migctl pki issue``);
@@ -134,18 +138,31 @@ def _insecure(value: Any) -> bool:
     return value
 
 
+def _history_limit(value: Any) -> int:
+    n = int(value)
+    if n < 1:
+        raise InvalidArgument("history_limit must be 1 or more")
+    return n
+
+
+def _metrics_listen(value: Any) -> str:
+    parse_hostport(str(value))  # HOST:PORT, checked before anything starts
+    return str(value)
+
+
 # Settings whose value is converted by one function, by name.
 _CONVERTERS: dict[str, Any] = {
     "state_dir": Path,
     "tls_dir": _optional_path,
     "insecure": _insecure,
+    "history_limit": _history_limit,
+    "metrics_listen": _metrics_listen,
 }
 
 
 def _coerce(name: str, value: Any) -> Any:
-    converter = _CONVERTERS.get(name)
-    if converter is not None:
-        return converter(value)
+    if name in _CONVERTERS and value is not None:
+        return _CONVERTERS[name](value)
     if name == "migration_ports":
         if isinstance(value, str):
             return _parse_ports(value)
@@ -258,6 +275,11 @@ def add_common_options(ap: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="serve plaintext, without TLS or roles (otherwise loopback addresses only)",
+    )
+    ap.add_argument(
+        "--metrics-listen",
+        dest="metrics_listen",
+        help="HOST:PORT to serve Prometheus metrics on (default: off)",
     )
     ap.add_argument(
         "--log-format",

@@ -18,6 +18,7 @@ import grpc.aio
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 from vmmigrate.common import sdnotify
 from vmmigrate.common.authz import AuthInterceptor, Policy
 from vmmigrate.common.config import (
@@ -162,12 +163,21 @@ def rpc_handler(role: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]
                 try:
                     return await fn(self, request, context)
                 except Exception as exc:
+                    count_refusal(self, exc)
                     await abort_with(context, exc, log)
                     raise  # abort() raises; never reached
 
         return wrapper
 
     return decorate
+
+
+def count_refusal(service: Any, exc: BaseException) -> None:
+    """Refusals by reason, counted where every error is translated: the reason comes from
+    the error's status code (common/metrics.py), for a service whose context has metrics."""
+    obs = getattr(getattr(service, "ctx", None), "obs", None)
+    if obs is not None:
+        obs.metrics.refused(status_of(exc)[0])
 
 
 async def abort_with(context: Any, exc: BaseException, log: Any) -> None:
@@ -207,6 +217,15 @@ async def grpc_server(
     register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # reflection: grpcurl and friends can list and call the services without the .proto
+    reflection.enable_server_reflection(
+        (
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     if tls is None:
         port = server.add_insecure_port(config.listen)
     else:

@@ -7,6 +7,7 @@ import dataclasses
 from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.observe import Observability
 from vmmigrate.common.shutdown import ShutdownGate
 from vmmigrate.common.store import HostStore
 from vmmigrate.dstd.incoming import IncomingTable
@@ -23,6 +24,7 @@ class DestinationContext:
     hypervisor: QMPHypervisor
     ports: PortAllocator
     results: FinishResults
+    obs: Observability  # metrics, events, history
     prepares: PrepareAnswers = dataclasses.field(default_factory=PrepareAnswers)
     outcomes_swept: float = float("-inf")  # monotonic time of the last expiry sweep
     # Closed on SIGTERM: new migrations are refused while those in flight finish.

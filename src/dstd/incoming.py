@@ -50,6 +50,15 @@ class IncomingJob:
     prepared: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     # set once Finish persisted the definition: takes it back if Finish fails afterwards
     undo_persist: Callable[[], None] | None = None
+    # how it ended, for the history: completed | cancelled | failed (the default)
+    result: str = ""
+    error: str = ""
+    started_unix: float = dataclasses.field(default_factory=time.time)
+    # (phase label, monotonic time) of each phase entered: the phase durations metric
+    entered: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.entered.append((self.phase.label, self.last_active))
 
     @property
     def offline(self) -> bool:
@@ -71,6 +80,7 @@ class IncomingJob:
         )
         self.record = self.record.with_phase(new.label)
         self.last_active = time.monotonic()
+        self.entered.append((new.label, self.last_active))
 
 
 class IncomingTable:
@@ -79,6 +89,8 @@ class IncomingTable:
         self._hv = hypervisor
         self._ports = ports
         self._jobs: dict[str, IncomingJob] = {}
+        # called with each job that ends (history and metrics); set by the server
+        self.on_drop: Callable[[IncomingJob], None] | None = None
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -101,7 +113,8 @@ class IncomingTable:
     async def drop(self, job: IncomingJob, *, keep_running: bool = False) -> None:
         """Forget the job: kill its incoming emulator (unless it now runs the domain), free
         its port, give back its reservation."""
-        self._jobs.pop(job.migration_id, None)
+        if self._jobs.pop(job.migration_id, None) is job and self.on_drop is not None:
+            self.on_drop(job)
         if job.emulator_started and not keep_running:
             await self._hv.kill(job.target.uuid)
         if job.port:
@@ -124,5 +137,6 @@ class IncomingTable:
         ]
         for job in stale:
             log.warning("incoming_expired", migration_id=job.migration_id, domain=job.target.name)
+            job.error = job.error or "the migration's deadline passed before its Finish"
             await self.drop(job)
         return len(stale)

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 import structlog
+from vmmigrate.common import events
 from vmmigrate.common.config import format_hostport, parse_hostport
 from vmmigrate.common.cookie import (
     ACCEPT_FINISH,
@@ -398,6 +399,7 @@ async def _finish_job(
         # restarted dstd answers "no domain"); the job ends (if the variant had not run)
         if ended is None:
             _remember_cancelled(ctx, migration_id)
+        job.result, job.error = job.result or "failed", job.error or str(exc)
         await ctx.incoming.drop(job)
         raise
     finally:
@@ -430,6 +432,7 @@ def _remember_cancelled(ctx: DestinationContext, migration_id: str) -> None:
 
 def cancelled_answer(ctx: DestinationContext, job: IncomingJob) -> pb.FinishResponse:
     log.info("incoming_cancelled", migration_id=job.migration_id)
+    job.result = "cancelled"
     _remember_cancelled(ctx, job.migration_id)
     return pb.FinishResponse()
 
@@ -448,6 +451,7 @@ async def finished_answer(
         active=active,
     )
     await asyncio.to_thread(ctx.store.outcome_put, outcome)
+    job.result = "completed"
     return answer_for(ctx, outcome)
 
 
@@ -475,6 +479,8 @@ async def _persist(ctx: DestinationContext, job: IncomingJob) -> None:
     # keeps its own when Finish fails (the domain would be defined on both hosts).
     job.undo_persist = lambda: ctx.store.unpersist_incoming(job.migration_id, previous)
     await ctx.failpoints.hit("dstd.finish.after_persist")
+    kind = events.DEFINED_UPDATED if replaced else events.DEFINED_ADDED
+    ctx.obs.events.emit(job.target.name, job.target.uuid, kind)
     log.debug(
         "incoming_persisted",
         migration_id=job.migration_id,
@@ -557,6 +563,8 @@ async def finish_live(
                 await journal
             raise
         await journal
+        emit = ctx.obs.events.emit
+        emit(job.target.name, job.target.uuid, events.STARTED_MIGRATED)
         if MigrateFlag.PERSIST_DEST in job.flags:
             await _persist(ctx, job)
         if MigrateFlag.PAUSED not in job.flags:
@@ -564,6 +572,7 @@ async def finish_live(
                 await ctx.hypervisor.execute(job.target.uuid, "cont")
             except QMPError as exc:
                 raise OperationFailed(f"resume operation failed: {exc}") from exc
+            emit(job.target.name, job.target.uuid, events.RESUMED_MIGRATED)
         answer = await finished_answer(ctx, job, active=True)
         keep = True
         await ctx.failpoints.hit("dstd.finish.after_outcome")

@@ -24,6 +24,7 @@ later, and safe: the source never resumes while Finish's outcome is unknown to i
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 from vmmigrate.common.domainxml import parse_domain
@@ -86,9 +87,11 @@ async def _settle_live(store: HostStore, hv: QMPHypervisor, rec: JobRecord) -> t
     return OUTCOME_CANCELLED, False
 
 
-async def recover_incoming_jobs(store: HostStore, hv: QMPHypervisor) -> int:
+async def recover_incoming_jobs(
+    store: HostStore, hv: QMPHypervisor, counted: Callable[[str], None] | None = None
+) -> int:
     """Settle every incoming migration in the journal (see the module's table); returns
-    how many were found."""
+    how many were found. ``counted`` gets each one's outcome (the recovery metric)."""
     records = await asyncio.to_thread(store.journal_list, "destination")
     for rec in records:
         known = await asyncio.to_thread(store.outcome_get, rec.migration_id)
@@ -112,6 +115,8 @@ async def recover_incoming_jobs(store: HostStore, hv: QMPHypervisor) -> int:
                 durable=what == OUTCOME_FINISHED,
             )
         await asyncio.to_thread(store.release_incoming, rec.migration_id)
+        if counted is not None:
+            counted(what)
         log.warning(
             "incoming_job_recovered",
             migration_id=rec.migration_id,

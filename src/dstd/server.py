@@ -25,6 +25,7 @@ from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import parse_flags
 from vmmigrate.common.hypervisor import hypervisor_for
+from vmmigrate.common.observe import Observability, serving_metrics
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore
 from vmmigrate.common.tls import daemon_tls
@@ -33,6 +34,7 @@ from vmmigrate.dstd.context import DestinationContext
 from vmmigrate.dstd.incoming import IncomingTable
 from vmmigrate.dstd.ports import PortAllocator
 from vmmigrate.dstd.recovery import recover_incoming_jobs
+from vmmigrate.dstd.report import job_dropped
 from vmmigrate.dstd.results import FinishResults
 from vmmigrate.dstd.tunnel import carry_tunnel_bytes
 
@@ -163,8 +165,9 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
         max_xml_bytes=config.max_xml_bytes,
     )
     hypervisor = hypervisor_for(config, "dstd")
+    obs = Observability.for_daemon(config, "dstd", "destination")
     # before serving: every Finish is answered from a settled state
-    await recover_incoming_jobs(store, hypervisor)
+    await recover_incoming_jobs(store, hypervisor, obs.metrics.recovered)
     ports = PortAllocator(*config.migration_ports)
     ctx = DestinationContext(
         config=config,
@@ -174,7 +177,10 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
         hypervisor=hypervisor,
         ports=ports,
         results=FinishResults(store),
+        obs=obs,
     )
+    ctx.incoming.on_drop = lambda job: job_dropped(obs, job)
+    obs.metrics.track_in_flight(lambda: len(ctx.incoming))
 
     def register(server: grpc.aio.Server) -> None:
         service = MigrationDestinationService(ctx)
@@ -201,6 +207,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
             tls=tls,
             policy=DSTD_POLICY,
         ) as address:
-            yield address, ctx
+            with serving_metrics(obs, config.metrics_listen):
+                yield address, ctx
     finally:
         await ctx.hypervisor.close()

@@ -35,7 +35,7 @@ from vmmigrate.common.errors import (
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.rpc import Deadline, call, open_channel
 from vmmigrate.common.version import add_version_option
-from vmmigrate.migctl import helptext, pki, progress
+from vmmigrate.migctl import helptext, observe, pki, progress
 from vmmigrate.migctl.uri import dest_address
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -107,6 +107,7 @@ def _build_parser() -> ArgParser:
     p.add_argument("topic", nargs="?", metavar="COMMAND", help="a command or a group keyword")
     _add_domain_parsers(sub)
     _add_migrate_parsers(sub)
+    observe.add_parsers(sub)
     pki.add_parser(sub)
     return ap
 
@@ -125,6 +126,7 @@ def _add_domain_parsers(sub: Any) -> None:
     p.add_argument("--inactive", action="store_true", help="inactive domains only")
     p.add_argument("--name", action="store_true", help="names only, one per line")
     p.add_argument("--uuid", action="store_true", help="UUIDs only, one per line")
+    p.add_argument("--json", action="store_true", help="one JSON document")
     for cmd, text in (
         ("domstate", "the state of a domain"),
         ("dominfo", "basic information about a domain"),
@@ -133,6 +135,8 @@ def _add_domain_parsers(sub: Any) -> None:
     ):
         p = sub.add_parser(cmd, help=text)
         p.add_argument("domain", help=DOMAIN_HELP)
+        if cmd == "dominfo":
+            p.add_argument("--json", action="store_true", help="one JSON document")
     p = sub.add_parser("dumpxml", help="domain information in XML")
     p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("--inactive", action="store_true", help="the persistent definition")
@@ -154,6 +158,7 @@ def _add_migrate_parsers(sub: Any) -> None:
     p = sub.add_parser("domjobinfo", help="statistics of the domain's migration job")
     p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("--completed", action="store_true", help="the last finished job")
+    p.add_argument("--json", action="store_true", help="one JSON document")
     p = sub.add_parser("migrate-setspeed", help="set the maximum migration bandwidth, MiB/s")
     p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("bandwidth", type=int, help="bandwidth limit in MiB/s")
@@ -361,7 +366,9 @@ async def _cmd_undefine(a: argparse.Namespace, s: _Session) -> None:
 async def _cmd_list(a: argparse.Namespace, s: _Session) -> None:
     r = await s.rpc(s.dom.List, pb.ListRequest(all=a.all or a.inactive))
     rows = [e for e in r.domains if not a.inactive or e.state == pb.DOMAIN_STATE_SHUTOFF]
-    if a.name or a.uuid:
+    if a.json:
+        observe.list_json(rows, STATE_WORDS)
+    elif a.name or a.uuid:
         for e in rows:
             print(e.domain.name if a.name else e.domain.uuid)
     else:
@@ -380,6 +387,8 @@ async def _cmd_domuuid_or_name(a: argparse.Namespace, s: _Session) -> None:
 
 async def _cmd_dominfo(a: argparse.Namespace, s: _Session) -> None:
     r = await s.rpc(s.dom.GetInfo, pb.DomainRequest(domain=a.domain))
+    if a.json:
+        return observe.dominfo_json(r, STATE_WORDS)
     rows = [
         ("Id", "-" if r.domain.id < 0 else str(r.domain.id)),
         ("Name", r.domain.name),
@@ -453,7 +462,8 @@ async def _cmd_lifecycle(a: argparse.Namespace, s: _Session) -> None:
 
 async def _cmd_domjobinfo(a: argparse.Namespace, s: _Session) -> None:
     request = pb.JobInfoRequest(domain=a.domain, completed=a.completed)
-    print_jobinfo(await s.rpc(s.dom.GetJobInfo, request))
+    info = await s.rpc(s.dom.GetJobInfo, request)
+    observe.jobinfo_json(info) if a.json else print_jobinfo(info)
 
 
 async def _cmd_domjobabort(a: argparse.Namespace, s: _Session) -> None:
@@ -489,6 +499,8 @@ COMMANDS: dict[str, Command] = {
     "migrate-setspeed": _cmd_setspeed,
     "migrate-getspeed": _cmd_getspeed,
     "migrate-setmaxdowntime": _cmd_setmaxdowntime,
+    "event": observe.cmd_event,
+    "jobs": observe.cmd_jobs,
 }  # every other command is a lifecycle one (LIFECYCLE)
 
 

@@ -16,6 +16,7 @@ from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import HostBusy
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.observe import Observability
 from vmmigrate.common.rpc import open_channel
 from vmmigrate.common.shutdown import ShutdownGate
 from vmmigrate.common.store import HostStore
@@ -156,6 +157,7 @@ class SourceContext:
     failpoints: Failpoints
     hypervisor: QMPHypervisor
     outgoing: OutgoingSlots
+    obs: Observability  # metrics, events, history
     ended: EndedJobs = dataclasses.field(default_factory=EndedJobs)
     # migrate-setspeed / migrate-setmaxdowntime, per domain UUID (libvirt keeps the speed as
     # the domain's default for its next migration).

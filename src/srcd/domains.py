@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import structlog
+from vmmigrate.common import events
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import JobActive, OperationInvalid
 from vmmigrate.common.hypervisor import RunState
@@ -46,10 +47,16 @@ class DomainAPI:
         # refused before the store sees it: a definition this host would not run is not kept
         self.ctx.hypervisor.check_definition(d)
         updated = await asyncio.to_thread(self.ctx.store.define, d)
+        self._event(d, events.DEFINED_UPDATED if updated else events.DEFINED_ADDED)
         return d, updated
 
+    def _event(self, d: DomainDef, kind: tuple[str, str]) -> None:
+        self.ctx.obs.events.emit(d.name, d.uuid, kind)
+
     async def undefine(self, key: str) -> DomainDef:
-        return await asyncio.to_thread(self.ctx.store.undefine, key)
+        d = await asyncio.to_thread(self.ctx.store.undefine, key)
+        self._event(d, events.UNDEFINED_REMOVED)
+        return d
 
     async def lookup(self, key: str) -> tuple[DomainDef, bool]:
         """(definition, persistent): see SourceContext.lookup."""
@@ -99,6 +106,7 @@ class DomainAPI:
             raise JobActive(f"another migration job is already running for domain '{d.name}'")
         await self.ctx.hypervisor.start(d)
         log.info("domain_started", domain=d.name)
+        self._event(d, events.STARTED_BOOTED)
         return await self._response(d)
 
     async def destroy(self, key: str) -> pb.DomainResponse:
@@ -107,6 +115,7 @@ class DomainAPI:
             raise OperationInvalid("domain is not running")
         await self.ctx.hypervisor.kill(d.uuid)
         log.info("domain_destroyed", domain=d.name)
+        self._event(d, events.STOPPED_DESTROYED)
         return await self._response(d)
 
     async def shutdown(self, key: str) -> pb.DomainResponse:
@@ -121,6 +130,7 @@ class DomainAPI:
             if exc.error_class != "CommandNotFound":
                 raise
             await self.ctx.hypervisor.quit(d.uuid)
+            self._event(d, events.STOPPED_SHUTDOWN)  # simvm: it is gone now
         return await self._response(d)
 
     async def suspend(self, key: str) -> pb.DomainResponse:
@@ -128,6 +138,7 @@ class DomainAPI:
         if not self.ctx.is_active(d):
             raise OperationInvalid("domain is not running")
         await self.ctx.hypervisor.execute(d.uuid, "stop")
+        self._event(d, events.SUSPENDED_PAUSED)
         return await self._response(d)
 
     async def resume(self, key: str) -> pb.DomainResponse:
@@ -137,6 +148,7 @@ class DomainAPI:
         if self.ctx.jobs.for_domain(d.uuid) is not None:
             raise JobActive(f"another migration job is already running for domain '{d.name}'")
         await self.ctx.hypervisor.execute(d.uuid, "cont")
+        self._event(d, events.RESUMED_UNPAUSED)
         return await self._response(d)
 
     async def require_known(self, key: str) -> DomainDef:

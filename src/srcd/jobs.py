@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import enum
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -110,6 +111,12 @@ class SourceJob:
     peer_lost: bool = False
     outcome: JobOutcome = JobOutcome.NONE
     error: str = ""
+    # (phase label, monotonic time) of each phase entered: the phase durations metric
+    entered: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    started_unix: float = dataclasses.field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.entered.append((self.phase.label, self.started))
 
     @property
     def offline(self) -> bool:
@@ -123,6 +130,7 @@ class SourceJob:
         )
         self.record = self.record.with_phase(new.label)
         self.last_active = time.monotonic()
+        self.entered.append((new.label, self.last_active))
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -142,6 +150,8 @@ class SourceJobTable:
 
     def __init__(self) -> None:
         self._jobs: dict[str, SourceJob] = {}
+        # called with each job that ends (history and metrics); set by the server
+        self.on_end: Callable[[SourceJob], None] | None = None
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -168,7 +178,10 @@ class SourceJobTable:
 
     async def end(self, job: SourceJob) -> None:
         """Give back everything the job holds (lock, journal record, table slot)."""
+        held = self._jobs.get(job.migration_id) is job  # a second end() reports nothing
         await job.cleanup.aclose()
+        if held and self.on_end is not None:
+            self.on_end(job)
         log.debug(
             "job_ended",
             migration_id=job.migration_id,

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import structlog
+from vmmigrate.common import events
 from vmmigrate.common.cookie import (
     ACCEPT_CONFIRM,
     CookieFlag,
@@ -257,6 +258,7 @@ async def confirm_offline(
         await ctx.failpoints.hit("srcd.confirm.before_undefine")
         await asyncio.to_thread(ctx.store.undefine, job.domain.uuid, job.lock)
         log.debug("source_undefined", migration_id=job.migration_id, domain=job.domain.name)
+        ctx.obs.events.emit(job.domain.name, job.domain.uuid, events.UNDEFINED_REMOVED)
         await ctx.failpoints.hit("srcd.confirm.after_undefine")
     await ctx.failpoints.hit("srcd.confirm.after")
     ctx.ended.add(job.migration_id, cancelled)
@@ -280,14 +282,17 @@ async def confirm_live(
             if job.was_running and status not in (RunState.RUNNING, RunState.SHUTOFF):
                 await ctx.hypervisor.execute(uuid, "cont")
                 log.info("source_resumed", migration_id=job.migration_id, domain=job.domain.name)
+                ctx.obs.events.emit(job.domain.name, uuid, events.RESUMED_MIGRATED)
         else:
             await ctx.hypervisor.quit(uuid)
             log.info("source_stopped", migration_id=job.migration_id, reason="migrated")
+            ctx.obs.events.emit(job.domain.name, uuid, events.STOPPED_MIGRATED)
             defined = await asyncio.to_thread(ctx.store.find, uuid)
             if MigrateFlag.UNDEFINE_SOURCE in job.flags and defined is not None:
                 await ctx.failpoints.hit("srcd.confirm.before_undefine")
                 await asyncio.to_thread(ctx.store.undefine, uuid, job.lock)
                 log.info("source_undefined", migration_id=job.migration_id)
+                ctx.obs.events.emit(job.domain.name, uuid, events.UNDEFINED_REMOVED)
                 await ctx.failpoints.hit("srcd.confirm.after_undefine")
         await ctx.failpoints.hit("srcd.confirm.after")
         ctx.ended.add(job.migration_id, cancelled)

@@ -137,6 +137,15 @@ async def _stop_stream(ctx: SourceContext, job: SourceJob) -> None:
         await asyncio.sleep(0.05)
 
 
+def _action(job: SourceJob) -> str:
+    """The recovery action metric's label for a job settle() takes over."""
+    if job.phase is Phase.CONFIRM3:
+        return "confirm"
+    if job.phase is Phase.CONFIRM3_CANCELLED:
+        return "confirm-cancelled"
+    return "ask-destination" if job.peer else "cancel"
+
+
 async def settle(ctx: SourceContext, job: SourceJob) -> None:
     """Settle one adopted or abandoned job (see the module's table)."""
     log.warning(
@@ -147,6 +156,7 @@ async def settle(ctx: SourceContext, job: SourceJob) -> None:
         peer=job.peer,
     )
     job.driven = True
+    ctx.obs.metrics.recovered(_action(job))
     if job.phase is Phase.CONFIRM3:
         await phases.confirm(ctx, job, cancelled=False, cookie=b"")
         return

@@ -15,13 +15,15 @@ from typing import Any
 import grpc
 import grpc.aio
 import structlog
+from vmmigrate.common import events
 from vmmigrate.common.authz import SRCD_POLICY
 from vmmigrate.common.config import DaemonConfig
-from vmmigrate.common.daemon import grpc_server, rpc_handler
+from vmmigrate.common.daemon import abort_with, count_refusal, grpc_server, rpc_handler
 from vmmigrate.common.errors import InvalidArgument, OperationInvalid, VmmigrateError
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import MigrateFlag, check_api_flags, parse_flags
 from vmmigrate.common.hypervisor import hypervisor_for
+from vmmigrate.common.observe import Observability, serving_metrics
 from vmmigrate.common.phase import Phase, require
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore
@@ -33,6 +35,7 @@ from vmmigrate.srcd.jobs import JobOutcome, SourceJob, SourceJobTable, SourcePar
 from vmmigrate.srcd.p2p import P2PMigration, new_migration_id
 from vmmigrate.srcd.perform import UNLIMITED_BPS, perform_live
 from vmmigrate.srcd.recovery import expire_parked, recover_source_jobs
+from vmmigrate.srcd.report import job_ended, record_to_pb
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -133,7 +136,8 @@ class DomainService(pb_grpc.DomainServiceServicer):
         if request.completed:
             done = self.ctx.completed_jobs.get(d.uuid)
             if done is None:
-                return pb.JobInfo(type="None")
+                # gone with a restart of srcd (or the domain came in): the history has it
+                return await completed_from_history(self.ctx, d.uuid)
             return job_info(
                 done.stats,
                 done.migration_id,
@@ -195,6 +199,56 @@ class DomainService(pb_grpc.DomainServiceServicer):
                 d.uuid, "migrate-set-parameters", {"downtime-limit": request.downtime_ms}
             )
         return pb.DomainResponse(domain=domain_ref(d), state=await self.api.state_of(d))
+
+    async def Events(
+        self, request: pb.EventsRequest, context: Any
+    ) -> AsyncIterator[pb.DomainEvent]:
+        """The host's lifecycle events from now on, until the client goes away (a stream:
+        not unary, so not under @handler; errors are translated the same way)."""
+        # logged once the stream follows the log: what comes after reaches this client
+        log.info("events_stream_opened", domain=request.domain or None)
+        try:
+            async for ev in events.follow(self.ctx.obs.events):
+                if request.domain and request.domain not in (ev.domain, ev.uuid):
+                    continue
+                yield pb.DomainEvent(
+                    domain=ev.domain,
+                    uuid=ev.uuid,
+                    event=ev.event,
+                    detail=ev.detail,
+                    time_unix=ev.time_unix,
+                    daemon=ev.daemon,
+                )
+        except (OSError, VmmigrateError) as exc:
+            count_refusal(self, exc)
+            await abort_with(context, exc, log)
+
+    @handler
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        found = await asyncio.to_thread(self.ctx.obs.history.list, request.domain, request.limit)
+        return pb.ListJobsResponse(jobs=[record_to_pb(rec) for rec in found])
+
+
+async def completed_from_history(ctx: SourceContext, uuid: str) -> pb.JobInfo:
+    """domjobinfo --completed from the host's history: the domain's last live migration,
+    out (source) or in (destination)."""
+    found = await asyncio.to_thread(ctx.obs.history.list, uuid)
+    live = [rec for rec in found if rec.kind == "live"]
+    if not live:
+        return pb.JobInfo(type="None")
+    rec = live[-1]
+    info = job_info(
+        rec.stats,
+        rec.migration_id,
+        rec.elapsed_ms,
+        rec.result.capitalize(),
+        rec.error,
+    )
+    if rec.role == "destination":
+        info.operation = "Incoming migration"
+        info.data_processed = info.data_total = rec.bytes
+        info.downtime_ms = rec.downtime_ms
+    return info
 
 
 # libvirt's unlimited migration speed (QEMU_DOMAIN_MIG_BANDWIDTH_MAX, MiB/s)
@@ -359,7 +413,10 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
         failpoints=Failpoints.parse(config.failpoints, config.failpoint_seed or None),
         hypervisor=hypervisor_for(config, "srcd"),
         outgoing=OutgoingSlots(config.max_outgoing),
+        obs=Observability.for_daemon(config, "srcd", "source"),
     )
+    ctx.jobs.on_end = lambda job: job_ended(ctx.obs, job)
+    ctx.obs.metrics.track_in_flight(lambda: len(ctx.jobs))
     # before serving: the journal's jobs are held again, then settled in the background
     recover_source_jobs(ctx)
 
@@ -377,7 +434,8 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
             tls=tls,
             policy=SRCD_POLICY,
         ) as address:
-            yield address, ctx
+            with serving_metrics(ctx.obs, config.metrics_listen):
+                yield address, ctx
     finally:
         await ctx.peers.close()
         await ctx.hypervisor.close()

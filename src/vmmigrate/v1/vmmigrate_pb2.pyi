@@ -717,6 +717,168 @@ class DomainResponse(_message.Message):
 Global___DomainResponse: _TypeAlias = DomainResponse  # noqa: Y015
 
 @_typing.final
+class EventsRequest(_message.Message):
+    """Lifecycle events of the host's domains (virsh event --event lifecycle), as they happen."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsRequest: _TypeAlias = EventsRequest  # noqa: Y015
+
+@_typing.final
+class DomainEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    UUID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_FIELD_NUMBER: _builtins.int
+    DAEMON_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """name"""
+    uuid: _builtins.str
+    event: _builtins.str
+    """"Defined", "Undefined", "Started", "Suspended", ..."""
+    detail: _builtins.str
+    """"Added", "Removed", "Booted", "Migrated", ..."""
+    time_unix: _builtins.float
+    daemon: _builtins.str
+    """which daemon saw it: srcd or dstd"""
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        uuid: _builtins.str = ...,
+        event: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        time_unix: _builtins.float = ...,
+        daemon: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daemon", b"daemon", "detail", b"detail", "domain", b"domain", "event", b"event", "time_unix", b"time_unix", "uuid", b"uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainEvent: _TypeAlias = DomainEvent  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    """Finished migrations of this host, both roles (kept across restarts, bounded)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class JobRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_UUID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    STARTED_UNIX_FIELD_NUMBER: _builtins.int
+    ENDED_UNIX_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    DOWNTIME_MS_FIELD_NUMBER: _builtins.int
+    migration_id: _builtins.str
+    domain: _builtins.str
+    domain_uuid: _builtins.str
+    role: _builtins.str
+    """"source" or "destination" """
+    peer: _builtins.str
+    kind: _builtins.str
+    """"offline" or "live" """
+    mode: _builtins.str
+    """"p2p", "client-driven" or "tunnelled" """
+    result: _builtins.str
+    """"completed", "failed" or "cancelled" """
+    error: _builtins.str
+    started_unix: _builtins.float
+    ended_unix: _builtins.float
+    bytes: _builtins.int
+    downtime_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        migration_id: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        domain_uuid: _builtins.str = ...,
+        role: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        result: _builtins.str = ...,
+        error: _builtins.str = ...,
+        started_unix: _builtins.float = ...,
+        ended_unix: _builtins.float = ...,
+        bytes: _builtins.int = ...,
+        downtime_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "domain", b"domain", "domain_uuid", b"domain_uuid", "downtime_ms", b"downtime_ms", "ended_unix", b"ended_unix", "error", b"error", "kind", b"kind", "migration_id", b"migration_id", "mode", b"mode", "peer", b"peer", "result", b"result", "role", b"role", "started_unix", b"started_unix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRecord: _TypeAlias = JobRecord  # noqa: Y015
+
+@_typing.final
+class ListJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRecord]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___JobRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
+
+@_typing.final
 class BeginRequest(_message.Message):
     """---------------------------------------------------------------------------------------
     MigrationSourceService (srcd): the source phases, for client-driven migration

@@ -119,6 +119,16 @@ class DomainServiceStub:
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DowntimeRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/vmmigrate.v1.DomainService/Events',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.EventsRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainEvent.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/vmmigrate.v1.DomainService/ListJobs',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class DomainServiceServicer:
@@ -229,6 +239,19 @@ class DomainServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """Observability: lifecycle events (a stream until the client ends it) and history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DomainServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -316,6 +339,16 @@ def add_DomainServiceServicer_to_server(servicer, server):
                     servicer.SetMaxDowntime,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DowntimeRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.EventsRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainEvent.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.ListJobsRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -777,6 +810,60 @@ class DomainService:
             '/vmmigrate.v1.DomainService/SetMaxDowntime',
             vmmigrate_dot_v1_dot_vmmigrate__pb2.DowntimeRequest.SerializeToString,
             vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/Events',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.EventsRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.DomainService/ListJobs',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.ListJobsRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,9 @@ class DomainServiceStub:
     SetMaxSpeed: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.SpeedRequest, _vmmigrate_pb2.SpeedResponse]
     GetMaxSpeed: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.SpeedResponse]
     SetMaxDowntime: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DowntimeRequest, _vmmigrate_pb2.DomainResponse]
+    Events: _grpc.UnaryStreamMultiCallable[_vmmigrate_pb2.EventsRequest, _vmmigrate_pb2.DomainEvent]
+    """Observability: lifecycle events (a stream until the client ends it) and history."""
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.ListJobsRequest, _vmmigrate_pb2.ListJobsResponse]
 
 @_typing.type_check_only
 class DomainServiceAsyncStub(DomainServiceStub):
@@ -94,6 +97,9 @@ class DomainServiceAsyncStub(DomainServiceStub):
     SetMaxSpeed: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.SpeedRequest, _vmmigrate_pb2.SpeedResponse]  # type: ignore[assignment]
     GetMaxSpeed: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.SpeedResponse]  # type: ignore[assignment]
     SetMaxDowntime: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DowntimeRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
+    Events: _aio.UnaryStreamMultiCallable[_vmmigrate_pb2.EventsRequest, _vmmigrate_pb2.DomainEvent]  # type: ignore[assignment]
+    """Observability: lifecycle events (a stream until the client ends it) and history."""
+    ListJobs: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.ListJobsRequest, _vmmigrate_pb2.ListJobsResponse]  # type: ignore[assignment]
 
 class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -217,6 +223,21 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vmmigrate_pb2.DowntimeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vmmigrate_pb2.DomainResponse, _abc.Awaitable[_vmmigrate_pb2.DomainResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Events(
+        self,
+        request: _vmmigrate_pb2.EventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_vmmigrate_pb2.DomainEvent], _abc.AsyncIterator[_vmmigrate_pb2.DomainEvent]]:
+        """Observability: lifecycle events (a stream until the client ends it) and history."""
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _vmmigrate_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.ListJobsResponse, _abc.Awaitable[_vmmigrate_pb2.ListJobsResponse]]: ...
 
 def add_DomainServiceServicer_to_server(servicer: DomainServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,192 @@
+"""Observability end to end: metrics scraped after migrations, lifecycle events on both hosts,
+history after restarts, --json, gRPC reflection. Real srcd and dstd processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+import uuid as uuidlib
+from pathlib import Path
+
+import grpc
+from helpers.hosts import Host, sample_domain_xml, wait_until
+from helpers.live import start_domain
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _start(h: Host) -> Host:
+    return h.start([f"--metrics-listen={h.ip}:0"], [f"--metrics-listen={h.ip}:0"])
+
+
+def _metrics_address(d: object) -> str:
+    for ev in d.events():  # type: ignore[attr-defined]
+        if ev.get("event") == "metrics_listening":
+            return str(ev["metrics"])
+    raise AssertionError("no metrics_listening line")
+
+
+def scrape(daemon: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    url = f"http://{_metrics_address(daemon)}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:  # loopback only
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_migrations_on_both_hosts(fresh_hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = fresh_hosts
+    _start(a)
+    _start(b)
+    off, live = f"{domname}-off", f"{domname}-live"
+    a.define(sample_domain_xml(off), f"{off}.xml")
+    a.migctl("migrate", "--offline", "--persistent", "--p2p", off, b.dst)
+    start_domain(a, live)
+    a.migctl("migrate", "--live", "--persistent", "--p2p", live, b.dst)
+    r = a.migctl("migrate", "--offline", "--persistent", "--p2p", "no-such-domain", b.dst, check=False)
+    assert r.returncode != 0
+
+    src = scrape(a.srcd)
+    dst = scrape(b.dstd)
+    m = "vmmigrate_migrations_total"
+    for kind in ("offline", "live"):
+        assert value(src, m, role="source", kind=kind, mode="p2p", result="completed") == 1
+        assert value(dst, m, role="destination", kind=kind, mode="p2p", result="completed") == 1
+    assert value(src, "vmmigrate_migration_bytes_total", role="source") > 0
+    assert value(src, "vmmigrate_refusals_total", role="source", reason="no-domain") == 1
+    assert value(src, "vmmigrate_migrations_in_flight", role="source") == 0
+    assert value(dst, "vmmigrate_migrations_in_flight", role="destination") == 0
+    # phase durations: Begin and Confirm on the source, Prepare and Finish on the destination
+    assert value(src, "vmmigrate_migration_phase_seconds_count", role="source", phase="begin3") == 2
+    assert value(dst, "vmmigrate_migration_phase_seconds_count", role="destination", phase="prepare") == 2
+    # the other host's daemons saw nothing
+    assert value(scrape(b.srcd), m, role="source", kind="live", mode="p2p", result="completed") == 0
+
+
+def _watch(h: Host, *args: str) -> subprocess.Popen[str]:
+    assert h.srcd is not None
+    before = sum(1 for e in h.srcd.events() if e.get("event") == "events_stream_opened")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vmmigrate.migctl", "-c", h.src, "event", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    wait_until(
+        lambda: sum(1 for e in h.srcd.events() if e.get("event") == "events_stream_opened") > before,  # type: ignore[union-attr]
+        20, "the event stream",
+    )
+    return p
+
+
+def _lines(p: subprocess.Popen[str]) -> list[str]:
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    return out.splitlines()
+
+
+def test_events_for_lifecycle_and_migration(fresh_hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = fresh_hosts
+    a.start()
+    b.start()
+    mig = f"{domname}-mig"
+    watch_a = _watch(a, "--loop", "--timeout", "8")
+    watch_b = _watch(b, "--loop", "--timeout", "8", "--json")
+    first = _watch(a, "--domain", domname, "--timeout", "30")  # ends after one event
+    start_domain(a, domname)
+    for cmd in ("suspend", "resume", "destroy", "undefine"):
+        a.migctl(cmd, domname)
+    start_domain(a, mig)
+    a.migctl("migrate", "--live", "--persistent", "--p2p", "--undefinesource", mig, b.dst)
+
+    assert _lines(first) == [
+        f"event 'lifecycle' for domain '{domname}': Defined Added", "events received: 1"]
+    got_a = _lines(watch_a)
+    expected_a = [
+        f"event 'lifecycle' for domain '{domname}': {words}"
+        for words in ("Defined Added", "Started Booted", "Suspended Paused", "Resumed Unpaused",
+                      "Stopped Destroyed", "Undefined Removed")
+    ] + [
+        f"event 'lifecycle' for domain '{mig}': {words}"
+        for words in ("Defined Added", "Started Booted", "Stopped Migrated", "Undefined Removed")
+    ]
+    assert got_a == [*expected_a, "event loop timed out", f"events received: {len(expected_a)}"]
+    got_b = [json.loads(line) for line in _lines(watch_b)]
+    assert [(e["domain"], e["event"], e["detail"], e["daemon"]) for e in got_b] == [
+        (mig, "Started", "Migrated", "dstd"),
+        (mig, "Defined", "Added", "dstd"),
+        (mig, "Resumed", "Migrated", "dstd"),
+    ]
+
+
+def test_history_survives_restarts(fresh_hosts: tuple[Host, Host], domname: str) -> None:
+    a, b = fresh_hosts
+    a.start()
+    b.start()
+    off, live = f"{domname}-off", f"{domname}-live"
+    a.define(sample_domain_xml(off, str(uuidlib.uuid4())), f"{off}.xml")
+    a.migctl("migrate", "--offline", "--persistent", off, b.dst)  # client-driven
+    start_domain(a, live)
+    a.migctl("migrate", "--live", "--persistent", "--p2p", live, b.dst)
+    for h in (a, b):
+        h.start()  # a restart of both daemons: the in-memory jobs are gone
+
+    jobs_a = json.loads(a.migctl("jobs", "--json").stdout)
+    jobs_b = json.loads(b.migctl("jobs", "--json").stdout)
+    assert [(j["domain"], j["role"], j["kind"], j["mode"], j["result"]) for j in jobs_a] == [
+        (off, "source", "offline", "client-driven", "completed"),
+        (live, "source", "live", "p2p", "completed"),
+    ]
+    assert [(j["domain"], j["role"], j["kind"], j["result"]) for j in jobs_b] == [
+        (off, "destination", "offline", "completed"),
+        (live, "destination", "live", "completed"),
+    ]
+    assert jobs_a[1]["bytes"] > 0 and jobs_a[1]["peer"] == b.dst
+    assert jobs_a[1]["ended_unix"] >= jobs_a[1]["started_unix"] > 0
+    assert [j["domain"] for j in json.loads(a.migctl("jobs", "--json", "--domain", live).stdout)] == [live]
+    assert len(json.loads(b.migctl("jobs", "--json", "--limit", "1").stdout)) == 1
+    table = a.migctl("jobs").stdout
+    assert "Migration ID" in table and live in table and off in table
+
+    out = json.loads(a.migctl("domjobinfo", live, "--completed", "--json").stdout)
+    assert out["type"] == "Completed" and out["operation"] == "Outgoing migration"
+    assert out["data_processed"] > 0
+    incoming = json.loads(b.migctl("domjobinfo", live, "--completed", "--json").stdout)
+    assert incoming["type"] == "Completed" and incoming["operation"] == "Incoming migration"
+    text = a.migctl("domjobinfo", live, "--completed").stdout
+    assert "Job type:         Completed" in text
+
+
+def test_json_list_and_dominfo(fresh_hosts: tuple[Host, Host], domname: str) -> None:
+    a, _ = fresh_hosts
+    a.start_srcd()
+    u = start_domain(a, domname)
+    rows = json.loads(a.migctl("list", "--all", "--json").stdout)
+    assert {"id": 1, "name": domname, "uuid": u, "state": "running"} in rows
+    info = json.loads(a.migctl("dominfo", domname, "--json").stdout)
+    assert info["domain"]["uuid"] == u and info["state"] == "running"
+    assert info["persistent"] is True and info["vcpus"] == 1
+    assert json.loads(a.migctl("domjobinfo", domname, "--json").stdout)["type"] == "None"
+
+
+def test_reflection_lists_services(fresh_hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    a, _ = fresh_hosts
+    a.start()
+    for address, wanted in (
+        (a.src, {"vmmigrate.v1.DomainService", "vmmigrate.v1.MigrationSourceService"}),
+        (a.dst, {"vmmigrate.v1.MigrationDestinationService"}),
+    ):
+        with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+            services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+        assert wanted <= services
+        assert {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
