@@ -210,6 +210,7 @@ def test_readonly_client_refused_migration(cluster: Cluster) -> None:
             assert res.returncode != 0, res.stdout
             forbidden = "error: operation forbidden: read-only access prevents"
             assert forbidden in res.stderr, res.stderr
+        print(f"\nreadonly migctl migrate: {res.stderr.strip()}")
         assert "ro1" in cluster.names("hosta")
         assert "ro1" not in cluster.names("hostb")
         assert cluster.migctl("dumpxml", "ro1").stdout == xml_a
@@ -220,6 +221,17 @@ def test_plaintext_refused(cluster: Cluster) -> None:
     res = cluster.migctl("--insecure", "list", "--all", check=False)
     assert res.returncode != 0, res.stdout
     assert res.stderr.startswith("error: "), res.stderr
+    print(f"\nplaintext migctl list: {res.stderr.strip()}")
+
+
+def test_readme_run_example(cluster: Cluster) -> None:
+    """The README's way in: one-off client containers (`docker-compose run`), stdin and all,
+    with the client service's certificates."""
+    xml = sample_domain_xml("run1", memory_mib=16).encode()
+    run = ["run", "--rm", "-T", "client", "migctl"]
+    cluster.compose(*run, "define", "/dev/stdin", input=xml)
+    cluster.compose(*run, "migrate", "--offline", "--persistent", "--p2p", "run1", "hostb:7302")
+    assert "run1" in cluster.compose(*run, "-c", "hostb:7301", "list", "--all").stdout
 
 
 def test_pki_init_is_idempotent(cluster: Cluster) -> None:
@@ -227,6 +239,7 @@ def test_pki_init_is_idempotent(cluster: Cluster) -> None:
     files = [f"{d}/{n}" for d in (ADMIN_TLS, READONLY_TLS) for n in ("ca.pem", "cert.pem")]
     before = cluster.sha256("client", *files)
     out = cluster.compose("run", "--rm", "pki").stdout
+    print(f"\npki service, second run:\n{out.strip()}")
     assert "issued" not in out.lower() and "written" not in out.lower(), out
     assert cluster.sha256("client", *files) == before
     cluster.migctl("list", "--all")  # the hosts still accept the client
