@@ -2,18 +2,19 @@
 
 Everything runs inside a lab (lab.py): a dockerd of its own in a network namespace with only
 loopback, images built with no registry (a debootstrap base, the project from host-made
-wheels). From the client container: offline migrations (peer-to-peer and client-driven),
-live ones (direct and tunnelled), then a live migration during which the destination
-container is killed and started again, after which the domain must be on exactly one host,
-with the same definition, and migratable again.
-
-Plaintext for now: mutual TLS (an init service running `migctl pki`, a readonly client
-refused a migration) comes with the daemons' TLS support.
+wheels). The cluster is the default compose path, mutual TLS: the init service makes the CA
+and every certificate with `migctl pki`, each host serves with its own, and the client holds
+an admin and a readonly client certificate. From the client container: offline migrations
+(peer-to-peer, and client-driven through srcd's relay to hostb's dstd), live ones (direct
+and tunnelled), a readonly client refused a migration and plaintext refused, then a live
+migration during which the destination container is killed and started again, after which
+the domain must be on exactly one host, with the same definition, and migratable again.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +25,10 @@ from container import lab as labmod
 from helpers.hosts import sample_domain_xml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+# The client's certificates, where docker-compose.yml mounts them (admin is $MIGCTL_TLS_DIR)
+ADMIN_TLS = "/etc/vmmigrate/clients/admin"
+READONLY_TLS = "/etc/vmmigrate/clients/readonly"
 
 TIMINGS: dict[str, float] = {}
 
@@ -54,10 +59,21 @@ class Cluster:
         return self.lab.compose(labmod.REPO, *args, check=check, input=input)
 
     def migctl(
-        self, *args: str, host: str = "hosta", check: bool = True, input: bytes | None = None
+        self,
+        *args: str,
+        host: str = "hosta",
+        check: bool = True,
+        input: bytes | None = None,
+        tls_dir: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        cmd = ["exec", "-T", "client", "migctl", "-c", f"{host}:7301", "--insecure", *args]
+        """migctl in the client container; TLS with the admin certificate unless tls_dir."""
+        tls = ["--tls-dir", tls_dir] if tls_dir else []
+        cmd = ["exec", "-T", "client", "migctl", "-c", f"{host}:7301", *tls, *args]
         return self.compose(*cmd, check=check, input=input)
+
+    def sha256(self, service: str, *paths: str) -> str:
+        script = f"sha256sum {' '.join(shlex.quote(p) for p in paths)}"
+        return self.compose("exec", "-T", service, "sh", "-c", script).stdout
 
     def define(self, name: str, host: str = "hosta", memory_mib: int = 16) -> None:
         xml = sample_domain_xml(name, memory_mib=memory_mib).encode()
@@ -143,7 +159,8 @@ def test_offline_p2p_migration(cluster: Cluster) -> None:
 
 
 def test_offline_client_driven_migration(cluster: Cluster) -> None:
-    """migctl in the client container runs the phases itself, reaching hostb's dstd."""
+    """migctl in the client container runs the phases itself; hostb's dstd takes host
+    certificates only, so its phases go through hosta's srcd relay."""
     with _timed("scenario: offline client-driven"):
         cluster.define("off2")
         cluster.migctl("migrate", "--offline", "--persistent", "off2", "hostb:7302")
@@ -177,6 +194,57 @@ def test_live_p2p_migration(cluster: Cluster) -> None:
         assert "live1" not in cluster.names("hosta")
 
 
+def test_readonly_client_refused_migration(cluster: Cluster) -> None:
+    """The readonly certificate may look (list, dumpxml), not migrate: PERMISSION_DENIED
+    before anything moves, both hosts as they were."""
+    with _timed("scenario: readonly refused"):
+        cluster.define("ro1")
+        xml_a = cluster.migctl("dumpxml", "ro1").stdout
+        names = cluster.migctl("list", "--all", "--name", tls_dir=READONLY_TLS).stdout.split()
+        assert "ro1" in names
+        for extra in ([], ["--p2p"]):
+            res = cluster.migctl(
+                "migrate", "--offline", "--persistent", *extra, "--undefinesource", "ro1",
+                "hostb:7302", tls_dir=READONLY_TLS, check=False,
+            )  # fmt: skip
+            assert res.returncode != 0, res.stdout
+            forbidden = "error: operation forbidden: read-only access prevents"
+            assert forbidden in res.stderr, res.stderr
+        print(f"\nreadonly migctl migrate: {res.stderr.strip()}")
+        assert "ro1" in cluster.names("hosta")
+        assert "ro1" not in cluster.names("hostb")
+        assert cluster.migctl("dumpxml", "ro1").stdout == xml_a
+
+
+def test_plaintext_refused(cluster: Cluster) -> None:
+    """No plaintext path into the cluster: a client asking for it is not served."""
+    res = cluster.migctl("--insecure", "list", "--all", check=False)
+    assert res.returncode != 0, res.stdout
+    assert res.stderr.startswith("error: "), res.stderr
+    print(f"\nplaintext migctl list: {res.stderr.strip()}")
+
+
+def test_readme_run_example(cluster: Cluster) -> None:
+    """The README's way in: one-off client containers (`docker-compose run`), stdin and all,
+    with the client service's certificates."""
+    xml = sample_domain_xml("run1", memory_mib=16).encode()
+    run = ["run", "--rm", "-T", "client", "migctl"]
+    cluster.compose(*run, "define", "/dev/stdin", input=xml)
+    cluster.compose(*run, "migrate", "--offline", "--persistent", "--p2p", "run1", "hostb:7302")
+    assert "run1" in cluster.compose(*run, "-c", "hostb:7301", "list", "--all").stdout
+
+
+def test_pki_init_is_idempotent(cluster: Cluster) -> None:
+    """Running the init service again (as every `up` does) keeps the material in use."""
+    files = [f"{d}/{n}" for d in (ADMIN_TLS, READONLY_TLS) for n in ("ca.pem", "cert.pem")]
+    before = cluster.sha256("client", *files)
+    out = cluster.compose("run", "--rm", "pki").stdout
+    print(f"\npki service, second run:\n{out.strip()}")
+    assert "issued" not in out.lower() and "written" not in out.lower(), out
+    assert cluster.sha256("client", *files) == before
+    cluster.migctl("list", "--all")  # the hosts still accept the client
+
+
 def test_destination_killed_mid_migration(cluster: Cluster) -> None:
     with _timed("scenario: hostb killed mid-migration"):
         _kill_destination_mid_migration(cluster)
@@ -204,7 +272,8 @@ def _kill_destination_mid_migration(cluster: Cluster) -> None:
     assert err.startswith("error: "), err
     cluster.lab.docker("start", hostb)
     cluster.wait_healthy("hostb")
-    # one owner, the same definition, still running where it was
+    # one owner, the same definition, still running where it was (hostb is back on its
+    # own certificate, from its read-only volume)
     assert "kill1" in cluster.names("hosta")
     assert "kill1" not in cluster.names("hostb")
     assert cluster.state("kill1", "hosta") == "running"
@@ -250,3 +319,12 @@ def test_compose_file_is_v1_compatible() -> None:
     text = Path(labmod.REPO / "docker-compose.yml").read_text()
     assert not any(line.startswith("name:") for line in text.splitlines())
     assert 'version: "2.4"' in text
+
+
+def test_default_compose_path_has_no_plaintext() -> None:
+    """TLS by default: nothing in the compose file or the image's scripts asks for
+    plaintext (--insecure stays something an operator adds by hand)."""
+    for path in ("docker-compose.yml", "docker/entrypoint.sh", "docker/pki-init.sh"):
+        text = (labmod.REPO / path).read_text()
+        code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+        assert "--insecure" not in code, path
