@@ -353,13 +353,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def _report(result: dict[str, Any]) -> None:
     print(f"{result['mib']} MiB per run, {result['reps']} runs each, medians:")
-    print(f"{'mode':6} {'encoding':10} {'MB/s':>8} {'src CPU s/GiB':>14} {'dst CPU s/GiB':>14}")
+    print(f"{'mode':9} {'encoding':10} {'MB/s':>8} {'src CPU s/GiB':>14} {'dst CPU s/GiB':>14}")
     for mode, by_enc in result["median"].items():
         for enc, m in by_enc.items():
-            print(f"{mode:6} {enc:10} {m['MBps']:8.0f} {m['src_cpu_per_gib']:14.3f} "
+            print(f"{mode:9} {enc:10} {m['MBps']:8.0f} {m['src_cpu_per_gib']:14.3f} "
                   f"{m['dst_cpu_per_gib']:14.3f}")
     for enc, r in result["ratio_tls_plain"].items():
-        print(f"{'tls/plain':6} {enc:10} {r['MBps']:8.2f} {r['src_cpu_per_gib']:14.2f} "
+        print(f"{'tls/plain':9} {enc:10} {r['MBps']:8.2f} {r['src_cpu_per_gib']:14.2f} "
               f"{r['dst_cpu_per_gib']:14.2f}")
     for mode, by_enc in result["runs"].items():
         for enc, rs in by_enc.items():
@@ -370,11 +370,11 @@ def _report(result: dict[str, Any]) -> None:
     print("load average:", " ".join(f"{x:.2f}" for x in result["loadavg"]))
 
 
-def _names(value: str, allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
+def _names(value: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
     names = [v for v in value.split(",") if v]
     bad = [v for v in names if v not in allowed]
     if bad or not names or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"{what}: a comma-separated list of {', '.join(allowed)}")
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(allowed)}")
     return names
 
 
@@ -384,14 +384,14 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="runs of each encoding (default 5)")
     p.add_argument(
         "--modes",
-        type=lambda v: _names(v, MODES, "--modes"),
+        type=lambda v: _names(v, MODES),
         default=None,
         help="channels to run, alternately: plain, tls or plain,tls (default plain)",
     )
     p.add_argument("--tls", action="store_true", help="the same as --modes plain,tls")
     p.add_argument(
         "--encodings",
-        type=lambda v: _names(v, list(ENCODINGS), "--encodings"),
+        type=lambda v: _names(v, list(ENCODINGS)),
         default=None,
         help="raw, proto or raw,proto (default: raw,proto in plaintext only, else raw)",
     )
