@@ -14,7 +14,18 @@ median throughput and the CPU seconds per GiB of each process, then what encodin
 decoding one 1 MiB Chunk costs in-process (the typed stream's own overhead, free of the
 noise of a shared machine).
 
+--modes plain,tls (or --tls) carries the same stream over mutual TLS as well: the server
+listens on a second, TLS port with dstd's credentials (common/tls.TlsFiles, a client
+certificate required), the source connects as srcd does (open_channel with its host
+certificate), both certificates issued by a CA made in a temporary directory
+(vmmigrate.migctl.certs). The modes run alternately in the same invocation (the order
+flips every repetition, so a drift of the machine's load falls on both), and the table
+adds the tls/plain ratio of each figure. dstd's AuthInterceptor is left out: it acts once
+per call, not per message. With TLS only the raw encoding runs unless --encodings says
+otherwise (it is what the daemons carry).
+
     .venv/bin/python -m bench.bench_tunnel --mib 512 --reps 5 [--json out.json]
+    .venv/bin/python -m bench.bench_tunnel --mib 256 --reps 5 --modes plain,tls
 
 This is a benchmark script, not a test: it stops by itself.
 """
@@ -30,8 +41,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,6 +52,7 @@ import grpc.aio
 from vmmigrate.common import tunnelwire
 from vmmigrate.common.decodeguard import DecodeGuard
 from vmmigrate.common.rpc import SERVER_OPTIONS_BASE, message_size_options, open_channel
+from vmmigrate.common.tls import TlsFiles
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -46,6 +60,9 @@ from vmmigrate.v1 import vmmigrate_pb2 as pb
 PROTO_METHOD = "/bench.TunnelProto/Carry"
 MAX_MESSAGE = 16 * 1024 * 1024
 TICKS = os.sysconf("SC_CLK_TCK")
+MODES = ("plain", "tls")
+ENCODINGS = {"raw": False, "proto": True}  # name -> typed
+LOOPBACK = "127.0.0.1"
 
 
 def _chunk_type() -> Any:
@@ -116,7 +133,7 @@ async def _typed(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[An
         yield msg
 
 
-async def serve() -> None:
+async def serve(tls_dir: str | None) -> None:
     chunk = _chunk_type()
     server = grpc.aio.server(
         interceptors=[DecodeGuard()],
@@ -139,9 +156,15 @@ async def serve() -> None:
             ),
         )
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"{LOOPBACK}:0")
+    # dstd's TLS port: the same server object, the credentials dstd builds (client
+    # certificate required, checked against the CA)
+    tls_port = 0
+    if tls_dir is not None:
+        creds = TlsFiles(Path(tls_dir)).server_credentials()
+        tls_port = server.add_secure_port(f"{LOOPBACK}:0", creds)
     await server.start()
-    print(port, flush=True)
+    print(port, tls_port, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until closed
     await server.stop(grace=None)
 
@@ -224,71 +247,168 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
-async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout is not None and server.stdin is not None
-    port = int(server.stdout.readline())
-    channel = open_channel(f"127.0.0.1:{port}", max_message_bytes=MAX_MESSAGE)
-    runs: dict[str, list[dict[str, float]]] = {"raw": [], "proto": []}
-    try:
-        for typed in (False, True):  # warm-up, untimed
-            await _source(channel, typed, 64)
-        for _ in range(args.reps):
-            for name, typed in (("raw", False), ("proto", True)):
-                c0, s0, t0 = time.process_time(), _cpu(server.pid), time.perf_counter()
-                total = await _source(channel, typed, args.mib)
+def make_pki(root: Path) -> tuple[Path, Path]:
+    """A CA and two host certificates for 127.0.0.1: the source's (srcd presents its host
+    certificate as client certificate) and the destination's."""
+    from vmmigrate.migctl import certs
+
+    certs.init_ca(root / "ca")
+    for side in ("src", "dst"):
+        certs.issue_host(root / "ca", name=f"bench-{side}", ips=[LOOPBACK], out=root / side)
+    return root / "src", root / "dst"
+
+
+def _one_run(
+    server_pid: int, total: int, wall: float, c0: float, s0: float
+) -> dict[str, float]:
+    gib = total / 2**30
+    return {
+        "MBps": total / wall / 1e6,
+        "src_cpu_per_gib": (time.process_time() - c0) / gib,
+        "dst_cpu_per_gib": (_cpu(server_pid) - s0) / gib,
+    }
+
+
+async def _runs(
+    channels: dict[str, grpc.aio.Channel], encodings: list[str], args: argparse.Namespace,
+    server_pid: int,
+) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """--reps rounds; each round every mode and encoding once, the modes' order flipped
+    every other round (plain, tls, tls, plain, ...)."""
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {
+        m: {e: [] for e in encodings} for m in channels
+    }
+    for channel in channels.values():  # warm-up, untimed: connection, TLS handshake
+        for enc in encodings:
+            await _source(channel, ENCODINGS[enc], 64)
+    order = list(channels)
+    for rep in range(args.reps):
+        for mode in order if rep % 2 == 0 else order[::-1]:
+            for enc in encodings:
+                c0, s0, t0 = time.process_time(), _cpu(server_pid), time.perf_counter()
+                total = await _source(channels[mode], ENCODINGS[enc], args.mib)
                 wall = time.perf_counter() - t0
-                gib = total / 2**30
-                runs[name].append(
-                    {
-                        "MBps": total / wall / 1e6,
-                        "src_cpu_per_gib": (time.process_time() - c0) / gib,
-                        "dst_cpu_per_gib": (_cpu(server.pid) - s0) / gib,
-                    }
-                )
-    finally:
-        await channel.close()
-        server.stdin.close()
-        server.wait(10)
+                runs[mode][enc].append(_one_run(server_pid, total, wall, c0, s0))
+    return runs
+
+
+def _medians(
+    runs: dict[str, dict[str, list[dict[str, float]]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    return {
+        mode: {enc: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+               for enc, rs in by_enc.items()}
+        for mode, by_enc in runs.items()
+    }
+
+
+def _ratios(median: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """tls / plain of every figure, per encoding (needs both modes)."""
+    if not all(m in median for m in MODES):
+        return {}
+    return {
+        enc: {k: median["tls"][enc][k] / median["plain"][enc][k] for k in figures}
+        for enc, figures in median["plain"].items()
+    }
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="vmm-bench-tunnel-") as tmp:
+        src_tls = dst_tls = None
+        if "tls" in args.modes:
+            src_tls, dst_tls = make_pki(Path(tmp))
+        argv = [sys.executable, __file__, "--serve"]
+        if dst_tls is not None:
+            argv += ["--tls-dir", str(dst_tls)]
+        server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdin is not None
+        port, tls_port = (int(x) for x in server.stdout.readline().split())
+        channels: dict[str, grpc.aio.Channel] = {}
+        try:
+            for mode in args.modes:  # srcd's channel to dstd: its options, its credentials
+                tls = TlsFiles(src_tls) if mode == "tls" and src_tls is not None else None
+                address = f"{LOOPBACK}:{tls_port if tls is not None else port}"
+                channels[mode] = open_channel(address, max_message_bytes=MAX_MESSAGE, tls=tls)
+            runs = await _runs(channels, args.encodings, args, server.pid)
+        finally:
+            for ch in channels.values():
+                await ch.close()
+            server.stdin.close()
+            server.wait(10)
+    median = _medians(runs)
     return {
         "codec": codec_cost(),
         "mib": args.mib,
         "reps": args.reps,
+        "modes": args.modes,
+        "encodings": args.encodings,
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
                     "grpcio": grpc.__version__},
+        "loadavg": os.getloadavg(),
         "runs": runs,
-        "median": {
-            name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-            for name, rs in runs.items()
-        },
+        "median": median,
+        "ratio_tls_plain": _ratios(median),
     }
+
+
+def _report(result: dict[str, Any]) -> None:
+    print(f"{result['mib']} MiB per run, {result['reps']} runs each, medians:")
+    print(f"{'mode':9} {'encoding':10} {'MB/s':>8} {'src CPU s/GiB':>14} {'dst CPU s/GiB':>14}")
+    for mode, by_enc in result["median"].items():
+        for enc, m in by_enc.items():
+            print(f"{mode:9} {enc:10} {m['MBps']:8.0f} {m['src_cpu_per_gib']:14.3f} "
+                  f"{m['dst_cpu_per_gib']:14.3f}")
+    for enc, r in result["ratio_tls_plain"].items():
+        print(f"{'tls/plain':9} {enc:10} {r['MBps']:8.2f} {r['src_cpu_per_gib']:14.2f} "
+              f"{r['dst_cpu_per_gib']:14.2f}")
+    for mode, by_enc in result["runs"].items():
+        for enc, rs in by_enc.items():
+            print(mode, enc, "runs MB/s:", " ".join(f"{r['MBps']:.0f}" for r in rs))
+    c = result["codec"]
+    print(f"typed stream's own cost per 1 MiB message: encode {c['encode_us_per_mib']:.0f} us, "
+          f"decode + .data {c['decode_us_per_mib']:.0f} us")
+    print("load average:", " ".join(f"{x:.2f}" for x in result["loadavg"]))
+
+
+def _names(value: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
+    names = [v for v in value.split(",") if v]
+    bad = [v for v in names if v not in allowed]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(allowed)}")
+    return names
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mib", type=int, default=512, help="MiB per run (default 512)")
     p.add_argument("--reps", type=int, default=5, help="runs of each encoding (default 5)")
+    p.add_argument(
+        "--modes",
+        type=lambda v: _names(v, MODES),
+        default=None,
+        help="channels to run, alternately: plain, tls or plain,tls (default plain)",
+    )
+    p.add_argument("--tls", action="store_true", help="the same as --modes plain,tls")
+    p.add_argument(
+        "--encodings",
+        type=lambda v: _names(v, list(ENCODINGS)),
+        default=None,
+        help="raw, proto or raw,proto (default: raw,proto in plaintext only, else raw)",
+    )
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tls-dir", help=argparse.SUPPRESS)  # the server's, with --serve
     args = p.parse_args()
     if args.serve:
-        asyncio.run(serve())
+        asyncio.run(serve(args.tls_dir))
         return
+    if args.tls and args.modes not in (None, list(MODES)):
+        p.error("--tls is --modes plain,tls: give one or the other")
+    args.modes = list(MODES) if args.tls else args.modes or ["plain"]
+    if args.encodings is None:
+        args.encodings = list(ENCODINGS) if args.modes == ["plain"] else ["raw"]
     result = asyncio.run(measure(args))
-    print(f"{args.mib} MiB per run, {args.reps} runs each, medians:")
-    print(f"{'encoding':10} {'MB/s':>8} {'src CPU s/GiB':>14} {'dst CPU s/GiB':>14}")
-    for name, m in result["median"].items():
-        print(f"{name:10} {m['MBps']:8.0f} {m['src_cpu_per_gib']:14.3f} {m['dst_cpu_per_gib']:14.3f}")
-    for name, rs in result["runs"].items():
-        print(name, "runs MB/s:", " ".join(f"{r['MBps']:.0f}" for r in rs))
-    c = result["codec"]
-    print(f"typed stream's own cost per 1 MiB message: encode {c['encode_us_per_mib']:.0f} us, "
-          f"decode + .data {c['decode_us_per_mib']:.0f} us")
+    _report(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
