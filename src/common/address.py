@@ -8,9 +8,10 @@ address.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
-from vmmigrate.common.errors import InvalidArgument
+from vmmigrate.common.errors import ArgumentUnsupported, InvalidArgument
 
 DEFAULT_SRCD_PORT = 7301
 DEFAULT_DSTD_PORT = 7302
@@ -54,3 +55,29 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+# A host name as DNS allows it (letters, digits, hyphens and dots), or an IP address.
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?")
+
+
+def check_migration_uri(uri: str) -> str:
+    """The URI a client asks the source's emulator to migrate to: only what a Prepare
+    answers, ``tcp:HOST:PORT``. QEMU also takes ``exec:`` (a shell command run as the
+    emulator's user), ``file:``, ``fd:`` and ``unix:`` (any socket on the source host);
+    none of those may come from a client. libvirt's text for another scheme."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme != "tcp":
+        shown = scheme if sep else uri
+        raise ArgumentUnsupported(f"unsupported scheme {shown} in migration URI {uri}")
+    host, port = parse_hostport(rest)
+    valid_host = _HOSTNAME.fullmatch(host) is not None
+    if not valid_host:
+        try:
+            ipaddress.ip_address(host)
+            valid_host = True
+        except ValueError:
+            pass
+    if not valid_host or port == 0:
+        raise InvalidArgument(f"invalid migration URI {uri}")
+    return uri

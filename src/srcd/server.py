@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 import structlog
 from vmmigrate.common import events
+from vmmigrate.common.address import check_migration_uri
 from vmmigrate.common.authz import SRCD_POLICY
 from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.daemon import abort_with, count_refusal, grpc_server, rpc_handler
@@ -350,6 +351,8 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
         uri = request.params.migrate_uri
         if not uri:
             raise InvalidArgument("domainMigratePrepare3 did not set uri")
+        # the client's URI goes to the emulator's migrate: only what a Prepare answers
+        check_migration_uri(uri)
         return pb.PerformResponse(cookie=await self._perform(job, uri))
 
     @require(Phase.BEGIN3)

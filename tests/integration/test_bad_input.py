@@ -289,3 +289,41 @@ def test_migrate_with_a_bad_dname_changes_nothing_on_either_host(
         if (b.state_dir / "outcomes").exists() else []
     assert after == outcomes
     assert not list((b.state_dir / "jobs").glob("*")) if (b.state_dir / "jobs").exists() else True
+
+
+@pytest.mark.parametrize("uri", [
+    "exec:touch {marker}",          # QEMU runs it with /bin/sh as the emulator's user
+    "file:{marker}",                # QEMU writes the guest's memory there
+    "unix:{marker}",                # any socket on the source host
+    "fd:3",
+    "tcp:no host:1",
+])
+def test_client_driven_perform_refuses_a_migration_uri_prepare_never_gives(
+        hosts: tuple[Host, Host], domname: str, uri: str, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A client-driven Perform takes its URI from the client: only tcp:HOST:PORT (what a
+    Prepare answers) may reach the emulator's migrate; the domain keeps running, untouched."""
+    a, _ = hosts
+    marker = tmp_path_factory.mktemp("uri") / "written-by-the-emulator"
+    uri = uri.format(marker=marker)
+    u = str(uuidlib.uuid4())
+    a.define(sample_domain_xml(domname, u), f"{domname}.xml")
+    a.migctl("start", domname)
+    flags = int(MigrateFlag.LIVE | MigrateFlag.PERSIST_DEST | MigrateFlag.CHANGE_PROTECTION)
+    mid = f"uri-{uuidlib.uuid4()}"
+    with grpc.insecure_channel(a.src) as ch:
+        src = pb_grpc.MigrationSourceServiceStub(ch)
+        src.Begin(pb.BeginRequest(header=pb.PhaseHeader(migration_id=mid, flags=flags),
+                                  domain=domname), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            src.Perform(pb.PerformRequest(header=pb.PhaseHeader(migration_id=mid, flags=flags),
+                                          domain=domname,
+                                          params=pb.MigrationParams(migrate_uri=uri)), timeout=10)
+        assert err.value.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                    grpc.StatusCode.INVALID_ARGUMENT)
+        assert "migration URI" in (err.value.details() or "")
+        src.Confirm(pb.ConfirmRequest(header=pb.PhaseHeader(migration_id=mid, flags=flags),
+                                      domain=domname, cancelled=True), timeout=10)
+    assert not marker.exists()
+    assert a.migctl("domstate", domname).stdout.strip() == "running"
+    assert a.journal() == []

@@ -133,3 +133,29 @@ def test_foreign_subclass_names_fall_back_on_the_code() -> None:
     """QMPExecuteError takes other arguments: a peer naming it gets the code's class."""
     e = errors.error_from_status(grpc.StatusCode.INTERNAL, "GenericError: x", "QMPExecuteError")
     assert type(e) is errors.OperationFailed and str(e) == "GenericError: x"
+
+
+@pytest.mark.parametrize(
+    ("uri", "ok"),
+    [
+        ("tcp:127.0.0.3:49152", True),
+        ("tcp:[::1]:49152", True),
+        ("tcp:hostb.example:49153", True),
+        ("exec:cat /etc/shadow", False),
+        ("file:/tmp/x", False),
+        ("unix:/run/x.sock", False),
+        ("rdma:host:1", False),
+        ("tcp:host:0", False),
+        ("tcp:a b:1", False),
+        ("tcp:host", False),
+        ("127.0.0.1:1", False),
+    ],
+)
+def test_migration_uri_from_a_client(uri: str, ok: bool) -> None:
+    from vmmigrate.common.address import check_migration_uri
+
+    if ok:
+        assert check_migration_uri(uri) == uri
+    else:
+        with pytest.raises((errors.ArgumentUnsupported, errors.InvalidArgument)):
+            check_migration_uri(uri)
