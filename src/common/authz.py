@@ -115,8 +115,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Checks every call of a TLS server against ``policy`` before its handler (and before
     its request is decoded), and binds the peer into the call's log context."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(
+        self, policy: Policy, on_refused: Callable[[grpc.StatusCode], None] | None = None
+    ) -> None:
         self.policy = policy
+        self.on_refused = on_refused  # the daemon's refusal count (metrics)
         self.log = structlog.get_logger(f"vmmigrate.{policy.daemon}")
 
     async def _identity(self, context: Any, method: str) -> Identity:
@@ -126,6 +129,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         except VmmigrateError as exc:
             self.log.warning("rpc_refused", method=method, code=exc.code.name, error=str(exc))
             code, message, metadata = status_of(exc)
+            if self.on_refused is not None:
+                self.on_refused(code)
             await context.abort(code, message, trailing_metadata=tuple(metadata))
             raise  # abort() raises; never reached
         return identity

@@ -200,15 +200,19 @@ async def grpc_server(
     gate: ShutdownGate | None = None,
     tls: TlsFiles | None = None,
     policy: Policy | None = None,
+    on_refused: Callable[[grpc.StatusCode], None] | None = None,
 ) -> AsyncIterator[str]:
     """Serve on config.listen; yields the bound address (port 0 picks one). With ``tls``:
     mutual TLS, ``policy`` checked on every call (before the request is decoded), the
     certificates re-read on SIGHUP; without: plaintext (common/tls.py decides which).
-    ``gate`` refuses new migrations once the daemon stops (graceful SIGTERM)."""
+    ``gate`` refuses new migrations once the daemon stops (graceful SIGTERM). Calls these
+    two refuse are counted through ``on_refused``, as the handlers' own refusals are."""
     interceptors: list[Any] = []
     if tls is not None and policy is not None:
-        interceptors.append(AuthInterceptor(policy))  # first: nothing runs for a stranger
+        # first: nothing runs for a stranger
+        interceptors.append(AuthInterceptor(policy, on_refused))
     if gate is not None:
+        gate.on_refused = on_refused
         interceptors.append(gate)
     server = grpc.aio.server(
         interceptors=[*interceptors, DecodeGuard()],

@@ -34,6 +34,8 @@ class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, refused: frozenset[str] = STARTS_MIGRATION) -> None:
         self.refused = refused
         self.closed = False
+        # the daemon's refusal count (metrics), set when it serves
+        self.on_refused: Callable[[grpc.StatusCode], None] | None = None
 
     def close(self) -> None:
         self.closed = True
@@ -53,6 +55,8 @@ class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         async def refuse(request: Any, context: Any) -> Any:
             code, message, metadata = status_of(ShuttingDown(MESSAGE))
+            if self.on_refused is not None:
+                self.on_refused(code)
             await context.abort(code, message, trailing_metadata=tuple(metadata))
 
         return handler._replace(unary_unary=refuse)

@@ -205,6 +205,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
             lambda: _housekeeping(ctx),
             gate=ctx.gate,
             tls=tls,
+            on_refused=obs.metrics.refused,
             policy=DSTD_POLICY,
         ) as address:
             with serving_metrics(obs, config.metrics_listen):

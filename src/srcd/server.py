@@ -435,6 +435,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
             lambda: _housekeeping(ctx),
             gate=ctx.gate,
             tls=tls,
+            on_refused=ctx.obs.metrics.refused,
             policy=SRCD_POLICY,
         ) as address:
             with serving_metrics(ctx.obs, config.metrics_listen):
