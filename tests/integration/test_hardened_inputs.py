@@ -27,13 +27,13 @@ OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.max_send_message_length", 64 <<
 
 def state(h: Host, outcomes: bool = True) -> dict[str, str]:
     """Every file of the host's state dir but the locks: what a refusal must not change.
-    Without ``outcomes``: not the answers dstd keeps for Finish retries either (what a
-    Finish that ran leaves)."""
+    Without ``outcomes``: not the answers dstd keeps for Finish retries, nor the history
+    entry of the failed migration either (what a Finish that ran leaves)."""
     out = {}
     for p in sorted(h.state_dir.rglob("*")):
         rel = p.relative_to(h.state_dir)
         if (p.is_file() and rel.parts[0] != "locks" and p.suffix != ".log"
-                and (outcomes or rel.parts[0] != "outcomes")):
+                and (outcomes or rel.parts[0] not in ("outcomes", "history"))):
             out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
