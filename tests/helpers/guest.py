@@ -251,16 +251,17 @@ def qemu_img(cache_dir: Path = CACHE_DIR) -> Path:
 
 
 def create_disk(path: Path, fmt: str, size: int, pattern: bool = False) -> None:
-    """A disk image; with pattern, distinct data every 16 MiB past the records, so that a
-    block-for-block comparison after a storage copy means something."""
+    """A disk image; with pattern, every MiB past the first (which holds the records) is
+    filled with data of its own, so that a storage copy moves the whole size and a
+    block-for-block comparison after it means something."""
     img = str(qemu_img())
     raw = path if fmt == "raw" else path.with_name(path.name + ".raw")
     _run([img, "create", "-q", "-f", "raw", str(raw), str(size)])
     if pattern:
         with raw.open("r+b") as f:
-            for off in range(1 << 20, size, 16 << 20):
+            for off in range(1 << 20, size, 1 << 20):
                 f.seek(off)
-                f.write(hashlib.sha256(str(off).encode()).digest() * 2048)  # 64 KiB
+                f.write(hashlib.sha256(str(off).encode()).digest() * (1 << 15))  # 1 MiB
     if fmt != "raw":
         _run([img, "convert", "-q", "-f", "raw", "-O", fmt, str(raw), str(path)])
         raw.unlink()
@@ -380,12 +381,12 @@ class Guest:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"QEMU {self.name} exited: {self.log.read_text()[-800:]}")
-            try:
+            # QMP leaves its socket open when connect fails: try only once QEMU listens.
+            if self.qmp_path.exists():
                 return QMP(str(self.qmp_path), timeout=30.0)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QEMU {self.name}: no QMP socket after {timeout}s")
+            time.sleep(0.05)
 
     def cmd(self, name: str, **arguments: Any) -> Any:
         return self.qmp.cmd(name, **arguments)
@@ -448,17 +449,18 @@ def incoming_port(dst: Guest) -> int:
     raise RuntimeError(f"{dst.name}: query-migrate names no listening port")
 
 
-def migrate(src: Guest, dst: Guest) -> float:
-    """Live-migrate src's memory and devices to dst (waiting with -incoming defer) and resume
-    dst; returns the wall time from `migrate` to dst running. Bandwidth is unlimited, as libvirt
-    sets it (QEMU's own default is 32 MiB/s)."""
+def migrate(src: Guest, dst: Guest, resume: bool = True) -> float:
+    """Live-migrate src's memory and devices to dst (waiting with -incoming defer) and, with
+    resume, resume dst; returns the wall time from `migrate` to then. Bandwidth is unlimited,
+    as libvirt sets it (QEMU's own default is 32 MiB/s)."""
     port = incoming_port(dst)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
     t0 = time.monotonic()
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     wait_migration(src)
     wait_migration(dst)
-    dst.cmd("cont")
+    if resume:
+        dst.cmd("cont")
     return time.monotonic() - t0
 
 
@@ -474,7 +476,7 @@ def start_nbd_export(dst: Guest, device: str = "disk0") -> int:
 def mirror_to_nbd(src: Guest, port: int, device: str = "disk0", timeout: float = 300) -> None:
     """The source's half: mirror the disk onto the destination's export until ready (the
     mirror then keeps both in step until it is cancelled)."""
-    src.cmd("drive-mirror", device=device, job_id=f"mirror-{device}",
+    src.cmd("drive-mirror", device=device, **{"job-id": f"mirror-{device}"},
             target=f"nbd:127.0.0.1:{port}:exportname={device}", format="raw",
             sync="full", mode="existing")
     deadline = time.monotonic() + timeout
