@@ -18,6 +18,7 @@ raises GuestUnavailable, which tests turn into a skip with its reason.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import json
@@ -34,9 +35,7 @@ from typing import Any
 
 from helpers.qmp import QMP
 
-CACHE_DIR = Path(
-    os.environ.get("VMMIGRATE_GUEST_CACHE", "/var/cache/vmmigrate-test/guest")
-)
+CACHE_DIR = Path(os.environ.get("VMMIGRATE_GUEST_CACHE", "/var/cache/vmmigrate-test/guest"))
 INIT_SCRIPT = Path(__file__).resolve().parent.parent / "data" / "guest" / "init"
 KERNEL_META = "linux-image-cloud-amd64"
 # What /init loads; their dependencies are added from each module's depends= field.
@@ -67,6 +66,8 @@ def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 300) -> str:
 # ---- packages ----------------------------------------------------------------------------
 
 
+# apt-cache takes most of a second per call here: ask once per process.
+@functools.cache
 def kernel_package() -> str:
     """The versioned kernel package the metapackage depends on (local apt lists only)."""
     out = _run(["apt-cache", "depends", KERNEL_META])
@@ -77,6 +78,7 @@ def kernel_package() -> str:
     raise GuestUnavailable(f"apt-cache: {KERNEL_META} depends on no linux-image package")
 
 
+@functools.cache
 def candidate_version(package: str) -> str:
     out = _run(["apt-cache", "policy", package])
     m = re.search(r"Candidate:\s*(\S+)", out)
@@ -94,7 +96,8 @@ def unpacked(package: str, cache_dir: Path = CACHE_DIR) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".fetch-") as tmp:
         # apt-get drops root to _apt for the download when it can: give it the directory.
-        shutil.chown(tmp, user="_apt") if _has_user("_apt") else None
+        if _has_user("_apt"):
+            shutil.chown(tmp, user="_apt")
         _run(["apt-get", "download", f"{package}={version}"], cwd=Path(tmp))
         debs = list(Path(tmp).glob("*.deb"))
         if len(debs) != 1:
@@ -127,7 +130,16 @@ def tool(name: str, package: str, cache_dir: Path = CACHE_DIR) -> Path:
 
 
 def busybox(cache_dir: Path = CACHE_DIR) -> Path:
-    """A static busybox: the initramfs holds no libraries."""
+    """A static busybox (the initramfs holds no libraries): the installed busybox-static's,
+    else one unpacked from the package."""
+    status = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", "busybox-static"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if status.stdout.endswith(" installed") and Path("/bin/busybox").exists():
+        return Path("/bin/busybox")
     path = unpacked("busybox-static", cache_dir) / "bin" / "busybox"
     if not path.exists():
         raise GuestUnavailable("busybox-static has no bin/busybox")
@@ -204,7 +216,10 @@ def build_initramfs(out: Path, kern: Kernel, bb: Path, cpio: Path) -> None:
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         archive = subprocess.run(
             [str(cpio), "-o", "-H", "newc", "-R", "0:0", "--quiet"],
-            cwd=root, input="\n".join(files).encode() + b"\n", capture_output=True, check=False,
+            cwd=root,
+            input="\n".join(files).encode() + b"\n",
+            capture_output=True,
+            check=False,
         )
         if archive.returncode != 0:
             raise GuestUnavailable(f"cpio: {archive.stderr.decode().strip()}")
@@ -272,8 +287,20 @@ def read_head(path: Path, fmt: str, length: int = SLOTS * RECORD) -> bytes:
         with path.open("rb") as f:
             return f.read(length)
     with tempfile.NamedTemporaryFile(suffix=".raw") as out:
-        _run([str(qemu_img()), "dd", "-f", fmt, "-O", "raw", "bs=512",
-              f"count={length // 512}", f"if={path}", f"of={out.name}"])
+        _run(
+            [
+                str(qemu_img()),
+                "dd",
+                "-f",
+                fmt,
+                "-O",
+                "raw",
+                "bs=512",
+                f"count={length // 512}",
+                f"if={path}",
+                f"of={out.name}",
+            ]
+        )
         return Path(out.name).read_bytes()[:length]
 
 
@@ -347,8 +374,16 @@ class Guest:
     unix socket. With incoming, QEMU waits for a migration (-incoming defer, so the caller
     can set up an NBD server first) and stays paused (-S) until cont, as libvirt does."""
 
-    def __init__(self, img: Image, disk: Path, fmt: str, workdir: Path, name: str,
-                 incoming: bool = False, memory_mib: int = 256) -> None:
+    def __init__(
+        self,
+        img: Image,
+        disk: Path,
+        fmt: str,
+        workdir: Path,
+        name: str,
+        incoming: bool = False,
+        memory_mib: int = 256,
+    ) -> None:
         assert QEMU is not None
         self.name = name
         self.workdir = workdir
@@ -372,8 +407,9 @@ class Guest:
             self.argv += ["-S", "-incoming", "defer"]
         self.started = time.monotonic()
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         self.qmp = self._connect()
 
     def _connect(self, timeout: float = 20.0) -> QMP:
@@ -467,8 +503,9 @@ def migrate(src: Guest, dst: Guest, resume: bool = True) -> float:
 def start_nbd_export(dst: Guest, device: str = "disk0") -> int:
     """The destination's half of a storage copy: an NBD server exporting its (empty) disk."""
     port = free_port()
-    dst.cmd("nbd-server-start", addr={"type": "inet", "data": {"host": "127.0.0.1",
-                                                                "port": str(port)}})
+    dst.cmd(
+        "nbd-server-start", addr={"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}
+    )
     dst.cmd("nbd-server-add", device=device, writable=True)
     return port
 
@@ -476,9 +513,15 @@ def start_nbd_export(dst: Guest, device: str = "disk0") -> int:
 def mirror_to_nbd(src: Guest, port: int, device: str = "disk0", timeout: float = 300) -> None:
     """The source's half: mirror the disk onto the destination's export until ready (the
     mirror then keeps both in step until it is cancelled)."""
-    src.cmd("drive-mirror", device=device, **{"job-id": f"mirror-{device}"},
-            target=f"nbd:127.0.0.1:{port}:exportname={device}", format="raw",
-            sync="full", mode="existing")
+    src.cmd(
+        "drive-mirror",
+        device=device,
+        **{"job-id": f"mirror-{device}"},
+        target=f"nbd:127.0.0.1:{port}:exportname={device}",
+        format="raw",
+        sync="full",
+        mode="existing",
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         jobs = {j["device"]: j for j in src.cmd("query-block-jobs")}
@@ -504,5 +547,6 @@ def end_mirror(src: Guest, device: str = "disk0", timeout: float = 60) -> None:
 
 if __name__ == "__main__":
     result = image()
-    print(json.dumps({"vmlinuz": str(result.vmlinuz), "initrd": str(result.initrd),
-                      **result.timings}))
+    print(
+        json.dumps({"vmlinuz": str(result.vmlinuz), "initrd": str(result.initrd), **result.timings})
+    )

@@ -72,8 +72,9 @@ def check_disk(disk: Path, fmt: str, newer_than: int, console_last: int) -> g.Re
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_guest_boots_and_counts(image: g.Image, tmp_path: Path, guests: list[g.Guest],
-                                fmt: str, report: Report) -> None:
+def test_guest_boots_and_counts(
+    image: g.Image, tmp_path: Path, guests: list[g.Guest], fmt: str, report: Report
+) -> None:
     disk = tmp_path / f"disk.{fmt}"
     g.create_disk(disk, fmt, 64 * MiB)
     q = g.Guest(image, disk, fmt, tmp_path, "boot")
@@ -90,8 +91,9 @@ def test_guest_boots_and_counts(image: g.Image, tmp_path: Path, guests: list[g.G
     check_disk(disk, fmt, 0, counts[-1])
 
 
-def test_guest_live_migration_shared_storage(image: g.Image, tmp_path: Path,
-                                             guests: list[g.Guest], report: Report) -> None:
+def test_guest_live_migration_shared_storage(
+    image: g.Image, tmp_path: Path, guests: list[g.Guest], report: Report
+) -> None:
     disk = tmp_path / "shared.raw"
     g.create_disk(disk, "raw", 64 * MiB)
     src = g.Guest(image, disk, "raw", tmp_path, "src")
@@ -120,8 +122,9 @@ def check_continued(src_last: int, dst: g.Guest) -> None:
     assert consecutive(counts)
 
 
-def test_guest_live_migration_nbd_storage_copy(image: g.Image, tmp_path: Path,
-                                               guests: list[g.Guest], report: Report) -> None:
+def test_guest_live_migration_nbd_storage_copy(
+    image: g.Image, tmp_path: Path, guests: list[g.Guest], report: Report
+) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     src_disk, dst_disk = tmp_path / "a" / "disk.raw", tmp_path / "b" / "disk.raw"
