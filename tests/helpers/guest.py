@@ -93,7 +93,10 @@ def unpacked(package: str, cache_dir: Path = CACHE_DIR) -> Path:
     root = cache_dir / "debs" / f"{package}_{version.replace(':', '%3a')}"
     if root.is_dir():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GuestUnavailable(f"cache {cache_dir}: {e} (set VMMIGRATE_GUEST_CACHE)") from e
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".fetch-") as tmp:
         # apt-get drops root to _apt for the download when it can: give it the directory.
         if _has_user("_apt"):
@@ -103,7 +106,11 @@ def unpacked(package: str, cache_dir: Path = CACHE_DIR) -> Path:
         if len(debs) != 1:
             raise GuestUnavailable(f"apt-get download {package}: got {debs}")
         _run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "root")])
-        os.rename(Path(tmp) / "root", root)
+        try:
+            os.rename(Path(tmp) / "root", root)
+        except OSError:
+            if not root.is_dir():  # else a concurrent run unpacked the same version first
+                raise
     return root
 
 
@@ -223,7 +230,7 @@ def build_initramfs(out: Path, kern: Kernel, bb: Path, cpio: Path) -> None:
         )
         if archive.returncode != 0:
             raise GuestUnavailable(f"cpio: {archive.stderr.decode().strip()}")
-    part = out.with_name(out.name + ".part")
+    part = out.with_name(f"{out.name}.{os.getpid()}.part")  # concurrent builders
     part.write_bytes(gzip.compress(archive.stdout, compresslevel=6))
     os.replace(part, out)
 
