@@ -190,7 +190,16 @@ def _add_migrate_parsers(sub: Any) -> None:
     p.add_argument(
         "--copy-storage-inc", action="store_true", help="copy non-shared disks incrementally"
     )
-    p.add_argument("--unsafe", action="store_true", help="migrate even if it may be unsafe")
+    p.add_argument(
+        "--migrate-disks",
+        metavar="DISKS",
+        help="with --copy-storage-*: the disk targets to copy, comma-separated (vda,vdb)",
+    )
+    p.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="migrate even if disks may be corrupted (cache other than none or directsync)",
+    )
     p.add_argument(
         "--auto-converge", action="store_true", help="throttle vCPUs until the copy converges"
     )
@@ -267,7 +276,15 @@ def migrate_params(a: argparse.Namespace) -> pb.MigrationParams:
         bandwidth_mib=a.bandwidth or 0,
         timeout_s=a.timeout or 0,
         timeout_suspend=a.timeout_suspend,
+        migrate_disks=_disk_list(a.migrate_disks),
     )
+
+
+def _disk_list(value: str | None) -> list[str]:
+    """--migrate-disks' comma-separated disk targets (empty items ignored)."""
+    if value is None:
+        return []
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _print_table(rows: list[pb.ListEntry]) -> None:
