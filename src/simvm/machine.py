@@ -239,6 +239,8 @@ class Machine:
             _SEQ.pack_into(self.memory, self._cursor_offset(i), drive.next_seq_on_disk())
 
     def _write_drives_locked(self) -> None:
+        if not self.drives:
+            return  # without disks the last page is the guest's like any other
         base = self.cursor_page * self.page_size
         if self.memory[base : base + len(CURSOR_MAGIC)] != CURSOR_MAGIC:
             # memory that came from a simvm without disks: start as a cold boot would
