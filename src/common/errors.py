@@ -14,6 +14,7 @@ server translates to gRPC in exactly one place, and the client library translate
      |    +-- SameHost                  FAILED_PRECONDITION migrating to one's own host
      +-- ArgumentUnsupported            FAILED_PRECONDITION the peer lacks a feature
      +-- ConfigUnsupported              FAILED_PRECONDITION this host's policy refuses it
+     +-- MigrateUnsafe                  FAILED_PRECONDITION disks a live migration may corrupt
      +-- NoDomain                       NOT_FOUND
      +-- DomainExists                   ALREADY_EXISTS     name / UUID conflicts
      +-- JobActive                      ABORTED            another job holds the domain
@@ -97,6 +98,13 @@ class ConfigUnsupported(VmmigrateError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class MigrateUnsafe(VmmigrateError):
+    """libvirt's VIR_ERR_MIGRATE_UNSAFE: a live migration that may corrupt disks (--unsafe
+    overrides it)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class NoDomain(VmmigrateError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -160,6 +168,7 @@ CATEGORIES: dict[str, str] = {
     "SameHost": "internal error: ",  # libvirt's "Attempt to migrate guest to the same host"
     "ArgumentUnsupported": "argument unsupported: ",  # VIR_ERR_ARGUMENT_UNSUPPORTED
     "ConfigUnsupported": "unsupported configuration: ",  # VIR_ERR_CONFIG_UNSUPPORTED
+    "MigrateUnsafe": "Unsafe migration: ",  # VIR_ERR_MIGRATE_UNSAFE
     "NoDomain": "Domain not found: ",  # VIR_ERR_NO_DOMAIN
     "DomainExists": "operation failed: ",  # libvirt's "domain '%s' already exists ..."
     "JobActive": "Requested operation is not valid: ",  # "another migration job is ..."

@@ -38,6 +38,7 @@ from typing import Any
 import structlog
 from lxml import etree
 from vmmigrate.common.config import DaemonConfig
+from vmmigrate.common.disks import domain_disks
 from vmmigrate.common.domainxml import DomainDef
 from vmmigrate.common.durable import atomic_write, durable_unlink
 from vmmigrate.common.errors import (
@@ -265,6 +266,31 @@ def _qemu_passthrough(d: DomainDef) -> list[str]:
     return [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
 
 
+def simvm_drives(d: DomainDef) -> list[str]:
+    """simvm's ``-drive`` options for the domain's disks (file and block, raw): its guest
+    writes to them. A cdrom without media has nothing to open; any other disk is refused,
+    never dropped."""
+    out: list[str] = []
+    for disk in domain_disks(d):
+        if disk.empty and disk.device == "cdrom":
+            continue
+        if disk.type not in ("file", "block") or disk.empty:
+            raise ConfigUnsupported(
+                f"simvm cannot run disk '{disk.target}' of type '{disk.type}' "
+                "(file and block disks with a source only)"
+            )
+        if disk.format not in ("", "raw"):
+            raise ConfigUnsupported(
+                f"simvm cannot run disk '{disk.target}' of format '{disk.format}' (raw only)"
+            )
+        opts = [f"file={disk.source.replace(',', ',,')}", "format=raw", "if=virtio"]
+        opts.append(f"cache={disk.cache or 'writeback'}")
+        if disk.readonly or disk.device == "cdrom":
+            opts.append("readonly=on")
+        out += ["-drive", ",".join(opts)]
+    return out
+
+
 MONITOR_ROLES = ("srcd", "dstd")
 
 
@@ -308,7 +334,7 @@ def build_argv(
         # the daemon's own interpreter and package: the XML's path is a name, never run
         head = [sys.executable, "-m", "vmmigrate.simvm"]
         extra = ["-dirty-rate", str(settings.simvm_dirty_rate)] if settings.simvm_dirty_rate else []
-        return head + common + extra
+        return head + common + extra + simvm_drives(d)
     binary = d.emulator or settings.qemu_binary
     if not os.path.isabs(binary):
         found = shutil.which(binary)

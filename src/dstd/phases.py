@@ -23,6 +23,7 @@ from vmmigrate.common.cookie import (
     format_cookie,
     parse_cookie,
 )
+from vmmigrate.common.disks import check_migration_safe, check_storage_copy, domain_disks
 from vmmigrate.common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
 from vmmigrate.common.errors import (
     HostBusy,
@@ -33,6 +34,7 @@ from vmmigrate.common.errors import (
     OperationInvalid,
 )
 from vmmigrate.common.flags import MigrateFlag, check_prepare_flags
+from vmmigrate.common.hypervisor import emulator_kind
 from vmmigrate.common.phase import Phase, require
 from vmmigrate.common.qmp import QMPError
 from vmmigrate.common.rpc import Deadline
@@ -279,6 +281,10 @@ async def _start_incoming(ctx: DestinationContext, job: IncomingJob, running: Do
 
 async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
     received, persist = _definitions(ctx, req)
+    # the disks of the XML this host will run (DEST_XML may differ from the source's), and
+    # storage copy refused for its emulator, before anything is reserved or started
+    check_migration_safe(domain_disks(received), req.flags)
+    check_storage_copy(req.flags, emulator_kind(received, ctx.hypervisor.settings.default))
     target = _renamed(persist, req.dest_name)
     running = _renamed(received, req.dest_name)
     _check_cookie(ctx, req, received)

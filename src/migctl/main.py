@@ -153,6 +153,24 @@ def _add_domain_parsers(sub: Any) -> None:
         p.add_argument("domain", help=DOMAIN_HELP)
 
 
+def _add_disk_options(p: argparse.ArgumentParser) -> None:
+    """migrate's disk options: storage copy and the safety check's override."""
+    p.add_argument("--copy-storage-all", action="store_true", help="copy non-shared disks in full")
+    p.add_argument(
+        "--copy-storage-inc", action="store_true", help="copy non-shared disks incrementally"
+    )
+    p.add_argument(
+        "--migrate-disks",
+        metavar="DISKS",
+        help="with --copy-storage-*: the disk targets to copy, comma-separated (vda,vdb)",
+    )
+    p.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="migrate even if disks may be corrupted (cache other than none or directsync)",
+    )
+
+
 def _add_migrate_parsers(sub: Any) -> None:
     """The migration commands: migrate and its job's queries and tunables."""
     p = sub.add_parser("domjobinfo", help="statistics of the domain's migration job")
@@ -186,11 +204,7 @@ def _add_migrate_parsers(sub: Any) -> None:
     p.add_argument("--persistent", action="store_true", help="define the domain on the target")
     p.add_argument("--undefinesource", action="store_true", help="undefine it on the source")
     p.add_argument("--suspend", action="store_true", help="leave it paused on the target")
-    p.add_argument("--copy-storage-all", action="store_true", help="copy non-shared disks in full")
-    p.add_argument(
-        "--copy-storage-inc", action="store_true", help="copy non-shared disks incrementally"
-    )
-    p.add_argument("--unsafe", action="store_true", help="migrate even if it may be unsafe")
+    _add_disk_options(p)
     p.add_argument(
         "--auto-converge", action="store_true", help="throttle vCPUs until the copy converges"
     )
@@ -267,7 +281,15 @@ def migrate_params(a: argparse.Namespace) -> pb.MigrationParams:
         bandwidth_mib=a.bandwidth or 0,
         timeout_s=a.timeout or 0,
         timeout_suspend=a.timeout_suspend,
+        migrate_disks=_disk_list(a.migrate_disks),
     )
+
+
+def _disk_list(value: str | None) -> list[str]:
+    """--migrate-disks' comma-separated disk targets (empty items ignored)."""
+    if value is None:
+        return []
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _print_table(rows: list[pb.ListEntry]) -> None:

@@ -22,11 +22,17 @@ in the dirty set, which the migration swaps out at each pass (:meth:`sync_dirty`
 The vCPU's writes are deterministic given ``-seed``: the n-th write always hits the same
 page with the same bytes, whatever the rate or throttle, so two simvms with one seed and
 the same number of writes (:attr:`writes`) hold the same memory.
+
+With disks (``-drive``), each vCPU tick also writes one record to every writable disk
+(simvm/disk.py), under the lock and only while running; the disks' next sequence numbers
+live in the last page of memory (the cursor page, which the random writes leave alone),
+so they migrate with the memory. Leaving ``running`` fsyncs every disk.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import logging
 import mmap
@@ -37,6 +43,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vmmigrate.simvm.disk import Drive
 from vmmigrate.simvm.stream import PAGE_SIZE
 
 log = logging.getLogger("simvm.machine")
@@ -70,6 +77,8 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 VCPU_TICK = 0.01  # seconds between batches of dirty writes
 WRITE_LEN = 16  # bytes of new random data per dirty write
 _STAMP = struct.Struct("<Q")
+CURSOR_MAGIC = b"SIMVMCUR"
+_SEQ = struct.Struct("<Q")
 
 
 class TransitionError(Exception):
@@ -88,6 +97,7 @@ class Machine:
         dirty_rate: int,
         initial: RunState,
         fill: bool,
+        drives: list[Drive] | None = None,
     ) -> None:
         self.page_size = PAGE_SIZE
         self.page_count = mib * (1 << 20) // PAGE_SIZE
@@ -108,8 +118,14 @@ class Machine:
         self._wake = threading.Event()
         self._quit = False
         self._thread: threading.Thread | None = None
+        self.drives = drives or []
+        # the random writes stay off the cursor page (the last one) when there are disks
+        self.guest_pages = self.page_count - (1 if self.drives else 0)
+        self.cursor_page = self.page_count - 1
         if fill:
             _fill(self.memory, seed)
+            if self.drives:
+                self._init_cursor()
 
     # -- run state -------------------------------------------------------------------
 
@@ -124,6 +140,8 @@ class Machine:
             self.state = new
             log.info("runstate %s -> %s", old.value, new.value)
             # emitted under the lock, so events leave in the order the state moved
+            if old is RunState.RUNNING:
+                self._flush_drives()  # QEMU flushes every drive when the VM stops
             if old is RunState.RUNNING and new is not RunState.SHUTDOWN:
                 self._emit("STOP", {})
             if new is RunState.RUNNING:
@@ -162,12 +180,14 @@ class Machine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+        self.close_drives()
 
     def _vcpu(self) -> None:
         carry = 0.0
         last = time.monotonic()
         while not self._quit:
-            if self.state is not RunState.RUNNING or self.dirty_rate <= 0:
+            idle = self.dirty_rate <= 0 and not self.drives
+            if self.state is not RunState.RUNNING or idle:
                 self._wake.clear()
                 self._wake.wait(0.1)
                 last = time.monotonic()
@@ -180,10 +200,11 @@ class Machine:
             carry += self.dirty_rate * (100 - self.throttle) / 100.0 * elapsed
             n = int(carry)
             carry -= n
-            if n:
+            if n or self.drives:
                 with self.lock:
                     if self.state is RunState.RUNNING:
                         self._dirty_locked(n)
+                        self._write_drives_locked()
 
     def dirty(self, n: int) -> None:
         """Do ``n`` vCPU writes now, whatever the run state (x-simvm-dirty)."""
@@ -194,7 +215,7 @@ class Machine:
         rng = self._vcpu_rng
         mem = self.memory
         ps = self.page_size
-        count = self.page_count
+        count = self.guest_pages
         dirty = self._dirty
         for _ in range(n):
             page = rng.randrange(count)
@@ -203,6 +224,86 @@ class Machine:
             if dirty is not None:
                 dirty.add(page)
         self.writes += n
+
+    # -- disks -----------------------------------------------------------------------
+
+    def _cursor_offset(self, index: int) -> int:
+        return self.cursor_page * self.page_size + len(CURSOR_MAGIC) + index * _SEQ.size
+
+    def _init_cursor(self) -> None:
+        """A cold start: each disk goes on after its last record (the guest's boot)."""
+        base = self.cursor_page * self.page_size
+        self.memory[base : base + self.page_size] = bytes(self.page_size)
+        self.memory[base : base + len(CURSOR_MAGIC)] = CURSOR_MAGIC
+        for i, drive in enumerate(self.drives):
+            _SEQ.pack_into(self.memory, self._cursor_offset(i), drive.next_seq_on_disk())
+
+    def _write_drives_locked(self) -> None:
+        if not self.drives:
+            return  # without disks the last page is the guest's like any other
+        base = self.cursor_page * self.page_size
+        if self.memory[base : base + len(CURSOR_MAGIC)] != CURSOR_MAGIC:
+            # memory that came from a simvm without disks: start as a cold boot would
+            self._init_cursor()
+        for i, drive in enumerate(self.drives):
+            if not drive.writable:
+                continue
+            off = self._cursor_offset(i)
+            (seq,) = _SEQ.unpack_from(self.memory, off)
+            try:
+                drive.write(seq)
+            except OSError as exc:
+                drive.failed = True
+                log.error("disk %s: write failed: %s", drive.spec.file, exc)
+                # QEMU's event for a failed guest write (werror=report: the guest sees it)
+                self._emit(
+                    "BLOCK_IO_ERROR",
+                    {
+                        "device": f"drive{i}",
+                        "operation": "write",
+                        "action": "report",
+                        "nospace": exc.errno == errno.ENOSPC,
+                        "reason": exc.strerror or str(exc),
+                    },
+                )
+                continue
+            _SEQ.pack_into(self.memory, off, seq + 1)
+            if self._dirty is not None:
+                self._dirty.add(self.cursor_page)
+
+    def _flush_drives(self) -> None:
+        for drive in self.drives:
+            try:
+                drive.flush()
+            except OSError as exc:
+                drive.failed = True
+                log.error("disk %s: flush failed: %s", drive.spec.file, exc)
+
+    def disk_status(self) -> list[dict[str, Any]]:
+        """Each disk and the next sequence number its guest will write (memory frozen)."""
+        with self.lock:
+            out = []
+            for i, drive in enumerate(self.drives):
+                (seq,) = _SEQ.unpack_from(self.memory, self._cursor_offset(i))
+                out.append(
+                    {
+                        "file": drive.spec.file,
+                        "readonly": drive.spec.readonly,
+                        "cache": drive.spec.cache,
+                        "next-seq": seq,
+                        "failed": drive.failed,
+                    }
+                )
+            return out
+
+    def close_drives(self) -> None:
+        with self.lock:
+            for drive in self.drives:
+                try:
+                    drive.close()
+                except OSError as exc:
+                    log.error("disk %s: close failed: %s", drive.spec.file, exc)
+            self.drives = []
 
     # -- dirty log, for migration ----------------------------------------------------
 

@@ -3,8 +3,10 @@
     simvm -name NAME -uuid UUID -m MIB [-smp N] -qmp unix:PATH,server=on,wait=off [-S]
           [-incoming tcp:HOST:PORT | -incoming unix:PATH | -incoming defer]
           [-dirty-rate PAGES_PER_SEC] [-seed N] [-pidfile PATH]
+          [-drive file=PATH,format=raw,if=virtio,cache=MODE[,readonly=on] ...]
 
-Start-up order: memory (filled from -seed unless -incoming), the -incoming listener, the
+Start-up order: the disks (opened as QEMU opens its images: a missing one is an error),
+memory (filled from -seed unless -incoming), the -incoming listener, the
 pidfile, then the QMP socket: once the socket exists, simvm is ready. Exit status 0 after
 ``quit`` or SIGTERM/SIGINT/SIGHUP (SHUTDOWN event first), 1 after a failed incoming
 migration or a bad command line.
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from vmmigrate.common.version import package_version
+from vmmigrate.simvm.disk import Drive, DriveError, DriveSpec, parse_drive
 from vmmigrate.simvm.emulator import Emulator
 from vmmigrate.simvm.machine import Machine, RunState
 from vmmigrate.simvm.monitor import Monitor
@@ -92,6 +95,13 @@ def _incoming(value: str) -> str:
     return value
 
 
+def _drive(value: str) -> DriveSpec:
+    try:
+        return parse_drive(value)
+    except DriveError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _non_negative(value: str) -> int:
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
@@ -126,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-seed", type=int, help="seed for memory content and vCPU writes")
     p.add_argument("-pidfile", help="write the process id to this file at start")
+    p.add_argument(
+        "-drive",
+        dest="drives",
+        action="append",
+        default=[],
+        type=_drive,
+        help="file=PATH,format=raw,if=virtio,cache=MODE[,readonly=on]: a disk the guest "
+        "writes records to (repeatable)",
+    )
     return p
 
 
@@ -149,7 +168,25 @@ def main(argv: list[str] | None = None) -> int:
                 os.unlink(args.pidfile)
 
 
-def _build(args: argparse.Namespace, monitor: Monitor, request_exit: ExitRequest) -> Emulator:
+def _open_drives(specs: list[DriveSpec], vm_uuid: str) -> list[Drive]:
+    """Open every disk, or none (DriveError names the one that failed)."""
+    drives: list[Drive] = []
+    try:
+        for spec in specs:
+            drives.append(Drive(spec, vm_uuid))
+    except DriveError:
+        for drive in drives:
+            drive.close()
+        raise
+    return drives
+
+
+def _build(
+    args: argparse.Namespace,
+    monitor: Monitor,
+    request_exit: ExitRequest,
+    drives: list[Drive],
+) -> Emulator:
     """The machine and its emulator as the command line asks (nothing started yet)."""
     if args.incoming:
         initial = RunState.INMIGRATE
@@ -162,6 +199,7 @@ def _build(args: argparse.Namespace, monitor: Monitor, request_exit: ExitRequest
         dirty_rate=args.dirty_rate,
         initial=initial,
         fill=not args.incoming,  # incoming memory arrives from the stream
+        drives=drives,
     )
     emulator = Emulator(
         name=args.name,
@@ -187,7 +225,12 @@ async def _run(args: argparse.Namespace) -> int:
         loop.call_soon_threadsafe(settle)
 
     monitor = Monitor()
-    emulator = _build(args, monitor, request_exit)
+    try:
+        drives = _open_drives(args.drives, args.uuid)
+    except DriveError as exc:
+        print(f"simvm: {exc}", file=sys.stderr)
+        return 1
+    emulator = _build(args, monitor, request_exit, drives)
     machine = emulator.machine
     if args.incoming == "defer":
         emulator.incoming_deferred = True

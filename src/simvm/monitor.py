@@ -259,6 +259,35 @@ async def _dirty(em: Emulator, args: Args) -> Any:
     return {}
 
 
+@command("x-simvm-query-disks")
+async def _query_disks(em: Emulator, args: Args) -> Any:
+    args.done()
+    return em.machine.disk_status()
+
+
+# QEMU's storage-copy commands (a live migration's disk mirror and its NBD server): simvm
+# writes its disks in place and copies none, so it refuses them by name; vmmigrate refuses
+# storage copy of a simvm domain before it gets here.
+STORAGE_COPY_COMMANDS = (
+    "drive-mirror",
+    "blockdev-mirror",
+    "nbd-server-start",
+    "nbd-server-add",
+    "block-export-add",
+)
+
+
+def _refuse_storage_copy(name: str) -> Handler:
+    async def refuse(em: Emulator, args: Args) -> Any:
+        raise CommandError(f"simvm does not implement '{name}': storage copy needs QEMU")
+
+    return refuse
+
+
+for _name in STORAGE_COPY_COMMANDS:
+    command(_name)(_refuse_storage_copy(_name))
+
+
 # -- the protocol ---------------------------------------------------------------------------
 
 

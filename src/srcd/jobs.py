@@ -39,6 +39,7 @@ class SourceParams:
     bandwidth_mib: int = 0
     timeout_s: int = 0
     timeout_suspend: bool = False
+    migrate_disks: tuple[str, ...] = ()  # --migrate-disks: checked in Begin
 
     @classmethod
     def from_pb(cls, p: pb.MigrationParams) -> SourceParams:
@@ -50,6 +51,7 @@ class SourceParams:
             bandwidth_mib=p.bandwidth_mib,
             timeout_s=p.timeout_s,
             timeout_suspend=p.timeout_suspend,
+            migrate_disks=tuple(p.migrate_disks),
         )
 
     def to_pb(self) -> pb.MigrationParams:

@@ -21,6 +21,12 @@ from vmmigrate.common.cookie import (
     format_cookie,
     parse_cookie,
 )
+from vmmigrate.common.disks import (
+    check_migrate_disks,
+    check_migration_safe,
+    check_storage_copy,
+    domain_disks,
+)
 from vmmigrate.common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
 from vmmigrate.common.errors import (
     JobActive,
@@ -134,6 +140,7 @@ async def begin_offline(ctx: SourceContext, start: _Begin) -> tuple[SourceJob, B
     # libvirt checks, in its order: the job, then the flag rules.
     check_begin_flags(start.flags)
     current, was_running = start.current, False
+    check_migrate_disks(domain_disks(current), start.flags, start.params.migrate_disks)
     runtime = ctx.hypervisor.record(current.uuid)
     if runtime is not None:
         current = _running_definition(runtime, current)
@@ -152,8 +159,13 @@ async def begin_live(ctx: SourceContext, start: _Begin) -> tuple[SourceJob, Begi
     runtime = ctx.hypervisor.record(start.current.uuid)
     if runtime is None:
         raise OperationInvalid("domain is not running")
-    check_begin_flags(start.flags)
     current = _running_definition(runtime, start.current)
+    # libvirt's order: the safety check before the flag rules, the disk rules after them
+    disks = domain_disks(current)
+    check_migration_safe(disks, start.flags, start.params.migrate_disks)
+    check_begin_flags(start.flags)
+    check_migrate_disks(disks, start.flags, start.params.migrate_disks)
+    check_storage_copy(start.flags, runtime.emulator)
     flags = start.flags
     was_running = await ctx.hypervisor.status(current.uuid) == RunState.RUNNING
     if not was_running:

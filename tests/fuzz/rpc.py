@@ -422,6 +422,12 @@ def value_strategy(lab: Lab, field: pbd.FieldDescriptor, current: Any) -> st.Sea
 def _set(msg: Message, path: tuple[str, ...], value: Any) -> None:
     for part in path[:-1]:
         msg = getattr(msg, part)
+    items = getattr(msg, path[-1])
+    if not isinstance(items, Message) and hasattr(items, "append"):
+        # a repeated field is set by its items (a container, not assignable)
+        del items[:]
+        items.append(value)
+        return
     setattr(msg, path[-1], value)
 
 

@@ -115,6 +115,7 @@ class MigrationParams(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     TIMEOUT_SUSPEND_FIELD_NUMBER: _builtins.int
     LISTEN_ADDRESS_FIELD_NUMBER: _builtins.int
+    MIGRATE_DISKS_FIELD_NUMBER: _builtins.int
     dest_name: _builtins.str
     """destination_name: rename on the destination"""
     dest_xml: _builtins.str
@@ -131,6 +132,10 @@ class MigrationParams(_message.Message):
     """--timeout-suspend"""
     listen_address: _builtins.str
     """listen_address on the destination"""
+    @_builtins.property
+    def migrate_disks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """migrate_disks: targets (vda, ...) storage copy copies"""
+
     def __init__(
         self,
         *,
@@ -142,10 +147,11 @@ class MigrationParams(_message.Message):
         timeout_s: _builtins.int = ...,
         timeout_suspend: _builtins.bool = ...,
         listen_address: _builtins.str = ...,
+        migrate_disks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_mib", b"bandwidth_mib", "dest_name", b"dest_name", "dest_xml", b"dest_xml", "listen_address", b"listen_address", "migrate_uri", b"migrate_uri", "persist_xml", b"persist_xml", "timeout_s", b"timeout_s", "timeout_suspend", b"timeout_suspend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_mib", b"bandwidth_mib", "dest_name", b"dest_name", "dest_xml", b"dest_xml", "listen_address", b"listen_address", "migrate_disks", b"migrate_disks", "migrate_uri", b"migrate_uri", "persist_xml", b"persist_xml", "timeout_s", b"timeout_s", "timeout_suspend", b"timeout_suspend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
