@@ -126,10 +126,11 @@ class HostFacts:
     binary: str = "qemu-system-x86_64"
     accel: str = "tcg"  # tcg | kvm
     monitors: tuple[str, ...] = ()  # QMP unix sockets
-    # Per domain: serial/console logs (port 0 here, port N at "<path>.N") and the directory
-    # of channel sockets that name no path.
+    # Per domain: serial/console logs (port 0 here, port N at "<path>.N"), and where the
+    # sockets of channels that name no path go ("<prefix>N" for channel N: a unix socket
+    # path holds 107 bytes, so no longer name).
     console_log: str = ""
-    channel_dir: str = "/run/vmmigrate/channel"
+    channel_prefix: str = "/run/vmmigrate/channel"
     networks: Mapping[str, str] = dataclasses.field(default_factory=dict)  # NAME -> bridge
     vnc_port: int | None = None  # the port picked for an autoport VNC display
     tcg_cpu_models: frozenset[str] = TCG_CPU_MODELS
@@ -990,7 +991,7 @@ def _log_path(ctx: _Ctx, el: etree._Element, port: int) -> str | None:
     return ctx.facts.console_log if port == 0 else f"{ctx.facts.console_log}.{port}"
 
 
-def _chardev(ctx: _Ctx, el: etree._Element, chid: str, log: str | None) -> str:
+def _chardev(ctx: _Ctx, el: etree._Element, chid: str, log: str | None, auto: str = "") -> str:
     kind = el.get("type", "pty")
     src = el.find("source")
     path = None if src is None else src.get("path")
@@ -1005,9 +1006,9 @@ def _chardev(ctx: _Ctx, el: etree._Element, chid: str, log: str | None) -> str:
         append = "on" if src is not None and src.get("append") == "on" else None
         return _opts("file", id=chid, path=path, append=append, **logs)
     if kind == "unix":
-        if not path:
-            name = el.find("target")
-            path = f"{ctx.facts.channel_dir}/{'' if name is None else name.get('name', chid)}"
+        if not path and not auto:
+            raise XMLError(f"<{_local(el)} type='unix'> needs <source path=...>")
+        path = path or auto
         server = "on" if src is None or src.get("mode", "bind") == "bind" else "off"
         wait = "off" if server == "on" else None
         return _opts("socket", id=chid, path=path, server=server, wait=wait, **logs)
@@ -1059,7 +1060,8 @@ def _chardev_args(ctx: _Ctx) -> list[str]:
         chid = f"charchannel{i}"
         serport = _opts("virtserialport", bus="virtio-serial0.0", nr=i + 1, chardev=chid,
                         id=f"channel{i}", name=target.get("name"))  # fmt: skip
-        out += ["-chardev", _chardev(ctx, chan, chid, None), "-device", serport]
+        auto = f"{ctx.facts.channel_prefix}{i}"
+        out += ["-chardev", _chardev(ctx, chan, chid, None, auto), "-device", serport]
     return out
 
 
@@ -1223,3 +1225,9 @@ def pick_vnc_port(lo: int, hi: int, host: str = "127.0.0.1") -> int:
                 continue
             return port
     raise OperationFailed(f"no free VNC port in {lo}-{hi}")
+
+
+def needs_vnc_port(domain: DomainDef | etree._Element) -> bool:
+    """Whether the domain has a VNC display whose port the host picks (autoport)."""
+    g = _root(domain).find("devices/graphics[@type='vnc']")
+    return g is not None and (g.get("autoport") == "yes" or g.get("port", "-1") == "-1")

@@ -37,7 +37,7 @@ FACTS = HostFacts(
     accel="tcg",
     monitors=("/var/lib/vmmigrate/run/dom.qmp", "/var/lib/vmmigrate/run/dom.srcd.qmp"),
     console_log="/var/lib/vmmigrate/run/dom.console.log",
-    channel_dir="/var/lib/vmmigrate/run/dom.channel",
+    channel_prefix="/var/lib/vmmigrate/run/dom.ch",
     networks={"default": "virbr0"},
     vnc_port=5901,
 )
@@ -334,12 +334,19 @@ def qmp(path: Path, *commands: str) -> list[dict[str, object]]:
 
 
 def wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the monitor accepts a connection (the socket file appears before QEMU listens)."""
     deadline = time.monotonic() + 20
-    while not path.exists():
+    while True:
         if proc.poll() is not None:
             pytest.fail(f"QEMU exited {proc.returncode}: {log.read_text()}")
         assert time.monotonic() < deadline, "QEMU did not open its monitor"
-        time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(path))
+            except OSError:
+                time.sleep(0.02)
+                continue
+        return
 
 
 @pytest.fixture
@@ -371,7 +378,7 @@ def start_golden(d: DomainDef, short_tmp: Path, qemu: str) -> None:
         binary=qemu,
         monitors=(str(monitor),),
         console_log=str(short_tmp / "console.log"),
-        channel_dir=str(short_tmp),
+        channel_prefix=str(short_tmp / "ch"),
         networks={"default": "virbr0"},
         vnc_port=qemuargv.pick_vnc_port(5900, 5999),
     )
@@ -396,3 +403,17 @@ def start_golden(d: DomainDef, short_tmp: Path, qemu: str) -> None:
             proc.kill()
             proc.wait()
     assert "warning" not in log.read_text().lower(), log.read_text()
+
+
+def test_the_host_refuses_unsupported_qemu_definitions_only(tmp_path: Path) -> None:
+    """define, start and Prepare ask the hypervisor's check_definition: for a QEMU domain it
+    refuses what the command line cannot carry; simvm domains keep their own rules."""
+    from vmmigrate.common.hypervisor import EmulatorSettings, QMPHypervisor
+
+    xml = domain("<sound model='ich9'/>")
+    qemu_host = QMPHypervisor(tmp_path / "q", EmulatorSettings(default="qemu"))
+    with pytest.raises(ConfigUnsupported, match="device <sound> is not supported"):
+        qemu_host.check_definition(parse_domain(xml))
+    QMPHypervisor(tmp_path / "s", EmulatorSettings(default="simvm")).check_definition(
+        parse_domain(xml)
+    )
