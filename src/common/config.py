@@ -52,6 +52,10 @@ class DaemonConfig:
     allow_qemu_commandline: bool = False
     emulator_user: str | None = None
     emulator_group: str | None = None
+    # QEMU guests: the host bridge of each network an <interface type='network'> may name
+    # (``networks = { default = "virbr0" }``), and where autoport VNC displays are picked.
+    networks: dict[str, str] = dataclasses.field(default_factory=dict)
+    vnc_ports: tuple[int, int] = (5900, 65535)
     # Host limits: migrations this host runs at once as destination (dstd) and as source
     # (srcd). A busy destination answers RESOURCE_EXHAUSTED (the source retries with backoff
     # until its deadline); a busy source queues a migration until a slot frees or its
@@ -150,6 +154,14 @@ def _metrics_listen(value: Any) -> str:
     return str(value)
 
 
+def _networks(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
+    ):
+        raise InvalidArgument('networks must be a table of NAME = "BRIDGE"')
+    return dict(value)
+
+
 # Settings whose value is converted by one function, by name.
 _CONVERTERS: dict[str, Any] = {
     "state_dir": Path,
@@ -157,18 +169,19 @@ _CONVERTERS: dict[str, Any] = {
     "insecure": _insecure,
     "history_limit": _history_limit,
     "metrics_listen": _metrics_listen,
+    "networks": _networks,
 }
 
 
 def _coerce(name: str, value: Any) -> Any:
     if name in _CONVERTERS and value is not None:
         return _CONVERTERS[name](value)
-    if name == "migration_ports":
+    if name in ("migration_ports", "vnc_ports"):
         if isinstance(value, str):
             return _parse_ports(value)
         if isinstance(value, (list, tuple)) and len(value) == 2:
             return _parse_ports(f"{int(value[0])}-{int(value[1])}")
-        raise InvalidArgument(f"migration_ports must be 'MIN-MAX', got {value!r}")
+        raise InvalidArgument(f"{name} must be 'MIN-MAX', got {value!r}")
     if name == "host_uuid" and value is not None:
         host_uuid = canonical_uuid_or_none(str(value))
         if host_uuid is None:

@@ -32,11 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import structlog
 from lxml import etree
+from vmmigrate.common import qemuargv
 from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.disks import domain_disks
 from vmmigrate.common.domainxml import DomainDef
@@ -78,6 +80,8 @@ class RuntimeRecord:
     # QEMU serves one client per monitor: each daemon gets a monitor of its own (role ->
     # socket), ``qmp`` stays free for tools. simvm serves many clients on one socket.
     monitors: dict[str, str] = dataclasses.field(default_factory=dict)
+    # tap devices created for the domain's interfaces (deleted when it stops)
+    taps: list[str] = dataclasses.field(default_factory=list)
 
     def monitor_path(self, role: str) -> str:
         return self.monitors.get(role, self.qmp)
@@ -171,6 +175,9 @@ class EmulatorSettings:
     qemu_accel: str = "tcg"
     simvm_dirty_rate: int = 0  # pages/s dirtied by simvm's vCPU
     policy: EmulatorPolicy = EmulatorPolicy()
+    # <interface type='network'> names one of these (NAME -> host bridge)
+    networks: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    vnc_ports: tuple[int, int] = (5900, 65535)  # where autoport VNC displays are picked
 
 
 def is_simvm(path: str) -> bool:
@@ -302,6 +309,30 @@ def monitor_paths(kind: str, qmp: str) -> dict[str, str]:
     return {role: f"{base}.{role}.qmp" for role in MONITOR_ROLES}
 
 
+def _qemu_binary(d: DomainDef, settings: EmulatorSettings) -> str:
+    binary = d.emulator or settings.qemu_binary
+    if not os.path.isabs(binary):
+        found = shutil.which(binary)
+        if found is None:
+            raise OperationFailed(f"emulator '{binary}' is not installed")
+        binary = found
+    return binary
+
+
+def qemu_facts(d: DomainDef, settings: EmulatorSettings, qmp: str) -> qemuargv.HostFacts:
+    """What the host adds to ``d``'s XML for QEMU: console log and channel sockets beside
+    the monitors (in the socket dir, which an unprivileged emulator may write to)."""
+    base = qmp.removesuffix(".qmp")
+    return qemuargv.HostFacts(
+        binary=_qemu_binary(d, settings),
+        accel=settings.qemu_accel,
+        monitors=(qmp, *monitor_paths("qemu", qmp).values()),
+        console_log=f"{base}.console.log",
+        channel_prefix=f"{base}.ch",
+        networks=settings.networks,
+    )
+
+
 def build_argv(
     d: DomainDef,
     kind: str,
@@ -310,7 +341,14 @@ def build_argv(
     *,
     paused: bool,
     incoming: str | None,
+    vnc_port: int | None = None,
 ) -> list[str]:
+    tail = ["-S"] if paused or incoming else []
+    if incoming:
+        tail += ["-incoming", incoming]
+    if kind == "qemu":
+        facts = dataclasses.replace(qemu_facts(d, settings, qmp), vnc_port=vnc_port)
+        return [*qemuargv.build_argv(d, facts), *tail, *_qemu_passthrough(d)]
     mib = max(d.memory_kib // 1024, 1)
     common = [
         "-name",
@@ -324,37 +362,10 @@ def build_argv(
         "-qmp",
         f"unix:{qmp},server=on,wait=off",
     ]
-    for path in monitor_paths(kind, qmp).values():
-        common += ["-qmp", f"unix:{path},server=on,wait=off"]
-    if paused or incoming:
-        common.append("-S")
-    if incoming:
-        common += ["-incoming", incoming]
-    if kind == "simvm":
-        # the daemon's own interpreter and package: the XML's path is a name, never run
-        head = [sys.executable, "-m", "vmmigrate.simvm"]
-        extra = ["-dirty-rate", str(settings.simvm_dirty_rate)] if settings.simvm_dirty_rate else []
-        return head + common + extra + simvm_drives(d)
-    binary = d.emulator or settings.qemu_binary
-    if not os.path.isabs(binary):
-        found = shutil.which(binary)
-        if found is None:
-            raise OperationFailed(f"emulator '{binary}' is not installed")
-        binary = found
-    return [
-        binary,
-        "-machine",
-        f"pc,accel={settings.qemu_accel}",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "none",
-        "-monitor",
-        "none",
-        *common,
-        *_qemu_passthrough(d),
-    ]
+    # the daemon's own interpreter and package: the XML's path is a name, never run
+    head = [sys.executable, "-m", "vmmigrate.simvm"]
+    extra = ["-dirty-rate", str(settings.simvm_dirty_rate)] if settings.simvm_dirty_rate else []
+    return head + common + tail + extra + simvm_drives(d)
 
 
 # A unix socket path holds at most 107 bytes; "<uuid>.srcd.qmp" takes 46 of them.
@@ -385,6 +396,11 @@ def socket_dir_for(run_dir: Path, emulator_gid: int | None = None) -> Path:
         os.chown(d, -1, emulator_gid)
         os.chmod(d, 0o770)
     return d
+
+
+def _delete_taps(taps: list[str]) -> None:
+    for tap in taps:
+        qemuargv.delete_tap(tap)
 
 
 def _open_log(logfile: str) -> int:
@@ -464,6 +480,10 @@ class QMPHypervisor:
 
     def check_definition(self, d: DomainDef) -> None:
         check_definition(d, self.settings.policy)
+        if emulator_kind(d, self.settings.default) == "qemu":
+            # what QEMU's command line cannot carry is refused before anything is kept,
+            # reserved or started (libvirt: unsupported configuration)
+            qemuargv.check_supported(d)
 
     # ---------------------------------------------------------------- records
 
@@ -504,6 +524,11 @@ class QMPHypervisor:
         for path in (rec.qmp, *rec.monitors.values()):
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        if rec.emulator == "qemu":
+            for channel in Path(rec.qmp).parent.glob(Path(rec.qmp).stem + ".ch*"):
+                with contextlib.suppress(OSError):
+                    channel.unlink()
+        _delete_taps(rec.taps)
 
     def reap(self) -> None:
         """Collect exited children (emulators this process started)."""
@@ -525,25 +550,32 @@ class QMPHypervisor:
         logfile = str(self.run_dir / f"{d.uuid}.log")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(qmp)
-        argv = build_argv(d, kind, self.settings, qmp, paused=paused, incoming=incoming)
+        # the argv first: a definition it refuses leaves nothing behind (no tap, no process)
+        argv = await self._argv(d, kind, qmp, paused=paused, incoming=incoming)
+        live = qemuargv.live_xml(d) if kind == "qemu" else d.xml
         if has_qemu_commandline(d):
             await asyncio.to_thread(mark_tainted, d, logfile, TAINT_CUSTOM_ARGV)
-        proc = await asyncio.to_thread(_spawn, argv, logfile, self.settings.policy)
+        taps = await asyncio.to_thread(self._prepare_qemu, d) if kind == "qemu" else []
+        try:
+            proc = await asyncio.to_thread(_spawn, argv, logfile, self.settings.policy)
+        except BaseException:
+            await asyncio.to_thread(_delete_taps, taps)
+            raise
         self._children[proc.pid] = proc
-        ticks = _start_ticks(proc.pid) or 0
         rec = RuntimeRecord(
             uuid=d.uuid,
             name=d.name,
             pid=proc.pid,
-            start_ticks=ticks,
+            start_ticks=_start_ticks(proc.pid) or 0,
             qmp=qmp,
             emulator=kind,
             argv=tuple(argv),
             log=logfile,
             started_unix=time.time(),
             incoming=incoming or "",
-            xml=d.xml,
+            xml=live,
             monitors=monitor_paths(kind, qmp),
+            taps=taps,
         )
         try:
             # The record first: if this daemon dies while the emulator boots, its successor
@@ -565,6 +597,30 @@ class QMPHypervisor:
             incoming=incoming or None,
         )
         return rec
+
+    async def _argv(
+        self, d: DomainDef, kind: str, qmp: str, *, paused: bool, incoming: str | None
+    ) -> list[str]:
+        vnc_port = None
+        if kind == "qemu" and qemuargv.needs_vnc_port(d):
+            vnc_port = await asyncio.to_thread(qemuargv.pick_vnc_port, *self.settings.vnc_ports)
+        return build_argv(
+            d, kind, self.settings, qmp, paused=paused, incoming=incoming, vnc_port=vnc_port
+        )
+
+    def _prepare_qemu(self, d: DomainDef) -> list[str]:
+        """The taps of the domain's bridged interfaces; returns those created here (deleted
+        when it stops)."""
+        policy = self.settings.policy
+        created: list[str] = []
+        try:
+            for tap, bridge in qemuargv.planned_taps(d, self.settings.networks):
+                if qemuargv.create_tap(tap, bridge, policy.uid):
+                    created.append(tap)
+        except BaseException:
+            _delete_taps(created)
+            raise
+        return created
 
     async def _wait_monitor(self, rec: RuntimeRecord, proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -745,6 +801,8 @@ def hypervisor_for(config: DaemonConfig, role: str) -> QMPHypervisor:
             qemu_binary=config.qemu_binary,
             qemu_accel=config.qemu_accel,
             policy=policy,
+            networks=config.networks,
+            vnc_ports=config.vnc_ports,
         ),
         role=role,
     )

@@ -1,0 +1,1233 @@
+"""A domain's QEMU command line, from its XML: what libvirt's qemu_command.c does, as pure
+functions (XML and host facts in, argv out), golden-tested as libvirt's qemuxml2argv is.
+
+Two steps. :func:`place_devices` decides what the XML leaves open, the way libvirt does when
+a domain starts: a PCI address for every PCI device that has none, a MAC address for every
+interface that has none, the virtio-serial controller that channels need. Its result is the
+*live* definition (``dumpxml`` of a running domain); the stored one stays as written, and a
+migration sends the live one, so that the destination builds the same device layout.
+:func:`build_argv` then maps that XML to arguments, one small function per element.
+
+Nothing is dropped silently: an element this module does not map, and that would change the
+guest, is refused with libvirt's ``unsupported configuration`` (:class:`ConfigUnsupported`)
+naming it; elements that change nothing the guest sees (``<title>``, ``<metadata>``, ...)
+are accepted. docs/ARCHITECTURE.md lists what is supported.
+
+Host facts (:class:`HostFacts`) carry everything that is not in the XML: the binary, the
+accelerator, the monitor sockets, where console logs and channel sockets go, the host's
+networks (``<interface type='network'>`` names one; the host maps it to a bridge) and the
+VNC port picked for an autoport display. Tap devices for bridged interfaces are created by
+the daemon (:func:`create_tap`) before QEMU starts; the argv only names them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+import socket
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from lxml import etree
+from vmmigrate.common.domainxml import DomainDef, _memory_kib
+from vmmigrate.common.errors import ConfigUnsupported, OperationFailed, XMLError
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+# Named CPU models QEMU 7.2's TCG runs with every feature they define (checked with
+# ``-cpu MODEL,enforce``); others need features TCG does not emulate.
+TCG_CPU_MODELS = frozenset(
+    {
+        "486", "Conroe", "Nehalem", "Opteron_G1", "Opteron_G2", "Penryn", "Westmere",
+        "athlon", "base", "core2duo", "coreduo", "kvm32", "kvm64", "max", "n270",
+        "pentium", "pentium2", "pentium3", "qemu32", "qemu64",
+    }
+)  # fmt: skip
+_MACHINE = re.compile(r"^(pc|q35|pc-i440fx-\d+\.\d+|pc-q35-\d+\.\d+(\.\d+)?)$")
+_ARCHES = ("x86_64", "i686")
+VNC_BASE_PORT = 5900
+
+# Top-level elements that change nothing the guest sees, or that libvirt's own defaults
+# already match (on_poweroff destroy is QEMU's behaviour too).
+_HARMLESS_TOP = frozenset(
+    {"name", "uuid", "title", "description", "metadata", "on_poweroff", "on_crash",
+     "resource", "seclabel", "genid"}
+)  # fmt: skip
+_MAPPED_TOP = frozenset(
+    {"memory", "currentMemory", "vcpu", "os", "features", "cpu", "clock", "devices",
+     "on_reboot", "pm"}
+)  # fmt: skip
+_DEVICES = frozenset(
+    {"emulator", "disk", "controller", "interface", "serial", "console", "channel",
+     "graphics", "video", "input", "memballoon", "rng", "watchdog"}
+)  # fmt: skip
+# Children each device may carry; anything else would be dropped, so it is refused.
+_COMMON_CHILDREN = frozenset({"address", "alias"})
+_DEVICE_CHILDREN: dict[str, frozenset[str]] = {
+    "disk": frozenset(
+        {"driver", "source", "target", "readonly", "shareable", "serial", "boot",
+         "backingStore"}
+    ),
+    "controller": frozenset({"model", "target", "master", "driver"}),
+    "interface": frozenset({"mac", "source", "model", "target", "boot"}),
+    "serial": frozenset({"source", "target", "log"}),
+    "console": frozenset({"source", "target", "log"}),
+    "channel": frozenset({"source", "target"}),
+    "graphics": frozenset({"listen"}),
+    "video": frozenset({"model"}),
+    "input": frozenset(),
+    "memballoon": frozenset({"stats"}),
+    "rng": frozenset({"backend", "rate"}),
+    "watchdog": frozenset(),
+    "emulator": frozenset(),
+}  # fmt: skip
+_OS_CHILDREN = frozenset({"type", "boot", "bootmenu", "kernel", "initrd", "cmdline"})
+_FEATURES = frozenset({"acpi", "apic", "pae", "vmport"})
+
+_CACHE = {  # libvirt's cache modes: (cache.direct, cache.no-flush, guest write cache)
+    "none": (True, False, True),
+    "writethrough": (False, False, False),
+    "writeback": (False, False, True),
+    "directsync": (True, False, False),
+    "unsafe": (False, True, True),
+}
+_NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e",
+               "rtl8139": "rtl8139"}  # fmt: skip
+_USB_MODELS = {
+    "qemu-xhci": "qemu-xhci",
+    "nec-xhci": "nec-usb-xhci",
+    "piix3-uhci": "piix3-usb-uhci",
+    "piix4-uhci": "piix4-usb-uhci",
+    "ich9-ehci1": "ich9-usb-ehci1",
+    "ich9-uhci1": "ich9-usb-uhci1",
+    "ich9-uhci2": "ich9-usb-uhci2",
+    "ich9-uhci3": "ich9-usb-uhci3",
+}
+_PCI_CONTROLLERS = {
+    "pcie-root-port": "pcie-root-port",
+    "pci-bridge": "pci-bridge",
+    "dmi-to-pci-bridge": "i82801b11-bridge",
+    "pcie-to-pci-bridge": "pcie-pci-bridge",
+}
+_VIDEO = {"vga": "VGA", "cirrus": "cirrus-vga", "virtio": "virtio-vga", "bochs": "bochs-display",
+          "qxl": "qxl-vga"}  # fmt: skip
+_WATCHDOG_ACTIONS = frozenset({"reset", "shutdown", "poweroff", "pause", "none", "inject-nmi"})
+_BOOT_DEVS = {"hd": "c", "cdrom": "d", "network": "n", "fd": "a"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFacts:
+    """What the host adds to a domain's XML to run it."""
+
+    binary: str = "qemu-system-x86_64"
+    accel: str = "tcg"  # tcg | kvm
+    monitors: tuple[str, ...] = ()  # QMP unix sockets
+    # Per domain: serial/console logs (port 0 here, port N at "<path>.N"), and where the
+    # sockets of channels that name no path go ("<prefix>N" for channel N: a unix socket
+    # path holds 107 bytes, so no longer name).
+    console_log: str = ""
+    channel_prefix: str = "/run/vmmigrate/channel"
+    networks: Mapping[str, str] = dataclasses.field(default_factory=dict)  # NAME -> bridge
+    vnc_port: int | None = None  # the port picked for an autoport VNC display
+    tcg_cpu_models: frozenset[str] = TCG_CPU_MODELS
+
+
+def unsupported(what: str) -> ConfigUnsupported:
+    return ConfigUnsupported(what)
+
+
+def _int(text: str | None, what: str, default: int = 0) -> int:
+    if text is None:
+        return default
+    try:
+        return int(text.strip(), 0)
+    except ValueError:
+        raise XMLError(f"invalid value '{text}' for {what}") from None
+
+
+def _esc(value: str) -> str:
+    """QEMU's option syntax: a comma inside a value is written twice."""
+    return value.replace(",", ",,")
+
+
+def _opts(head: str, **props: str | int | None) -> str:
+    parts = [head]
+    for key, value in props.items():
+        if value is not None:
+            parts.append(f"{key}={_esc(str(value))}")
+    return ",".join(parts)
+
+
+def _json(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _root(domain: DomainDef | etree._Element) -> etree._Element:
+    if isinstance(domain, DomainDef):
+        parser = etree.XMLParser(resolve_entities=False, no_network=True)
+        # parse_domain's hardened parser accepted this text already
+        return etree.fromstring(domain.xml.encode(), parser)
+    return copy.deepcopy(domain)
+
+
+def _local(el: etree._Element) -> str:
+    return el.tag if isinstance(el.tag, str) else ""
+
+
+def _children(el: etree._Element) -> Iterator[etree._Element]:
+    for child in el:
+        if isinstance(child.tag, str):
+            yield child
+
+
+# ------------------------------------------------------------------------ machine facts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Machine:
+    name: str  # as written: pc, q35, pc-i440fx-7.2, ...
+
+    @property
+    def q35(self) -> bool:
+        return "q35" in self.name
+
+    @property
+    def root_bus(self) -> str:
+        return "pcie.0" if self.q35 else "pci.0"
+
+
+def _machine(root: etree._Element) -> _Machine:
+    type_el = root.find("os/type")
+    if type_el is not None and (type_el.text or "hvm").strip() != "hvm":
+        raise unsupported(f"os type '{(type_el.text or '').strip()}' is not supported")
+    arch = "x86_64" if type_el is None else type_el.get("arch", "x86_64")
+    if arch not in _ARCHES:
+        raise unsupported(f"domain architecture '{arch}' is not supported by this host")
+    name = "pc" if type_el is None else type_el.get("machine", "pc")
+    if not _MACHINE.match(name):
+        raise unsupported(f"machine type '{name}' is not supported by this host")
+    return _Machine(name)
+
+
+# ------------------------------------------------------------------------ checks
+
+
+def check_supported(domain: DomainDef | etree._Element) -> None:
+    """Refuse, naming it, the first element this module would not map."""
+    root = _root(domain)
+    for el in _children(root):
+        tag = _local(el)
+        if el.tag == f"{{{QEMU_NS}}}commandline":
+            continue  # the emulator policy decides (hypervisor.check_definition)
+        if tag not in _HARMLESS_TOP and tag not in _MAPPED_TOP:
+            raise unsupported(f"domain element <{tag or el.tag}> is not supported")
+    _check_children(root.find("os"), _OS_CHILDREN, "os")
+    _check_children(root.find("features"), _FEATURES, "features")
+    if root.find("maxMemory") is not None:
+        raise unsupported("domain element <maxMemory> is not supported")
+    devices = root.find("devices")
+    for dev in [] if devices is None else _children(devices):
+        tag = _local(dev)
+        if tag not in _DEVICES:
+            raise unsupported(f"device <{tag}> is not supported")
+        _check_children(dev, _DEVICE_CHILDREN[tag] | _COMMON_CHILDREN, tag)
+    _machine(root)
+
+
+def _check_children(el: etree._Element | None, allowed: frozenset[str], where: str) -> None:
+    if el is None:
+        return
+    for child in _children(el):
+        if _local(child) not in allowed:
+            raise unsupported(f"element <{_local(child)}> of <{where}> is not supported")
+
+
+# ------------------------------------------------------------------------ placement
+
+
+def _pci_slot_owner(dev: etree._Element, machine: _Machine) -> bool:
+    """Whether a device sits on a PCI bus (and so needs an address)."""
+    tag = _local(dev)
+    if tag == "disk":
+        return _target_bus(dev) == "virtio"
+    if tag == "interface":
+        return True
+    if tag == "controller":
+        return _controller_is_pci(dev, machine)
+    if tag == "video":
+        return _video_model(dev) != "none"
+    if tag in ("memballoon", "rng"):
+        return dev.get("model", "virtio") == "virtio"
+    if tag == "watchdog":
+        return dev.get("model") == "i6300esb"
+    if tag == "input":
+        return dev.get("bus") == "virtio"
+    return False
+
+
+def _controller_is_pci(dev: etree._Element, machine: _Machine) -> bool:
+    kind, model = dev.get("type"), dev.get("model", "")
+    if kind == "pci":
+        return model not in ("pci-root", "pcie-root")
+    if kind == "usb":
+        return model != "none"
+    if kind == "sata":  # q35's AHCI is built in
+        return not machine.q35
+    return kind in ("scsi", "virtio-serial")
+
+
+def _target_bus(disk: etree._Element) -> str:
+    target = disk.find("target")
+    return "ide" if target is None else target.get("bus", "ide")
+
+
+def _video_model(dev: etree._Element) -> str:
+    model = dev.find("model")
+    return "vga" if model is None else model.get("type", "vga")
+
+
+def _pci_address(dev: etree._Element) -> tuple[int, int, int] | None:
+    addr = dev.find("address")
+    if addr is None or addr.get("type") != "pci":
+        return None
+    return (
+        _int(addr.get("bus"), "PCI bus"),
+        _int(addr.get("slot"), "PCI slot"),
+        _int(addr.get("function"), "PCI function"),
+    )
+
+
+def _set_pci_address(dev: etree._Element, slot: int, function: int = 0) -> None:
+    addr = etree.SubElement(dev, "address")
+    addr.set("type", "pci")
+    addr.set("domain", "0x0000")
+    addr.set("bus", "0x00")
+    addr.set("slot", f"0x{slot:02x}")
+    addr.set("function", f"0x{function:x}")
+
+
+class _SlotPool:
+    """Free slots of the root bus, in order; slot 0 is the host bridge, slot 1 the PIIX3 on
+    pc, slot 0x1f the ICH9 functions on q35, slot 2 is kept for the primary video card."""
+
+    def __init__(self, machine: _Machine, used: set[int]) -> None:
+        reserved = {0, 2, 0x1F} if machine.q35 else {0, 1, 2}
+        self.free = [s for s in range(0x20) if s not in reserved and s not in used]
+        self.video_free = 2 not in used
+
+    def take(self) -> int:
+        if not self.free:
+            raise unsupported("no free PCI slot left on the root bus")
+        return self.free.pop(0)
+
+
+def place_devices(domain: DomainDef | etree._Element, uuid: str = "") -> etree._Element:
+    """The live definition: ``domain`` with what QEMU needs decided (see the module
+    docstring). Deterministic, and an identity on its own output."""
+    root = _root(domain)
+    machine = _machine(root)
+    devices = root.find("devices")
+    if devices is None:
+        devices = etree.SubElement(root, "devices")
+    _add_virtio_serial(devices)
+    _assign_macs(devices, uuid or root.findtext("uuid") or "")
+    owners = [d for d in _children(devices) if _pci_slot_owner(d, machine)]
+    used = {a[1] for d in owners if (a := _pci_address(d)) is not None and a[0] == 0}
+    pool = _SlotPool(machine, used)
+    _place_usb_companions(devices, machine, pool)
+    for dev in owners:
+        if dev.find("address") is not None:
+            continue
+        if _local(dev) == "video" and pool.video_free:
+            pool.video_free = False
+            _set_pci_address(dev, 2)
+        else:
+            _set_pci_address(dev, pool.take())
+    return root
+
+
+def _place_usb_companions(devices: etree._Element, machine: _Machine, pool: _SlotPool) -> None:
+    """USB controllers of one index share a slot (EHCI at function 7, its UHCI companions
+    at 0-2), as libvirt lays them out; pc's PIIX3 UHCI is function 2 of the PIIX3 slot."""
+    by_index: dict[str, list[etree._Element]] = {}
+    for dev in devices.iterfind("controller[@type='usb']"):
+        if dev.get("model", "") != "none" and dev.find("address") is None:
+            by_index.setdefault(dev.get("index", "0"), []).append(dev)
+    for group in by_index.values():
+        if len(group) == 1 and group[0].get("model") == "piix3-uhci" and not machine.q35:
+            _set_pci_address(group[0], 1, 2)
+            continue
+        if len(group) == 1:
+            continue  # an ordinary PCI device: place_devices gives it a slot
+        slot = pool.take()
+        for dev in group:
+            model = dev.get("model", "")
+            function = 7 if model.startswith("ich9-ehci") else int(model[-1:] or "1") - 1
+            _set_pci_address(dev, slot, function)
+            if function == 0:
+                dev[-1].set("multifunction", "on")
+
+
+def _add_virtio_serial(devices: etree._Element) -> None:
+    """libvirt adds the virtio-serial controller that virtio channels and consoles need."""
+    needs = devices.find("channel") is not None or any(
+        (t := c.find("target")) is not None and t.get("type") == "virtio"
+        for c in devices.iterfind("console")
+    )
+    if needs and devices.find("controller[@type='virtio-serial']") is None:
+        ctl = etree.SubElement(devices, "controller")
+        ctl.set("type", "virtio-serial")
+        ctl.set("index", "0")
+
+
+def _assign_macs(devices: etree._Element, uuid: str) -> None:
+    """A MAC for each interface that has none, in QEMU's 52:54:00 range, derived from the
+    domain's UUID so that the same definition gets the same MACs on every start."""
+    for i, nic in enumerate(devices.iterfind("interface")):
+        if nic.find("mac") is not None:
+            continue
+        tail = hashlib.sha256(f"{uuid}/{i}".encode()).digest()[:3]
+        mac = etree.Element("mac")
+        mac.set("address", "52:54:00:" + ":".join(f"{b:02x}" for b in tail))
+        nic.insert(0, mac)
+
+
+def live_xml(domain: DomainDef) -> str:
+    """The running definition's text: the stored one with the device placement added."""
+    return etree.tostring(place_devices(domain, domain.uuid), encoding="unicode")
+
+
+# ------------------------------------------------------------------------ the argv
+
+
+@dataclasses.dataclass
+class _Ctx:
+    """Per-build state: counters that make ids and node names."""
+
+    root: etree._Element
+    facts: HostFacts
+    machine: _Machine
+    disk_nodes: int = 0
+    usb_ports: int = 0
+
+    def pci(self, dev: etree._Element) -> dict[str, str | int | None]:
+        """bus= and addr= of a placed PCI device."""
+        addr = _pci_address(dev)
+        if addr is None:
+            return {}
+        bus, slot, function = addr
+        name = self.machine.root_bus if bus == 0 else f"pci.{bus}"
+        if bus and self.root.find(f"devices/controller[@type='pci'][@index='{bus}']") is None:
+            raise XMLError(f"no PCI controller with index {bus} for PCI address bus {bus:#x}")
+        address = f"0x{slot:x}" if function == 0 else f"0x{slot:x}.0x{function:x}"
+        el = dev.find("address")
+        multi = "on" if el is not None and el.get("multifunction") == "on" else None
+        return {"bus": name, "addr": address, "multifunction": multi}
+
+    def usb_port(self) -> int:
+        if self.root.find("devices/controller[@type='usb']") is None:
+            raise unsupported("a USB device needs a <controller type='usb'>")
+        self.usb_ports += 1
+        return self.usb_ports
+
+
+def build_argv(domain: DomainDef | etree._Element, facts: HostFacts) -> list[str]:
+    """QEMU's argv (without -S/-incoming, which the caller adds) for ``domain``."""
+    check_supported(domain)
+    root = place_devices(domain)
+    ctx = _Ctx(root, facts, _machine(root))
+    argv = [facts.binary]
+    for part in _PARTS:
+        argv += part(ctx)
+    return argv
+
+
+def _name_uuid(ctx: _Ctx) -> list[str]:
+    name = ctx.root.findtext("name") or ""
+    return ["-name", f"guest={_esc(name)}", "-uuid", (ctx.root.findtext("uuid") or "").strip()]
+
+
+def _machine_args(ctx: _Ctx) -> list[str]:
+    feats = ctx.root.find("features")
+    acpi = "on" if feats is not None and feats.find("acpi") is not None else "off"
+    props: dict[str, str | int | None] = {"accel": ctx.facts.accel, "acpi": acpi}
+    vmport = None if feats is None else feats.find("vmport")
+    if vmport is not None:
+        props["vmport"] = vmport.get("state", "on")
+    hpet = ctx.root.find("clock/timer[@name='hpet']")
+    if hpet is not None:
+        props["hpet"] = "off" if hpet.get("present") == "no" else "on"
+    return ["-machine", _opts(ctx.machine.name, **props)]
+
+
+def _cpu_args(ctx: _Ctx) -> list[str]:
+    cpu = ctx.root.find("cpu")
+    if cpu is None:
+        return []
+    mode = cpu.get("mode", "custom")
+    model_el = cpu.find("model")
+    model = (model_el.text or "").strip() if model_el is not None else ""
+    if mode in ("host-passthrough", "maximum", "host-model"):
+        name = "max" if ctx.facts.accel == "tcg" or mode == "maximum" else "host"
+    elif mode == "custom" and model:
+        name = model
+        if ctx.facts.accel == "tcg" and model not in ctx.facts.tcg_cpu_models:
+            raise unsupported(
+                f"CPU model '{model}' is not supported by TCG (runs: "
+                f"{', '.join(sorted(ctx.facts.tcg_cpu_models))}); use host-model or "
+                "host-passthrough"
+            )
+    elif mode == "custom":
+        return []  # topology only
+    else:
+        raise unsupported(f"CPU mode '{mode}' is not supported")
+    return ["-cpu", name + _cpu_features(cpu)]
+
+
+def _cpu_features(cpu: etree._Element) -> str:
+    out = ""
+    for feat in cpu.iterfind("feature"):
+        policy, name = feat.get("policy", "require"), feat.get("name", "")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise XMLError(f"invalid CPU feature name '{name}'")
+        if policy in ("require", "force"):
+            out += f",{name}=on"
+        elif policy in ("disable", "forbid"):
+            out += f",{name}=off"
+        elif policy != "optional":
+            raise unsupported(f"CPU feature policy '{policy}' is not supported")
+    return out
+
+
+def _memory_args(ctx: _Ctx) -> list[str]:
+    mem = ctx.root.find("memory")
+    if mem is None:
+        raise XMLError("missing memory element")
+    kib = _memory_kib(mem)
+    if kib < 1024:
+        raise XMLError("memory size must be at least 1 MiB")
+    return ["-m", f"size={kib}k"]
+
+
+def _smp_args(ctx: _Ctx) -> list[str]:
+    vcpu = ctx.root.find("vcpu")
+    total = _int(None if vcpu is None else vcpu.text, "<vcpu>", 1)
+    current = _int(None if vcpu is None else vcpu.get("current"), "<vcpu current>", total)
+    if not 1 <= current <= total:
+        raise XMLError("Invalid number of vCPUs")
+    topo = ctx.root.find("cpu/topology")
+    sockets, cores, threads = total, 1, 1
+    if topo is not None:
+        sockets = _int(topo.get("sockets"), "sockets", 1)
+        cores = _int(topo.get("cores"), "cores", 1)
+        threads = _int(topo.get("threads"), "threads", 1)
+        if sockets * cores * threads != total:
+            raise XMLError("CPU topology doesn't match maximum vcpu count")
+    spec = _opts(str(current), maxcpus=total, sockets=sockets, cores=cores, threads=threads)
+    return ["-smp", spec]
+
+
+def _base_args(ctx: _Ctx) -> list[str]:
+    out = ["-no-user-config", "-nodefaults"]
+    if ctx.root.find("devices/graphics") is None:
+        out += ["-display", "none"]
+    for path in ctx.facts.monitors:
+        out += ["-qmp", f"unix:{_esc(path)},server=on,wait=off"]
+    return out
+
+
+def _clock_args(ctx: _Ctx) -> list[str]:
+    clock = ctx.root.find("clock")
+    if clock is None:
+        return []
+    offset = clock.get("offset", "utc")
+    if offset not in ("utc", "localtime"):
+        raise unsupported(f"clock offset '{offset}' is not supported")
+    props: dict[str, str | int | None] = {"base": offset}
+    for timer in clock.iterfind("timer"):
+        name = timer.get("name")
+        if name == "rtc" and timer.get("tickpolicy") == "catchup":
+            props["driftfix"] = "slew"
+        elif name not in ("rtc", "pit", "hpet", "kvmclock", "tsc"):
+            raise unsupported(f"clock timer '{name}' is not supported")
+    _check_children(clock, frozenset({"timer"}), "clock")
+    return ["-rtc", _opts("", **props).lstrip(",")]
+
+
+def _boot_args(ctx: _Ctx) -> list[str]:
+    os_el = ctx.root.find("os")
+    boots = [] if os_el is None else [b.get("dev", "") for b in os_el.iterfind("boot")]
+    per_device = ctx.root.find("devices/*/boot") is not None
+    if boots and per_device:
+        raise XMLError("per-device boot elements cannot be used together with os/boot elements")
+    props: dict[str, str | int | None] = {}
+    if boots:
+        bad = [b for b in boots if b not in _BOOT_DEVS]
+        if bad:
+            raise unsupported(f"boot device '{bad[0]}' is not supported")
+        props["order"] = "".join(_BOOT_DEVS[b] for b in boots)
+    menu = None if os_el is None else os_el.find("bootmenu")
+    if menu is not None:
+        props["menu"] = "on" if menu.get("enable") == "yes" else "off"
+    if per_device:
+        props["strict"] = "on"
+    return ["-boot", _opts("", **props).lstrip(",")] if props else []
+
+
+def _kernel_args(ctx: _Ctx) -> list[str]:
+    out = []
+    for tag, opt in (("kernel", "-kernel"), ("initrd", "-initrd"), ("cmdline", "-append")):
+        text = ctx.root.findtext(f"os/{tag}")
+        if text is not None and text.strip():
+            out += [opt, text.strip()]
+    if out and out[0] != "-kernel":
+        raise XMLError("<initrd> and <cmdline> need a <kernel>")
+    return out
+
+
+def _pm_args(ctx: _Ctx) -> list[str]:
+    pm = ctx.root.find("pm")
+    if pm is None:
+        return []
+    _check_children(pm, frozenset({"suspend-to-mem", "suspend-to-disk"}), "pm")
+    dev = "ICH9-LPC" if ctx.machine.q35 else "PIIX4_PM"
+    out = []
+    for tag, prop in (("suspend-to-mem", "disable_s3"), ("suspend-to-disk", "disable_s4")):
+        el = pm.find(tag)
+        if el is not None:
+            out += ["-global", f"{dev}.{prop}={1 if el.get('enabled') == 'no' else 0}"]
+    return out
+
+
+def _lifecycle_args(ctx: _Ctx) -> list[str]:
+    on_reboot = (ctx.root.findtext("on_reboot") or "restart").strip()
+    if on_reboot == "destroy":
+        return ["-no-reboot"]
+    if on_reboot != "restart":
+        raise unsupported(f"on_reboot '{on_reboot}' is not supported")
+    return []
+
+
+# ------------------------------------------------------------------------ controllers
+
+
+def _controller_args(ctx: _Ctx) -> list[str]:
+    out: list[str] = []
+    controllers = list(ctx.root.iterfind("devices/controller"))
+    # PCI buses first, by index: every other device may sit on one of them
+    pci = sorted(
+        (c for c in controllers if c.get("type") == "pci"),
+        key=lambda c: _int(c.get("index"), "controller index"),
+    )
+    for ctl in pci + [c for c in controllers if c.get("type") != "pci"]:
+        out += _CONTROLLERS.get(ctl.get("type", ""), _controller_unknown)(ctx, ctl)
+    return out
+
+
+def _controller_unknown(ctx: _Ctx, ctl: etree._Element) -> list[str]:
+    raise unsupported(f"controller type '{ctl.get('type')}' is not supported")
+
+
+def _controller_pci(ctx: _Ctx, ctl: etree._Element) -> list[str]:
+    model = ctl.get("model", "")
+    index = _int(ctl.get("index"), "controller index")
+    root_model = "pcie-root" if ctx.machine.q35 else "pci-root"
+    if model == root_model and index == 0:
+        return []  # the machine's own root bus
+    if model not in _PCI_CONTROLLERS or index == 0:
+        raise unsupported(f"PCI controller model '{model}' is not supported here")
+    target = ctl.find("target")
+    get = (lambda k: None) if target is None else target.get
+    props: dict[str, str | int | None] = {"id": f"pci.{index}"}
+    if model == "pcie-root-port":
+        props = {"port": get("port") or f"0x{index + 0xF:x}", "chassis": get("chassis") or index}
+        props["id"] = f"pci.{index}"
+    elif model == "pci-bridge":
+        props = {"chassis_nr": get("chassisNr") or index, "id": f"pci.{index}"}
+    return ["-device", _opts(_PCI_CONTROLLERS[model], **props, **ctx.pci(ctl))]
+
+
+def _controller_usb(ctx: _Ctx, ctl: etree._Element) -> list[str]:
+    model = ctl.get("model", "piix3-uhci")
+    if model == "none":
+        return []
+    if model not in _USB_MODELS:
+        raise unsupported(f"USB controller model '{model}' is not supported")
+    index = _int(ctl.get("index"), "controller index")
+    name = "usb" if index == 0 else f"usb{index}"
+    master = ctl.find("master")
+    props: dict[str, str | int | None] = {"id": name}
+    if master is not None:
+        props = {"masterbus": f"{name}.0", "firstport": master.get("startport", "0")}
+    if model.endswith("xhci") and ctl.get("ports"):
+        props.update(p2=ctl.get("ports"), p3=ctl.get("ports"))
+    return ["-device", _opts(_USB_MODELS[model], **props, **ctx.pci(ctl))]
+
+
+def _controller_scsi(ctx: _Ctx, ctl: etree._Element) -> list[str]:
+    model = ctl.get("model", "virtio-scsi")
+    if model != "virtio-scsi":
+        raise unsupported(f"SCSI controller model '{model}' is not supported")
+    index = _int(ctl.get("index"), "controller index")
+    return ["-device", _opts("virtio-scsi-pci", id=f"scsi{index}", **ctx.pci(ctl))]
+
+
+def _controller_virtio_serial(ctx: _Ctx, ctl: etree._Element) -> list[str]:
+    index = _int(ctl.get("index"), "controller index")
+    return ["-device", _opts("virtio-serial-pci", id=f"virtio-serial{index}", **ctx.pci(ctl))]
+
+
+def _controller_sata(ctx: _Ctx, ctl: etree._Element) -> list[str]:
+    index = _int(ctl.get("index"), "controller index")
+    if ctx.machine.q35:
+        if index != 0:
+            raise unsupported("only q35's built-in SATA controller is supported")
+        return []  # ICH9's AHCI, bus "ide"
+    return ["-device", _opts("ich9-ahci", id=f"sata{index}", **ctx.pci(ctl))]
+
+
+def _controller_ide(ctx: _Ctx, ctl: etree._Element) -> list[str]:
+    if ctx.machine.q35 or _int(ctl.get("index"), "controller index") != 0:
+        raise unsupported("IDE controllers are unsupported for this QEMU binary or machine type")
+    return []  # PIIX3's IDE, buses ide.0 and ide.1
+
+
+_CONTROLLERS: dict[str, Callable[[_Ctx, etree._Element], list[str]]] = {
+    "pci": _controller_pci,
+    "usb": _controller_usb,
+    "scsi": _controller_scsi,
+    "virtio-serial": _controller_virtio_serial,
+    "sata": _controller_sata,
+    "ide": _controller_ide,
+}
+
+
+# ------------------------------------------------------------------------ disks
+
+_DISK_NAME = re.compile(r"^(vd|sd|hd|xvd)([a-z]+)$")
+_DRIVER_ATTRS = frozenset({"name", "type", "cache", "io", "discard"})
+
+
+def _disk_index(disk: etree._Element) -> int:
+    """vda -> 0, sdb -> 1, hdaa -> 26: libvirt's virDiskNameToIndex."""
+    target = disk.find("target")
+    name = "" if target is None else target.get("dev", "")
+    m = _DISK_NAME.match(name)
+    if m is None:
+        raise XMLError(f"invalid disk target dev '{name}'")
+    index = 0
+    for ch in m.group(2):
+        index = index * 26 + (ord(ch) - ord("a") + 1)
+    return index - 1
+
+
+def _disk_source(disk: etree._Element) -> str:
+    src = disk.find("source")
+    kind = disk.get("type", "file")
+    if kind not in ("file", "block"):
+        raise unsupported(f"disk type '{kind}' is not supported")
+    if src is None:
+        return ""
+    return src.get("file" if kind == "file" else "dev", "")
+
+
+def _disk_driver(disk: etree._Element) -> etree._Element:
+    driver = disk.find("driver")
+    if driver is None:
+        return etree.Element("driver")
+    extra = sorted({str(k) for k in driver.attrib} - _DRIVER_ATTRS)
+    if extra:
+        raise unsupported(f"disk driver attribute '{extra[0]}' is not supported")
+    if driver.get("name", "qemu") != "qemu":
+        raise unsupported(f"disk driver name '{driver.get('name')}' is not supported")
+    if driver.get("type", "raw") not in ("raw", "qcow2"):
+        raise unsupported(f"disk format '{driver.get('type')}' is not supported")
+    cache, io = driver.get("cache"), driver.get("io")
+    if cache is not None and cache not in _CACHE:
+        raise unsupported(f"disk cache mode '{cache}' is not supported")
+    if io is not None and io not in ("native", "threads", "io_uring"):
+        raise unsupported(f"disk io mode '{io}' is not supported")
+    if io == "native" and not (cache and _CACHE[cache][0]):
+        raise unsupported("native I/O needs either no disk cache or directsync cache mode")
+    if driver.get("discard", "unmap") not in ("unmap", "ignore"):
+        raise unsupported(f"disk discard mode '{driver.get('discard')}' is not supported")
+    return driver
+
+
+def _blockdevs(ctx: _Ctx, disk: etree._Element, path: str, driver: etree._Element) -> list[str]:
+    """The storage and format nodes of a disk with media (libvirt's node names, which the
+    storage copy and block jobs address)."""
+    ctx.disk_nodes += 1
+    n = ctx.disk_nodes
+    cdrom = disk.get("device") == "cdrom"
+    block = {True: "host_cdrom", False: "host_device"}[cdrom] if disk.get("type") == "block" else ""
+    shared: dict[str, Any] = {}
+    if driver.get("discard"):
+        shared["discard"] = driver.get("discard")
+    cache = driver.get("cache")
+    if cache is not None:
+        shared["cache"] = {"direct": _CACHE[cache][0], "no-flush": _CACHE[cache][1]}
+    storage: dict[str, Any] = {
+        "driver": block or "file",
+        "filename": path,
+        "node-name": f"libvirt-{n}-storage",
+        "auto-read-only": True,
+        **shared,
+    }
+    if driver.get("io"):
+        storage["aio"] = driver.get("io")
+    readonly = cdrom or disk.find("readonly") is not None
+    fmt = {
+        "node-name": f"libvirt-{n}-format",
+        "read-only": readonly,
+        **shared,
+        "driver": driver.get("type", "raw"),
+        "file": f"libvirt-{n}-storage",
+    }
+    return ["-blockdev", _json(storage), "-blockdev", _json(fmt)]
+
+
+def _drive_address(disk: etree._Element) -> tuple[int, int, int, int] | None:
+    addr = disk.find("address")
+    if addr is None or addr.get("type") != "drive":
+        return None
+    return tuple(
+        _int(addr.get(k), f"drive address {k}") for k in ("controller", "bus", "target", "unit")
+    )  # type: ignore[return-value]
+
+
+def _disk_frontend(ctx: _Ctx, disk: etree._Element) -> tuple[str, dict[str, str | int | None]]:
+    """(device, its properties) of the disk's bus."""
+    bus, index = _target_bus(disk), _disk_index(disk)
+    cdrom = disk.get("device", "disk") == "cdrom"
+    addr = _drive_address(disk)
+    if bus == "virtio" and not cdrom:
+        return "virtio-blk-pci", {**ctx.pci(disk), "id": f"virtio-disk{index}"}
+    if bus == "ide" and not ctx.machine.q35:
+        ide_bus, unit = (addr[1], addr[3]) if addr else divmod(index, 2)
+        dev = "ide-cd" if cdrom else "ide-hd"
+        return dev, {"bus": f"ide.{ide_bus}", "unit": unit, "id": f"ide0-{ide_bus}-{unit}"}
+    if bus == "sata":
+        ctl, unit = (addr[0], addr[3]) if addr else (0, index)
+        name = "ide" if ctx.machine.q35 else f"sata{ctl}"
+        if not ctx.machine.q35 and ctx.root.find("devices/controller[@type='sata']") is None:
+            raise unsupported("a SATA disk needs a <controller type='sata'> on this machine")
+        dev = "ide-cd" if cdrom else "ide-hd"
+        return dev, {"bus": f"{name}.{unit}", "id": f"sata{ctl}-0-{unit}"}
+    if bus == "scsi":
+        ctl, target, unit = (addr[0], addr[2], addr[3]) if addr else (0, 0, index)
+        if ctx.root.find(f"devices/controller[@type='scsi'][@index='{ctl}']") is None:
+            raise unsupported(f"a SCSI disk needs <controller type='scsi' index='{ctl}'>")
+        dev = "scsi-cd" if cdrom else "scsi-hd"
+        props: dict[str, str | int | None] = {"bus": f"scsi{ctl}.0", "channel": 0}
+        props.update({"scsi-id": target, "lun": unit})
+        return dev, {**props, "id": f"scsi{ctl}-0-{target}-{unit}"}
+    if bus == "ide":
+        raise unsupported("IDE controllers are unsupported for this QEMU binary or machine type")
+    raise unsupported(f"disk bus '{bus}' is not supported for {disk.get('device', 'disk')}")
+
+
+def _disk(ctx: _Ctx, disk: etree._Element) -> list[str]:
+    device = disk.get("device", "disk")
+    if device not in ("disk", "cdrom"):
+        raise unsupported(f"disk device '{device}' is not supported")
+    path = _disk_source(disk)
+    driver = _disk_driver(disk)
+    if not path and device == "disk":
+        raise XMLError("a disk needs a <source> (only a cdrom may be empty)")
+    backend = _blockdevs(ctx, disk, path, driver) if path else []
+    dev, props = _disk_frontend(ctx, disk)
+    if backend:
+        props["drive"] = f"libvirt-{ctx.disk_nodes}-format"
+    serial = disk.findtext("serial")
+    if serial:
+        props["serial"] = serial.strip()
+    if disk.find("shareable") is not None:
+        props["share-rw"] = "on"
+    boot = disk.find("boot")
+    if boot is not None:
+        props["bootindex"] = _int(boot.get("order"), "boot order")
+    cache = driver.get("cache")
+    if cache is not None and path and device == "disk":
+        props["write-cache"] = "on" if _CACHE[cache][2] else "off"
+    return [*backend, "-device", _opts(dev, **props)]
+
+
+def _disk_args(ctx: _Ctx) -> list[str]:
+    out: list[str] = []
+    for disk in ctx.root.iterfind("devices/disk"):
+        out += _disk(ctx, disk)
+    return out
+
+
+# ------------------------------------------------------------------------ network
+
+
+def tap_name(uuid: str, index: int) -> str:
+    """The tap device of a domain's ``index``-th interface: at most 15 bytes (IFNAMSIZ),
+    stable across starts, unique per domain."""
+    return f"vm{uuid.replace('-', '')[:8]}n{index}"
+
+
+def _nic_tap(nic: etree._Element, uuid: str, index: int) -> str:
+    target = nic.find("target")
+    dev = "" if target is None else target.get("dev", "")
+    # libvirt ignores (and regenerates) the names it gives itself: vnetN, macvtapN
+    if dev and not dev.startswith(("vnet", "macvtap")):
+        if len(dev.encode()) > 15 or not re.fullmatch(r"[A-Za-z0-9_.-]+", dev):
+            raise XMLError(f"invalid interface target dev '{dev}'")
+        return dev
+    return tap_name(uuid, index)
+
+
+def planned_taps(
+    domain: DomainDef | etree._Element, networks: Mapping[str, str]
+) -> list[tuple[str, str | None]]:
+    """(tap, bridge) for each interface that needs a tap; bridge None: an ``ethernet``
+    interface, whose tap is the administrator's (created if missing, attached nowhere)."""
+    root = _root(domain)
+    uuid = (root.findtext("uuid") or "").strip()
+    out: list[tuple[str, str | None]] = []
+    for i, nic in enumerate(root.iterfind("devices/interface")):
+        kind = nic.get("type", "")
+        if kind == "user":
+            continue
+        out.append((_nic_tap(nic, uuid, i), _nic_bridge(nic, kind, networks)))
+    return out
+
+
+def _nic_bridge(nic: etree._Element, kind: str, networks: Mapping[str, str]) -> str | None:
+    src = nic.find("source")
+    if kind == "bridge":
+        bridge = "" if src is None else src.get("bridge", "")
+        if not bridge:
+            raise XMLError("interface of type 'bridge' needs <source bridge=...>")
+        return bridge
+    if kind == "network":
+        name = "" if src is None else src.get("network", "")
+        if name not in networks:
+            raise unsupported(f"network '{name}' is not configured on this host (networks)")
+        return networks[name]
+    if kind == "ethernet":
+        return None
+    raise unsupported(f"interface type '{kind}' is not supported")
+
+
+def _nic_args(ctx: _Ctx) -> list[str]:
+    out: list[str] = []
+    uuid = (ctx.root.findtext("uuid") or "").strip()
+    for i, nic in enumerate(ctx.root.iterfind("devices/interface")):
+        kind = nic.get("type", "")
+        if kind == "user":
+            netdev = _opts("user", id=f"hostnet{i}")
+        else:
+            _nic_bridge(nic, kind, ctx.facts.networks)  # refuses an unknown network
+            tap = _nic_tap(nic, uuid, i)
+            netdev = _opts("tap", id=f"hostnet{i}", ifname=tap, script="no", downscript="no")
+        model_el = nic.find("model")
+        model = "rtl8139" if model_el is None else model_el.get("type", "rtl8139")
+        if model not in _NIC_MODELS:
+            raise unsupported(f"interface model '{model}' is not supported")
+        mac = nic.find("mac")
+        props: dict[str, str | int | None] = {
+            "netdev": f"hostnet{i}",
+            "id": f"net{i}",
+            "mac": None if mac is None else mac.get("address"),
+            **ctx.pci(nic),
+        }
+        boot = nic.find("boot")
+        if boot is not None:
+            props["bootindex"] = _int(boot.get("order"), "boot order")
+        out += ["-netdev", netdev, "-device", _opts(_NIC_MODELS[model], **props)]
+    return out
+
+
+def create_tap(tap: str, bridge: str | None, uid: int | None = None) -> bool:
+    """Create ``tap`` (owned by the emulator's ``uid``) and attach it to ``bridge``;
+    False when it existed already (an ``ethernet`` interface's, left as it is)."""
+    if _run_ip("link", "show", "dev", tap, check=False) == 0:
+        if bridge is not None:
+            _run_ip("link", "set", "dev", tap, "master", bridge, "up")
+        return False
+    owner = [] if uid is None else ["user", str(uid)]
+    _run_ip("tuntap", "add", "dev", tap, "mode", "tap", *owner)
+    try:
+        if bridge is not None:
+            _run_ip("link", "set", "dev", tap, "master", bridge)
+        _run_ip("link", "set", "dev", tap, "up")
+    except OperationFailed:
+        delete_tap(tap)
+        raise
+    return True
+
+
+def delete_tap(tap: str) -> None:
+    _run_ip("tuntap", "del", "dev", tap, "mode", "tap", check=False)
+
+
+def _run_ip(*args: str, check: bool = True) -> int:
+    try:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise OperationFailed(f"cannot run ip: {exc}") from exc
+    if check and r.returncode != 0:
+        raise OperationFailed(f"ip {' '.join(args)}: {r.stderr.strip()}")
+    return r.returncode
+
+
+# ------------------------------------------------------------------------ character devices
+
+
+def _log_path(ctx: _Ctx, el: etree._Element, port: int) -> str | None:
+    log = el.find("log")
+    if log is not None and log.get("file"):
+        return log.get("file")
+    if not ctx.facts.console_log:
+        return None
+    return ctx.facts.console_log if port == 0 else f"{ctx.facts.console_log}.{port}"
+
+
+def _chardev(ctx: _Ctx, el: etree._Element, chid: str, log: str | None, auto: str = "") -> str:
+    kind = el.get("type", "pty")
+    src = el.find("source")
+    path = None if src is None else src.get("path")
+    logs: dict[str, str | int | None] = {"logfile": log, "logappend": "on" if log else None}
+    if kind == "pty":
+        return _opts("pty", id=chid, **logs)
+    if kind == "null":
+        return _opts("null", id=chid, **logs)
+    if kind == "file":
+        if not path:
+            raise XMLError(f"<{_local(el)} type='file'> needs <source path=...>")
+        append = "on" if src is not None and src.get("append") == "on" else None
+        return _opts("file", id=chid, path=path, append=append, **logs)
+    if kind == "unix":
+        if not path and not auto:
+            raise XMLError(f"<{_local(el)} type='unix'> needs <source path=...>")
+        path = path or auto
+        server = "on" if src is None or src.get("mode", "bind") == "bind" else "off"
+        wait = "off" if server == "on" else None
+        return _opts("socket", id=chid, path=path, server=server, wait=wait, **logs)
+    raise unsupported(f"character device type '{kind}' is not supported")
+
+
+def _serial_ports(ctx: _Ctx) -> list[tuple[int, etree._Element]]:
+    """Serial ports, and a serial console with no <serial> (libvirt adds the serial)."""
+    serials = list(ctx.root.iterfind("devices/serial"))
+    if not serials:
+        serials = [c for c in ctx.root.iterfind("devices/console") if _console_kind(c) == "serial"][
+            :1
+        ]
+    out = []
+    for i, ser in enumerate(serials):
+        target = ser.find("target")
+        ttype = "isa-serial" if target is None else target.get("type", "isa-serial")
+        if _local(ser) == "serial" and ttype != "isa-serial":
+            raise unsupported(f"serial target type '{ttype}' is not supported")
+        out.append((_int(None if target is None else target.get("port"), "serial port", i), ser))
+    return out
+
+
+def _console_kind(console: etree._Element) -> str:
+    target = console.find("target")
+    return "serial" if target is None else target.get("type", "serial")
+
+
+def _chardev_args(ctx: _Ctx) -> list[str]:
+    out: list[str] = []
+    for port, ser in _serial_ports(ctx):
+        chid = f"charserial{port}"
+        out += ["-chardev", _chardev(ctx, ser, chid, _log_path(ctx, ser, port))]
+        out += ["-device", _opts("isa-serial", chardev=chid, id=f"serial{port}", index=port)]
+    for i, con in enumerate(ctx.root.iterfind("devices/console")):
+        kind = _console_kind(con)
+        if kind == "serial":
+            continue  # the serial port above
+        if kind != "virtio":
+            raise unsupported(f"console target type '{kind}' is not supported")
+        chid = f"charconsole{i}"
+        out += ["-chardev", _chardev(ctx, con, chid, _log_path(ctx, con, 100 + i))]
+        dev = _opts("virtconsole", bus="virtio-serial0.0", chardev=chid, id=f"console{i}")
+        out += ["-device", dev]
+    for i, chan in enumerate(ctx.root.iterfind("devices/channel")):
+        target = chan.find("target")
+        if target is None or target.get("type") != "virtio":
+            raise unsupported("only virtio channels are supported")
+        chid = f"charchannel{i}"
+        serport = _opts("virtserialport", bus="virtio-serial0.0", nr=i + 1, chardev=chid,
+                        id=f"channel{i}", name=target.get("name"))  # fmt: skip
+        auto = f"{ctx.facts.channel_prefix}{i}"
+        out += ["-chardev", _chardev(ctx, chan, chid, None, auto), "-device", serport]
+    return out
+
+
+# ------------------------------------------------------------------------ display and others
+
+
+def _graphics_args(ctx: _Ctx) -> list[str]:
+    graphics = list(ctx.root.iterfind("devices/graphics"))
+    if not graphics:
+        return []
+    g = graphics[0]
+    if len(graphics) > 1 or g.get("type") != "vnc":
+        raise unsupported(f"graphics type '{g.get('type')}' is not supported (VNC only)")
+    for attr in ("passwd", "websocket", "socket"):
+        if g.get(attr) is not None:
+            raise unsupported(f"VNC attribute '{attr}' is not supported")
+    listen = g.get("listen")
+    for child in g.iterfind("listen"):
+        if child.get("type", "address") != "address":
+            raise unsupported(f"VNC listen type '{child.get('type')}' is not supported")
+        listen = child.get("address", listen)
+    listen = listen or "127.0.0.1"
+    autoport = g.get("autoport") == "yes" or g.get("port", "-1") == "-1"
+    port = ctx.facts.vnc_port if autoport else _int(g.get("port"), "VNC port")
+    if port is None or port < VNC_BASE_PORT:
+        raise unsupported(f"VNC port {port} is not usable (no port picked, or below 5900)")
+    host = f"[{listen}]" if ":" in listen else listen
+    return ["-vnc", f"{host}:{port - VNC_BASE_PORT}"]
+
+
+def _video_args(ctx: _Ctx) -> list[str]:
+    videos = list(ctx.root.iterfind("devices/video"))
+    if len(videos) > 1:
+        raise unsupported("only one <video> device is supported")
+    if not videos or _video_model(videos[0]) == "none":
+        return []
+    model_el = videos[0].find("model")
+    model = _video_model(videos[0])
+    if model not in _VIDEO:
+        raise unsupported(f"video model '{model}' is not supported")
+    get = (lambda k: None) if model_el is None else model_el.get
+    props: dict[str, str | int | None] = {"id": "video0"}
+    if model in ("vga", "cirrus") and get("vram"):
+        props["vgamem_mb"] = _int(get("vram"), "video vram") // 1024
+    if model == "qxl":
+        props.update(
+            ram_size=_int(get("ram"), "qxl ram", 65536) * 1024,
+            vram_size=_int(get("vram"), "qxl vram", 65536) * 1024,
+            vgamem_mb=_int(get("vgamem"), "qxl vgamem", 16384) // 1024,
+        )
+    return ["-device", _opts(_VIDEO[model], **props, **ctx.pci(videos[0]))]
+
+
+_INPUT_DEVICES = {
+    ("tablet", "usb"): "usb-tablet",
+    ("mouse", "usb"): "usb-mouse",
+    ("keyboard", "usb"): "usb-kbd",
+    ("tablet", "virtio"): "virtio-tablet-pci",
+    ("mouse", "virtio"): "virtio-mouse-pci",
+    ("keyboard", "virtio"): "virtio-keyboard-pci",
+}
+
+
+def _input_args(ctx: _Ctx) -> list[str]:
+    out: list[str] = []
+    for i, inp in enumerate(ctx.root.iterfind("devices/input")):
+        kind, bus = inp.get("type", ""), inp.get("bus", "ps2")
+        if bus == "ps2" and kind in ("mouse", "keyboard"):
+            continue  # the i8042 every x86 machine has
+        dev = _INPUT_DEVICES.get((kind, bus))
+        if dev is None:
+            raise unsupported(f"input device '{kind}' on bus '{bus}' is not supported")
+        place: dict[str, str | int | None] = dict(ctx.pci(inp))
+        if bus == "usb":
+            place = {"bus": "usb.0", "port": ctx.usb_port()}
+        out += ["-device", _opts(dev, id=f"input{i}", **place)]
+    return out
+
+
+def _balloon_args(ctx: _Ctx) -> list[str]:
+    balloon = ctx.root.find("devices/memballoon")
+    if balloon is None or balloon.get("model") == "none":
+        return []
+    if balloon.get("model", "virtio") != "virtio":
+        raise unsupported(f"memballoon model '{balloon.get('model')}' is not supported")
+    deflate = "on" if balloon.get("autodeflate") == "on" else None
+    extra: dict[str, str | int | None] = {"deflate-on-oom": deflate}
+    dev = _opts("virtio-balloon-pci", id="balloon0", **extra, **ctx.pci(balloon))
+    return ["-device", dev]
+
+
+def _rng_args(ctx: _Ctx) -> list[str]:
+    out: list[str] = []
+    for i, rng in enumerate(ctx.root.iterfind("devices/rng")):
+        if rng.get("model", "virtio") != "virtio":
+            raise unsupported(f"rng model '{rng.get('model')}' is not supported")
+        backend = rng.find("backend")
+        kind = "random" if backend is None else backend.get("model", "random")
+        obj: dict[str, Any] = {"qom-type": f"rng-{kind}", "id": f"objrng{i}"}
+        if kind == "random":
+            text = "" if backend is None else (backend.text or "").strip()
+            obj["filename"] = text or "/dev/urandom"
+        elif kind != "builtin":
+            raise unsupported(f"rng backend '{kind}' is not supported")
+        rate = rng.find("rate")
+        limits: dict[str, str | int | None] = {}
+        if rate is not None:
+            limits = {"max-bytes": rate.get("bytes"), "period": rate.get("period", "1000")}
+        dev = _opts("virtio-rng-pci", rng=f"objrng{i}", id=f"rng{i}", **limits, **ctx.pci(rng))
+        out += ["-object", _json(obj), "-device", dev]
+    return out
+
+
+def _watchdog_args(ctx: _Ctx) -> list[str]:
+    dogs = list(ctx.root.iterfind("devices/watchdog"))
+    if not dogs:
+        return []
+    dog = dogs[0]
+    model, action = dog.get("model", ""), dog.get("action", "reset")
+    if len(dogs) > 1 or model not in ("i6300esb", "ib700"):
+        raise unsupported(f"watchdog model '{model}' is not supported (one i6300esb or ib700)")
+    if action not in _WATCHDOG_ACTIONS:
+        raise unsupported(f"watchdog action '{action}' is not supported")
+    dev = _opts(model, id="watchdog0", **ctx.pci(dog))
+    return ["-device", dev, "-action", f"watchdog={action}"]
+
+
+_PARTS: tuple[Callable[[_Ctx], list[str]], ...] = (
+    _name_uuid,
+    _machine_args,
+    _cpu_args,
+    _memory_args,
+    _smp_args,
+    _base_args,
+    _clock_args,
+    _boot_args,
+    _kernel_args,
+    _pm_args,
+    _lifecycle_args,
+    _controller_args,
+    _disk_args,
+    _nic_args,
+    _chardev_args,
+    _graphics_args,
+    _video_args,
+    _input_args,
+    _balloon_args,
+    _rng_args,
+    _watchdog_args,
+)
+
+
+def pick_vnc_port(lo: int, hi: int, host: str = "127.0.0.1") -> int:
+    """A free port in ``lo..hi`` for an autoport VNC display (libvirt's autoport): the first
+    one nothing listens on. QEMU binds it a moment later; a race loses to a clear error."""
+    for port in range(max(lo, VNC_BASE_PORT), hi + 1):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OperationFailed(f"no free VNC port in {lo}-{hi}")
+
+
+def needs_vnc_port(domain: DomainDef | etree._Element) -> bool:
+    """Whether the domain has a VNC display whose port the host picks (autoport)."""
+    g = _root(domain).find("devices/graphics[@type='vnc']")
+    return g is not None and (g.get("autoport") == "yes" or g.get("port", "-1") == "-1")
