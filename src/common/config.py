@@ -278,6 +278,10 @@ def add_common_options(ap: argparse.ArgumentParser) -> None:
         type=float,
         help="on SIGTERM, how long migrations in flight may take to finish, s (default 30)",
     )
+    _add_security_and_logging_options(ap)
+
+
+def _add_security_and_logging_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--tls-dir",
         dest="tls_dir",

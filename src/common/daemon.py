@@ -219,17 +219,7 @@ async def grpc_server(
         options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes),
     )
     register(server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    # reflection: grpcurl and friends can list and call the services without the .proto
-    reflection.enable_server_reflection(
-        (
-            *service_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    health = _add_health_and_reflection(server, service_names)
     if tls is None:
         port = server.add_insecure_port(config.listen)
     else:
@@ -253,6 +243,24 @@ async def grpc_server(
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await health.enter_graceful_shutdown()
         await server.stop(grace=2.0)
+
+
+def _add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Sequence[str]
+) -> HealthServicer:
+    """grpc health (what probes and healthchecks ask) and reflection (grpcurl and friends
+    can list and call the services without the .proto)."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return health
 
 
 def _reload_on_sighup(tls: TlsFiles | None) -> None:
