@@ -28,6 +28,18 @@ def test_history_keeps_the_newest_within_the_limit(tmp_path: Path) -> None:
     assert not list((tmp_path / "history").glob(".tmp-*"))
 
 
+def test_history_prunes_in_batches_and_shows_only_the_limit(tmp_path: Path) -> None:
+    from vmmigrate.common.history import PRUNE_EVERY
+
+    h = History(tmp_path, limit=3)
+    for i in range(3 * PRUNE_EVERY):
+        h.add(_rec(i))
+        on_disk = len(list((tmp_path / "history").glob("*.json")))
+        assert on_disk <= 3 + PRUNE_EVERY
+        assert len(h.list()) == min(i + 1, 3)
+    assert [r.migration_id for r in h.list()] == [f"m{i}" for i in range(3 * PRUNE_EVERY - 3, 3 * PRUNE_EVERY)]
+
+
 def test_history_skips_an_unreadable_record(tmp_path: Path) -> None:
     h = History(tmp_path)
     h.add(_rec(1))
