@@ -9,6 +9,26 @@ from helpers.hosts import Host
 
 _counter = itertools.count()
 
+# The inner loop (`pytest -m "not slow"`, under two minutes with tests/unit and tests/fuzz):
+# of the integration tests, the offline paths, every bad-input refusal and the memory check
+# of each live mode, over real daemons. Every other integration test is marked slow here (CI
+# runs them all); tests already marked slow stay so.
+INNER_LOOP_MODULES = {"test_offline", "test_bad_input", "test_hardened_inputs"}
+INNER_LOOP_TESTS = {
+    "test_live.py::test_live_migration_moves_memory_intact",
+    "test_tls.py::test_offline_migration_over_mtls",
+    "test_tls.py::test_readonly_client_may_query_not_change",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.parent.name != "integration" or path.stem in INNER_LOOP_MODULES:
+            continue
+        if f"{path.name}::{item.originalname}" not in INNER_LOOP_TESTS:  # type: ignore[attr-defined]
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, Host]]:
