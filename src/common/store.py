@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from vmmigrate.common.definitions import Definitions, check_clash, find_in
@@ -48,6 +49,9 @@ from vmmigrate.common.outcomes import MigrationOutcome, Outcome, Outcomes
 from vmmigrate.common.reservations import Reservations
 from vmmigrate.common.storelock import StoreLock
 from vmmigrate.common.uuids import canonical_uuid_or_none, require_uuid
+
+if TYPE_CHECKING:
+    from vmmigrate.common.config import DaemonConfig
 
 __all__ = [
     "OUTCOMES",
@@ -84,6 +88,16 @@ def _not_found(key: str) -> NoDomain:
 
 class HostStore:
     """The host state directory of one host. Thread-safe and multi-process-safe."""
+
+    @classmethod
+    def for_daemon(cls, config: DaemonConfig) -> HostStore:
+        """The store as a daemon's configuration names it (srcd and dstd alike)."""
+        return cls(
+            config.state_dir,
+            host_uuid=config.host_uuid,
+            hostname=config.hostname,
+            max_xml_bytes=config.max_xml_bytes,
+        )
 
     def __init__(
         self,

@@ -158,12 +158,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
     """Start dstd's server; yields (bound address, context)."""
     # first: a daemon that may not listen in plaintext refuses before touching its state
     tls = daemon_tls(config.listen, config.tls_dir, config.insecure)
-    store = HostStore(
-        config.state_dir,
-        host_uuid=config.host_uuid,
-        hostname=config.hostname,
-        max_xml_bytes=config.max_xml_bytes,
-    )
+    store = HostStore.for_daemon(config)
     hypervisor = hypervisor_for(config, "dstd")
     obs = Observability.for_daemon(config, "dstd", "destination")
     # before serving: every Finish is answered from a settled state

@@ -402,12 +402,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
     """Start srcd's server; yields (bound address, context)."""
     # first: a daemon that may not listen in plaintext refuses before touching its state
     tls = daemon_tls(config.listen, config.tls_dir, config.insecure)
-    store = HostStore(
-        config.state_dir,
-        host_uuid=config.host_uuid,
-        hostname=config.hostname,
-        max_xml_bytes=config.max_xml_bytes,
-    )
+    store = HostStore.for_daemon(config)
     ctx = SourceContext(
         config=config,
         store=store,
