@@ -241,7 +241,8 @@ def _read_file(path: str) -> str:
 
 
 def migrate_flags(a: argparse.Namespace) -> MigrateFlag:
-    """virsh's option -> flag mapping (docs/ARCHITECTURE.md section 9), with its own command-line rules."""
+    """virsh's option -> flag mapping (docs/ARCHITECTURE.md section 9), with its own
+    command-line rules."""
     if a.timeout is not None:
         if a.offline or not a.live:
             raise UsageError("migrate: Unexpected timeout for offline migration")
