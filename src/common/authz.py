@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
-import grpc
-import grpc.aio
 import structlog
 from vmmigrate.common.errors import PermissionDenied, VmmigrateError
+from vmmigrate.common.interceptor import HandlerInterceptor, OnRefused, refuse
 from vmmigrate.common.pki_identity import Identity, identity_from_auth_context
-from vmmigrate.common.rpc import status_of
 
 _DOMAIN: Final = "/vmmigrate.v1.DomainService/"
 
@@ -111,13 +109,11 @@ def _bound(identity: Identity) -> dict[str, Any]:
     return {"peer_kind": identity.kind, "peer_name": identity.name, "peer_role": identity.role}
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class AuthInterceptor(HandlerInterceptor):
     """Checks every call of a TLS server against ``policy`` before its handler (and before
     its request is decoded), and binds the peer into the call's log context."""
 
-    def __init__(
-        self, policy: Policy, on_refused: Callable[[grpc.StatusCode], None] | None = None
-    ) -> None:
+    def __init__(self, policy: Policy, on_refused: OnRefused | None = None) -> None:
         self.policy = policy
         self.on_refused = on_refused  # the daemon's refusal count (metrics)
         self.log = structlog.get_logger(f"vmmigrate.{policy.daemon}")
@@ -128,25 +124,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             authorize(self.policy, identity, method)
         except VmmigrateError as exc:
             self.log.warning("rpc_refused", method=method, code=exc.code.name, error=str(exc))
-            code, message, metadata = status_of(exc)
-            if self.on_refused is not None:
-                self.on_refused(code)
-            await context.abort(code, message, trailing_metadata=tuple(metadata))
-            raise  # abort() raises; never reached
+            await refuse(context, exc, self.on_refused)
+            raise  # refuse() raises; never reached
         return identity
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        # grpc's handler is a namedtuple (its stubs do not say so): _replace swaps fields
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = str(handler_call_details.method)
+    def wrap(self, handler: Any, method: str) -> Any:
         for field in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             inner = getattr(handler, field)
             if inner is not None:

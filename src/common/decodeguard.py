@@ -11,14 +11,12 @@ so it passes through untouched.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-import grpc
-import grpc.aio
 from google.protobuf.message import DecodeError
 from vmmigrate.common.errors import InvalidArgument
-from vmmigrate.common.rpc import status_of
+from vmmigrate.common.interceptor import HandlerInterceptor, refuse
 
 
 def _decode(deserializer: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
@@ -28,30 +26,20 @@ def _decode(deserializer: Callable[[bytes], Any], raw: bytes, method: str) -> An
         raise InvalidArgument(f"malformed request message for {method}: {exc}") from None
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        # grpc's handler is a namedtuple (its stubs do not say so): _replace swaps fields
-        handler: Any = await continuation(handler_call_details)
+class DecodeGuard(HandlerInterceptor):
+    def wrap(self, handler: Any, method: str) -> Any:
         deserializer = getattr(handler, "request_deserializer", None)
-        if handler is None or deserializer is None:
-            return handler
-        method = str(handler_call_details.method).rpartition("/")[2]
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        if deserializer is None or handler.unary_unary is None:
+            return handler  # the tunnel (raw bytes) has no deserializer
+        name = method.rpartition("/")[2]
+        inner = handler.unary_unary
 
-            async def unary(raw: bytes, context: Any) -> Any:
-                try:
-                    request = _decode(deserializer, raw, method)
-                except InvalidArgument as exc:
-                    code, message, metadata = status_of(exc)
-                    await context.abort(code, message, trailing_metadata=tuple(metadata))
-                return await inner(request, context)
+        async def unary(raw: bytes, context: Any) -> Any:
+            try:
+                request = _decode(deserializer, raw, name)
+            except InvalidArgument as exc:
+                await refuse(context, exc)
+                raise  # refuse() raises; never reached
+            return await inner(request, context)
 
-            return handler._replace(request_deserializer=None, unary_unary=unary)
-        return handler  # the tunnel (raw bytes) has no deserializer: handled above
+        return handler._replace(request_deserializer=None, unary_unary=unary)

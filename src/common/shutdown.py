@@ -10,13 +10,10 @@ to recovery at the next start, as after a crash.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
-import grpc.aio
 from vmmigrate.common.errors import ShuttingDown
-from vmmigrate.common.rpc import status_of
+from vmmigrate.common.interceptor import HandlerInterceptor, OnRefused, refuse
 
 # Full method names of the calls that begin a migration on this host.
 STARTS_MIGRATION = frozenset(
@@ -30,33 +27,21 @@ STARTS_MIGRATION = frozenset(
 MESSAGE = "daemon is shutting down"
 
 
-class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class ShutdownGate(HandlerInterceptor):
     def __init__(self, refused: frozenset[str] = STARTS_MIGRATION) -> None:
         self.refused = refused
         self.closed = False
         # the daemon's refusal count (metrics), set when it serves
-        self.on_refused: Callable[[grpc.StatusCode], None] | None = None
+        self.on_refused: OnRefused | None = None
 
     def close(self) -> None:
         self.closed = True
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler: Any = await continuation(handler_call_details)
-        if not self.closed or handler is None or handler.unary_unary is None:
-            return handler
-        if str(handler_call_details.method) not in self.refused:
+    def wrap(self, handler: Any, method: str) -> Any:
+        if not self.closed or handler.unary_unary is None or method not in self.refused:
             return handler
 
-        async def refuse(request: Any, context: Any) -> Any:
-            code, message, metadata = status_of(ShuttingDown(MESSAGE))
-            if self.on_refused is not None:
-                self.on_refused(code)
-            await context.abort(code, message, trailing_metadata=tuple(metadata))
+        async def refused(request: Any, context: Any) -> Any:
+            await refuse(context, ShuttingDown(MESSAGE), self.on_refused)
 
-        return handler._replace(unary_unary=refuse)
+        return handler._replace(unary_unary=refused)
