@@ -9,6 +9,7 @@ or its error (same class, same code: the client's retry logic sees what dstd sai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from vmmigrate.common.address import DEFAULT_DSTD_PORT, format_hostport, parse_hostport
@@ -19,6 +20,7 @@ from vmmigrate.common.v3client import DEST
 from vmmigrate.srcd.context import SourceContext
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
+from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 # Left of the caller's deadline for srcd's own answer to reach it, seconds: dstd's deadline
 # error must arrive before the client's own deadline passes.
@@ -39,17 +41,26 @@ def _timeout(ctx: SourceContext, context: Any) -> float:
     return max(float(left) - ANSWER_MARGIN, 0.001)
 
 
+async def _forward(
+    ctx: SourceContext,
+    dest_address: str,
+    method: Callable[[pb_grpc.MigrationDestinationServiceStub], Any],
+    request: Any,
+    context: Any,
+) -> Any:
+    """Send ``request`` to the named dstd's ``method`` and return its answer."""
+    address = _address(dest_address)
+    stub = ctx.peers.destination(address)
+    return await call(
+        method(stub), request, timeout=_timeout(ctx, context), peer=address, what=DEST
+    )
+
+
 async def capabilities(
     ctx: SourceContext, request: pb.RelayCapabilitiesRequest, context: Any
 ) -> pb.CapabilitiesResponse:
-    address = _address(request.dest_address)
-    stub = ctx.peers.destination(address)
-    caps: pb.CapabilitiesResponse = await call(
-        stub.GetCapabilities,
-        request.request,
-        timeout=_timeout(ctx, context),
-        peer=address,
-        what=DEST,
+    caps: pb.CapabilitiesResponse = await _forward(
+        ctx, request.dest_address, lambda d: d.GetCapabilities, request.request, context
     )
     return caps
 
@@ -57,12 +68,13 @@ async def capabilities(
 async def prepare(
     ctx: SourceContext, request: pb.RelayPrepareRequest, context: Any
 ) -> pb.PrepareResponse:
-    address = _address(request.dest_address)
-    stub = ctx.peers.destination(address)
     tunnelled = bool(request.request.header.flags & int(MigrateFlag.TUNNELLED))
-    method = stub.PrepareTunnel if tunnelled else stub.Prepare
-    prepared: pb.PrepareResponse = await call(
-        method, request.request, timeout=_timeout(ctx, context), peer=address, what=DEST
+    prepared: pb.PrepareResponse = await _forward(
+        ctx,
+        request.dest_address,
+        lambda d: d.PrepareTunnel if tunnelled else d.Prepare,
+        request.request,
+        context,
     )
     return prepared
 
@@ -70,9 +82,7 @@ async def prepare(
 async def finish(
     ctx: SourceContext, request: pb.RelayFinishRequest, context: Any
 ) -> pb.FinishResponse:
-    address = _address(request.dest_address)
-    stub = ctx.peers.destination(address)
-    finished: pb.FinishResponse = await call(
-        stub.Finish, request.request, timeout=_timeout(ctx, context), peer=address, what=DEST
+    finished: pb.FinishResponse = await _forward(
+        ctx, request.dest_address, lambda d: d.Finish, request.request, context
     )
     return finished
