@@ -15,7 +15,9 @@ server translates to gRPC in exactly one place, and the client library translate
      +-- ArgumentUnsupported            FAILED_PRECONDITION the peer lacks a feature
      +-- ConfigUnsupported              FAILED_PRECONDITION this host's policy refuses it
      +-- MigrateUnsafe                  FAILED_PRECONDITION disks a live migration may corrupt
+     +-- HostResourceMissing            FAILED_PRECONDITION this host lacks a disk, bridge, binary
      +-- NoDomain                       NOT_FOUND
+     +-- NoNetwork                      NOT_FOUND          <interface type='network'> names none
      +-- DomainExists                   ALREADY_EXISTS     name / UUID conflicts
      +-- JobActive                      ABORTED            another job holds the domain
      +-- OperationAborted               CANCELLED          aborted by a client
@@ -105,7 +107,23 @@ class MigrateUnsafe(VmmigrateError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class HostResourceMissing(VmmigrateError):
+    """libvirt's VIR_ERR_SYSTEM_ERROR when a domain cannot run here: what it needs from this
+    host is not there (a disk file or device, a bridge, the emulator binary). The message is
+    libvirt's, ending in the system error's text (``Cannot access storage file 'P': No such
+    file or directory``)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class NoDomain(VmmigrateError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class NoNetwork(VmmigrateError):
+    """libvirt's VIR_ERR_NO_NETWORK: an ``<interface type='network'>`` names a network this
+    host does not have."""
+
     code = grpc.StatusCode.NOT_FOUND
 
 
@@ -169,7 +187,9 @@ CATEGORIES: dict[str, str] = {
     "ArgumentUnsupported": "argument unsupported: ",  # VIR_ERR_ARGUMENT_UNSUPPORTED
     "ConfigUnsupported": "unsupported configuration: ",  # VIR_ERR_CONFIG_UNSUPPORTED
     "MigrateUnsafe": "Unsafe migration: ",  # VIR_ERR_MIGRATE_UNSAFE
+    "HostResourceMissing": "",  # VIR_ERR_SYSTEM_ERROR ("Cannot access storage file ...")
     "NoDomain": "Domain not found: ",  # VIR_ERR_NO_DOMAIN
+    "NoNetwork": "Network not found: ",  # VIR_ERR_NO_NETWORK
     "DomainExists": "operation failed: ",  # libvirt's "domain '%s' already exists ..."
     "JobActive": "Requested operation is not valid: ",  # "another migration job is ..."
     "OperationAborted": "operation aborted: ",  # VIR_ERR_OPERATION_ABORTED
