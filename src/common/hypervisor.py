@@ -45,6 +45,7 @@ from vmmigrate.common.domainxml import DomainDef
 from vmmigrate.common.durable import atomic_write, durable_unlink
 from vmmigrate.common.errors import (
     ConfigUnsupported,
+    HostResourceMissing,
     InvalidArgument,
     OperationFailed,
     OperationInvalid,
@@ -309,14 +310,15 @@ def monitor_paths(kind: str, qmp: str) -> dict[str, str]:
     return {role: f"{base}.{role}.qmp" for role in MONITOR_ROLES}
 
 
-def _qemu_binary(d: DomainDef, settings: EmulatorSettings) -> str:
+def qemu_binary(d: DomainDef, settings: EmulatorSettings) -> str:
+    """The QEMU binary that runs ``d`` here (its <emulator>, else ``qemu_binary`` looked up
+    in PATH), refused with libvirt's text when it is not an executable file."""
     binary = d.emulator or settings.qemu_binary
-    if not os.path.isabs(binary):
-        found = shutil.which(binary)
-        if found is None:
-            raise OperationFailed(f"emulator '{binary}' is not installed")
-        binary = found
-    return binary
+    found = shutil.which(binary)  # an absolute path is checked as it is
+    if found is None:
+        why = "Permission denied" if os.path.isfile(binary) else "No such file or directory"
+        raise HostResourceMissing(f"Cannot find QEMU binary {binary}: {why}")
+    return found
 
 
 def qemu_facts(d: DomainDef, settings: EmulatorSettings, qmp: str) -> qemuargv.HostFacts:
@@ -324,7 +326,7 @@ def qemu_facts(d: DomainDef, settings: EmulatorSettings, qmp: str) -> qemuargv.H
     the monitors (in the socket dir, which an unprivileged emulator may write to)."""
     base = qmp.removesuffix(".qmp")
     return qemuargv.HostFacts(
-        binary=_qemu_binary(d, settings),
+        binary=qemu_binary(d, settings),
         accel=settings.qemu_accel,
         monitors=(qmp, *monitor_paths("qemu", qmp).values()),
         console_log=f"{base}.console.log",
