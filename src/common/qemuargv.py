@@ -464,27 +464,36 @@ def _machine_args(ctx: _Ctx) -> list[str]:
     return ["-machine", _opts(ctx.machine.name, **props)]
 
 
-def _cpu_args(ctx: _Ctx) -> list[str]:
-    cpu = ctx.root.find("cpu")
-    if cpu is None:
-        return []
+def cpu_model(
+    cpu: etree._Element, accel: str, tcg_cpu_models: frozenset[str] = TCG_CPU_MODELS
+) -> str | None:
+    """The QEMU CPU model ``-cpu`` names for ``<cpu>`` (None: topology only, QEMU's
+    default model); what this host's accelerator cannot run is refused."""
     mode = cpu.get("mode", "custom")
     model_el = cpu.find("model")
     model = (model_el.text or "").strip() if model_el is not None else ""
     if mode in ("host-passthrough", "maximum", "host-model"):
-        name = "max" if ctx.facts.accel == "tcg" or mode == "maximum" else "host"
-    elif mode == "custom" and model:
-        name = model
-        if ctx.facts.accel == "tcg" and model not in ctx.facts.tcg_cpu_models:
+        return "max" if accel == "tcg" or mode == "maximum" else "host"
+    if mode == "custom" and model:
+        if accel == "tcg" and model not in tcg_cpu_models:
             raise unsupported(
                 f"CPU model '{model}' is not supported by TCG (runs: "
-                f"{', '.join(sorted(ctx.facts.tcg_cpu_models))}); use host-model or "
+                f"{', '.join(sorted(tcg_cpu_models))}); use host-model or "
                 "host-passthrough"
             )
-    elif mode == "custom":
-        return []  # topology only
-    else:
-        raise unsupported(f"CPU mode '{mode}' is not supported")
+        return model
+    if mode == "custom":
+        return None  # topology only
+    raise unsupported(f"CPU mode '{mode}' is not supported")
+
+
+def _cpu_args(ctx: _Ctx) -> list[str]:
+    cpu = ctx.root.find("cpu")
+    if cpu is None:
+        return []
+    name = cpu_model(cpu, ctx.facts.accel, ctx.facts.tcg_cpu_models)
+    if name is None:
+        return []
     return ["-cpu", name + _cpu_features(cpu)]
 
 
