@@ -34,6 +34,7 @@ from vmmigrate.common.errors import (
     OperationInvalid,
 )
 from vmmigrate.common.flags import MigrateFlag, check_prepare_flags
+from vmmigrate.common.hostcheck import check_runnable
 from vmmigrate.common.hypervisor import emulator_kind
 from vmmigrate.common.phase import Phase, require
 from vmmigrate.common.qmp import QMPError
@@ -285,6 +286,7 @@ async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.Prepare
     # storage copy refused for its emulator, before anything is reserved or started
     check_migration_safe(domain_disks(received), req.flags)
     check_storage_copy(req.flags, emulator_kind(received, ctx.hypervisor.settings.default))
+    await asyncio.to_thread(check_runnable, received, ctx.hypervisor.settings, copied={})
     target = _renamed(persist, req.dest_name)
     running = _renamed(received, req.dest_name)
     _check_cookie(ctx, req, received)

@@ -13,6 +13,7 @@ import structlog
 from vmmigrate.common import events
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import JobActive, OperationInvalid
+from vmmigrate.common.hostcheck import check_runnable
 from vmmigrate.common.hypervisor import RunState
 from vmmigrate.common.qmp import QMPExecuteError
 from vmmigrate.srcd.context import SourceContext
@@ -104,6 +105,8 @@ class DomainAPI:
             raise OperationInvalid("domain is already running")
         if await asyncio.to_thread(self.ctx.store.job_held, d.uuid):
             raise JobActive(f"another migration job is already running for domain '{d.name}'")
+        # what this host lacks (a disk, a bridge, a machine type) is said before QEMU runs
+        await asyncio.to_thread(check_runnable, d, self.ctx.hypervisor.settings)
         await self.ctx.hypervisor.start(d)
         log.info("domain_started", domain=d.name)
         self._event(d, events.STARTED_BOOTED)
