@@ -35,7 +35,7 @@ from vmmigrate.common.errors import (
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.rpc import Deadline, call, open_channel
 from vmmigrate.common.version import add_version_option
-from vmmigrate.migctl import helptext, observe, pki, progress
+from vmmigrate.migctl import evacuate, helptext, observe, pki, progress
 from vmmigrate.migctl.uri import dest_address
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -107,6 +107,7 @@ def _build_parser() -> ArgParser:
     p.add_argument("topic", nargs="?", metavar="COMMAND", help="a command or a group keyword")
     _add_domain_parsers(sub)
     _add_migrate_parsers(sub)
+    evacuate.add_parser(sub)
     observe.add_parsers(sub)
     pki.add_parser(sub)
     return ap
@@ -356,8 +357,7 @@ async def run(a: argparse.Namespace) -> int:
     channel = open_channel(address, tls=tls)
     try:
         handler = COMMANDS.get(a.command) or _cmd_lifecycle
-        await handler(a, _Session(address, channel))
-        return 0
+        return await handler(a, _Session(address, channel)) or 0
     except PeerUnavailable as exc:
         raise _handshake_hint(exc, tls) from exc
     finally:
@@ -440,7 +440,7 @@ async def _cmd_migrate(a: argparse.Namespace, s: _Session) -> None:
     flags = migrate_flags(a)
     params = migrate_params(a)
     dest = dest_address(a.desturi)
-    seconds = float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
+    seconds = _migrate_timeout()
     migration: Any
     if MigrateFlag.PEER2PEER in flags:
         request = pb.MigrateRequest(
@@ -477,6 +477,21 @@ async def _cmd_migrate(a: argparse.Namespace, s: _Session) -> None:
     )
 
 
+def _migrate_timeout() -> float:
+    """The deadline of one migration, seconds (read when a command runs, not at import)."""
+    return float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
+
+
+async def _cmd_evacuate(a: argparse.Namespace, s: _Session) -> int:
+    """Every domain (or the named ones) off this host: one p2p Migrate each
+    (src/migctl/evacuate.py); the exit status says whether all moved."""
+    dest = dest_address(a.desturi)
+    try:
+        return await evacuate.evacuate(a, s, dest, _migrate_timeout(), sys.stdout)
+    except evacuate.EvacuateUsageError as exc:
+        raise UsageError(str(exc)) from None
+
+
 async def _cmd_lifecycle(a: argparse.Namespace, s: _Session) -> None:
     method, words = LIFECYCLE[a.command]
     r = await s.rpc(getattr(s.dom, method), pb.DomainRequest(domain=a.domain))
@@ -506,7 +521,8 @@ async def _cmd_setmaxdowntime(a: argparse.Namespace, s: _Session) -> None:
     await s.rpc(s.dom.SetMaxDowntime, pb.DowntimeRequest(domain=a.domain, downtime_ms=a.downtime))
 
 
-Command = Callable[[argparse.Namespace, _Session], Awaitable[None]]
+# a command returns its exit status, or None for 0 (its errors raise)
+Command = Callable[[argparse.Namespace, _Session], Awaitable[int | None]]
 COMMANDS: dict[str, Command] = {
     "define": _cmd_define,
     "undefine": _cmd_undefine,
@@ -517,6 +533,7 @@ COMMANDS: dict[str, Command] = {
     "dominfo": _cmd_dominfo,
     "dumpxml": _cmd_dumpxml,
     "migrate": _cmd_migrate,
+    "evacuate": _cmd_evacuate,
     "domjobinfo": _cmd_domjobinfo,
     "domjobabort": _cmd_domjobabort,
     "migrate-setspeed": _cmd_setspeed,
