@@ -55,7 +55,6 @@ from vmmigrate.common.flags import MigrateFlag
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
-DEFAULT_PARALLEL = 4
 INACTIVE = pb.DOMAIN_STATE_SHUTOFF
 # flags that only mean something for a live migration (the memory stream), dropped from
 # the offline ones
@@ -76,69 +75,6 @@ class Selection(enum.Enum):
     ALL = "all"
     LIVE = "live"
     OFFLINE = "offline"
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "evacuate",
-        help="migrate every domain of this host to another host",
-        description="Move every domain (or those named with --domain) off the host migctl "
-        "is connected to: running and paused ones live, inactive ones offline, each as one "
-        "peer-to-peer migration (migrate --p2p), at most --parallel at once. Definitions "
-        "move: persistent domains are defined on the destination and undefined here "
-        "(--persistent --undefinesource); transient ones stay transient. --live moves only "
-        "the running domains, --offline only the inactive ones; the others are reported as "
-        "not moved. A domain that vanished or changed state meanwhile is reported. Ctrl-C "
-        "starts no new migration and waits for the running ones; a second Ctrl-C aborts "
-        "them. Prints a summary; exit status 1 if any domain did not move.",
-    )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--live", action="store_true", help="move only the running domains")
-    mode.add_argument("--offline", action="store_true", help="move only the inactive domains")
-    p.add_argument(
-        "--parallel",
-        type=int,
-        default=DEFAULT_PARALLEL,
-        metavar="N",
-        help=f"migrations at once (default {DEFAULT_PARALLEL}; srcd's max_outgoing caps it)",
-    )
-    p.add_argument(
-        "--domain",
-        action="append",
-        dest="domains",
-        metavar="NAME",
-        help="move only this domain (name or uuid); may be given more than once",
-    )
-    p.add_argument(
-        "--tunnelled",
-        "--tunneled",
-        action="store_true",
-        help="carry the live migrations' memory streams over the daemons' connection",
-    )
-    p.add_argument(
-        "--bandwidth", type=int, metavar="MiB/s", help="bandwidth limit of each live migration"
-    )
-    p.add_argument(
-        "--auto-converge", action="store_true", help="throttle vCPUs until the copy converges"
-    )
-    p.add_argument(
-        "--unsafe",
-        action="store_true",
-        help="migrate even if disks may be corrupted (cache other than none or directsync)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=int,
-        metavar="S",
-        help="suspend a domain whose live migration takes longer than S seconds",
-    )
-    p.add_argument(
-        "--timeout-suspend", action="store_true", help="with --timeout: suspend (the default)"
-    )
-    p.add_argument(
-        "desturi",
-        help="the destination: HOST[:PORT] of its dstd (7302) or qemu+tls://HOST/system",
-    )
 
 
 @dataclass(frozen=True)

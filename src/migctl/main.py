@@ -35,7 +35,7 @@ from vmmigrate.common.errors import (
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.rpc import Deadline, call, open_channel
 from vmmigrate.common.version import add_version_option
-from vmmigrate.migctl import evacuate, helptext, observe, pki, progress
+from vmmigrate.migctl import helptext, observe, pki, progress
 from vmmigrate.migctl.uri import dest_address
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -58,6 +58,9 @@ STATE_WORDS = {
 # Deadline of a simple API call, and of a whole migration, seconds.
 CALL_TIMEOUT = 30.0
 DEFAULT_MIGRATE_TIMEOUT = 600.0
+# evacuate's migrations at once: a few, so that one slow live migration does not hold up
+# the rest, without making the destination take dozens at once
+DEFAULT_EVACUATE_PARALLEL = 4
 
 
 class LocalFileError(InvalidArgument):
@@ -107,7 +110,7 @@ def _build_parser() -> ArgParser:
     p.add_argument("topic", nargs="?", metavar="COMMAND", help="a command or a group keyword")
     _add_domain_parsers(sub)
     _add_migrate_parsers(sub)
-    evacuate.add_parser(sub)
+    _add_evacuate_parser(sub)
     observe.add_parsers(sub)
     pki.add_parser(sub)
     return ap
@@ -227,6 +230,79 @@ def _add_migrate_parsers(sub: Any) -> None:
     )
     p.add_argument("--migration-id", help="the migration's id (default: a new UUID)")
     p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument(
+        "desturi",
+        help="the destination: HOST[:PORT] of its dstd (7302) or qemu+tls://HOST/system",
+    )
+
+
+EVACUATE_DESCRIPTION = (
+    "Move every domain (or those named with --domain) off the host migctl is connected "
+    "to: running and paused ones live, inactive ones offline, each as one peer-to-peer "
+    "migration (migrate --p2p), at most --parallel at once. Definitions move: persistent "
+    "domains are defined on the destination and undefined here (--persistent "
+    "--undefinesource); transient ones stay transient. --live moves only the running "
+    "domains, --offline only the inactive ones; the others are reported as not moved. A "
+    "domain that vanished or changed state meanwhile is reported. Ctrl-C starts no new "
+    "migration and waits for the running ones; a second Ctrl-C aborts them. Prints a "
+    "summary; exit status 1 if any domain did not move."
+)
+
+
+def _add_evacuate_parser(sub: Any) -> None:
+    """evacuate's command line (its code, src/migctl/evacuate.py, is imported only when it
+    runs: migctl's other commands start without it)."""
+    p = sub.add_parser(
+        "evacuate",
+        help="migrate every domain of this host to another host",
+        description=EVACUATE_DESCRIPTION,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--live", action="store_true", help="move only the running domains")
+    mode.add_argument("--offline", action="store_true", help="move only the inactive domains")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=DEFAULT_EVACUATE_PARALLEL,
+        metavar="N",
+        help=f"migrations at once (default {DEFAULT_EVACUATE_PARALLEL}; srcd's max_outgoing "
+        "caps it)",
+    )
+    p.add_argument(
+        "--domain",
+        action="append",
+        dest="domains",
+        metavar="NAME",
+        help="move only this domain (name or uuid); may be given more than once",
+    )
+    p.add_argument(
+        "--tunnelled",
+        "--tunneled",
+        action="store_true",
+        help="carry the live migrations' memory streams over the daemons' connection",
+    )
+    p.add_argument(
+        "--bandwidth", type=int, metavar="MiB/s", help="bandwidth limit of each live migration"
+    )
+    p.add_argument(
+        "--auto-converge", action="store_true", help="throttle vCPUs until the copy converges"
+    )
+    p.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="migrate even if disks may be corrupted (cache other than none or directsync)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=int,
+        metavar="S",
+        help="abort a live migration still running after S seconds",
+    )
+    p.add_argument(
+        "--timeout-suspend",
+        action="store_true",
+        help="with --timeout: pause the guest instead, so that its migration converges",
+    )
     p.add_argument(
         "desturi",
         help="the destination: HOST[:PORT] of its dstd (7302) or qemu+tls://HOST/system",
@@ -485,6 +561,9 @@ def _migrate_timeout() -> float:
 async def _cmd_evacuate(a: argparse.Namespace, s: _Session) -> int:
     """Every domain (or the named ones) off this host: one p2p Migrate each
     (src/migctl/evacuate.py); the exit status says whether all moved."""
+    # imported here: only evacuate needs it (migctl's start-up stays as it was)
+    from vmmigrate.migctl import evacuate  # noqa: PLC0415
+
     dest = dest_address(a.desturi)
     try:
         return await evacuate.evacuate(a, s, dest, _migrate_timeout(), sys.stdout)
