@@ -25,6 +25,7 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "domname",
             "domuuid",
             "dumpxml",
+            "evacuate",
             "event",
             "migrate",
             "migrate-getspeed",

@@ -58,6 +58,9 @@ STATE_WORDS = {
 # Deadline of a simple API call, and of a whole migration, seconds.
 CALL_TIMEOUT = 30.0
 DEFAULT_MIGRATE_TIMEOUT = 600.0
+# evacuate's migrations at once: a few, so that one slow live migration does not hold up
+# the rest, without making the destination take dozens at once
+DEFAULT_EVACUATE_PARALLEL = 4
 
 
 class LocalFileError(InvalidArgument):
@@ -107,6 +110,7 @@ def _build_parser() -> ArgParser:
     p.add_argument("topic", nargs="?", metavar="COMMAND", help="a command or a group keyword")
     _add_domain_parsers(sub)
     _add_migrate_parsers(sub)
+    _add_evacuate_parser(sub)
     observe.add_parsers(sub)
     pki.add_parser(sub)
     return ap
@@ -226,6 +230,79 @@ def _add_migrate_parsers(sub: Any) -> None:
     )
     p.add_argument("--migration-id", help="the migration's id (default: a new UUID)")
     p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument(
+        "desturi",
+        help="the destination: HOST[:PORT] of its dstd (7302) or qemu+tls://HOST/system",
+    )
+
+
+EVACUATE_DESCRIPTION = (
+    "Move every domain (or those named with --domain) off the host migctl is connected "
+    "to: running and paused ones live, inactive ones offline, each as one peer-to-peer "
+    "migration (migrate --p2p), at most --parallel at once. Definitions move: persistent "
+    "domains are defined on the destination and undefined here (--persistent "
+    "--undefinesource); transient ones stay transient. --live moves only the running "
+    "domains, --offline only the inactive ones; the others are reported as not moved. A "
+    "domain that vanished or changed state meanwhile is reported. Ctrl-C starts no new "
+    "migration and waits for the running ones; a second Ctrl-C aborts them. Prints a "
+    "summary; exit status 1 if any domain did not move."
+)
+
+
+def _add_evacuate_parser(sub: Any) -> None:
+    """evacuate's command line (its code, src/migctl/evacuate.py, is imported only when it
+    runs: migctl's other commands start without it)."""
+    p = sub.add_parser(
+        "evacuate",
+        help="migrate every domain of this host to another host",
+        description=EVACUATE_DESCRIPTION,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--live", action="store_true", help="move only the running domains")
+    mode.add_argument("--offline", action="store_true", help="move only the inactive domains")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=DEFAULT_EVACUATE_PARALLEL,
+        metavar="N",
+        help=f"migrations at once (default {DEFAULT_EVACUATE_PARALLEL}; srcd's max_outgoing "
+        "caps it)",
+    )
+    p.add_argument(
+        "--domain",
+        action="append",
+        dest="domains",
+        metavar="NAME",
+        help="move only this domain (name or uuid); may be given more than once",
+    )
+    p.add_argument(
+        "--tunnelled",
+        "--tunneled",
+        action="store_true",
+        help="carry the live migrations' memory streams over the daemons' connection",
+    )
+    p.add_argument(
+        "--bandwidth", type=int, metavar="MiB/s", help="bandwidth limit of each live migration"
+    )
+    p.add_argument(
+        "--auto-converge", action="store_true", help="throttle vCPUs until the copy converges"
+    )
+    p.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="migrate even if disks may be corrupted (cache other than none or directsync)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=int,
+        metavar="S",
+        help="abort a live migration still running after S seconds",
+    )
+    p.add_argument(
+        "--timeout-suspend",
+        action="store_true",
+        help="with --timeout: pause the guest instead, so that its migration converges",
+    )
     p.add_argument(
         "desturi",
         help="the destination: HOST[:PORT] of its dstd (7302) or qemu+tls://HOST/system",
@@ -356,8 +433,7 @@ async def run(a: argparse.Namespace) -> int:
     channel = open_channel(address, tls=tls)
     try:
         handler = COMMANDS.get(a.command) or _cmd_lifecycle
-        await handler(a, _Session(address, channel))
-        return 0
+        return await handler(a, _Session(address, channel)) or 0
     except PeerUnavailable as exc:
         raise _handshake_hint(exc, tls) from exc
     finally:
@@ -440,7 +516,7 @@ async def _cmd_migrate(a: argparse.Namespace, s: _Session) -> None:
     flags = migrate_flags(a)
     params = migrate_params(a)
     dest = dest_address(a.desturi)
-    seconds = float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
+    seconds = _migrate_timeout()
     migration: Any
     if MigrateFlag.PEER2PEER in flags:
         request = pb.MigrateRequest(
@@ -477,6 +553,24 @@ async def _cmd_migrate(a: argparse.Namespace, s: _Session) -> None:
     )
 
 
+def _migrate_timeout() -> float:
+    """The deadline of one migration, seconds (read when a command runs, not at import)."""
+    return float(os.environ.get("MIGCTL_MIGRATE_TIMEOUT", DEFAULT_MIGRATE_TIMEOUT))
+
+
+async def _cmd_evacuate(a: argparse.Namespace, s: _Session) -> int:
+    """Every domain (or the named ones) off this host: one p2p Migrate each
+    (src/migctl/evacuate.py); the exit status says whether all moved."""
+    # imported here: only evacuate needs it (migctl's start-up stays as it was)
+    from vmmigrate.migctl import evacuate  # noqa: PLC0415
+
+    dest = dest_address(a.desturi)
+    try:
+        return await evacuate.evacuate(a, s, dest, _migrate_timeout(), sys.stdout)
+    except evacuate.EvacuateUsageError as exc:
+        raise UsageError(str(exc)) from None
+
+
 async def _cmd_lifecycle(a: argparse.Namespace, s: _Session) -> None:
     method, words = LIFECYCLE[a.command]
     r = await s.rpc(getattr(s.dom, method), pb.DomainRequest(domain=a.domain))
@@ -506,7 +600,8 @@ async def _cmd_setmaxdowntime(a: argparse.Namespace, s: _Session) -> None:
     await s.rpc(s.dom.SetMaxDowntime, pb.DowntimeRequest(domain=a.domain, downtime_ms=a.downtime))
 
 
-Command = Callable[[argparse.Namespace, _Session], Awaitable[None]]
+# a command returns its exit status, or None for 0 (its errors raise)
+Command = Callable[[argparse.Namespace, _Session], Awaitable[int | None]]
 COMMANDS: dict[str, Command] = {
     "define": _cmd_define,
     "undefine": _cmd_undefine,
@@ -517,6 +612,7 @@ COMMANDS: dict[str, Command] = {
     "dominfo": _cmd_dominfo,
     "dumpxml": _cmd_dumpxml,
     "migrate": _cmd_migrate,
+    "evacuate": _cmd_evacuate,
     "domjobinfo": _cmd_domjobinfo,
     "domjobabort": _cmd_domjobabort,
     "migrate-setspeed": _cmd_setspeed,
