@@ -115,7 +115,7 @@ def options(a: argparse.Namespace) -> Options:
     params = pb.MigrationParams(
         bandwidth_mib=a.bandwidth or 0,
         timeout_s=a.timeout or 0,
-        timeout_suspend=a.timeout_suspend,
+        timeout_suspend=a.timeout_suspend or a.timeout is not None,  # as migrate: virsh's rule
     )
     return Options(selection, flags, params, a.parallel)
 

@@ -226,7 +226,9 @@ def _add_migrate_parsers(sub: Any) -> None:
         help="suspend the domain if a live migration takes longer than S seconds",
     )
     p.add_argument(
-        "--timeout-suspend", action="store_true", help="with --timeout: suspend (the default)"
+        "--timeout-suspend",
+        action="store_true",
+        help="with --timeout: suspend (virsh's default: --timeout alone does the same)",
     )
     p.add_argument("--migration-id", help="the migration's id (default: a new UUID)")
     p.add_argument("domain", help=DOMAIN_HELP)
@@ -296,12 +298,12 @@ def _add_evacuate_parser(sub: Any) -> None:
         "--timeout",
         type=int,
         metavar="S",
-        help="abort a live migration still running after S seconds",
+        help="suspend a domain whose live migration takes longer than S seconds",
     )
     p.add_argument(
         "--timeout-suspend",
         action="store_true",
-        help="with --timeout: pause the guest instead, so that its migration converges",
+        help="with --timeout: suspend (virsh's default: --timeout alone does the same)",
     )
     p.add_argument(
         "desturi",
@@ -358,7 +360,9 @@ def migrate_params(a: argparse.Namespace) -> pb.MigrationParams:
         persist_xml=_read_file(a.persistent_xml) if a.persistent_xml else "",
         bandwidth_mib=a.bandwidth or 0,
         timeout_s=a.timeout or 0,
-        timeout_suspend=a.timeout_suspend,
+        # virsh's rule: --timeout's action is to suspend unless another is named (the RPC
+        # keeps timeout_suspend=False, abort, for API callers that want it)
+        timeout_suspend=a.timeout_suspend or a.timeout is not None,
         migrate_disks=_disk_list(a.migrate_disks),
     )
 

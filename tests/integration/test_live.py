@@ -188,18 +188,40 @@ def test_destination_emulator_dies_mid_transfer(hosts: tuple[Host, Host], domnam
 
 
 def test_timeout_without_suspend_aborts(hosts: tuple[Host, Host], domname: str) -> None:
+    """An RPC caller may ask for an abort at the timeout (timeout_suspend unset); migctl,
+    like virsh, always suspends (test_timeout_alone_suspends)."""
+    import grpc
+    from vmmigrate.common.flags import MigrateFlag
+
+    from vmmigrate.v1 import vmmigrate_pb2 as pb
+    from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
+
     a, b = hosts
     u = start_domain(a, domname, memory_mib=16)
     set_dirty_rate(a, u, 20000)  # ~80 MiB/s of dirtying against a 2 MiB/s cap
-    r = a.migctl(*LIVE, "--p2p", "--bandwidth", "2", "--timeout", "1", domname, b.dst,
-                 check=False)
-    assert r.returncode == 1
-    assert r.stderr.splitlines() == [
-        f"error: Failed to migrate domain '{domname}'",
-        "error: operation aborted: migration did not complete within 1 s",
-    ]
+    request = pb.MigrateRequest(
+        domain=domname, dest_uri=b.dst,
+        flags=int(MigrateFlag.LIVE | MigrateFlag.PEER2PEER | MigrateFlag.PERSIST_DEST),
+        params=pb.MigrationParams(bandwidth_mib=2, timeout_s=1),
+    )
+    with (
+        grpc.insecure_channel(a.src, options=[("grpc.enable_http_proxy", 0)]) as ch,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        pb_grpc.DomainServiceStub(ch).Migrate(request, timeout=60)
+    assert err.value.details() == "operation aborted: migration did not complete within 1 s"
     assert state(a, domname) == "running" and runs_on_exactly_one(a, b, u) == "A"
     a.migctl("destroy", domname)
+
+
+def test_timeout_alone_suspends(hosts: tuple[Host, Host], domname: str) -> None:
+    """virsh's rule: --timeout without --timeout-suspend suspends the guest all the same."""
+    a, b = hosts
+    u = start_domain(a, domname, memory_mib=16)
+    set_dirty_rate(a, u, 20000)
+    a.migctl(*LIVE, "--p2p", "--bandwidth", "64", "--timeout", "1", domname, b.dst)
+    assert state(b, domname) == "running" and runs_on_exactly_one(a, b, u) == "B"
+    b.migctl("destroy", domname)
 
 
 def test_timeout_suspend_completes(hosts: tuple[Host, Host], domname: str) -> None:

@@ -53,6 +53,8 @@ def test_options_map_to_flags_and_params() -> None:
     assert opts.params == pb.MigrationParams(bandwidth_mib=50, timeout_s=30,
                                              timeout_suspend=True)
     assert ev.options(_parse("--offline", "b")).selection is ev.Selection.OFFLINE
+    # virsh's rule: --timeout alone suspends too
+    assert ev.options(_parse("--live", "--timeout", "9", "b")).params.timeout_suspend
 
 
 @pytest.mark.parametrize(
