@@ -4,10 +4,10 @@ functions (XML and host facts in, argv out), golden-tested as libvirt's qemuxml2
 Two steps. :func:`place_devices` decides what the XML leaves open, the way libvirt does when
 a domain starts: a PCI address for every PCI device that has none, a drive address for every
 IDE, SATA and SCSI disk that has none (and the controllers those name), a MAC address for
-every interface that has none and the virtio-serial controller that channels need. Its
-result is the *live* definition (``dumpxml`` of a running domain); the stored one stays as
-written, and a migration sends the live one, so that the destination builds the same device
-layout.
+every interface that has none, the virtio-serial controller that channels need, and
+<currentMemory> = <memory> when no balloon can hold the guest below it. Its result is the
+*live* definition (``dumpxml`` of a running domain); the stored one stays as written, and a
+migration sends the live one, so that the destination builds the same device layout.
 :func:`build_argv` then maps that XML to arguments, one small function per element.
 
 Nothing is dropped silently: an element this module does not map, and that would change the
@@ -336,6 +336,7 @@ def place_devices(domain: DomainDef | etree._Element, uuid: str = "") -> etree._
     devices = root.find("devices")
     if devices is None:
         devices = etree.SubElement(root, "devices")
+    _live_current_memory(root)
     _add_virtio_serial(devices)
     _assign_drive_addresses(devices)
     _add_disk_controllers(devices)
@@ -528,6 +529,50 @@ def _assign_macs(devices: etree._Element, uuid: str) -> None:
         mac = etree.Element("mac")
         mac.set("address", "52:54:00:" + ":".join(f"{b:02x}" for b in tail))
         nic.insert(0, mac)
+
+
+# ------------------------------------------------------------------------ memory
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """<memory> and <currentMemory> (KiB), and whether a virtio balloon can carry the
+    difference. QEMU gets ``-m`` = <memory>; libvirt then sets the balloon's target to
+    <currentMemory> (QMP ``balloon``) before the guest runs."""
+
+    memory_kib: int
+    current_kib: int
+    balloon: bool
+
+    @property
+    def balloon_target_kib(self) -> int | None:
+        """The target to set after a (not incoming) start; None: nothing to set."""
+        return self.current_kib if self.balloon and self.current_kib < self.memory_kib else None
+
+    @property
+    def current_ignored(self) -> bool:
+        """<currentMemory> below <memory> with no balloon: libvirt runs the guest with all
+        of <memory> (its live definition says so); the caller warns, naming it."""
+        return not self.balloon and self.current_kib < self.memory_kib
+
+
+def memory_plan(domain: DomainDef | etree._Element) -> MemoryPlan:
+    root = _root(domain)
+    memory = _memory_kib(root.find("memory"))
+    current = _memory_kib(root.find("currentMemory")) or memory
+    balloon = root.find("devices/memballoon")
+    has = balloon is not None and balloon.get("model", "virtio") == "virtio"
+    return MemoryPlan(memory, min(current, memory), has)
+
+
+def _live_current_memory(root: etree._Element) -> None:
+    """The running definition's <currentMemory>: <memory> when no balloon can hold it
+    lower (libvirt's live value then)."""
+    plan = memory_plan(root)
+    current = root.find("currentMemory")
+    if current is not None and plan.current_ignored:
+        current.text = str(plan.memory_kib)
+        current.set("unit", "KiB")
 
 
 def live_xml(domain: DomainDef) -> str:

@@ -542,3 +542,42 @@ def test_the_host_refuses_unsupported_qemu_definitions_only(tmp_path: Path) -> N
     QMPHypervisor(tmp_path / "s", EmulatorSettings(default="simvm")).check_definition(
         parse_domain(xml)
     )
+
+
+# ----------------------------------------------------------------------- memory
+
+
+def memory_domain(current: str, balloon: str = "<memballoon model='virtio'/>") -> str:
+    return domain(balloon, top=f"<currentMemory unit='MiB'>{current}</currentMemory>")
+
+
+@pytest.mark.parametrize(
+    ("current", "balloon", "target", "ignored"),
+    [
+        ("64", "<memballoon model='virtio'/>", 65536, False),  # the balloon holds it lower
+        ("64", "<memballoon/>", 65536, False),  # virtio is the default model
+        ("128", "<memballoon model='virtio'/>", None, False),  # = <memory>: nothing to set
+        ("256", "<memballoon model='virtio'/>", None, False),  # above: libvirt clamps
+        ("64", "<memballoon model='none'/>", None, True),  # no balloon: ignored, warned
+        ("64", "", None, True),
+    ],
+)
+def test_memory_plan(current: str, balloon: str, target: int | None, ignored: bool) -> None:
+    plan = qemuargv.memory_plan(parse_domain(memory_domain(current, balloon)))
+    assert plan.memory_kib == 131072
+    assert plan.balloon_target_kib == target
+    assert plan.current_ignored is ignored
+
+
+def test_qemu_gets_all_of_memory_and_the_live_xml_says_what_the_guest_may_have() -> None:
+    with_balloon = parse_domain(memory_domain("64"))
+    argv = build_argv(with_balloon, FACTS)
+    assert argv[argv.index("-m") + 1] == "size=131072k"  # the balloon takes the rest later
+    live = etree.fromstring(live_xml(with_balloon).encode())
+    assert (live.findtext("currentMemory"), live.find("currentMemory").get("unit")) == ("64", "MiB")  # type: ignore[union-attr]
+    # without a balloon the guest keeps all of <memory>: the live XML says so (libvirt's)
+    without = parse_domain(memory_domain("64", "<memballoon model='none'/>"))
+    live = etree.fromstring(live_xml(without).encode())
+    assert (live.findtext("currentMemory"), live.find("currentMemory").get("unit")) == ("131072", "KiB")  # type: ignore[union-attr]
+    assert "<currentMemory unit='MiB'>64</currentMemory>" in without.xml  # stored: as written
+    assert build_argv(parse_domain(live_xml(without)), FACTS) == build_argv(without, FACTS)
