@@ -589,8 +589,7 @@ class QMPHypervisor:
             # (or the other daemon of the host) finds the emulator and can stop it.
             await asyncio.to_thread(atomic_write, self._path(d.uuid), rec.to_json())
             await self._wait_monitor(rec, proc)
-            if not incoming:
-                await self._initial_memory(d, rec)
+            await self._initial_memory(d, rec)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
@@ -613,6 +612,8 @@ class QMPHypervisor:
         migration: the balloon's target and size arrive with the guest's state. Without a
         balloon device (simvm has none) <currentMemory> cannot hold and the guest has all
         of <memory>, as under libvirt; a warning names it."""
+        if rec.incoming:
+            return
         plan = memory_plan(d, rec.emulator)
         if plan.current_ignored:
             log.warning(

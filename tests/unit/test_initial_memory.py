@@ -17,7 +17,9 @@ from vmmigrate.common.hypervisor import EmulatorSettings, QMPHypervisor, Runtime
 from tests.unit.test_qemuargv import memory_domain
 
 
-def run(tmp_path: Path, xml: str, emulator: str) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
+def run(
+    tmp_path: Path, xml: str, emulator: str, incoming: str = ""
+) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
     """The QMP commands _initial_memory sends for ``xml`` run by ``emulator``, and its logs."""
     hv = QMPHypervisor(tmp_path, EmulatorSettings(default=emulator))
     sent: list[tuple[str, Any]] = []
@@ -29,7 +31,7 @@ def run(tmp_path: Path, xml: str, emulator: str) -> tuple[list[tuple[str, Any]],
     hv.execute = execute  # type: ignore[method-assign]
     d = parse_domain(xml)
     rec = RuntimeRecord(uuid=d.uuid, name=d.name, pid=0, start_ticks=0, qmp="", emulator=emulator,
-                        argv=(), log="", started_unix=0.0)  # fmt: skip
+                        argv=(), log="", started_unix=0.0, incoming=incoming)  # fmt: skip
     with capture_logs() as logs:
         asyncio.run(hv._initial_memory(d, rec))
     return sent, logs
@@ -60,3 +62,10 @@ def test_without_a_balloon_current_memory_is_not_honoured_and_a_warning_says_so(
     assert len(warned) == 1 and warned[0]["log_level"] == "warning"
     assert warned[0]["current_memory_kib"] == 65536 and warned[0]["memory_kib"] == 131072
     assert "<currentMemory>" in warned[0]["reason"]
+
+
+def test_an_incoming_migration_sets_no_target(tmp_path: Path) -> None:
+    """The balloon's target and size are part of the guest's state the migration brings."""
+    sent, logs = run(tmp_path, memory_domain("64"), "qemu", incoming="tcp:127.0.0.1:49152")
+    assert sent == []
+    assert not [e for e in logs if e["event"] == "current_memory_ignored"]
