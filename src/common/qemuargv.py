@@ -54,10 +54,12 @@ _ARCHES = ("x86_64", "i686")
 VNC_BASE_PORT = 5900
 
 # Top-level elements that change nothing the guest sees, or that libvirt's own defaults
-# already match (on_poweroff destroy is QEMU's behaviour too).
+# already match (on_poweroff destroy is QEMU's behaviour too; no <panic> device is
+# supported, so nothing reports a crash that on_crash would act on). <genid> is not one:
+# it is a device the guest sees (vmgenid).
 _HARMLESS_TOP = frozenset(
     {"name", "uuid", "title", "description", "metadata", "on_poweroff", "on_crash",
-     "resource", "seclabel", "genid"}
+     "resource", "seclabel"}
 )  # fmt: skip
 _MAPPED_TOP = frozenset(
     {"memory", "currentMemory", "vcpu", "os", "features", "cpu", "clock", "devices",
@@ -88,6 +90,7 @@ _DEVICE_CHILDREN: dict[str, frozenset[str]] = {
     "emulator": frozenset(),
 }  # fmt: skip
 _OS_CHILDREN = frozenset({"type", "boot", "bootmenu", "kernel", "initrd", "cmdline"})
+_CPU_CHILDREN = frozenset({"model", "feature", "topology"})
 _FEATURES = frozenset({"acpi", "apic", "pae", "vmport"})
 
 _CACHE = {  # libvirt's cache modes: (cache.direct, cache.no-flush, guest write cache)
@@ -229,6 +232,10 @@ def check_supported(domain: DomainDef | etree._Element) -> None:
             raise unsupported(f"domain element <{tag or el.tag}> is not supported")
     _check_children(root.find("os"), _OS_CHILDREN, "os")
     _check_children(root.find("features"), _FEATURES, "features")
+    _check_children(root.find("cpu"), _CPU_CHILDREN, "cpu")
+    on_poweroff = (root.findtext("on_poweroff") or "destroy").strip()
+    if on_poweroff != "destroy":
+        raise unsupported(f"on_poweroff '{on_poweroff}' is not supported")
     if root.find("maxMemory") is not None:
         raise unsupported("domain element <maxMemory> is not supported")
     devices = root.find("devices")

@@ -308,6 +308,12 @@ REFUSED = {
     "balloon model": (domain("<memballoon model='xen'/>"), "memballoon model 'xen'"),
     "on_reboot": (domain(top="<on_reboot>preserve</on_reboot>"), "on_reboot 'preserve'"),
     "maxMemory": (domain(top="<maxMemory slots='16' unit='KiB'>2097152</maxMemory>"), "<maxMemory>"),
+    "genid": (domain(top="<genid/>"), "domain element <genid> is not supported"),
+    "on_poweroff": (domain(top="<on_poweroff>restart</on_poweroff>"), "on_poweroff 'restart' is not supported"),
+    "cpu numa": (
+        domain(top="<cpu><numa><cell id='0' cpus='0' memory='131072'/></numa></cpu>"),
+        "element <numa> of <cpu> is not supported",
+    ),
 }
 
 
