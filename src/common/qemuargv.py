@@ -13,7 +13,7 @@ migration sends the live one, so that the destination builds the same device lay
 Nothing is dropped silently: an element this module does not map, and that would change the
 guest, is refused with libvirt's ``unsupported configuration`` (:class:`ConfigUnsupported`)
 naming it; elements that change nothing the guest sees (``<title>``, ``<metadata>``, ...)
-are accepted. docs/ARCHITECTURE.md lists what is supported.
+are accepted. docs/GUESTS.md lists what is supported and what each element becomes.
 
 Host facts (:class:`HostFacts`) carry everything that is not in the XML: the binary, the
 accelerator, the monitor sockets, where console logs and channel sockets go, the host's
