@@ -299,6 +299,13 @@ def simvm_drives(d: DomainDef) -> list[str]:
     return out
 
 
+def memory_plan(d: DomainDef, kind: str) -> qemuargv.MemoryPlan:
+    """The domain's memory and balloon, as the emulator ``kind`` runs it: simvm emulates no
+    balloon device, whatever the XML says."""
+    plan = qemuargv.memory_plan(d)
+    return plan if kind == "qemu" else dataclasses.replace(plan, balloon=False)
+
+
 MONITOR_ROLES = ("srcd", "dstd")
 
 
@@ -584,6 +591,7 @@ class QMPHypervisor:
             # (or the other daemon of the host) finds the emulator and can stop it.
             await asyncio.to_thread(atomic_write, self._path(d.uuid), rec.to_json())
             await self._wait_monitor(rec, proc)
+            await self._initial_memory(d, rec)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
@@ -599,6 +607,29 @@ class QMPHypervisor:
             incoming=incoming or None,
         )
         return rec
+
+    async def _initial_memory(self, d: DomainDef, rec: RuntimeRecord) -> None:
+        """libvirt's initial memory amount: QEMU runs with -m <memory>, then the balloon's
+        target is set to <currentMemory> (QMP ``balloon``, in bytes). Never for an incoming
+        migration: the balloon's target and size arrive with the guest's state. Without a
+        balloon device (simvm has none) <currentMemory> cannot hold and the guest has all
+        of <memory>, as under libvirt; a warning names it."""
+        if rec.incoming:
+            return
+        plan = memory_plan(d, rec.emulator)
+        if plan.current_ignored:
+            log.warning(
+                "current_memory_ignored",
+                domain=d.name,
+                current_memory_kib=plan.current_kib,
+                memory_kib=plan.memory_kib,
+                reason="<currentMemory> below <memory> needs <memballoon model='virtio'> "
+                "(QEMU); the guest has all of <memory>",
+            )
+        target = plan.balloon_target_kib
+        if target is not None:
+            await self.execute(d.uuid, "balloon", {"value": target * 1024})
+            log.info("balloon_target_set", domain=d.name, current_memory_kib=target)
 
     async def _argv(
         self, d: DomainDef, kind: str, qmp: str, *, paused: bool, incoming: str | None

@@ -2,8 +2,10 @@
 functions (XML and host facts in, argv out), golden-tested as libvirt's qemuxml2argv is.
 
 Two steps. :func:`place_devices` decides what the XML leaves open, the way libvirt does when
-a domain starts: a PCI address for every PCI device that has none, a MAC address for every
-interface that has none, the virtio-serial controller that channels need. Its result is the
+a domain starts: a PCI address for every PCI device that has none, a drive address for every
+IDE, SATA and SCSI disk that has none (and the controllers those name), a MAC address for
+every interface that has none, the virtio-serial controller that channels need, and
+<currentMemory> = <memory> when no balloon can hold the guest below it. Its result is the
 *live* definition (``dumpxml`` of a running domain); the stored one stays as written, and a
 migration sends the live one, so that the destination builds the same device layout.
 :func:`build_argv` then maps that XML to arguments, one small function per element.
@@ -11,7 +13,7 @@ migration sends the live one, so that the destination builds the same device lay
 Nothing is dropped silently: an element this module does not map, and that would change the
 guest, is refused with libvirt's ``unsupported configuration`` (:class:`ConfigUnsupported`)
 naming it; elements that change nothing the guest sees (``<title>``, ``<metadata>``, ...)
-are accepted. docs/ARCHITECTURE.md lists what is supported.
+are accepted. docs/GUESTS.md lists what is supported and what each element becomes.
 
 Host facts (:class:`HostFacts`) carry everything that is not in the XML: the binary, the
 accelerator, the monitor sockets, where console logs and channel sockets go, the host's
@@ -52,10 +54,12 @@ _ARCHES = ("x86_64", "i686")
 VNC_BASE_PORT = 5900
 
 # Top-level elements that change nothing the guest sees, or that libvirt's own defaults
-# already match (on_poweroff destroy is QEMU's behaviour too).
+# already match (on_poweroff destroy is QEMU's behaviour too; no <panic> device is
+# supported, so nothing reports a crash that on_crash would act on). <genid> is not one:
+# it is a device the guest sees (vmgenid).
 _HARMLESS_TOP = frozenset(
     {"name", "uuid", "title", "description", "metadata", "on_poweroff", "on_crash",
-     "resource", "seclabel", "genid"}
+     "resource", "seclabel"}
 )  # fmt: skip
 _MAPPED_TOP = frozenset(
     {"memory", "currentMemory", "vcpu", "os", "features", "cpu", "clock", "devices",
@@ -86,6 +90,7 @@ _DEVICE_CHILDREN: dict[str, frozenset[str]] = {
     "emulator": frozenset(),
 }  # fmt: skip
 _OS_CHILDREN = frozenset({"type", "boot", "bootmenu", "kernel", "initrd", "cmdline"})
+_CPU_CHILDREN = frozenset({"model", "feature", "topology"})
 _FEATURES = frozenset({"acpi", "apic", "pae", "vmport"})
 
 _CACHE = {  # libvirt's cache modes: (cache.direct, cache.no-flush, guest write cache)
@@ -227,6 +232,10 @@ def check_supported(domain: DomainDef | etree._Element) -> None:
             raise unsupported(f"domain element <{tag or el.tag}> is not supported")
     _check_children(root.find("os"), _OS_CHILDREN, "os")
     _check_children(root.find("features"), _FEATURES, "features")
+    _check_children(root.find("cpu"), _CPU_CHILDREN, "cpu")
+    on_poweroff = (root.findtext("on_poweroff") or "destroy").strip()
+    if on_poweroff != "destroy":
+        raise unsupported(f"on_poweroff '{on_poweroff}' is not supported")
     if root.find("maxMemory") is not None:
         raise unsupported("domain element <maxMemory> is not supported")
     devices = root.find("devices")
@@ -236,6 +245,7 @@ def check_supported(domain: DomainDef | etree._Element) -> None:
             raise unsupported(f"device <{tag}> is not supported")
         _check_children(dev, _DEVICE_CHILDREN[tag] | _COMMON_CHILDREN, tag)
     _machine(root)
+    place_devices(root)  # refuses addresses that cannot be honoured (drive addresses, ...)
 
 
 def _check_children(el: etree._Element | None, allowed: frozenset[str], where: str) -> None:
@@ -333,7 +343,10 @@ def place_devices(domain: DomainDef | etree._Element, uuid: str = "") -> etree._
     devices = root.find("devices")
     if devices is None:
         devices = etree.SubElement(root, "devices")
+    _live_current_memory(root)
     _add_virtio_serial(devices)
+    _assign_drive_addresses(devices)
+    _add_disk_controllers(devices)
     _assign_macs(devices, uuid or root.findtext("uuid") or "")
     owners = [d for d in _children(devices) if _pci_slot_owner(d, machine)]
     used = {a[1] for d in owners if (a := _pci_address(d)) is not None and a[0] == 0}
@@ -384,6 +397,135 @@ def _add_virtio_serial(devices: etree._Element) -> None:
         ctl.set("index", "0")
 
 
+# ------------------------------------------------------------------------ drive addresses
+
+# Disks on these buses sit on a controller, at an <address type='drive'> (controller, bus,
+# target, unit). Without one, a disk gets libvirt's default from its index (the N of sdN /
+# hdN: virDomainDiskDefAssignAddress): IDE 2 buses x 2 units per controller, SATA 6 units
+# (the AHCI ports) on bus 0, SCSI 7 units on bus 0 (QEMU's narrow SCSI bus).
+_DRIVE_BUSES = ("ide", "sata", "scsi")
+_DRIVE_FIELDS = ("controller", "bus", "target", "unit")
+DriveAddress = tuple[int, int, int, int]
+_VIRTIO_SCSI_MAX_TARGET, _VIRTIO_SCSI_MAX_LUN = 255, 16383  # QEMU's virtio-scsi limits
+
+
+def default_drive_address(bus: str, index: int) -> DriveAddress:
+    """libvirt's drive address of the disk with ``index`` on ``bus`` (ide, sata, scsi)."""
+    if bus == "ide":
+        return (index // 4, (index % 4) // 2, 0, index % 2)
+    if bus == "sata":
+        return (index // 6, 0, 0, index % 6)
+    return (index // 7, 0, 0, index % 7)
+
+
+def _drive_address(disk: etree._Element) -> DriveAddress | None:
+    addr = disk.find("address")
+    if addr is None or addr.get("type") != "drive":
+        return None
+    values = tuple(_int(addr.get(k), f"drive address {k}") for k in _DRIVE_FIELDS)
+    if min(values) < 0:
+        raise XMLError(f"invalid drive address of disk '{_target_dev(disk)}': negative value")
+    return values  # type: ignore[return-value]
+
+
+def _target_dev(disk: etree._Element) -> str:
+    target = disk.find("target")
+    return "" if target is None else target.get("dev", "")
+
+
+def _check_drive_address(bus: str, addr: DriveAddress) -> None:
+    """What the bus's controller can hold (libvirt's texts where it has them)."""
+    controller, dbus, target, unit = addr
+    if bus == "ide":
+        if controller != 0:
+            raise unsupported("Only 1 IDE controller is supported")
+        if target != 0:
+            raise unsupported("target must be 0 for ide controller")
+        if dbus > 1 or unit > 1:
+            raise unsupported(
+                f"IDE drive address bus='{dbus}' unit='{unit}' does not exist "
+                "(the IDE controller has buses 0-1, units 0-1)"
+            )
+    elif bus == "sata":
+        if dbus != 0:
+            raise unsupported("bus must be 0 for sata controller")
+        if target != 0:
+            raise unsupported("target must be 0 for sata controller")
+        if unit > 5:
+            raise unsupported(
+                f"SATA drive address unit='{unit}' does not exist (an AHCI controller has "
+                "units 0-5)"
+            )
+    else:
+        if dbus != 0:
+            raise unsupported("SCSI controller only supports 1 bus")
+        if target > _VIRTIO_SCSI_MAX_TARGET or unit > _VIRTIO_SCSI_MAX_LUN:
+            raise unsupported(
+                f"SCSI drive address target='{target}' unit='{unit}' is out of range "
+                f"(virtio-scsi: targets 0-{_VIRTIO_SCSI_MAX_TARGET}, "
+                f"units 0-{_VIRTIO_SCSI_MAX_LUN})"
+            )
+
+
+def _set_drive_address(disk: etree._Element, addr: DriveAddress) -> None:
+    el = etree.SubElement(disk, "address")
+    el.set("type", "drive")
+    for key, value in zip(_DRIVE_FIELDS, addr, strict=True):
+        el.set(key, str(value))
+
+
+def _assign_drive_addresses(devices: etree._Element) -> None:
+    """A drive address for each IDE, SATA and SCSI disk that has none (written ones are
+    kept), each checked against its controller; two disks of one bus at one address are
+    refused, as libvirt refuses them."""
+    seen: dict[tuple[str, DriveAddress], str] = {}
+    for disk in devices.iterfind("disk"):
+        bus = _target_bus(disk)
+        el = disk.find("address")
+        if bus == "virtio" and el is not None and el.get("type", "pci") != "pci":
+            raise unsupported("unexpected address type for virtio disk")
+        if bus not in _DRIVE_BUSES:
+            continue
+        if el is None:
+            _set_drive_address(disk, default_drive_address(bus, _disk_index(disk)))
+        elif el.get("type") != "drive":
+            raise unsupported(f"unexpected address type for {bus} disk")
+        addr = _drive_address(disk)
+        assert addr is not None  # set or checked above
+        _check_drive_address(bus, addr)
+        if (bus, addr) in seen:
+            c, b, t, u = addr
+            raise unsupported(
+                f"Found duplicate drive address for disk with target name "
+                f"'{seen[(bus, addr)]}' controller='{c}' bus='{b}' target='{t}' unit='{u}'"
+            )
+        seen[(bus, addr)] = _target_dev(disk)
+
+
+def _add_disk_controllers(devices: etree._Element) -> None:
+    """The SATA and SCSI controllers the disks' addresses name and the definition lacks,
+    as libvirt adds them (index 0 up to the highest one named); an added SCSI controller
+    is a virtio-scsi one, written so. IDE's is the PIIX3's own (index 0 only)."""
+    highest: dict[str, int] = {}
+    for disk in devices.iterfind("disk"):
+        bus, addr = _target_bus(disk), _drive_address(disk)
+        if bus in ("sata", "scsi") and addr is not None:
+            highest[bus] = max(highest.get(bus, 0), addr[0])
+    for kind in sorted(highest):
+        have = {
+            _int(c.get("index"), "controller index")
+            for c in devices.iterfind(f"controller[@type='{kind}']")
+        }
+        for index in range(highest[kind] + 1):
+            if index in have:
+                continue
+            ctl = etree.SubElement(devices, "controller")
+            ctl.set("type", kind)
+            ctl.set("index", str(index))
+            if kind == "scsi":
+                ctl.set("model", "virtio-scsi")
+
+
 def _assign_macs(devices: etree._Element, uuid: str) -> None:
     """A MAC for each interface that has none, in QEMU's 52:54:00 range, derived from the
     domain's UUID so that the same definition gets the same MACs on every start."""
@@ -394,6 +536,50 @@ def _assign_macs(devices: etree._Element, uuid: str) -> None:
         mac = etree.Element("mac")
         mac.set("address", "52:54:00:" + ":".join(f"{b:02x}" for b in tail))
         nic.insert(0, mac)
+
+
+# ------------------------------------------------------------------------ memory
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """<memory> and <currentMemory> (KiB), and whether a virtio balloon can carry the
+    difference. QEMU gets ``-m`` = <memory>; libvirt then sets the balloon's target to
+    <currentMemory> (QMP ``balloon``) before the guest runs."""
+
+    memory_kib: int
+    current_kib: int
+    balloon: bool
+
+    @property
+    def balloon_target_kib(self) -> int | None:
+        """The target to set after a (not incoming) start; None: nothing to set."""
+        return self.current_kib if self.balloon and self.current_kib < self.memory_kib else None
+
+    @property
+    def current_ignored(self) -> bool:
+        """<currentMemory> below <memory> with no balloon: libvirt runs the guest with all
+        of <memory> (its live definition says so); the caller warns, naming it."""
+        return not self.balloon and self.current_kib < self.memory_kib
+
+
+def memory_plan(domain: DomainDef | etree._Element) -> MemoryPlan:
+    root = _root(domain)
+    memory = _memory_kib(root.find("memory"))
+    current = _memory_kib(root.find("currentMemory")) or memory
+    balloon = root.find("devices/memballoon")
+    has = balloon is not None and balloon.get("model", "virtio") == "virtio"
+    return MemoryPlan(memory, min(current, memory), has)
+
+
+def _live_current_memory(root: etree._Element) -> None:
+    """The running definition's <currentMemory>: <memory> when no balloon can hold it
+    lower (libvirt's live value then)."""
+    plan = memory_plan(root)
+    current = root.find("currentMemory")
+    if current is not None and plan.current_ignored:
+        current.text = str(plan.memory_kib)
+        current.set("unit", "KiB")
 
 
 def live_xml(domain: DomainDef) -> str:
@@ -800,37 +986,22 @@ def _blockdevs(ctx: _Ctx, disk: etree._Element, path: str, driver: etree._Elemen
     return ["-blockdev", _json(storage), "-blockdev", _json(fmt)]
 
 
-def _drive_address(disk: etree._Element) -> tuple[int, int, int, int] | None:
-    addr = disk.find("address")
-    if addr is None or addr.get("type") != "drive":
-        return None
-    return tuple(
-        _int(addr.get(k), f"drive address {k}") for k in ("controller", "bus", "target", "unit")
-    )  # type: ignore[return-value]
-
-
 def _disk_frontend(ctx: _Ctx, disk: etree._Element) -> tuple[str, dict[str, str | int | None]]:
     """(device, its properties) of the disk's bus."""
     bus, index = _target_bus(disk), _disk_index(disk)
     cdrom = disk.get("device", "disk") == "cdrom"
-    addr = _drive_address(disk)
     if bus == "virtio" and not cdrom:
         return "virtio-blk-pci", {**ctx.pci(disk), "id": f"virtio-disk{index}"}
+    # place_devices gave every disk of these buses its drive address (checked there)
+    ctl, ide_bus, target, unit = _drive_address(disk) or default_drive_address(bus, index)
     if bus == "ide" and not ctx.machine.q35:
-        ide_bus, unit = (addr[1], addr[3]) if addr else divmod(index, 2)
         dev = "ide-cd" if cdrom else "ide-hd"
         return dev, {"bus": f"ide.{ide_bus}", "unit": unit, "id": f"ide0-{ide_bus}-{unit}"}
     if bus == "sata":
-        ctl, unit = (addr[0], addr[3]) if addr else (0, index)
         name = "ide" if ctx.machine.q35 else f"sata{ctl}"
-        if not ctx.machine.q35 and ctx.root.find("devices/controller[@type='sata']") is None:
-            raise unsupported("a SATA disk needs a <controller type='sata'> on this machine")
         dev = "ide-cd" if cdrom else "ide-hd"
         return dev, {"bus": f"{name}.{unit}", "id": f"sata{ctl}-0-{unit}"}
     if bus == "scsi":
-        ctl, target, unit = (addr[0], addr[2], addr[3]) if addr else (0, 0, index)
-        if ctx.root.find(f"devices/controller[@type='scsi'][@index='{ctl}']") is None:
-            raise unsupported(f"a SCSI disk needs <controller type='scsi' index='{ctl}'>")
         dev = "scsi-cd" if cdrom else "scsi-hd"
         props: dict[str, str | int | None] = {"bus": f"scsi{ctl}.0", "channel": 0}
         props.update({"scsi-id": target, "lun": unit})

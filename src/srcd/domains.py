@@ -14,8 +14,8 @@ from vmmigrate.common import events
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import JobActive, OperationInvalid
 from vmmigrate.common.hostcheck import check_runnable
-from vmmigrate.common.hypervisor import RunState
-from vmmigrate.common.qmp import QMPExecuteError
+from vmmigrate.common.hypervisor import RunState, memory_plan
+from vmmigrate.common.qmp import QMPError, QMPExecuteError
 from vmmigrate.srcd.context import SourceContext
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -86,12 +86,34 @@ class DomainAPI:
             os_type=d.os_type,
             vcpus=d.vcpus,
             max_memory_kib=d.memory_kib,
-            used_memory_kib=d.current_memory_kib,
+            used_memory_kib=await self.used_memory_kib(d),
             persistent=persistent,
             autostart=False,
             description=d.description,
             migration_job=job.migration_id if job else "",
         )
+
+    async def used_memory_kib(self, d: DomainDef) -> int:
+        """dominfo's "Used memory", as libvirt reports it: an inactive domain's
+        <currentMemory>; for a running one, what its balloon holds (QMP query-balloon's
+        ``actual``, which reaches the target set at start once the guest's balloon driver
+        has given the memory back), or all of <memory> when it has no balloon. A monitor
+        that does not answer leaves the live definition's <currentMemory>."""
+        rec = self.ctx.hypervisor.record(d.uuid)
+        if rec is None:
+            return d.current_memory_kib
+        size = len(rec.xml.encode()) + 1
+        live = parse_domain(rec.xml, generate_uuid=False, max_bytes=size) if rec.xml else d
+        plan = memory_plan(live, rec.emulator)
+        if not plan.balloon:
+            return plan.memory_kib
+        try:
+            reply = await self.ctx.hypervisor.execute(d.uuid, "query-balloon", timeout=5.0)
+        except QMPError as exc:
+            log.warning("query_balloon_failed", domain=d.name, error=str(exc))
+            return plan.current_kib
+        actual = reply.get("actual") if isinstance(reply, dict) else None
+        return actual // 1024 if isinstance(actual, int) else plan.current_kib
 
     async def _response(self, d: DomainDef) -> pb.DomainResponse:
         state = await self.state_of(d)

@@ -38,8 +38,9 @@ from helpers.qmp import QMP
 CACHE_DIR = Path(os.environ.get("VMMIGRATE_GUEST_CACHE", "/var/cache/vmmigrate-test/guest"))
 INIT_SCRIPT = Path(__file__).resolve().parent.parent / "data" / "guest" / "init"
 KERNEL_META = "linux-image-cloud-amd64"
-# What /init loads; their dependencies are added from each module's depends= field.
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console")
+# What /init loads; their dependencies are added from each module's depends= field. The
+# balloon driver gives memory back when a domain's <currentMemory> is below its <memory>.
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_balloon")
 SLOTS = 64
 RECORD = 512
 HEADER = 64

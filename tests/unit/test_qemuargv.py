@@ -111,6 +111,126 @@ def test_the_stored_definition_is_untouched() -> None:
     assert d.xml == text
 
 
+def drive_addresses(root: etree._Element) -> dict[str, tuple[str | None, ...]]:
+    """target dev -> (controller, bus, target, unit) of each disk's drive address."""
+    out = {}
+    for disk in root.iterfind("devices/disk"):
+        addr = disk.find("address[@type='drive']")
+        if addr is not None:
+            dev = disk.find("target").get("dev")  # type: ignore[union-attr]
+            out[dev] = tuple(addr.get(k) for k in ("controller", "bus", "target", "unit"))
+    return out
+
+
+def test_live_xml_gives_ide_sata_and_scsi_disks_libvirts_drive_addresses() -> None:
+    live = etree.fromstring(live_xml(parse_domain(read_xml("drives-pc"))).encode())
+    assert drive_addresses(live) == {
+        "hda": ("0", "0", "0", "0"),  # ide: 2 buses x 2 units
+        "hdb": ("0", "0", "0", "1"),
+        "hdd": ("0", "1", "0", "0"),  # written: kept (hdd's default would be bus 1 unit 1)
+        "sda": ("0", "0", "0", "0"),  # sata: one bus, unit = index
+        "sdb": ("0", "0", "0", "5"),  # written: kept
+        "sdc": ("0", "0", "0", "2"),  # scsi: 7 units per controller
+        "sdh": ("1", "0", "0", "0"),  # index 7: the second controller
+    }
+    # the controllers those addresses name are added, as libvirt adds them
+    added = [(c.get("type"), c.get("index"), c.get("model")) for c in live.iterfind("devices/controller")]
+    assert ("sata", "0", None) in added
+    assert ("scsi", "0", "virtio-scsi") in added and ("scsi", "1", "virtio-scsi") in added
+    for name, expect in (("legacy-pc", {"hda": ("0", "0", "0", "0"), "hdc": ("0", "1", "0", "0")}),
+                         ("sata-pc", {"sda": ("0", "0", "0", "0"), "sdb": ("0", "0", "0", "1")})):
+        assert drive_addresses(place_devices(parse_domain(read_xml(name)))) == expect
+    scsi = drive_addresses(place_devices(parse_domain(read_xml("scsi"))))
+    assert scsi == {"sda": ("0", "0", "0", "0"), "sdb": ("0", "0", "0", "1"), "sdc": ("0", "0", "1", "0")}
+    assert "vdb" not in scsi  # a virtio disk sits on PCI
+
+
+def test_the_inactive_definition_has_no_decided_drive_addresses() -> None:
+    d = parse_domain(read_xml("drives-pc"))
+    live_xml(d)
+    written = etree.fromstring(d.xml.encode())
+    assert set(drive_addresses(written)) == {"hdd", "sdb"}
+
+
+@pytest.mark.parametrize("name", GOLDENS)
+def test_the_live_xml_builds_the_argv_of_the_inactive_one(name: str) -> None:
+    """What a live migration's destination runs (the live XML) is what the source ran."""
+    d = parse_domain(read_xml(name))
+    live = parse_domain(live_xml(d))
+    assert build_argv(live, FACTS) == build_argv(d, FACTS)
+    assert live_xml(live) == live_xml(d)  # placement is an identity on its own output
+
+
+@pytest.mark.parametrize(
+    ("bus", "index", "address"),
+    [("ide", 0, (0, 0, 0, 0)), ("ide", 1, (0, 0, 0, 1)), ("ide", 2, (0, 1, 0, 0)),
+     ("ide", 3, (0, 1, 0, 1)), ("ide", 4, (1, 0, 0, 0)), ("sata", 5, (0, 0, 0, 5)),
+     ("sata", 6, (1, 0, 0, 0)), ("scsi", 6, (0, 0, 0, 6)), ("scsi", 7, (1, 0, 0, 0)),
+     ("scsi", 15, (2, 0, 0, 1))],
+)  # fmt: skip
+def test_default_drive_address_is_libvirts(bus: str, index: int, address: tuple[int, ...]) -> None:
+    assert qemuargv.default_drive_address(bus, index) == address
+
+
+def ide_disk(dev: str, address: str = "", bus: str = "ide") -> str:
+    return (f"<disk type='file' device='disk'><source file='/{dev}.img'/>"
+            f"<target dev='{dev}' bus='{bus}'/>{address}</disk>")
+
+
+def drive(controller: int = 0, bus: int = 0, target: int = 0, unit: int = 0) -> str:
+    return f"<address type='drive' controller='{controller}' bus='{bus}' target='{target}' unit='{unit}'/>"
+
+
+DRIVE_REFUSED = {
+    "duplicate written": (
+        ide_disk("hda") + ide_disk("hdc", drive(0, 0, 0, 0)),
+        "Found duplicate drive address for disk with target name 'hda' controller='0' bus='0' target='0' unit='0'",
+    ),
+    "duplicate sata": (
+        ide_disk("sda", drive(unit=1), "sata") + ide_disk("sdb", bus="sata"),
+        "Found duplicate drive address for disk with target name 'sda' controller='0' bus='0' target='0' unit='1'",
+    ),
+    "second ide controller": (ide_disk("hde"), "Only 1 IDE controller is supported"),
+    "ide target": (ide_disk("hda", drive(target=1)), "target must be 0 for ide controller"),
+    "ide unit": (ide_disk("hda", drive(unit=2)), "IDE drive address bus='0' unit='2' does not exist"),
+    "sata bus": (ide_disk("sda", drive(bus=1), "sata"), "bus must be 0 for sata controller"),
+    "sata target": (ide_disk("sda", drive(target=1), "sata"), "target must be 0 for sata controller"),
+    "sata unit": (ide_disk("sda", drive(unit=6), "sata"), "SATA drive address unit='6' does not exist"),
+    "scsi bus": (ide_disk("sda", drive(bus=1), "scsi"), "SCSI controller only supports 1 bus"),
+    "scsi target": (ide_disk("sda", drive(target=256), "scsi"), "target='256' unit='0' is out of range"),
+    "pci address on ide": (
+        ide_disk("hda", "<address type='pci' domain='0' bus='0' slot='5' function='0'/>"),
+        "unexpected address type for ide disk",
+    ),
+    "drive address on virtio": (ide_disk("vda", drive(), "virtio"), "unexpected address type for virtio disk"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DRIVE_REFUSED))
+def test_drive_addresses_that_cannot_be_honoured_are_refused_at_define(case: str) -> None:
+    devices, words = DRIVE_REFUSED[case]
+    d = parse_domain(domain(devices))
+    for check in (qemuargv.check_supported, lambda d: build_argv(d, FACTS)):
+        with pytest.raises(ConfigUnsupported) as exc:
+            check(d)
+        assert words in str(exc.value)
+
+
+def test_a_negative_drive_address_is_an_xml_error() -> None:
+    d = parse_domain(domain(ide_disk("hda", "<address type='drive' controller='0' unit='-1'/>")))
+    with pytest.raises(XMLError, match="invalid drive address of disk 'hda'"):
+        qemuargv.check_supported(d)
+
+
+def test_disks_of_different_buses_may_share_an_address() -> None:
+    """libvirt compares drive addresses within one bus: sda on SATA and sdb on SCSI at
+    0:0:0:0 are on different controllers."""
+    devices = ide_disk("sda", bus="sata") + ide_disk("sdb", drive(), "scsi")
+    argv = build_argv(parse_domain(domain(devices)), FACTS)
+    assert "ide-hd,bus=sata0.0,id=sata0-0-0,drive=libvirt-1-format" in argv
+    assert "scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=0,id=scsi0-0-0-0,drive=libvirt-2-format" in argv
+
+
 # ----------------------------------------------------------------------- refusals
 
 
@@ -188,6 +308,12 @@ REFUSED = {
     "balloon model": (domain("<memballoon model='xen'/>"), "memballoon model 'xen'"),
     "on_reboot": (domain(top="<on_reboot>preserve</on_reboot>"), "on_reboot 'preserve'"),
     "maxMemory": (domain(top="<maxMemory slots='16' unit='KiB'>2097152</maxMemory>"), "<maxMemory>"),
+    "genid": (domain(top="<genid/>"), "domain element <genid> is not supported"),
+    "on_poweroff": (domain(top="<on_poweroff>restart</on_poweroff>"), "on_poweroff 'restart' is not supported"),
+    "cpu numa": (
+        domain(top="<cpu><numa><cell id='0' cpus='0' memory='131072'/></numa></cpu>"),
+        "element <numa> of <cpu> is not supported",
+    ),
 }
 
 
@@ -422,3 +548,42 @@ def test_the_host_refuses_unsupported_qemu_definitions_only(tmp_path: Path) -> N
     QMPHypervisor(tmp_path / "s", EmulatorSettings(default="simvm")).check_definition(
         parse_domain(xml)
     )
+
+
+# ----------------------------------------------------------------------- memory
+
+
+def memory_domain(current: str, balloon: str = "<memballoon model='virtio'/>") -> str:
+    return domain(balloon, top=f"<currentMemory unit='MiB'>{current}</currentMemory>")
+
+
+@pytest.mark.parametrize(
+    ("current", "balloon", "target", "ignored"),
+    [
+        ("64", "<memballoon model='virtio'/>", 65536, False),  # the balloon holds it lower
+        ("64", "<memballoon/>", 65536, False),  # virtio is the default model
+        ("128", "<memballoon model='virtio'/>", None, False),  # = <memory>: nothing to set
+        ("256", "<memballoon model='virtio'/>", None, False),  # above: libvirt clamps
+        ("64", "<memballoon model='none'/>", None, True),  # no balloon: ignored, warned
+        ("64", "", None, True),
+    ],
+)
+def test_memory_plan(current: str, balloon: str, target: int | None, ignored: bool) -> None:
+    plan = qemuargv.memory_plan(parse_domain(memory_domain(current, balloon)))
+    assert plan.memory_kib == 131072
+    assert plan.balloon_target_kib == target
+    assert plan.current_ignored is ignored
+
+
+def test_qemu_gets_all_of_memory_and_the_live_xml_says_what_the_guest_may_have() -> None:
+    with_balloon = parse_domain(memory_domain("64"))
+    argv = build_argv(with_balloon, FACTS)
+    assert argv[argv.index("-m") + 1] == "size=131072k"  # the balloon takes the rest later
+    live = etree.fromstring(live_xml(with_balloon).encode())
+    assert (live.findtext("currentMemory"), live.find("currentMemory").get("unit")) == ("64", "MiB")  # type: ignore[union-attr]
+    # without a balloon the guest keeps all of <memory>: the live XML says so (libvirt's)
+    without = parse_domain(memory_domain("64", "<memballoon model='none'/>"))
+    live = etree.fromstring(live_xml(without).encode())
+    assert (live.findtext("currentMemory"), live.find("currentMemory").get("unit")) == ("131072", "KiB")  # type: ignore[union-attr]
+    assert "<currentMemory unit='MiB'>64</currentMemory>" in without.xml  # stored: as written
+    assert build_argv(parse_domain(live_xml(without)), FACTS) == build_argv(without, FACTS)
