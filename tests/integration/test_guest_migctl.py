@@ -269,6 +269,7 @@ def netns() -> Iterator[str]:
         assert left == [], f"processes left in {ns}: {left}"
 
 
+@pytest.mark.netns
 def test_bridged_and_network_interfaces_get_taps_on_their_bridges(
     netns: str, image: g.Image, tmp_path: Path, domname: str
 ) -> None:

@@ -21,4 +21,3 @@ def test_a_zombie_is_dead_only_once_its_threads_are_gone() -> None:
     # hold its files (a tap deleted now would be busy)
     assert stat_start_ticks(_stat("Z", 3)) == 4242
     assert stat_start_ticks(_stat("Z", 1)) is None
-
