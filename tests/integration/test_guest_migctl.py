@@ -13,6 +13,7 @@ the storage-copy tests to come. Timings are printed (-s) and kept as user proper
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import guest as g
@@ -62,14 +64,36 @@ def start(host: Host, name: str, u: str) -> tuple[ConsoleLog, float]:
     return log, log.wait_for_count(1)
 
 
-def migrate(src: Host, dst: Host, name: str, u: str, mode: list[str]) -> tuple[ConsoleLog, float]:
+def migrate(
+    src: Host, dst: Host, name: str, u: str, mode: str, report: Report, leg: str
+) -> ConsoleLog:
     """A live migration by migctl (the domain defined on the destination, undefined on the
-    source); returns the destination's console log for this run and migctl's wall time."""
+    source); returns the destination's console log for this run. Reports migctl's wall time
+    and, from the source's history of the job, its duration and the guest's downtime."""
     log = ConsoleLog.from_now(dst, u)
+    mid = str(uuidlib.uuid4())
     t0 = time.monotonic()
-    src.migctl("migrate", "--live", "--persistent", "--undefinesource", *mode, name, dst.dst,
-               timeout=180)  # fmt: skip
-    return log, time.monotonic() - t0
+    src.migctl("migrate", "--live", "--persistent", "--undefinesource", *MODES[mode],
+               "--migration-id", mid, name, dst.dst, timeout=180)  # fmt: skip
+    report(f"migctl_migrate_{mode}_{leg}", time.monotonic() - t0)
+    job = source_job(src, u, mid)
+    assert job["result"] == "completed" and job["bytes"] > 0, job
+    report(f"job_elapsed_{mode}_{leg}", job["ended_unix"] - job["started_unix"])
+    report(f"job_downtime_{mode}_{leg}", job["downtime_ms"] / 1000)
+    return log
+
+
+def source_job(src: Host, u: str, mid: str) -> dict[str, Any]:
+    """The source's history record of migration ``mid`` (``migctl jobs``)."""
+    found: list[dict[str, Any]] = []
+
+    def look() -> bool:
+        jobs = json.loads(src.migctl("jobs", "--domain", u, "--json").stdout)
+        found[:] = [j for j in jobs if j["migration_id"] == mid and j["role"] == "source"]
+        return bool(found)
+
+    wait_until(look, timeout=30, what=f"the source's history record of {mid}")
+    return found[0]
 
 
 def check_moved(src: Host, src_log: ConsoleLog, dst: Host, dst_log: ConsoleLog, name: str,
@@ -124,13 +148,11 @@ def test_live_migration_there_and_back(
     assert "guest: disk vda" in text and "guest: nic eth0 52:54:00:12:34:56" in text, text
     log_a.wait_for_count(10)
 
-    log_b, wall = migrate(a, b, domname, u, MODES[mode])
-    report(f"migctl_migrate_{mode}_there", wall)
+    log_b = migrate(a, b, domname, u, mode, report, "there")
     check_moved(a, log_a, b, log_b, domname, u, disk)
 
     # back again: what the destination started (its layout, its state) is a good source
-    log_a2, wall = migrate(b, a, domname, u, MODES[mode])
-    report(f"migctl_migrate_{mode}_back", wall)
+    log_a2 = migrate(b, a, domname, u, mode, report, "back")
     check_moved(b, log_b, a, log_a2, domname, u, disk)
     a.migctl("destroy", domname)
     a.migctl("undefine", domname)
