@@ -51,7 +51,7 @@ def timing_reporter(record_property: Callable[[str, object], None]) -> Report:
 
 
 def user_nic(mac: str = "52:54:00:12:34:56") -> str:
-    """A virtio NIC on QEMU's user networking (reaches nothing the guest could need)."""
+    """A virtio NIC on QEMU's user networking (the guest brings eth0 up, with no address)."""
     return f"<interface type='user'><mac address='{mac}'/><model type='virtio'/></interface>"
 
 
