@@ -104,9 +104,17 @@ def _start_ticks(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
+    return stat_start_ticks(stat)
+
+
+def stat_start_ticks(stat: str) -> int | None:
+    """Field 22 of a /proc/PID/stat line; None once the process is dead: a zombie whose
+    threads are all gone (field 20, num_threads, is 1). A killed QEMU's main thread turns
+    zombie before its other threads have exited, and those still hold its files: a tap
+    deleted then is busy (TUNSETIFF: EBUSY) and stays behind."""
     # the command name may hold spaces and parentheses: split after the last ')'
     fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":  # a zombie is dead
+    if fields[0] == "Z" and int(fields[17]) <= 1:
         return None
     return int(fields[19])
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from helpers import guest as g
+from helpers import guestvm as gv
+from helpers.guestvm import Report
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,26 +25,15 @@ pytestmark = [
 
 MiB = 1 << 20
 
-Report = Callable[[str, float], None]
-
 
 @pytest.fixture(scope="module")
 def image() -> g.Image:
-    try:
-        img = g.image()
-        g.qemu_img()
-    except g.GuestUnavailable as e:
-        pytest.skip(f"the test guest cannot be had here: {e}")
-    return img
+    return gv.image_or_skip()
 
 
 @pytest.fixture
 def report(record_property: Callable[[str, object], None]) -> Report:
-    def put(name: str, seconds: float) -> None:
-        record_property(name, round(seconds, 3))
-        print(f"\n[guest timing] {name}: {seconds:.3f} s")
-
-    return put
+    return gv.timing_reporter(record_property)
 
 
 @pytest.fixture
