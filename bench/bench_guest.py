@@ -62,6 +62,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
@@ -226,6 +227,9 @@ class Side:
     def spec_console(self, name: str) -> str:
         return ""
 
+    def emulator_pid(self, host: str, spec: Spec) -> int | None:
+        raise NotImplementedError
+
     def host_path(self, host: str, path: str) -> Path:
         """Where this process sees a file of ``host`` at ``path``."""
         return Path(path)
@@ -284,13 +288,22 @@ class VmSide(Side):
     def dest(self, host: str) -> str:
         return self.hosts[host].dst
 
+    def record(self, host: str, spec: Spec) -> dict[str, Any]:
+        """The domain's runtime record on ``host`` ({} when there is none)."""
+        path = self.hosts[host].state_dir / "run" / f"{spec.uuid}.json"
+        try:
+            rec: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return rec
+
+    def emulator_pid(self, host: str, spec: Spec) -> int | None:
+        pid = self.record(host, spec).get("pid")
+        return int(pid) if pid else None
+
     def console_log(self, host: str, spec: Spec) -> Path | None:
         """The log file of the emulator's serial port 0, from its runtime record's argv."""
-        try:
-            rec = json.loads((self.hosts[host].state_dir / "run" / f"{spec.uuid}.json").read_text())
-        except (OSError, ValueError):
-            return None
-        for arg in rec.get("argv", []):
+        for arg in self.record(host, spec).get("argv", []):
             m = re.search(r"id=charserial0,.*?logfile=([^,]+)", str(arg))
             if m:
                 return Path(m.group(1))
@@ -330,6 +343,12 @@ class LvSide(Side):
 
     def spec_console(self, name: str) -> str:
         return str(self.work / f"{name}.console.log")
+
+    def emulator_pid(self, host: str, spec: Spec) -> int | None:
+        try:
+            return int(self.host_path(host, f"/run/libvirt/qemu/{spec.name}.pid").read_text())
+        except (OSError, ValueError):
+            return None
 
     def migrate_flags(self, case: str) -> list[str]:
         return ["--unsafe"] if case == "shared" else super().migrate_flags(case)
@@ -459,11 +478,23 @@ def watch_boot(
     return {k: round(v, 1) for k, v in out.items()}
 
 
+def emulator_started_ms(pid: int | None, t0_boot: float) -> float | None:
+    """When the emulator process was started, ms after ``t0_boot`` (CLOCK_BOOTTIME), from
+    its /proc start time (clock ticks since boot, so 10 ms steps)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+    return round((ticks / os.sysconf("SC_CLK_TCK") - t0_boot) * 1e3, 1)
+
+
 def boot_once(side: Side, tag: str) -> dict[str, Any]:
     """Define a fresh domain on A, time start -> first count, then destroy and undefine."""
     name = f"bg-boot-{tag}"
     spec = Spec(name, str(uuidlib.uuid4()), str(side.boot_disk), side.spec_console(name))
     side.define("A", spec)
+    t0_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
     t0 = time.monotonic()
     proc = subprocess.Popen(
         side.cmd("A", "start", name),
@@ -473,7 +504,9 @@ def boot_once(side: Side, tag: str) -> dict[str, Any]:
         text=True,
     )
     try:
-        return watch_boot(proc, lambda: side.console_log("A", spec), t0)
+        row: dict[str, Any] = dict(watch_boot(proc, lambda: side.console_log("A", spec), t0))
+        row["emulator_ms"] = emulator_started_ms(side.emulator_pid("A", spec), t0_boot)
+        return row
     except (ClientError, TimeoutError) as exc:
         return {"error": str(exc)}
     finally:
@@ -485,6 +518,54 @@ def boot_once(side: Side, tag: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------
 # live migration
+
+
+def proc_state(pid: int) -> str:
+    """A process's state letter ("R", "S", "Z" ...), "" once it is gone (reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2]
+
+
+class ExitWatch:
+    """When the source emulator of a migration exits and when it is gone (reaped by its
+    parent), polled every 10 ms in a thread: a manager that waits for its emulator to be
+    gone before it returns waits for the reaping too."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.zombie: float | None = None
+        self.gone: float | None = None
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if pid is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self.pid is not None
+        while not self._halt.is_set():
+            state, now = proc_state(self.pid), time.monotonic()
+            if state == "Z" and self.zombie is None:
+                self.zombie = now
+            if not state:
+                self.gone = now
+                return
+            time.sleep(0.01)
+
+    def result(self, returned: float, timeout: float = 5.0) -> dict[str, float | None]:
+        """How long it was a zombie (0: never seen as one), and when it was gone, ms after
+        the client returned at ``returned`` (negative: before); waits up to ``timeout``."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._halt.set()
+        if self.gone is None:
+            return {"src_zombie_ms": None, "src_gone_after_return_ms": None}
+        return {
+            "src_zombie_ms": round((self.gone - (self.zombie or self.gone)) * 1e3, 1),
+            "src_gone_after_return_ms": round((self.gone - returned) * 1e3, 1),
+        }
 
 
 def other(host: str) -> str:
@@ -542,14 +623,18 @@ class Series:
         frm, to = self.where, other(self.where)
         before = max(console_counts(self.log(frm)()), default=0)
         row: dict[str, Any] = {"direction": f"{frm}->{to}"}
+        watch = ExitWatch(self.side.emulator_pid(frm, self.specs[frm]))
         try:
             wall, _ = run_client(self.argv(frm, to), MIGRATE_TIMEOUT)
+            returned = time.monotonic()
         except ClientError as exc:
+            watch.result(time.monotonic(), timeout=0)
             self.where = self.locate()
             moved = "refused" if self.where == frm else "failed"
             return {**row, "error": str(exc), "outcome": moved}
         self.where = to
         row["wall_ms"] = round(wall * 1e3, 1)
+        row.update(watch.result(returned))
         row.update(self.job(frm, row["wall_ms"]))
         return {**row, **self.check(to, before)}
 
@@ -675,8 +760,15 @@ def run_all(sides: Sequence[Side], args: argparse.Namespace, work: Path) -> dict
 
 
 DETAIL_KEYS = {
-    "boot": ("start_cmd_ms",),
-    "shared": ("job_ms", "outside_job_ms", "downtime_ms", "data_MiB"),
+    "boot": ("start_cmd_ms", "emulator_ms"),
+    "shared": (
+        "job_ms",
+        "outside_job_ms",
+        "src_zombie_ms",
+        "src_gone_after_return_ms",
+        "downtime_ms",
+        "data_MiB",
+    ),
 }
 DETAIL_KEYS["copy"] = DETAIL_KEYS["shared"]
 
@@ -754,14 +846,17 @@ def detail_rows(summary: dict[str, Any], startup: dict[str, Any]) -> list[str]:
     for tool, s in summary["boot"].items():
         if "wall_ms" in s:
             lines.append(
-                f"  boot, {tool}: start command returned after {med(s, 'start_cmd_ms')} ms"
+                f"  boot, {tool}: emulator process started after {med(s, 'emulator_ms')} ms, "
+                f"start command returned after {med(s, 'start_cmd_ms')} ms"
             )
     for case in ("shared", "copy"):
         for tool, s in summary[case].items():
             if "wall_ms" in s:
                 lines.append(
                     f"  {CASES[case]}, {tool}: job (domjobinfo) {med(s, 'job_ms')} ms, "
-                    f"outside it {med(s, 'outside_job_ms')} ms, QEMU downtime "
+                    f"outside it {med(s, 'outside_job_ms')} ms; source QEMU a zombie for "
+                    f"{med(s, 'src_zombie_ms')} ms, gone {med(s, 'src_gone_after_return_ms')} "
+                    f"ms after the client returned; QEMU downtime "
                     f"{med(s, 'downtime_ms')} ms, {med(s, 'data_MiB')} MiB moved"
                 )
     for tool, s in startup.items():
