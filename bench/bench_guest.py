@@ -13,8 +13,9 @@ swapped every round) so that machine noise falls on both:
 
   boot        the start request (``migctl start`` / ``virsh start``, timed as a subprocess
               from its launch) to the first "count" line in the console log; also when the
-              start command returned. A fresh domain per repetition, defined beforehand
-              (not timed), destroyed and undefined after.
+              start command returned and when the emulator process started (its /proc
+              start time). A fresh domain per repetition, defined beforehand (not timed),
+              destroyed and undefined after.
   shared      ``migrate --live --p2p --persistent DOM DEST``, timed as a subprocess, the
               guest ping-ponging A -> B -> A on a disk both hosts see (one file). virsh also
               gets --unsafe: libvirt refuses a disk on a local file system ("Migration
@@ -27,8 +28,11 @@ swapped every round) so that machine noise falls on both:
               destination's in --xml. The destination file exists beforehand (empty). When
               the daemons refuse the storage copy, the case reports "n/a (refused: ERROR)".
 
-After every migration: QEMU's job time, downtime and data moved (``domjobinfo --completed``
-on the source: no --undefinesource), the guest counting on on the destination, and with
+After every migration: the job's time, QEMU's downtime and the data moved (``domjobinfo
+--completed`` on the source: no --undefinesource), how long the source emulator stayed a
+zombie (exited, not yet reaped) and when it was gone relative to the client's return (a
+manager that waits for its emulator to be gone waits for its reaping too), the guest
+counting on at the destination, and with
 storage copy the destination disk equal to the source's data (all but the first MiB, where
 the guest keeps writing its records). One untimed boot and one untimed round trip of each
 case first warm the daemons (libvirtd probes QEMU's capabilities on its first use).
@@ -45,8 +49,8 @@ lab (or with --no-libvirt) only vmmigrate is measured and the report says why.
         [--mem 256] [--disk-mib 256] [--settle 0.5] [--json PATH] [--workdir DIR]
 
 The report: per case and tool the median, min and max (seconds) and the ratio
-vmmigrate/libvirt of the medians, details (start command, QEMU job time, downtime, client
-start-up), and a last line of JSON with the medians. Every process and domain this script
+vmmigrate/libvirt of the medians, details (start command, emulator start, job time,
+zombie time, downtime, client start-up), and a last line of JSON with the medians. Every process and domain this script
 starts is stopped (by pid, or destroyed by name) before it exits.
 """
 
@@ -889,6 +893,7 @@ def report(results: dict[str, Any]) -> str:
         "",
         *table_rows(results["summary"], results["libvirt"]),
         *detail_rows(results["summary"], results["run"]["client_startup_ms"]),
+        f"  runtime {results['runtime_s']} s",
     ]
     return "\n".join(lines)
 
@@ -978,9 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["runtime_s"] = round(time.monotonic() - started, 1)
     results["summary"] = analyse(results["run"], results["tools"])
-    print()
-    print(report(results))
-    print(f"\nruntime {results['runtime_s']} s")
+    print(f"\n{report(results)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
         print(f"results written to {args.json}")
