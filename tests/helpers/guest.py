@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.qmp import QMP
+from .qmp import QMP
 
 CACHE_DIR = Path(os.environ.get("VMMIGRATE_GUEST_CACHE", "/var/cache/vmmigrate-test/guest"))
 INIT_SCRIPT = Path(__file__).resolve().parent.parent / "data" / "guest" / "init"
