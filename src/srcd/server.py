@@ -150,7 +150,7 @@ class DomainService(pb_grpc.DomainServiceServicer):
         if job is None or job.offline:
             return pb.JobInfo(type="None")
         return job_info(
-            job.stats,
+            job.all_stats(),
             job.migration_id,
             int((time.monotonic() - job.started) * 1000),
             "Unbounded",
