@@ -4,6 +4,13 @@ names them, the <nbd> cookie sections both ways, the backing chains sent for
 
 from __future__ import annotations
 
+import asyncio
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 from vmmigrate.common import qemuargv
 from vmmigrate.common.cookie import (
@@ -17,8 +24,24 @@ from vmmigrate.common.cookie import (
 )
 from vmmigrate.common.disks import domain_disks
 from vmmigrate.common.domainxml import parse_domain
-from vmmigrate.common.errors import OperationFailed
+from vmmigrate.common.errors import ConfigUnsupported, OperationFailed, libvirt_text
+from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import MigrateFlag as F
+from vmmigrate.common.hypervisor import EmulatorSettings, QMPHypervisor
+from vmmigrate.common.journal import JobRecord, Role, record_from_bytes, record_to_bytes
+from vmmigrate.common.rpc import Deadline
+from vmmigrate.common.store import HostStore
+from vmmigrate.dstd.incoming import IncomingJob
+from vmmigrate.dstd.storage import (
+    IncomingDisk,
+    copied_capacities,
+    create_disks,
+    plan_disks,
+    qemu_img_create_args,
+    remove_disks,
+    reply_nbd,
+    storage_dir_of,
+)
 from vmmigrate.srcd.storage import (
     CopiedDisk,
     backing_chain,
@@ -149,3 +172,164 @@ def test_inc_sends_the_backing_chain_the_xml_lacks() -> None:
     assert sent.uuid == d.uuid and sent.name == d.name
     assert sent.xml.count("<backingStore") == 3 + 2  # two layers and the end, and vdb's
     qemuargv.check_supported(sent)  # QEMU's command line still takes it
+
+
+# ------------------------------------------------------------------ the destination's plan
+
+
+def test_copied_capacities_come_from_the_cookie() -> None:
+    nbd = Nbd(disks=(NbdDisk("vda", 1 << 20), NbdDisk("vdb", 2 << 20)))
+    assert copied_capacities(nbd, F.LIVE | F.NON_SHARED_DISK) == {"vda": 1 << 20, "vdb": 2 << 20}
+    assert copied_capacities(nbd, F.LIVE) == {}  # no storage copy asked: nothing copied
+    assert copied_capacities(None, F.LIVE | F.NON_SHARED_INC) == {}
+
+
+def test_storage_dirs_resolve_symlinks(tmp_path: Path) -> None:
+    allowed, other = tmp_path / "images", tmp_path / "etc"
+    allowed.mkdir()
+    other.mkdir()
+    (allowed / "escape").symlink_to(other / "shadow")
+    dirs = (str(allowed),)
+    assert storage_dir_of(str(allowed / "vm.img"), dirs) == str(allowed)
+    assert storage_dir_of(str(allowed / "sub" / "vm.img"), dirs) == str(allowed)
+    assert storage_dir_of(str(allowed / "escape"), dirs) is None  # a link out of it
+    assert storage_dir_of(str(allowed / ".." / "etc" / "x"), dirs) is None
+    assert storage_dir_of(str(tmp_path / "images-2" / "x"), dirs) is None  # a prefix only
+    assert storage_dir_of(str(allowed), dirs) is None  # the directory itself is no disk
+    assert storage_dir_of(str(allowed / "vm.img"), ()) is None
+
+
+def plan(d, nbd, flags, dirs, existing=()):  # type: ignore[no-untyped-def]
+    return plan_disks(d, nbd, flags, dirs, exists=lambda p: p in existing)
+
+
+def test_plan_creates_what_is_missing_and_uses_what_exists() -> None:
+    d = domain(
+        disk("vda", "/img/a.img"),
+        disk("vdb", "/img/b.qcow2", "qcow2"),
+        disk("vdc", "/shared/c.img"),
+    )
+    nbd = Nbd(disks=(NbdDisk("vda", 64 << 20), NbdDisk("vdb", 32 << 20)))
+    got = plan(d, nbd, F.LIVE | F.NON_SHARED_DISK, ("/img",), existing={"/img/b.qcow2"})
+    assert got == (
+        IncomingDisk("vda", "/img/a.img", "raw", 64 << 20, "drive-virtio-disk0",
+                     "libvirt-1-format", True),
+        IncomingDisk("vdb", "/img/b.qcow2", "", 32 << 20, "drive-virtio-disk1",
+                     "libvirt-2-format", False),
+    )  # fmt: skip
+    # vdc is not copied (not in the cookie): shared storage, storage_dirs do not apply
+    assert reply_nbd(got, 49153) == Nbd(port=49153, disks=nbd.disks)
+    assert reply_nbd(got, 0) == Nbd(disks=nbd.disks)  # tunnelled: no port
+    assert reply_nbd((), 49153) is None
+    assert plan(d, None, F.LIVE | F.NON_SHARED_DISK, ("/img",)) == ()
+
+
+def test_plan_refusals_name_the_disk_and_the_key() -> None:
+    d = domain(disk("vda", "/var/lib/other/a.img"))
+    nbd = Nbd(disks=(NbdDisk("vda", 1 << 20),))
+    with pytest.raises(ConfigUnsupported) as info:
+        plan(d, nbd, F.LIVE | F.NON_SHARED_DISK, ("/img", "/srv/vm"))
+    assert libvirt_text(info.value) == (
+        "unsupported configuration: disk vda: '/var/lib/other/a.img' is outside the "
+        "directories this host allows storage copy to write (storage_dirs: /img, /srv/vm)"
+    )
+    with pytest.raises(ConfigUnsupported, match=r"\(storage_dirs: none configured\)$"):
+        plan(d, nbd, F.LIVE | F.NON_SHARED_DISK, ())
+    with pytest.raises(OperationFailed, match=r"^unable to find disk by target: vdz$"):
+        plan(d, Nbd(disks=(NbdDisk("vdz", 1),)), F.LIVE | F.NON_SHARED_DISK, ("/var",))
+    block = domain(
+        "<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+        "<source dev='/img/dev0'/><target dev='vda' bus='virtio'/></disk>"
+    )
+    with pytest.raises(OperationFailed, match=r"^cannot precreate storage for disk type 'block'$"):
+        plan(block, nbd, F.LIVE | F.NON_SHARED_DISK, ("/img",))
+    # an existing block device is used as it is
+    assert plan(block, nbd, F.LIVE | F.NON_SHARED_DISK, ("/img",), {"/img/dev0"})[0].create is False
+
+
+def test_inc_creates_an_overlay_of_a_backing_file_present_here() -> None:
+    chain = (
+        "<backingStore type='file'><format type='raw'/><source file='/img/base.raw'/>"
+        "<backingStore/></backingStore>"
+    )
+    d = domain(disk("vda", "/img/top.qcow2", "qcow2", extra=chain))
+    nbd = Nbd(disks=(NbdDisk("vda", 32 << 20),))
+    inc, full = F.LIVE | F.NON_SHARED_INC, F.LIVE | F.NON_SHARED_DISK
+    (got,) = plan(d, nbd, inc, ("/img",), existing={"/img/base.raw"})
+    assert (got.create, got.format, got.backing, got.backing_format) == (
+        True, "qcow2", "/img/base.raw", "raw"
+    )  # fmt: skip
+    assert qemu_img_create_args(got) == [
+        "create", "-q", "-f", "qcow2", "-b", "/img/base.raw", "-F", "raw", "/img/top.qcow2",
+        str(32 << 20),
+    ]  # fmt: skip
+    # copy-all: a whole image, no backing
+    (whole,) = plan(d, nbd, full, ("/img",), existing={"/img/base.raw"})
+    assert whole.backing == "" and qemu_img_create_args(whole)[-2:] == ["/img/top.qcow2", str(32 << 20)]
+    with pytest.raises(OperationFailed, match=r"its backing file '/img/base.raw' does not exist"):
+        plan(d, nbd, inc, ("/img",))
+    elsewhere = domain(disk("vda", "/img/top.qcow2", "qcow2", extra=chain.replace("/img/", "/ro/")))
+    with pytest.raises(ConfigUnsupported, match=r"^backing file '/ro/base.raw' is outside"):
+        plan(elsewhere, nbd, inc, ("/img",), existing={"/ro/base.raw"})
+
+
+def test_journal_keeps_created_disks_and_reads_older_records() -> None:
+    rec = JobRecord("m1", Role.DESTINATION, "d", U, "prepare", 0x41, "peer",
+                    created_disks=("/img/a.img", "/img/b.qcow2"))  # fmt: skip
+    data = record_to_bytes(rec)
+    assert json.loads(data)["created_disks"] == ["/img/a.img", "/img/b.qcow2"]
+    assert record_from_bytes(data) == rec
+    older = json.loads(data)
+    del older["created_disks"]  # a record written before the field existed
+    assert record_from_bytes(json.dumps(older).encode()).created_disks == ()
+    older["created_disks"] = "/img/a.img"
+    with pytest.raises(ValueError, match="not a list of strings"):
+        record_from_bytes(json.dumps(older).encode())
+
+
+QEMU_IMG = shutil.which("qemu-img")
+
+
+def _incoming(tmp_path: Path, failpoints: str = "") -> tuple[SimpleNamespace, IncomingJob]:
+    store = HostStore(tmp_path / "state")
+    hv = QMPHypervisor(tmp_path / "state" / "run", EmulatorSettings())
+    # the parts of a DestinationContext create_disks uses: the real store, failpoints
+    ctx = SimpleNamespace(store=store, hypervisor=hv, failpoints=Failpoints.parse(failpoints))
+    d = domain(disk("vda", str(tmp_path / "a.img")), disk("vdb", str(tmp_path / "b.qcow2"), "qcow2"))
+    rec = JobRecord("m1", Role.DESTINATION, "d", U, "prepare", 0x41, "peer", xml=d.xml)
+    store.reserve_incoming(rec)
+    job = IncomingJob("m1", d, "d", F.LIVE | F.NON_SHARED_DISK, rec, Deadline(60), False)
+    return ctx, job
+
+
+def test_created_disks_are_journalled_before_the_first_exists(tmp_path: Path) -> None:
+    ctx, job = _incoming(tmp_path, "dstd.prepare.before_create=error")
+    nbd = Nbd(disks=(NbdDisk("vda", 1 << 20), NbdDisk("vdb", 2 << 20)))
+    disks = plan_disks(job.target, nbd, job.flags, (str(tmp_path),))
+    with pytest.raises(OperationFailed, match="before_create injected"):
+        asyncio.run(create_disks(ctx, job, disks))  # type: ignore[arg-type]
+    paths = (str(tmp_path / "a.img"), str(tmp_path / "b.qcow2"))
+    # a dstd that died here leaves a record naming both, and no file yet
+    recorded = ctx.store.journal_get("m1")
+    assert recorded is not None and recorded.created_disks == paths == job.created_disks
+    assert not any(Path(p).exists() for p in paths)
+
+
+@pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img not installed")
+def test_only_missing_disks_are_created_and_only_those_removed(tmp_path: Path) -> None:
+    ctx, job = _incoming(tmp_path)
+    existing = tmp_path / "b.qcow2"
+    existing.write_bytes(b"kept as it is")
+    nbd = Nbd(disks=(NbdDisk("vda", 1 << 20), NbdDisk("vdb", 2 << 20)))
+    disks = plan_disks(job.target, nbd, job.flags, (str(tmp_path),))
+    asyncio.run(create_disks(ctx, job, disks))  # type: ignore[arg-type]
+    created = tmp_path / "a.img"
+    assert job.created_disks == (str(created),)
+    assert ctx.store.journal_get("m1").created_disks == (str(created),)
+    info = json.loads(subprocess.run([QEMU_IMG, "info", "--output=json", str(created)],  # type: ignore[list-item]
+                                     capture_output=True, check=True, text=True).stdout)
+    assert (info["format"], info["virtual-size"]) == ("raw", 1 << 20)
+    assert existing.read_bytes() == b"kept as it is"
+    remove_disks(job.created_disks)
+    assert not created.exists() and existing.exists()
+    remove_disks(job.created_disks)  # again: nothing left to remove, no error
