@@ -29,6 +29,7 @@ from vmmigrate.common.v3client import DEST, RemoteDestination, finish_request
 from vmmigrate.srcd import phases
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import SourceJob, SourceParams
+from vmmigrate.srcd.mirror import nbd_server
 from vmmigrate.srcd.perform import perform_live
 from vmmigrate.srcd.tunnel import SourceTunnel
 
@@ -197,7 +198,11 @@ class LocalSource:
         if MigrateFlag.TUNNELLED not in self.flags:
             if not prepared.uri:
                 raise OperationFailed("domainMigratePrepare3 did not set uri")
-            return await perform_live(self.ctx, job, uri=prepared.uri, probe=dest.probe)
+            # storage copy: the destination's NBD server, from Prepare's cookie
+            nbd = nbd_server(self.ctx, job, prepared.cookie, prepared.uri) if job.copies else None
+            return await perform_live(self.ctx, job, uri=prepared.uri, probe=dest.probe, nbd=nbd)
+        if job.copies:
+            raise OperationFailed("tunnelled storage copy is not built yet")
         tunnel = SourceTunnel(
             self.ctx.peers.tunnel_bytes(dest.address),
             dest.address,

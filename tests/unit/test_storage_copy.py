@@ -5,6 +5,8 @@ names them, the <nbd> cookie sections both ways, the backing chains sent for
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -42,6 +44,11 @@ from vmmigrate.dstd.storage import (
     reply_nbd,
     storage_dir_of,
 )
+from vmmigrate.migctl.main import print_jobinfo
+from vmmigrate.migctl.progress import Progress
+from vmmigrate.srcd.mirror import MirrorState, assess, sync_mode, totals
+from vmmigrate.srcd.perform import Action, decide
+from vmmigrate.srcd.server import job_info
 from vmmigrate.srcd.storage import (
     CopiedDisk,
     backing_chain,
@@ -333,3 +340,101 @@ def test_only_missing_disks_are_created_and_only_those_removed(tmp_path: Path) -
     remove_disks(job.created_disks)
     assert not created.exists() and existing.exists()
     remove_disks(job.created_disks)  # again: nothing left to remove, no error
+
+
+# ------------------------------------------------------------------ the source's mirrors
+
+VDA = CopiedDisk("vda", 32 << 20, "libvirt-1-format", "drive-virtio-disk0")
+VDB = CopiedDisk("vdb", 16 << 20, "libvirt-2-format", "drive-virtio-disk1")
+
+
+def qjob(job_id: str, status: str, done: int = 0, total: int = 0, error: str = "") -> dict:  # type: ignore[type-arg]
+    j = {"id": job_id, "type": "mirror", "status": status,
+         "current-progress": done, "total-progress": total}  # fmt: skip
+    if error:
+        j["error"] = error
+    return j
+
+
+MIRROR_CASES = [
+    # (vda's job, vdb's job) -> state, failed disk, error
+    ((qjob(VDA.export, "running"), qjob(VDB.export, "ready")), MirrorState.COPYING, "", ""),
+    ((qjob(VDA.export, "ready"), qjob(VDB.export, "ready")), MirrorState.READY, "", ""),
+    ((qjob(VDA.export, "standby"), qjob(VDB.export, "ready")), MirrorState.READY, "", ""),
+    ((qjob(VDA.export, "created"), qjob(VDB.export, "paused")), MirrorState.COPYING, "", ""),
+    ((qjob(VDA.export, "ready"),), MirrorState.FAILED, "vdb", "its block job is gone"),
+    ((qjob(VDA.export, "concluded", error="Input/output error"), qjob(VDB.export, "ready")),
+     MirrorState.FAILED, "vda", "Input/output error"),
+    ((qjob(VDA.export, "ready"), qjob(VDB.export, "aborting")), MirrorState.FAILED, "vdb", ""),
+    ((qjob(VDA.export, "ready"), qjob(VDB.export, "concluded")), MirrorState.FAILED, "vdb", ""),
+    # another job on the domain is none of the migration's business
+    ((qjob("other", "concluded", error="x"), qjob(VDA.export, "ready"), qjob(VDB.export, "ready")),
+     MirrorState.READY, "", ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("jobs", "state", "target", "error"), MIRROR_CASES)
+def test_mirror_state(jobs: tuple[dict, ...], state: MirrorState, target: str, error: str) -> None:  # type: ignore[type-arg]
+    found = assess((VDA, VDB), jobs)
+    assert (found.state, found.target, found.error) == (state, target, error)
+
+
+def test_mirror_failures_in_libvirts_words() -> None:
+    failed = assess((VDA,), (qjob(VDA.export, "concluded", error="Connection reset by peer"),))
+    assert libvirt_text(failed.failure()) == (
+        "operation failed: migration of disk vda failed: Connection reset by peer"
+    )
+    bare = assess((VDA,), (qjob(VDA.export, "aborting"),)).failure()
+    assert libvirt_text(bare) == "operation failed: migration of disk vda failed"
+
+
+def test_mirror_totals_and_sync_modes() -> None:
+    jobs = (qjob(VDA.export, "running", 8 << 20, 32 << 20), qjob(VDB.export, "ready", 16 << 20, 16 << 20),
+            qjob("other", "running", 1, 99))  # fmt: skip
+    assert totals((VDA, VDB), jobs) == {"total": 48 << 20, "transferred": 24 << 20, "remaining": 24 << 20}
+    assert totals((VDA,), ()) == {"total": 0, "transferred": 0, "remaining": 0}
+    assert sync_mode(F.LIVE | F.NON_SHARED_DISK) == "full"
+    assert sync_mode(F.LIVE | F.NON_SHARED_INC) == "top"
+
+
+@pytest.mark.parametrize(
+    ("abort", "peer_lost", "storage_failed", "deadline", "expected"),
+    [
+        (False, False, True, False, Action.CANCEL_STORAGE),
+        (True, False, True, False, Action.CANCEL_ABORT),  # the client's abort says why
+        (False, True, True, False, Action.CANCEL_PEER_LOST),  # a lost peer breaks the copy
+        (False, False, True, True, Action.CANCEL_STORAGE),  # before the deadline's reason
+        (False, False, False, False, Action.WAIT),
+    ],
+)
+def test_a_failed_copy_cancels_the_migration(
+    abort: bool, peer_lost: bool, storage_failed: bool, deadline: bool, expected: Action
+) -> None:
+    assert decide(elapsed=1.0, timeout_s=0, timeout_suspend=False, suspended=False,
+                  abort_requested=abort, cancelling=False, peer_lost=peer_lost,
+                  deadline_passed=deadline, storage_failed=storage_failed) is expected  # fmt: skip
+
+
+def test_domjobinfo_counts_disks_in_the_data_lines() -> None:
+    stats = {"ram": {"total": 64 << 20, "transferred": 10 << 20, "remaining": 54 << 20},
+             "mirror": {"total": 32 << 20, "transferred": 32 << 20, "remaining": 0}}  # fmt: skip
+    info = job_info(stats, "m", 5, "Unbounded", "")
+    assert (info.data_total, info.data_processed, info.data_remaining) == (96 << 20, 42 << 20, 54 << 20)
+    assert (info.memory_total, info.disk_total, info.disk_processed) == (64 << 20, 32 << 20, 32 << 20)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_jobinfo(info)
+    lines = out.getvalue().splitlines()
+    assert "Data total:       96.000 MiB" in lines and "Memory total:     64.000 MiB" in lines
+    assert lines[-4:-1] == [
+        "File processed:   32.000 MiB",
+        "File remaining:   0.000 MiB",
+        "File total:       32.000 MiB",
+    ]
+    plain = io.StringIO()
+    with contextlib.redirect_stdout(plain):
+        print_jobinfo(job_info({"ram": stats["ram"]}, "m", 5, "Unbounded", ""))
+    assert "File" not in plain.getvalue()  # no storage copy: no File lines
+    # migrate --verbose: the percentage counts the disks too
+    progress = Progress(io.StringIO())
+    assert progress.percent(info) == 100 - (54 * 100) // 96
