@@ -39,12 +39,16 @@ class CopiedDisk:
 
 
 def backing_chain(image: dict[str, Any]) -> Chain:
-    """The backing layers of one image of query-named-block-nodes, top down."""
+    """The backing layers of one image of query-named-block-nodes, top down (the nested
+    "backing-image"s; a flat answer names the first layer only)."""
     chain: list[tuple[str, str]] = []
     layer = image.get("backing-image")
     while isinstance(layer, dict):
         chain.append((str(layer.get("filename", "")), str(layer.get("format", ""))))
         layer = layer.get("backing-image")
+    if not chain and image.get("full-backing-filename"):
+        fmt = str(image.get("backing-filename-format") or "raw")
+        chain.append((str(image["full-backing-filename"]), fmt))
     return tuple(chain)
 
 
@@ -52,7 +56,7 @@ def copies_of(
     running: DomainDef, migrate_disks: Sequence[str], nodes: Sequence[dict[str, Any]]
 ) -> tuple[CopiedDisk, ...]:
     """The disks to copy, with their size and chain from the emulator's block nodes
-    (query-named-block-nodes, flat). Pure: the caller asks the emulator."""
+    (query-named-block-nodes). Pure: the caller asks the emulator."""
     names = qemuargv.disk_nodes(running)
     images = {str(n.get("node-name")): n.get("image", {}) for n in nodes}
     out = []
@@ -80,7 +84,8 @@ async def plan_copies(
     """Begin: the disks this migration copies (none without --copy-storage-*)."""
     if not flags & STORAGE_COPY:
         return ()
-    nodes = await hv.execute(running.uuid, "query-named-block-nodes", {"flat": True})
+    # not flat: each image with its whole backing chain
+    nodes = await hv.execute(running.uuid, "query-named-block-nodes")
     return copies_of(running, migrate_disks, nodes if isinstance(nodes, list) else [])
 
 

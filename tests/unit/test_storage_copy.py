@@ -142,6 +142,9 @@ def test_copies_take_size_and_chain_from_the_emulator() -> None:
     with pytest.raises(OperationFailed, match="unable to find the size of disk 'vda' to copy"):
         copies_of(d, (), nodes[2:])
     assert backing_chain({"virtual-size": 1}) == ()
+    # a flat answer (no nested images) still names the first layer
+    flat = {"virtual-size": 1, "full-backing-filename": "/img/b.raw", "backing-filename-format": "raw"}
+    assert backing_chain(flat) == (("/img/b.raw", "raw"),)
 
 
 def test_begin_cookie_nbd_both_ways() -> None:
