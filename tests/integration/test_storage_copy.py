@@ -379,3 +379,25 @@ def test_destination_daemon_killed_during_the_copy_is_recovered(lab: Lab) -> Non
     assert runtime_record(b.state_dir, u) is None or state(b, name) == "absent"
     settled(a, b)
     assert_source_runs_alone(lab, name, u)
+
+
+def test_tunnelled_copy_storage_all_goes_through_the_daemons(lab: Lab) -> None:
+    a, b, name = lab.a, lab.b, "tunnelled"
+    image = lab.images / f"{name}.img"
+    make_image(lab, a, image, "raw", 16 * MIB, (0x77, 0, 6 * MIB), (0x78, 15 * MIB, MIB))
+    u = start_guest(a, name, disk_xml(image))
+    a.migctl(*LIVE, "--p2p", "--tunnelled", "--copy-storage-all", name, b.dst, timeout=180)
+    assert state(b, name) == "running"
+    # the disk's bytes went through the daemons: a stream on the "nbd" channel, and the
+    # emulators never had a TCP connection for it (the destination served a unix socket)
+    assert any(e.get("event") == "nbd_tunnel_closed" and e.get("streams") == 1
+               for e in a.srcd.events())  # type: ignore[union-attr]  # fmt: skip
+    served = [e for e in b.dstd.events() if e.get("event") == "incoming_nbd_started"]  # type: ignore[union-attr]
+    assert served and served[-1]["port"] is None and str(served[-1]["socket"]).endswith(f"{u}.nbd")
+    info = jobinfo(a, name)
+    assert info["File total"] == "16.000 MiB"
+    b.migctl("destroy", name)
+    assert same_content(lab.disks(a) / image.name, lab.disks(b) / image.name, "raw", "raw")
+    b.migctl("undefine", name)
+    a.migctl("undefine", name)
+    settled(a, b)

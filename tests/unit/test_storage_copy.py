@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from vmmigrate.common import qemuargv
+from vmmigrate.common import qemuargv, tunnelwire
 from vmmigrate.common.cookie import (
     ACCEPT_PERFORM,
     ACCEPT_PREPARE,
@@ -26,7 +26,13 @@ from vmmigrate.common.cookie import (
 )
 from vmmigrate.common.disks import domain_disks
 from vmmigrate.common.domainxml import parse_domain
-from vmmigrate.common.errors import ConfigUnsupported, OperationFailed, libvirt_text
+from vmmigrate.common.errors import (
+    ConfigUnsupported,
+    InvalidArgument,
+    OperationFailed,
+    OperationInvalid,
+    libvirt_text,
+)
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import MigrateFlag as F
 from vmmigrate.common.hypervisor import EmulatorSettings, QMPHypervisor
@@ -44,6 +50,7 @@ from vmmigrate.dstd.storage import (
     reply_nbd,
     storage_dir_of,
 )
+from vmmigrate.dstd.tunnel import tunnel_target
 from vmmigrate.migctl.main import print_jobinfo
 from vmmigrate.migctl.progress import Progress
 from vmmigrate.srcd.mirror import MirrorState, assess, sync_mode, totals
@@ -441,3 +448,20 @@ def test_domjobinfo_counts_disks_in_the_data_lines() -> None:
     # migrate --verbose: the percentage counts the disks too
     progress = Progress(io.StringIO())
     assert progress.percent(info) == 100 - (54 * 100) // 96
+
+
+def test_tunnel_channels_lead_to_their_sockets(tmp_path: Path) -> None:
+    ctx, job = _incoming(tmp_path)
+    table = {"m1": job}
+    ctx.incoming = SimpleNamespace(find=table.get)
+    job.flags |= F.TUNNELLED | F.PEER2PEER
+    job.path = "/run/x/u.incoming"
+    with pytest.raises(OperationInvalid, match=r"^incoming migration 'm1' copies no storage$"):
+        tunnel_target(ctx, "m1", tunnelwire.CHANNEL_NBD)  # type: ignore[arg-type]
+    job.nbd_path = "/run/x/u.nbd"
+    assert tunnel_target(ctx, "m1", "") == "/run/x/u.incoming"  # type: ignore[arg-type]  # the memory
+    assert tunnel_target(ctx, "m1", "nbd") == "/run/x/u.nbd"  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=r"^unknown tunnel channel 'disk'$"):
+        tunnel_target(ctx, "m1", "disk")  # type: ignore[arg-type]
+    with pytest.raises(OperationInvalid, match=r"^no tunnelled incoming migration with id 'm2'$"):
+        tunnel_target(ctx, "m2", "nbd")  # type: ignore[arg-type]
