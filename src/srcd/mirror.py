@@ -28,8 +28,9 @@ from typing import Any
 import structlog
 from vmmigrate.common.address import parse_hostport
 from vmmigrate.common.cookie import ACCEPT_PERFORM, Nbd, parse_cookie
-from vmmigrate.common.errors import OperationFailed
+from vmmigrate.common.errors import OperationFailed, VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.common.hypervisor import QMPHypervisor
 from vmmigrate.common.qmp import QMPClient, QMPError
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import SourceJob
@@ -287,3 +288,39 @@ class Mirrors:
         finally:
             self._unsubscribe()
         log.info("mirrors_cancelled", migration_id=self.job.migration_id)
+
+
+async def release_leftovers(hv: QMPHypervisor, uuid: str) -> int:
+    """After srcd died during a storage copy (recovery): cancel by force the mirror jobs it
+    left in the source emulator and remove their NBD nodes (libvirt's names), so that the
+    source runs on its own disks alone and the next copy can start; returns how many jobs
+    were found. Best effort: the emulator may be gone."""
+    try:
+        jobs = await hv.execute(uuid, "query-jobs")
+        ids = [
+            str(j["id"])
+            for j in jobs
+            if j.get("type") == "mirror" and str(j.get("id", "")).startswith("drive-")
+        ]
+        for job_id in ids:
+            with contextlib.suppress(QMPError):
+                await hv.execute(uuid, "block-job-cancel", {"device": job_id, "force": True})
+        until = time.monotonic() + END_TIMEOUT
+        while ids and time.monotonic() < until:
+            jobs = await hv.execute(uuid, "query-jobs")
+            if all(j.get("status") in ("concluded", "null") for j in jobs if j.get("id") in ids):
+                break
+            await asyncio.sleep(0.05)
+        for job_id in ids:
+            with contextlib.suppress(QMPError):
+                await hv.execute(uuid, "job-dismiss", {"id": job_id})
+        nodes = await hv.execute(uuid, "query-named-block-nodes", {"flat": True})
+        for node in nodes:
+            name = str(node.get("node-name", ""))
+            if name.startswith("migration-") and name.endswith("-storage"):
+                with contextlib.suppress(QMPError):
+                    await hv.execute(uuid, "blockdev-del", {"node-name": name})
+    except (QMPError, VmmigrateError, OSError) as exc:
+        log.warning("mirror_leftovers_not_released", uuid=uuid, error=str(exc))
+        return 0
+    return len(ids)

@@ -401,3 +401,21 @@ def test_tunnelled_copy_storage_all_goes_through_the_daemons(lab: Lab) -> None:
     b.migctl("undefine", name)
     a.migctl("undefine", name)
     settled(a, b)
+
+
+def test_source_daemon_killed_during_the_copy_is_recovered(lab: Lab) -> None:
+    a, b, name = lab.a, lab.b, "srcdkilled"
+    with slow_copy(lab, name) as (u, created, migration):
+        assert a.srcd is not None
+        a.srcd.kill()
+        migration.communicate(timeout=60)
+    assert migration.returncode == 1  # migctl lost its daemon
+    with qmp_for(a.state_dir, u) as q:  # the source QEMU copies on without its daemon
+        assert [j["status"] for j in q.cmd("query-jobs")] in (["running"], ["ready"])
+    # recovery cancels the copy, asks the destination (which drops the incoming job and
+    # the disk it created) and the source runs on
+    a.start_srcd(SRCD_ARGS)
+    wait_until(lambda: not created.exists(), 60, "the destination to drop the created disk")
+    settled(a, b)
+    assert state(b, name) == "absent"
+    assert_source_runs_alone(lab, name, u)
