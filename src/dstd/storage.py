@@ -197,7 +197,7 @@ async def _qemu_img(disk: IncomingDisk) -> None:
         raise OperationFailed(f"cannot create disk '{disk.path}': {reason}")
 
 
-def _give_to_emulator(path: str, policy: EmulatorPolicy) -> None:
+def give_to_emulator(path: str, policy: EmulatorPolicy) -> None:
     """Created disks belong to the user the emulators run as (libvirt's qemu user)."""
     if policy.drops_privileges:
         uid = -1 if policy.uid is None else policy.uid
@@ -229,7 +229,7 @@ async def create_disks(
             await _journal_created(ctx, job)
             continue
         await _qemu_img(disk)
-        await asyncio.to_thread(_give_to_emulator, disk.path, ctx.hypervisor.settings.policy)
+        await asyncio.to_thread(give_to_emulator, disk.path, ctx.hypervisor.settings.policy)
         log.info("incoming_disk_created", target=disk.target, path=disk.path, format=disk.format)
 
 

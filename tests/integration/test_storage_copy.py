@@ -419,3 +419,20 @@ def test_source_daemon_killed_during_the_copy_is_recovered(lab: Lab) -> None:
     settled(a, b)
     assert state(b, name) == "absent"
     assert_source_runs_alone(lab, name, u)
+
+
+def test_abort_during_the_copy_leaves_the_source_as_it_was(lab: Lab) -> None:
+    name = "aborted"
+    with slow_copy(lab, name, "--verbose") as (u, created, migration):
+        lab.a.migctl("domjobabort", name)
+        out, err = migration.communicate(timeout=60)
+    assert migration.returncode == 1
+    assert err.splitlines()[-1] == (
+        "error: operation aborted: job 'migration out' canceled by client"
+    ), err
+    assert "Migration: [" in out  # --verbose showed the copy's progress
+    wait_until(lambda: not created.exists(), 30, "the created disk's removal")
+    info = jobinfo(lab.a, name)
+    assert info["Job type"] == "Cancelled" and float(info["File processed"].split()[0]) > 0
+    settled(lab.a, lab.b)
+    assert_source_runs_alone(lab, name, u)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,7 +36,7 @@ from vmmigrate.common.errors import (
 )
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import MigrateFlag as F
-from vmmigrate.common.hypervisor import EmulatorSettings, QMPHypervisor
+from vmmigrate.common.hypervisor import EmulatorPolicy, EmulatorSettings, QMPHypervisor
 from vmmigrate.common.journal import JobRecord, Role, record_from_bytes, record_to_bytes
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore
@@ -44,6 +45,7 @@ from vmmigrate.dstd.storage import (
     IncomingDisk,
     copied_capacities,
     create_disks,
+    give_to_emulator,
     plan_disks,
     qemu_img_create_args,
     remove_disks,
@@ -465,3 +467,15 @@ def test_tunnel_channels_lead_to_their_sockets(tmp_path: Path) -> None:
         tunnel_target(ctx, "m1", "disk")  # type: ignore[arg-type]
     with pytest.raises(OperationInvalid, match=r"^no tunnelled incoming migration with id 'm2'$"):
         tunnel_target(ctx, "m2", "nbd")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_created_disks_belong_to_the_emulator_user(tmp_path: Path) -> None:
+    disk_file = tmp_path / "a.img"
+    disk_file.write_bytes(b"")
+    give_to_emulator(str(disk_file), EmulatorPolicy())  # the daemon's own: left as it is
+    assert (disk_file.stat().st_uid, disk_file.stat().st_gid) == (os.getuid(), os.getgid())
+    give_to_emulator(str(disk_file), EmulatorPolicy(uid=65534, gid=65533))
+    assert (disk_file.stat().st_uid, disk_file.stat().st_gid) == (65534, 65533)
+    give_to_emulator(str(disk_file), EmulatorPolicy(gid=65532))  # a group alone
+    assert (disk_file.stat().st_uid, disk_file.stat().st_gid) == (65534, 65532)
