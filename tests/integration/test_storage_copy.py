@@ -436,3 +436,26 @@ def test_abort_during_the_copy_leaves_the_source_as_it_was(lab: Lab) -> None:
     assert info["Job type"] == "Cancelled" and float(info["File processed"].split()[0]) > 0
     settled(lab.a, lab.b)
     assert_source_runs_alone(lab, name, u)
+
+
+def test_destination_crash_right_after_creating_the_disk_is_recovered(lab: Lab) -> None:
+    a, b, name = lab.a, lab.b, "crashcreated"
+    image = lab.images / f"{name}.img"
+    make_image(lab, a, image, "raw", 8 * MIB, (0x55, 0, MIB))
+    u = start_guest(a, name, disk_xml(image))
+    created = lab.disks(b) / image.name
+    armed = {"VMMIGRATE_FAILPOINTS": "dstd.prepare.after_create=crash"}
+    b.start_dstd(dstd_args(lab.images), env=armed)
+    try:
+        r = a.migctl(*LIVE, "--p2p", "--copy-storage-all", name, b.dst, check=False)
+        assert r.returncode == 1
+        assert b.dstd is not None and b.dstd.proc.wait(timeout=30) == 137  # it died there
+        assert created.exists()  # made, and journalled before it was
+        record = json.loads(next(iter(b.journal())).read_text())
+        assert record["created_disks"] == [str(image)]
+    finally:
+        b.start_dstd(dstd_args(lab.images))  # recovery: the disk goes
+    assert not created.exists()
+    settled(a, b)
+    assert state(b, name) == "absent"
+    assert_source_runs_alone(lab, name, u)
