@@ -323,6 +323,7 @@ class _Watch:
     cancelling: bool = False
     reason: Action = Action.WAIT
     storage_error: VmmigrateError | None = None  # a disk copy failed: the cause
+    continued: bool = False  # pre-switchover was handled (QEMU may still say it once more)
 
 
 def _check_ended(job: SourceJob, info: dict[str, Any], w: _Watch) -> None:
@@ -353,6 +354,7 @@ async def _switch_over(
 ) -> None:
     """QEMU paused the guest before the switch-over (pause-before-switchover): end the
     disk mirrors, then let the migration complete; a copy that failed cancels it."""
+    w.continued = True
     try:
         if mirrors is not None:
             await mirrors.complete()
@@ -402,7 +404,7 @@ async def _watch(
             await _completed(ctx, job, info)
             return
         _check_ended(job, info, w)
-        if info.get("status") == "pre-switchover" and not w.cancelling:
+        if info.get("status") == "pre-switchover" and not (w.cancelling or w.continued):
             await _switch_over(ctx, job, mirrors, w)
         elif mirrors is not None and mirrors.active:
             await mirrors.query()  # the disks' figures, for domjobinfo

@@ -251,7 +251,11 @@ class NbdTunnel:
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(listener)
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # closed under it: the copy is over
+                log.debug("nbd_tunnel_accept_ended", migration_id=self._mid, error=str(exc))
+                return
             conn.setblocking(False)
             carrier = SourceTunnel(
                 self._open_stream, self._peer, self._mid, self._deadline_s, tunnelwire.CHANNEL_NBD
@@ -268,6 +272,8 @@ class NbdTunnel:
         """Stop listening and end every stream (the mirrors are over, or failed)."""
         if self._accepting is not None:
             self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
         if self._listener is not None:
             self._listener.close()
         with contextlib.suppress(OSError):
