@@ -459,3 +459,39 @@ def test_destination_crash_right_after_creating_the_disk_is_recovered(lab: Lab) 
     settled(a, b)
     assert state(b, name) == "absent"
     assert_source_runs_alone(lab, name, u)
+
+
+def guest_write(host: Host, u: str, byte: int, offset: int, length: int) -> None:
+    """Write to the guest's disk as its device would (HMP qemu-io on the virtio disk)."""
+    with qmp_for(host.state_dir, u) as q:
+        out = q.cmd("human-monitor-command",
+                    **{"command-line": f'qemu-io -d virtio-disk0/virtio-backend "write -P {byte:#x} {offset} {length}"'})  # fmt: skip
+    assert "rror" not in out, out  # (QEMU prints qemu-io's own report on its stdout)
+
+
+def test_writes_during_the_copy_reach_the_destination(lab: Lab) -> None:
+    a, b, name = lab.a, lab.b, "writes"
+    image = lab.images / f"{name}.img"
+    make_image(lab, a, image, "raw", 8 * MIB, (0x61, 0, 8 * MIB))
+    u = start_guest(a, name, disk_xml(image))
+    migration = start_migration(a, *LIVE[2:], "--p2p", "--copy-storage-all", "--bandwidth", "2",
+                                name, b.dst)  # fmt: skip
+    try:
+        wait_until(lambda: copying(a, name), 60, "the disk copy to start")
+        guest_write(a, u, 0x99, 0, MIB)  # where the copy has been already
+        guest_write(a, u, 0x9A, 7 * MIB, MIB)  # where it has not been yet
+        _, err = migration.communicate(timeout=120)
+    finally:
+        if migration.poll() is None:
+            migration.kill()
+    assert migration.returncode == 0, err
+    b.migctl("destroy", name)
+    got = lab.disks(b) / image.name
+    with got.open("rb") as f:
+        assert f.read(MIB) == b"\x99" * MIB and f.read(MIB) == b"\x61" * MIB
+        f.seek(7 * MIB)
+        assert f.read(MIB) == b"\x9a" * MIB
+    assert same_content(lab.disks(a) / image.name, got, "raw", "raw")
+    b.migctl("undefine", name)
+    a.migctl("undefine", name)
+    settled(a, b)
