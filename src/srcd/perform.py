@@ -164,9 +164,10 @@ async def _migrate(
     await mon.execute("migrate-set-capabilities", {"capabilities": caps})
     await mon.execute("migrate-set-parameters", params)
     await ctx.failpoints.hit("srcd.perform.before_migrate")
+    w = _Watch(started=time.monotonic())  # --timeout counts the disks' copy too
     if mirrors is not None:
         await mirrors.start(mon)
-        await _wait_mirrors(job, mirrors)
+        await _wait_mirrors(ctx, job, mirrors, w)
     await mon.execute("migrate", {"uri": uri})
     log.info(
         "perform_started",
@@ -175,14 +176,15 @@ async def _migrate(
         bandwidth=params["max-bandwidth"],
         copied=len(job.copies) or None,
     )
-    await _watch(ctx, job, events, mirrors)
+    await _watch(ctx, job, events, mirrors, w)
     await ctx.failpoints.hit("srcd.perform.after_migrate")
 
 
-async def _wait_mirrors(job: SourceJob, mirrors: Mirrors) -> None:
+async def _wait_mirrors(ctx: SourceContext, job: SourceJob, mirrors: Mirrors, w: _Watch) -> None:
     """Until every copied disk is in step with its source (libvirt waits for each job's
     ready state before it migrates the memory). A failed copy, an abort, a lost
-    destination or the deadline fails the migration before any memory moves."""
+    destination, --timeout or the deadline fail the migration before any memory moves
+    (--timeout-suspend pauses the guest instead, and the copy goes on)."""
     while True:
         found = await mirrors.query()
         if found.state is MirrorState.READY:
@@ -192,17 +194,10 @@ async def _wait_mirrors(job: SourceJob, mirrors: Mirrors) -> None:
             error = found.failure()
             job.outcome, job.error = JobOutcome.FAILED, str(error)
             raise error
-        action = decide(
-            elapsed=0.0,
-            timeout_s=0,
-            timeout_suspend=False,
-            suspended=False,
-            abort_requested=job.abort_requested,
-            cancelling=False,
-            peer_lost=job.peer_lost,
-            deadline_passed=job.deadline.expired(),
-        )
-        if action is not Action.WAIT:
+        action = _decision(job, w, storage_failed=False)
+        if action is Action.SUSPEND:
+            await _suspend(ctx, job, w)
+        elif action is not Action.WAIT:
             job.outcome = JobOutcome.CANCELLED
             raise _cancelled_error(job, action)
         await mirrors.sleep()
@@ -365,10 +360,9 @@ async def _switch_over(
     await ctx.hypervisor.execute(job.domain.uuid, "migrate-continue", {"state": "pre-switchover"})
 
 
-async def _act(ctx: SourceContext, job: SourceJob, w: _Watch, mirrors: Mirrors | None) -> None:
-    """One decision of the policy (decide()) for the running migration, carried out."""
-    broken = mirrors.broken if mirrors is not None else None
-    action = decide(
+def _decision(job: SourceJob, w: _Watch, *, storage_failed: bool) -> Action:
+    """decide() on the job's situation now."""
+    return decide(
         elapsed=time.monotonic() - w.started,
         timeout_s=job.params.timeout_s,
         timeout_suspend=job.params.timeout_suspend,
@@ -377,12 +371,22 @@ async def _act(ctx: SourceContext, job: SourceJob, w: _Watch, mirrors: Mirrors |
         cancelling=w.cancelling,
         peer_lost=job.peer_lost,
         deadline_passed=job.deadline.expired(),
-        storage_failed=broken is not None,
+        storage_failed=storage_failed,
     )
+
+
+async def _suspend(ctx: SourceContext, job: SourceJob, w: _Watch) -> None:
+    log.info("timeout_suspend", migration_id=job.migration_id)
+    await ctx.hypervisor.execute(job.domain.uuid, "stop")
+    w.suspended = True
+
+
+async def _act(ctx: SourceContext, job: SourceJob, w: _Watch, mirrors: Mirrors | None) -> None:
+    """One decision of the policy (decide()) for the running migration, carried out."""
+    broken = mirrors.broken if mirrors is not None else None
+    action = _decision(job, w, storage_failed=broken is not None)
     if action is Action.SUSPEND:
-        log.info("timeout_suspend", migration_id=job.migration_id)
-        await ctx.hypervisor.execute(job.domain.uuid, "stop")
-        w.suspended = True
+        await _suspend(ctx, job, w)
     elif action is not Action.WAIT:
         if broken is not None and action is Action.CANCEL_STORAGE:
             w.storage_error = broken.failure()
@@ -394,8 +398,9 @@ async def _watch(
     job: SourceJob,
     events: asyncio.Queue[dict[str, Any]],
     mirrors: Mirrors | None = None,
+    w: _Watch | None = None,
 ) -> None:
-    w = _Watch(started=time.monotonic())
+    w = w or _Watch(started=time.monotonic())
     while True:
         info = await ctx.hypervisor.execute(job.domain.uuid, "query-migrate")
         if info:

@@ -495,3 +495,16 @@ def test_writes_during_the_copy_reach_the_destination(lab: Lab) -> None:
     b.migctl("undefine", name)
     a.migctl("undefine", name)
     settled(a, b)
+
+
+def test_timeout_counts_the_copy(lab: Lab) -> None:
+    name = "timedout"
+    with slow_copy(lab, name, "--timeout", "2") as (u, created, migration):
+        _, err = migration.communicate(timeout=60)
+    assert migration.returncode == 1
+    assert err.splitlines()[-1] == (
+        "error: operation aborted: migration did not complete within 2 s"
+    ), err
+    wait_until(lambda: not created.exists(), 30, "the created disk's removal")
+    settled(lab.a, lab.b)
+    assert_source_runs_alone(lab, name, u)
