@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ class DaemonConfig:
     # (``networks = { default = "virbr0" }``), and where autoport VNC displays are picked.
     networks: dict[str, str] = dataclasses.field(default_factory=dict)
     vnc_ports: tuple[int, int] = (5900, 65535)
+    # Storage copy (dstd, --copy-storage-all/-inc): the directories where incoming disks
+    # may be created and written (absolute paths). A copied disk elsewhere is refused at
+    # Prepare; none (the default): every storage copy into this host is refused.
+    storage_dirs: tuple[str, ...] = ()
     # Host limits: migrations this host runs at once as destination (dstd) and as source
     # (srcd). A busy destination answers RESOURCE_EXHAUSTED (the source retries with backoff
     # until its deadline); a busy source queues a migration until a slot frees or its
@@ -162,6 +167,17 @@ def _networks(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _storage_dirs(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument("storage_dirs must be a list of directories")
+    for path in value:
+        if not path.startswith("/"):
+            raise InvalidArgument(f"storage_dirs: '{path}' is not an absolute path")
+    return tuple(os.path.normpath(p) for p in value)
+
+
 # Settings whose value is converted by one function, by name.
 _CONVERTERS: dict[str, Any] = {
     "state_dir": Path,
@@ -170,6 +186,7 @@ _CONVERTERS: dict[str, Any] = {
     "history_limit": _history_limit,
     "metrics_listen": _metrics_listen,
     "networks": _networks,
+    "storage_dirs": _storage_dirs,
 }
 
 

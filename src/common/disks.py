@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from lxml import etree
 from vmmigrate.common.domainxml import DomainDef
 from vmmigrate.common.errors import (
-    ArgumentUnsupported,
     ConfigUnsupported,
     InvalidArgument,
     MigrateUnsafe,
@@ -42,9 +41,6 @@ UNSAFE_CACHE = (
     "Migration may lead to data corruption if disks use cache other than none or directsync"
 )
 SIMVM_STORAGE_COPY = "storage copy needs QEMU"
-QEMU_STORAGE_COPY = (
-    "storage copy (--copy-storage-all, --copy-storage-inc) is not supported yet for QEMU domains"
-)
 MIGRATE_DISKS_NEEDS_COPY = (
     "use of 'VIR_MIGRATE_PARAM_MIGRATE_DISKS' requires use of "
     "'VIR_MIGRATE_NON_SHARED_DISK' or 'VIR_MIGRATE_NON_SHARED_INC' flag"
@@ -64,6 +60,9 @@ class Disk:
     cache: str  # <driver cache=...>; "" for the hypervisor's default
     readonly: bool
     shareable: bool
+    # the first layer of <backingStore> (libvirt's backing chain), "" when the XML has none
+    backing: str = ""
+    backing_format: str = ""
 
     @property
     def empty(self) -> bool:
@@ -81,10 +80,22 @@ def _source(el: etree._Element, kind: str) -> str:
     return next((src.get(a, "") for a in ("file", "dev", "volume", "name") if src.get(a)), "")
 
 
+def _backing(el: etree._Element) -> tuple[str, str]:
+    """(path, format) of a disk's first backing layer; ("", "") without one."""
+    store = el.find("backingStore")
+    if store is None:
+        return "", ""
+    fmt = store.find("format")
+    return _source(store, store.get("type") or "file"), (
+        (fmt.get("type") or "") if fmt is not None else ""
+    )
+
+
 def _disk(el: etree._Element) -> Disk:
     kind = el.get("type") or "file"
     target = el.find("target")
     driver = el.find("driver")
+    backing, backing_format = _backing(el)
     return Disk(
         type=kind,
         device=el.get("device") or "disk",
@@ -95,6 +106,8 @@ def _disk(el: etree._Element) -> Disk:
         cache=(driver.get("cache") or "") if driver is not None else "",
         readonly=el.find("readonly") is not None,
         shareable=el.find("shareable") is not None,
+        backing=backing,
+        backing_format=backing_format,
     )
 
 
@@ -113,6 +126,12 @@ def copied_by_migration(disk: Disk, migrate_disks: Sequence[str]) -> bool:
     if migrate_disks:
         return disk.target in migrate_disks
     return not disk.shareable and not disk.readonly and not disk.empty
+
+
+def copied_disks(disks: Sequence[Disk], migrate_disks: Sequence[str] = ()) -> list[Disk]:
+    """The disks a storage copy copies, in document order (a disk without media has
+    nothing to copy, even when --migrate-disks names it)."""
+    return [d for d in disks if copied_by_migration(d, migrate_disks) and not d.empty]
 
 
 def check_migration_safe(
@@ -147,13 +166,13 @@ def check_migrate_disks(
 
 
 def check_storage_copy(flags: MigrateFlag, emulator: str) -> None:
-    """Storage copy (--copy-storage-all/-inc) is refused before anything starts: simvm
-    cannot mirror a disk, and QEMU's mirror over NBD is not built yet."""
+    """Storage copy (--copy-storage-all/-inc) of a simvm domain is refused before anything
+    starts: simvm cannot mirror a disk. QEMU copies them over NBD (docs/ARCHITECTURE.md
+    section 14)."""
     if not flags & STORAGE_COPY or MigrateFlag.OFFLINE in flags:
         return  # offline: the flag checks refuse it with libvirt's own text
     if emulator == "simvm":
         raise ConfigUnsupported(SIMVM_STORAGE_COPY)
-    raise ArgumentUnsupported(QEMU_STORAGE_COPY)
 
 
 def check_live_disks(

@@ -43,6 +43,8 @@ SRCD_FAILPOINTS = (
 DSTD_FAILPOINTS = (
     "dstd.prepare.before_reserve",
     "dstd.prepare.after_reserve",
+    "dstd.prepare.before_create",
+    "dstd.prepare.after_create",
     "dstd.prepare.after_start",
     "dstd.finish.before",
     "dstd.finish.before_persist",

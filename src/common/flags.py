@@ -42,8 +42,8 @@ for _f in MigrateFlag:
     ALL_FLAGS |= _f
 
 # Flags libvirt knows but this build cannot honour yet: refused with a clear error rather
-# than silently ignored. Storage copy (NON_SHARED_DISK/INC) is refused by the disk checks
-# (common/disks.py), which know the domain's emulator and word the refusal for it.
+# than silently ignored. Storage copy (NON_SHARED_DISK/INC) is implemented for QEMU and
+# refused for simvm by the disk checks (common/disks.py), which know the emulator.
 UNIMPLEMENTED = (
     MigrateFlag.NON_SHARED_SYNCHRONOUS_WRITES
     | MigrateFlag.COMPRESSED

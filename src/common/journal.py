@@ -57,6 +57,9 @@ class JobRecord:
     pid: int = 0  # process that wrote it (stamped by the store)
     was_running: bool = False  # source, live: was the domain running at Begin
     source_name: str = ""  # destination: the domain's name on the source
+    # destination, storage copy: the disks this migration creates, written before the first
+    # of them exists (recovery removes them unless the migration finished here)
+    created_disks: tuple[str, ...] = ()
 
     def with_phase(self, phase: str) -> JobRecord:
         return dataclasses.replace(self, phase=phase, updated_unix=time.time())
@@ -69,6 +72,7 @@ _RECORD_TYPES: dict[str, type] = {
     "float": float,
     "bool": bool,
     "Role": str,
+    "tuple[str, ...]": tuple,
 }
 
 
@@ -99,6 +103,10 @@ def record_from_bytes(data: bytes) -> JobRecord:
         want = _RECORD_TYPES[str(f.type)]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if want is tuple:  # a JSON list of strings
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"field {f.name!r} is not a list of strings")
+            value = tuple(value)
         if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
             raise ValueError(f"field {f.name!r} is not a {want.__name__}")
         values[f.name] = value

@@ -1044,6 +1044,42 @@ def _disk_args(ctx: _Ctx) -> list[str]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class DiskNodes:
+    """How the running QEMU names one disk: its device id (libvirt's alias) and its block
+    nodes. Storage copy addresses them: the destination exports the format node under
+    libvirt's export name, the source mirrors its format node into that export."""
+
+    target: str  # <target dev=...>
+    alias: str  # the device id: virtio-disk0, sata0-0-1 ...
+    format_node: str  # libvirt-N-format
+    storage_node: str  # libvirt-N-storage
+
+    @property
+    def export(self) -> str:
+        """libvirt's NBD export (and mirror job) name: "drive-" + the alias."""
+        return f"drive-{self.alias}"
+
+
+def disk_nodes(domain: DomainDef | etree._Element) -> dict[str, DiskNodes]:
+    """The disks with media, by target, named as :func:`build_argv` names them (the same
+    walk: nodes are numbered in document order, over disks with a source only)."""
+    root = place_devices(domain)
+    ctx = _Ctx(root, HostFacts(), _machine(root))
+    out: dict[str, DiskNodes] = {}
+    for disk in root.iterfind("devices/disk"):
+        path = _disk_source(disk)
+        if path:
+            ctx.disk_nodes += 1
+        _, props = _disk_frontend(ctx, disk)
+        dev = disk.find("target")
+        if path and dev is not None:
+            n, target = ctx.disk_nodes, dev.get("dev", "")
+            alias = str(props["id"])
+            out[target] = DiskNodes(target, alias, f"libvirt-{n}-format", f"libvirt-{n}-storage")
+    return out
+
+
 # ------------------------------------------------------------------------ network
 
 

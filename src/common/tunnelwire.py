@@ -32,6 +32,10 @@ SERVICE = _CARRY.containing_service.full_name  # vmmigrate.v1.TunnelBytes
 METHOD_NAME = _CARRY.name
 METHOD = f"/{SERVICE}/{METHOD_NAME}"
 MIGRATION_ID_KEY = "vmmigrate-migration-id"
+# What one stream carries: the memory (no key, as before), or one disk's NBD connection of a
+# tunnelled storage copy (docs/ARCHITECTURE.md section 14).
+CHANNEL_KEY = "vmmigrate-channel"
+CHANNEL_NBD = "nbd"
 EOF = b""
 
 # Credit (flow control): every message from dstd is a frame. A data frame is FRAME_DATA +

@@ -25,6 +25,7 @@ from vmmigrate.common.phase import Phase, advance
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore, JobRecord
 from vmmigrate.dstd.ports import PortAllocator
+from vmmigrate.dstd.storage import remove_disks
 
 log = structlog.get_logger("vmmigrate.dstd.incoming")
 
@@ -46,6 +47,11 @@ class IncomingJob:
     port: int = 0
     path: str = ""  # a tunnelled migration's incoming unix socket (no port is used)
     emulator_started: bool = False
+    # storage copy (dstd/storage.py): the NBD server's port, or its unix socket when
+    # tunnelled, and the disks this job created (removed unless the domain ends up here)
+    nbd_port: int = 0
+    nbd_path: str = ""
+    created_disks: tuple[str, ...] = ()
     # set when Prepare is over (it succeeded or failed): Finish waits for it
     prepared: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     # set once Finish persisted the definition: takes it back if Finish fails afterwards
@@ -111,18 +117,24 @@ class IncomingTable:
         return self._jobs.get(migration_id)
 
     async def drop(self, job: IncomingJob, *, keep_running: bool = False) -> None:
-        """Forget the job: kill its incoming emulator (unless it now runs the domain), free
-        its port, give back its reservation."""
+        """Forget the job: kill its incoming emulator (unless it now runs the domain) and
+        then remove the disks it created, free its ports, give back its reservation."""
         if self._jobs.pop(job.migration_id, None) is job and self.on_drop is not None:
             self.on_drop(job)
         if job.emulator_started and not keep_running:
             await self._hv.kill(job.target.uuid)
-        if job.port:
-            self._ports.release(job.port)
-            job.port = 0
-        if job.path:
-            with contextlib.suppress(OSError):
-                os.unlink(job.path)
+        if job.created_disks and not keep_running:
+            # after the kill: nothing writes them any more
+            await asyncio.to_thread(remove_disks, job.created_disks)
+            job.created_disks = ()
+        for port in (job.port, job.nbd_port):
+            if port:
+                self._ports.release(port)
+        job.port = job.nbd_port = 0
+        for path in (job.path, job.nbd_path):
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         self._store.release_incoming(job.migration_id)  # a plain unlink: no thread hand-off
 
     async def expire(self, idle_timeout: float) -> int:

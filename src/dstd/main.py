@@ -19,6 +19,13 @@ def _options(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--migration-ports", dest="migration_ports", help="port range MIN-MAX for them")
     ap.add_argument(
+        "--storage-dir",
+        dest="storage_dirs",
+        action="append",
+        help="a directory storage copy may create and write incoming disks in (repeatable; "
+        "default: none, storage copy refused)",
+    )
+    ap.add_argument(
         "--max-incoming",
         dest="max_incoming",
         type=int,

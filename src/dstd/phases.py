@@ -20,10 +20,16 @@ from vmmigrate.common.cookie import (
     ACCEPT_FINISH,
     ACCEPT_PREPARE,
     MigrationCookie,
+    Nbd,
     format_cookie,
     parse_cookie,
 )
-from vmmigrate.common.disks import check_migration_safe, check_storage_copy, domain_disks
+from vmmigrate.common.disks import (
+    STORAGE_COPY,
+    check_migration_safe,
+    check_storage_copy,
+    domain_disks,
+)
 from vmmigrate.common.domainxml import DomainDef, check_abi_stable, parse_domain, rename
 from vmmigrate.common.errors import (
     HostBusy,
@@ -47,6 +53,7 @@ from vmmigrate.common.store import (
     Role,
     validate_migration_id,
 )
+from vmmigrate.dstd import storage
 from vmmigrate.dstd.context import DestinationContext
 from vmmigrate.dstd.incoming import IncomingJob
 
@@ -69,11 +76,17 @@ class PrepareInput:
     peer: str
 
 
-def _reply_cookie(ctx: DestinationContext, origname: str, uuid: str) -> bytes:
+def _reply_cookie(
+    ctx: DestinationContext, origname: str, uuid: str, nbd: Nbd | None = None
+) -> bytes:
     identity = ctx.store.identity
     return format_cookie(
         MigrationCookie(
-            name=origname, uuid=uuid, hostname=identity.hostname, hostuuid=identity.host_uuid
+            name=origname,
+            uuid=uuid,
+            hostname=identity.hostname,
+            hostuuid=identity.host_uuid,
+            nbd=nbd,
         )
     )
 
@@ -181,8 +194,10 @@ async def prepare_once(
     return await answers.run_once(req.migration_id, first, fingerprint=fingerprint)
 
 
-def _check_cookie(ctx: DestinationContext, req: PrepareInput, received: DomainDef) -> None:
-    parse_cookie(
+def _check_cookie(
+    ctx: DestinationContext, req: PrepareInput, received: DomainDef
+) -> MigrationCookie:
+    return parse_cookie(
         req.cookie,
         accept=ACCEPT_PREPARE,
         local_hostuuid=ctx.store.identity.host_uuid,
@@ -280,45 +295,58 @@ async def _start_incoming(ctx: DestinationContext, job: IncomingJob, running: Do
             ctx.ports.release(port)
 
 
+async def _start_live(ctx: DestinationContext, job: IncomingJob, running: DomainDef) -> str:
+    """Start the incoming emulator, paused; returns its incoming URI."""
+    if job.tunnelled:
+        # The stream arrives through dstd itself: the emulator listens on a unix socket
+        # in this host's private socket directory, unreachable from the network, and
+        # whose small kernel buffer keeps little of the stream waiting in front of it
+        # when the source switches over (the guest is paused until it is all in).
+        job.path = str(ctx.hypervisor.socket_dir / f"{running.uuid}.incoming")
+        incoming = f"unix:{job.path}"
+        await ctx.hypervisor.start(running, paused=True, incoming=incoming)
+    else:
+        job.host = migration_host(ctx)
+        incoming = await _start_incoming(ctx, job, running)
+    job.emulator_started = True
+    with contextlib.suppress(QMPError):  # else Finish turns them on, or polls
+        await ctx.hypervisor.migration_events(running.uuid)
+    return incoming
+
+
 async def prepare_live(ctx: DestinationContext, req: PrepareInput) -> pb.PrepareResponse:
     received, persist = _definitions(ctx, req)
-    # the disks of the XML this host will run (DEST_XML may differ from the source's), and
-    # storage copy refused for its emulator, before anything is reserved or started
-    check_migration_safe(domain_disks(received), req.flags)
-    check_storage_copy(req.flags, emulator_kind(received, ctx.hypervisor.settings.default))
-    await asyncio.to_thread(check_runnable, received, ctx.hypervisor.settings, copied={})
     target = _renamed(persist, req.dest_name)
     running = _renamed(received, req.dest_name)
-    _check_cookie(ctx, req, received)
-    tunnelled = MigrateFlag.TUNNELLED in req.flags
+    cookie = _check_cookie(ctx, req, received)
+    # storage copy: the disks the source copies (target -> capacity), as its cookie says
+    copied = storage.copied_capacities(cookie.nbd, req.flags)
+    # the disks of the XML this host will run (DEST_XML may differ from the source's), and
+    # storage copy refused for its emulator, before anything is reserved or started
+    safety_flags = req.flags if copied else req.flags & ~STORAGE_COPY
+    check_migration_safe(domain_disks(received), safety_flags, tuple(copied))
+    check_storage_copy(req.flags, emulator_kind(received, ctx.hypervisor.settings.default))
+    disks = storage.plan_disks(running, cookie.nbd, req.flags, ctx.config.storage_dirs)
+    await asyncio.to_thread(check_runnable, running, ctx.hypervisor.settings, copied=copied)
     async with _reserved(ctx, req, received, target) as job:
         if ctx.hypervisor.record(target.uuid) is not None:
             raise OperationInvalid(f"domain '{target.name}' is already active")
-        if tunnelled:
-            # The stream arrives through dstd itself: the emulator listens on a unix socket
-            # in this host's private socket directory, unreachable from the network, and
-            # whose small kernel buffer keeps little of the stream waiting in front of it
-            # when the source switches over (the guest is paused until it is all in).
-            job.path = str(ctx.hypervisor.socket_dir / f"{target.uuid}.incoming")
-            incoming = f"unix:{job.path}"
-            await ctx.hypervisor.start(running, paused=True, incoming=incoming)
-        else:
-            job.host = migration_host(ctx)
-            incoming = await _start_incoming(ctx, job, running)
-        job.emulator_started = True
-        with contextlib.suppress(QMPError):  # else Finish turns them on, or polls
-            await ctx.hypervisor.migration_events(target.uuid)
+        await storage.create_disks(ctx, job, disks)
+        await ctx.failpoints.hit("dstd.prepare.after_create")
+        incoming = await _start_live(ctx, job, running)
+        nbd = await storage.start_nbd(ctx, job, disks)
         await ctx.failpoints.hit("dstd.prepare.after_start")
     log.info(
         "incoming_prepared",
         migration_id=req.migration_id,
         domain=target.name,
         uri=incoming,
-        tunnelled=tunnelled,
+        tunnelled=job.tunnelled,
+        copied=list(copied) or None,
     )
     return pb.PrepareResponse(
-        cookie=_reply_cookie(ctx, received.name, received.uuid),
-        uri="" if tunnelled else incoming,
+        cookie=_reply_cookie(ctx, received.name, received.uuid, nbd),
+        uri="" if job.tunnelled else incoming,
     )
 
 
@@ -571,6 +599,7 @@ async def finish_live(
                 await journal
             raise
         await journal
+        await storage.stop_nbd(ctx, job)  # nothing writes the disks once the guest runs
         emit = ctx.obs.events.emit
         emit(job.target.name, job.target.uuid, events.STARTED_MIGRATED)
         if MigrateFlag.PERSIST_DEST in job.flags:

@@ -16,6 +16,9 @@ the store:
 | live FINISH3, stream incomplete or emulator   | emulator killed                      | cancelled |
 | gone (libvirt: kill unless running)           |                                      |           |
 
+Storage copy: the disks a migration created here (``created_disks`` of its record) are
+removed when its outcome is not "finished", kept when it is.
+
 libvirt keeps a FINISH3 domain only if it already runs, and never recovers offline
 migrations; completing a FINISH3 whose stream is whole is the same decision made one step
 later, and safe: the source never resumes while Finish's outcome is unknown to it.
@@ -24,15 +27,17 @@ later, and safe: the source never resumes while Finish's outcome is unknown to i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import structlog
+from vmmigrate.common.disks import STORAGE_COPY
 from vmmigrate.common.domainxml import parse_domain
 from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.hypervisor import QMPHypervisor, RunState
 from vmmigrate.common.phase import Phase
-from vmmigrate.common.qmp import QMPError
+from vmmigrate.common.qmp import QMPError, QMPExecuteError
 from vmmigrate.common.store import (
     OUTCOME_CANCELLED,
     OUTCOME_FINISHED,
@@ -41,6 +46,7 @@ from vmmigrate.common.store import (
     MigrationOutcome,
     Outcome,
 )
+from vmmigrate.dstd.storage import remove_disks
 
 log = structlog.get_logger("vmmigrate.dstd.recovery")
 
@@ -78,6 +84,11 @@ async def _settle_live(store: HostStore, hv: QMPHypervisor, rec: JobRecord) -> t
         if MigrateFlag.PERSIST_DEST in flags:
             target = parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
             await asyncio.to_thread(store.persist_incoming, rec.migration_id, target)
+        if flags & STORAGE_COPY:
+            # as Finish: no NBD client may write the disks behind the guest (a server
+            # already stopped answers an error)
+            with contextlib.suppress(QMPExecuteError):
+                await hv.execute(uuid, "nbd-server-stop")
         if MigrateFlag.PAUSED not in flags and status == "paused":
             await hv.execute(uuid, "cont")
         return OUTCOME_FINISHED, True
@@ -114,6 +125,9 @@ async def recover_incoming_jobs(
                 _outcome(rec, what, active),
                 durable=what == OUTCOME_FINISHED,
             )
+        if rec.created_disks and what != OUTCOME_FINISHED:
+            # storage copy: the disks it created go with it (its emulator is gone)
+            await asyncio.to_thread(remove_disks, rec.created_disks)
         await asyncio.to_thread(store.release_incoming, rec.migration_id)
         if counted is not None:
             counted(what)

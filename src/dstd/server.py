@@ -120,8 +120,11 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
         with structlog.contextvars.bound_contextvars(rpc="TunnelBytes", role="destination"):
             metadata = dict(context.invocation_metadata() or ())
             migration_id = str(metadata.get(tunnelwire.MIGRATION_ID_KEY, ""))
+            channel = str(metadata.get(tunnelwire.CHANNEL_KEY, ""))
             try:
-                async for data in carry_tunnel_bytes(self.ctx, migration_id, request_iterator):
+                async for data in carry_tunnel_bytes(
+                    self.ctx, migration_id, request_iterator, channel
+                ):
                     yield data
             except VmmigrateError as exc:
                 await abort_with(context, exc, log)

@@ -14,26 +14,33 @@ from typing import Any
 
 import structlog
 from vmmigrate.common import tunnelwire
-from vmmigrate.common.errors import OperationFailed, OperationInvalid
+from vmmigrate.common.errors import InvalidArgument, OperationFailed, OperationInvalid
 from vmmigrate.dstd.context import DestinationContext
-from vmmigrate.dstd.incoming import IncomingJob
 
 log = structlog.get_logger("vmmigrate.dstd.tunnel")
 
 
-def _tunnelled_job(ctx: DestinationContext, migration_id: str) -> IncomingJob:
+def tunnel_target(ctx: DestinationContext, migration_id: str, channel: str) -> str:
+    """The unix socket a stream of ``channel`` goes to: the incoming emulator's migration
+    socket (the memory, no channel), or its NBD server (one disk of a storage copy)."""
+    if channel not in ("", tunnelwire.CHANNEL_NBD):
+        raise InvalidArgument(f"unknown tunnel channel '{channel}'")
     job = ctx.incoming.find(migration_id)
     if job is None or not job.tunnelled or not job.path:
         raise OperationInvalid(f"no tunnelled incoming migration with id '{migration_id}'")
     structlog.contextvars.bind_contextvars(migration_id=job.migration_id)
-    return job
+    if channel == tunnelwire.CHANNEL_NBD:
+        if not job.nbd_path:
+            raise OperationInvalid(f"incoming migration '{migration_id}' copies no storage")
+        return job.nbd_path
+    return job.path
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, job: IncomingJob) -> socket.socket:
+async def _connect(loop: asyncio.AbstractEventLoop, path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         tunnelwire.bounded(sock, socket.SO_SNDBUF).setblocking(False)
-        await loop.sock_connect(sock, job.path)
+        await loop.sock_connect(sock, path)
     except OSError as exc:
         sock.close()
         raise OperationFailed(f"cannot reach the incoming emulator: {exc}") from exc
@@ -126,13 +133,14 @@ async def _pump(
 
 
 async def carry_tunnel_bytes(
-    ctx: DestinationContext, migration_id: str, chunks: AsyncIterator[bytes]
+    ctx: DestinationContext, migration_id: str, chunks: AsyncIterator[bytes], channel: str = ""
 ) -> AsyncIterator[bytes]:
-    """TunnelBytes.Carry: ``chunks`` are the stream's bytes, the id came in the call's
-    metadata; what goes back is framed (data and credit)."""
-    job = _tunnelled_job(ctx, migration_id)
+    """TunnelBytes.Carry: ``chunks`` are the stream's bytes, the id (and the channel, for
+    a disk's NBD connection) came in the call's metadata; what goes back is framed (data
+    and credit)."""
+    path = tunnel_target(ctx, migration_id, channel)
     loop = asyncio.get_running_loop()
-    sock = await _connect(loop, job)
+    sock = await _connect(loop, path)
     async with contextlib.aclosing(_pump(loop, sock, chunks)) as pump:
         async for msg in pump:
             yield msg

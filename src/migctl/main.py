@@ -647,6 +647,14 @@ def print_jobinfo(info: pb.JobInfo) -> None:
             ("Data processed", f"{info.data_processed / mib:.3f} MiB"),
             ("Data remaining", f"{info.data_remaining / mib:.3f} MiB"),
             ("Data total", f"{info.data_total / mib:.3f} MiB"),
+        ]
+        if info.memory_total:
+            rows += [
+                ("Memory processed", f"{info.memory_processed / mib:.3f} MiB"),
+                ("Memory remaining", f"{info.memory_remaining / mib:.3f} MiB"),
+                ("Memory total", f"{info.memory_total / mib:.3f} MiB"),
+            ]
+        rows += [
             ("Memory bandwidth", f"{info.memory_bps / mib:.3f} MiB/s"),
             ("Dirty rate", f"{info.dirty_rate:<12} pages/s"),
             ("Page size", f"{info.page_size:<12} bytes"),
@@ -656,6 +664,12 @@ def print_jobinfo(info: pb.JobInfo) -> None:
             rows.append(("Auto converge throttle", f"{info.auto_converge_throttle:<12} %"))
         if info.type == "Completed":
             rows.append(("Total downtime", f"{info.downtime_ms:<12} ms"))
+        if info.disk_total:  # storage copy: the disks' part of the Data lines
+            rows += [
+                ("File processed", f"{info.disk_processed / mib:.3f} MiB"),
+                ("File remaining", f"{info.disk_remaining / mib:.3f} MiB"),
+                ("File total", f"{info.disk_total / mib:.3f} MiB"),
+            ]
         if info.error:
             rows.append(("Error message", info.error))
     for k, v in rows:

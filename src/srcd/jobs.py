@@ -22,6 +22,7 @@ from vmmigrate.common.flags import MigrateFlag, flag_names
 from vmmigrate.common.phase import Phase, advance
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import JobLock, JobRecord
+from vmmigrate.srcd.storage import CopiedDisk
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -116,9 +117,20 @@ class SourceJob:
     # (phase label, monotonic time) of each phase entered: the phase durations metric
     entered: list[tuple[str, float]] = dataclasses.field(default_factory=list)
     started_unix: float = dataclasses.field(default_factory=time.time)
+    # storage copy: the disks mirrored to the destination (Begin decides), and the
+    # mirrors' latest figures (bytes: total, transferred, remaining; srcd/mirror.py)
+    copies: tuple[CopiedDisk, ...] = ()
+    mirror: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.entered.append((self.phase.label, self.started))
+
+    def all_stats(self) -> dict[str, Any]:
+        """query-migrate's statistics, with the mirrors' under "mirror" (domjobinfo's File
+        lines and its Data totals)."""
+        if not self.mirror:
+            return dict(self.stats)
+        return {**self.stats, "mirror": dict(self.mirror)}
 
     @property
     def offline(self) -> bool:
@@ -143,7 +155,7 @@ class SourceJob:
             outcome=self.outcome,
             error=self.error,
             elapsed_ms=int((time.monotonic() - self.started) * 1000),
-            stats=dict(self.stats),
+            stats=self.all_stats(),
         )
 
 

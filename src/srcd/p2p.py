@@ -29,8 +29,9 @@ from vmmigrate.common.v3client import DEST, RemoteDestination, finish_request
 from vmmigrate.srcd import phases
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import SourceJob, SourceParams
+from vmmigrate.srcd.mirror import check_tunnelled_nbd, nbd_server
 from vmmigrate.srcd.perform import perform_live
-from vmmigrate.srcd.tunnel import SourceTunnel
+from vmmigrate.srcd.tunnel import NbdTunnel, SourceTunnel
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -194,28 +195,60 @@ class LocalSource:
         """Perform (local): the hypervisor stream, direct to the URI Prepare returned, or
         through the daemons' own connection when tunnelled."""
         job, dest = self.job, self.dest
-        if MigrateFlag.TUNNELLED not in self.flags:
-            if not prepared.uri:
-                raise OperationFailed("domainMigratePrepare3 did not set uri")
-            return await perform_live(self.ctx, job, uri=prepared.uri, probe=dest.probe)
-        tunnel = SourceTunnel(
+        if MigrateFlag.TUNNELLED in self.flags:
+            return await self._perform_tunnelled(prepared)
+        if not prepared.uri:
+            raise OperationFailed("domainMigratePrepare3 did not set uri")
+        # storage copy: the destination's NBD server, from Prepare's cookie
+        nbd = nbd_server(self.ctx, job, prepared.cookie, prepared.uri) if job.copies else None
+        return await perform_live(self.ctx, job, uri=prepared.uri, probe=dest.probe, nbd=nbd)
+
+    def _tunnel(self) -> SourceTunnel:
+        dest = self.dest
+        return SourceTunnel(
             self.ctx.peers.tunnel_bytes(dest.address),
             dest.address,
             dest.migration_id,
             max(dest.deadline.remaining(), 1.0),
         )
+
+    def _nbd_tunnel(self, prepared: Prepared) -> NbdTunnel | None:
+        """Tunnelled storage copy: the disks' NBD connections through the daemons too."""
+        job, dest = self.job, self.dest
+        if not job.copies:
+            return None
+        check_tunnelled_nbd(self.ctx, job, prepared.cookie)
+        hv = self.ctx.hypervisor
+        return NbdTunnel(
+            self.ctx.peers.tunnel_bytes(dest.address),
+            dest.address,
+            dest.migration_id,
+            max(dest.deadline.remaining(), 1.0),
+            path=str(hv.socket_dir / f"{job.domain.uuid}.nbd-out"),
+            emulator_gid=hv.emulator_gid(),
+        )
+
+    async def _perform_tunnelled(self, prepared: Prepared) -> bytes:
+        job, dest = self.job, self.dest
+        disks = self._nbd_tunnel(prepared)
+        tunnel = self._tunnel()
         uri = await tunnel.open()
         try:
-            cookie = await perform_live(self.ctx, job, uri=uri, probe=dest.probe)
+            nbd = await disks.open() if disks is not None else None
+            cookie = await perform_live(self.ctx, job, uri=uri, probe=dest.probe, nbd=nbd)
             await tunnel.drain(self.ctx.config.rpc_timeout)
         except VmmigrateError:
             tunnel.check()  # a broken tunnel is the real cause
+            if disks is not None:
+                disks.check()
             raise
         finally:
             if tunnel.drained:  # every byte is at the destination: the stream ends by itself
                 self.ctx.spawn(tunnel.linger(self.ctx.config.rpc_timeout))
             else:
                 await tunnel.close()
+            if disks is not None:  # the mirrors are over: their streams end with them
+                await disks.close()
         return cookie
 
     def finish_unknown(self, exc: VmmigrateError, ask: AskFinish) -> VmmigrateError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import time
 from collections.abc import Awaitable, Callable
@@ -25,9 +26,10 @@ from vmmigrate.common.errors import (
 )
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.phase import Phase
-from vmmigrate.common.qmp import QMPError
+from vmmigrate.common.qmp import QMPClient, QMPError
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import JobOutcome, SourceJob
+from vmmigrate.srcd.mirror import Mirrors, MirrorState
 
 log = structlog.get_logger("vmmigrate.srcd.perform")
 
@@ -42,6 +44,7 @@ class Action(enum.Enum):
     CANCEL_ABORT = "cancel_abort"  # a client asked (domjobabort, Ctrl-C)
     CANCEL_PEER_LOST = "cancel_peer_lost"  # the destination stopped answering (keepalive)
     CANCEL_DEADLINE = "cancel_deadline"  # the whole migration's deadline passed
+    CANCEL_STORAGE = "cancel_storage"  # a disk's copy failed (storage copy)
 
 
 def decide(
@@ -54,6 +57,7 @@ def decide(
     cancelling: bool,
     peer_lost: bool = False,
     deadline_passed: bool = False,
+    storage_failed: bool = False,
 ) -> Action:
     """What to do next in a running migration (no I/O: a table-testable policy)."""
     if cancelling:
@@ -62,6 +66,8 @@ def decide(
         return Action.CANCEL_ABORT
     if peer_lost:
         return Action.CANCEL_PEER_LOST
+    if storage_failed:
+        return Action.CANCEL_STORAGE
     if deadline_passed:
         return Action.CANCEL_DEADLINE
     if timeout_s and elapsed >= timeout_s:
@@ -94,51 +100,107 @@ async def _keepalive(job: SourceJob, probe: Probe, interval: float) -> None:
 
 
 async def perform_live(
-    ctx: SourceContext, job: SourceJob, *, uri: str, probe: Probe | None = None
+    ctx: SourceContext,
+    job: SourceJob,
+    *,
+    uri: str,
+    probe: Probe | None = None,
+    nbd: dict[str, Any] | None = None,
 ) -> bytes:
-    """Migrate the running domain's memory to ``uri``; returns the cookie for Finish.
+    """Migrate the running domain's memory to ``uri`` (after its copied disks, into the
+    destination's NBD server at ``nbd``: srcd/mirror.py); returns the cookie for Finish.
 
     On success the source is left paused (postmigrate) for Confirm to stop it. On failure
-    the error is raised and the source is left for Confirm(cancelled) to resume.
+    the error is raised, the disk mirrors are cancelled (the source keeps its own disks)
+    and the source is left for Confirm(cancelled) to resume.
     """
     job.advance(Phase.PERFORM3)
     await asyncio.to_thread(ctx.store.journal_put, job.record)
-    hv = ctx.hypervisor
-    uuid = job.domain.uuid
-    params, caps = _stream_settings(ctx, job)
-    keepalive: asyncio.Task[None] | None = None
-    mon = await hv.monitor(uuid)
+    mon = await ctx.hypervisor.monitor(job.domain.uuid)
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     unsubscribe = mon.on_event(
         lambda e: events.put_nowait(e) if e.get("event") == "MIGRATION" else None
     )
+    keepalive: asyncio.Task[None] | None = None
+    if probe is not None:
+        interval = max(ctx.config.rpc_timeout / 3, 0.5)
+        keepalive = asyncio.ensure_future(_keepalive(job, probe, interval))
+    mirrors = Mirrors(ctx, job, nbd) if job.copies and nbd is not None else None
     try:
-        await mon.execute("migrate-set-capabilities", {"capabilities": caps})
-        await mon.execute("migrate-set-parameters", params)
-        await ctx.failpoints.hit("srcd.perform.before_migrate")
-        await mon.execute("migrate", {"uri": uri})
-        if probe is not None:
-            keepalive = asyncio.ensure_future(
-                _keepalive(job, probe, max(ctx.config.rpc_timeout / 3, 0.5))
-            )
-        log.info(
-            "perform_started",
-            migration_id=job.migration_id,
-            uri=uri,
-            bandwidth=params["max-bandwidth"],
-        )
-        await _watch(ctx, job, events)
-        await ctx.failpoints.hit("srcd.perform.after_migrate")
+        await _migrate(ctx, job, mon, uri, events, mirrors=mirrors)
     except QMPError as exc:
         job.outcome, job.error = JobOutcome.FAILED, str(exc)
-        if hv.record(uuid) is None:
+        await _abort_mirrors(mirrors)
+        if ctx.hypervisor.record(job.domain.uuid) is None:
             raise OperationFailed("domain unexpectedly quit during migration") from exc
         raise OperationFailed(f"job 'migration out' failed: {exc}") from exc
+    except BaseException:
+        await _abort_mirrors(mirrors)
+        raise
     finally:
         unsubscribe()
         if keepalive is not None:
             keepalive.cancel()
     return await _performed(ctx, job)
+
+
+async def _abort_mirrors(mirrors: Mirrors | None) -> None:
+    if mirrors is not None:
+        await asyncio.shield(mirrors.abort())
+
+
+async def _migrate(
+    ctx: SourceContext,
+    job: SourceJob,
+    mon: QMPClient,
+    uri: str,
+    events: asyncio.Queue[dict[str, Any]],
+    *,
+    mirrors: Mirrors | None,
+) -> None:
+    """The stream's settings, the disks' copy (until in step), then QMP migrate and the
+    watch until it ends."""
+    params, caps = _stream_settings(ctx, job)
+    await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+    await mon.execute("migrate-set-parameters", params)
+    await ctx.failpoints.hit("srcd.perform.before_migrate")
+    w = _Watch(started=time.monotonic())  # --timeout counts the disks' copy too
+    if mirrors is not None:
+        await mirrors.start(mon)
+        await _wait_mirrors(ctx, job, mirrors, w)
+    await mon.execute("migrate", {"uri": uri})
+    log.info(
+        "perform_started",
+        migration_id=job.migration_id,
+        uri=uri,
+        bandwidth=params["max-bandwidth"],
+        copied=len(job.copies) or None,
+    )
+    await _watch(ctx, job, events, mirrors, w)
+    await ctx.failpoints.hit("srcd.perform.after_migrate")
+
+
+async def _wait_mirrors(ctx: SourceContext, job: SourceJob, mirrors: Mirrors, w: _Watch) -> None:
+    """Until every copied disk is in step with its source (libvirt waits for each job's
+    ready state before it migrates the memory). A failed copy, an abort, a lost
+    destination, --timeout or the deadline fail the migration before any memory moves
+    (--timeout-suspend pauses the guest instead, and the copy goes on)."""
+    while True:
+        found = await mirrors.query()
+        if found.state is MirrorState.READY:
+            log.info("mirrors_ready", migration_id=job.migration_id, **job.mirror)
+            return
+        if found.state is MirrorState.FAILED:
+            error = found.failure()
+            job.outcome, job.error = JobOutcome.FAILED, str(error)
+            raise error
+        action = _decision(job, w, storage_failed=False)
+        if action is Action.SUSPEND:
+            await _suspend(ctx, job, w)
+        elif action is not Action.WAIT:
+            job.outcome = JobOutcome.CANCELLED
+            raise _cancelled_error(job, action)
+        await mirrors.sleep()
 
 
 def _stream_settings(
@@ -153,6 +215,11 @@ def _stream_settings(
         {"capability": "auto-converge", "state": MigrateFlag.AUTO_CONVERGE in job.flags},
         {"capability": "events", "state": True},
     ]
+    rec = ctx.hypervisor.record(job.domain.uuid)
+    if job.copies or (rec is not None and rec.emulator == "qemu"):
+        # storage copy: QEMU pauses before the switch-over so that the mirrors end while
+        # the guest is stopped (libvirt's sequence); set either way, as QEMU keeps it
+        caps.append({"capability": "pause-before-switchover", "state": bool(job.copies)})
     return params, caps
 
 
@@ -174,7 +241,7 @@ async def _performed(ctx: SourceContext, job: SourceJob) -> bytes:
             uuid=job.domain.uuid,
             hostname=identity.hostname,
             hostuuid=identity.host_uuid,
-            statistics=_cookie_stats(job.stats),
+            statistics=_cookie_stats(job.all_stats()),
         )
     )
 
@@ -197,6 +264,13 @@ def _cookie_stats(info: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         ("memory_iteration", str(ram.get("dirty-sync-count", 0))),
         ("memory_page_size", str(ram.get("page-size", 4096))),
     ]
+    disk = info.get("mirror")
+    if disk:  # storage copy: libvirt's disk counters, after the memory's
+        pairs += [
+            ("disk_total", str(disk.get("total", 0))),
+            ("disk_processed", str(disk.get("transferred", 0))),
+            ("disk_remaining", str(disk.get("remaining", 0))),
+        ]
     return tuple(pairs)
 
 
@@ -235,48 +309,111 @@ async def _completed(ctx: SourceContext, job: SourceJob, info: dict[str, Any]) -
     )
 
 
-async def _watch(ctx: SourceContext, job: SourceJob, events: asyncio.Queue[dict[str, Any]]) -> None:
-    hv = ctx.hypervisor
-    uuid = job.domain.uuid
-    suspended = cancelling = False
-    reason = Action.WAIT
-    started = time.monotonic()
+@dataclasses.dataclass
+class _Watch:
+    """What the watch of one running migration has decided so far."""
+
+    started: float
+    suspended: bool = False
+    cancelling: bool = False
+    reason: Action = Action.WAIT
+    storage_error: VmmigrateError | None = None  # a disk copy failed: the cause
+    continued: bool = False  # pre-switchover was handled (QEMU may still say it once more)
+
+
+def _check_ended(job: SourceJob, info: dict[str, Any], w: _Watch) -> None:
+    """Raise the migration's error if QEMU says it failed or was cancelled."""
+    status = str(info.get("status", ""))
+    if status == "failed" and w.reason in (Action.CANCEL_PEER_LOST, Action.CANCEL_STORAGE):
+        status = "cancelled"  # the stream broke as we cancelled it: the cause is known
+    if status == "failed":
+        job.outcome = JobOutcome.FAILED
+        job.error = str(info.get("error-desc", "unexpectedly failed"))
+        raise OperationFailed(f"job 'migration out' failed: {job.error}")
+    if status == "cancelled" and w.storage_error is not None:
+        job.outcome, job.error = JobOutcome.FAILED, str(w.storage_error)
+        raise w.storage_error
+    if status == "cancelled":
+        job.outcome = JobOutcome.CANCELLED
+        raise _cancelled_error(job, w.reason)
+
+
+async def _cancel(ctx: SourceContext, job: SourceJob, w: _Watch, reason: Action) -> None:
+    log.info("migration_cancel", migration_id=job.migration_id, reason=reason.value)
+    w.reason, w.cancelling = reason, True
+    await ctx.hypervisor.execute(job.domain.uuid, "migrate_cancel")
+
+
+async def _switch_over(
+    ctx: SourceContext, job: SourceJob, mirrors: Mirrors | None, w: _Watch
+) -> None:
+    """QEMU paused the guest before the switch-over (pause-before-switchover): end the
+    disk mirrors, then let the migration complete; a copy that failed cancels it."""
+    w.continued = True
+    try:
+        if mirrors is not None:
+            await mirrors.complete()
+    except VmmigrateError as exc:
+        w.storage_error = exc
+        await _cancel(ctx, job, w, Action.CANCEL_STORAGE)
+        return
+    await ctx.hypervisor.execute(job.domain.uuid, "migrate-continue", {"state": "pre-switchover"})
+
+
+def _decision(job: SourceJob, w: _Watch, *, storage_failed: bool) -> Action:
+    """decide() on the job's situation now."""
+    return decide(
+        elapsed=time.monotonic() - w.started,
+        timeout_s=job.params.timeout_s,
+        timeout_suspend=job.params.timeout_suspend,
+        suspended=w.suspended,
+        abort_requested=job.abort_requested,
+        cancelling=w.cancelling,
+        peer_lost=job.peer_lost,
+        deadline_passed=job.deadline.expired(),
+        storage_failed=storage_failed,
+    )
+
+
+async def _suspend(ctx: SourceContext, job: SourceJob, w: _Watch) -> None:
+    log.info("timeout_suspend", migration_id=job.migration_id)
+    await ctx.hypervisor.execute(job.domain.uuid, "stop")
+    w.suspended = True
+
+
+async def _act(ctx: SourceContext, job: SourceJob, w: _Watch, mirrors: Mirrors | None) -> None:
+    """One decision of the policy (decide()) for the running migration, carried out."""
+    broken = mirrors.broken if mirrors is not None else None
+    action = _decision(job, w, storage_failed=broken is not None)
+    if action is Action.SUSPEND:
+        await _suspend(ctx, job, w)
+    elif action is not Action.WAIT:
+        if broken is not None and action is Action.CANCEL_STORAGE:
+            w.storage_error = broken.failure()
+        await _cancel(ctx, job, w, action)
+
+
+async def _watch(
+    ctx: SourceContext,
+    job: SourceJob,
+    events: asyncio.Queue[dict[str, Any]],
+    mirrors: Mirrors | None = None,
+    w: _Watch | None = None,
+) -> None:
+    w = w or _Watch(started=time.monotonic())
     while True:
-        info = await hv.execute(uuid, "query-migrate")
+        info = await ctx.hypervisor.execute(job.domain.uuid, "query-migrate")
         if info:
             job.stats = info
-        status = str(info.get("status", ""))
-        if status == "completed":
+        if info.get("status") == "completed":
             await _completed(ctx, job, info)
             return
-        if status == "failed" and reason is Action.CANCEL_PEER_LOST:
-            status = "cancelled"  # the stream broke as we cancelled it: the cause is the peer
-        if status == "failed":
-            job.outcome = JobOutcome.FAILED
-            job.error = str(info.get("error-desc", "unexpectedly failed"))
-            raise OperationFailed(f"job 'migration out' failed: {job.error}")
-        if status == "cancelled":
-            job.outcome = JobOutcome.CANCELLED
-            raise _cancelled_error(job, reason)
-        action = decide(
-            elapsed=time.monotonic() - started,
-            timeout_s=job.params.timeout_s,
-            timeout_suspend=job.params.timeout_suspend,
-            suspended=suspended,
-            abort_requested=job.abort_requested,
-            cancelling=cancelling,
-            peer_lost=job.peer_lost,
-            deadline_passed=job.deadline.expired(),
-        )
-        if action is Action.SUSPEND:
-            log.info("timeout_suspend", migration_id=job.migration_id)
-            await hv.execute(uuid, "stop")
-            suspended = True
-        elif action is not Action.WAIT:
-            log.info("migration_cancel", migration_id=job.migration_id, reason=action.value)
-            reason = action
-            cancelling = True
-            await hv.execute(uuid, "migrate_cancel")
+        _check_ended(job, info, w)
+        if info.get("status") == "pre-switchover" and not (w.cancelling or w.continued):
+            await _switch_over(ctx, job, mirrors, w)
+        elif mirrors is not None and mirrors.active:
+            await mirrors.query()  # the disks' figures, for domjobinfo
+        await _act(ctx, job, w, mirrors)
         # sleep until the next event, the next statistics poll, or an abort request
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(

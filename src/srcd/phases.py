@@ -42,6 +42,7 @@ from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import JobLock, JobRecord, Role, validate_migration_id
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import JobOutcome, SourceJob, SourceParams
+from vmmigrate.srcd.storage import CopiedDisk, begin_nbd, plan_copies, with_backing_stores
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -167,11 +168,13 @@ async def begin_live(ctx: SourceContext, start: _Begin) -> tuple[SourceJob, Begi
     check_migrate_disks(disks, start.flags, start.params.migrate_disks)
     check_storage_copy(start.flags, runtime.emulator)
     flags = start.flags
+    # storage copy: the disks to copy and their sizes, from the running emulator
+    copies = await plan_copies(ctx.hypervisor, current, flags, start.params.migrate_disks)
     was_running = await ctx.hypervisor.status(current.uuid) == RunState.RUNNING
     if not was_running:
         flags |= MigrateFlag.PAUSED  # libvirt: a paused domain stays paused
     # Live: a restarted srcd must find the record to resume or stop the source.
-    return await _take_job(ctx, start, current, flags, was_running, durable=True)
+    return await _take_job(ctx, start, current, flags, was_running, durable=True, copies=copies)
 
 
 async def _take_job(
@@ -182,10 +185,11 @@ async def _take_job(
     was_running: bool,
     *,
     durable: bool,
+    copies: tuple[CopiedDisk, ...] = (),
 ) -> tuple[SourceJob, BeginResult]:
     """Begin's common end: check what is sent, journal the job at BEGIN3, build the job
     and the cookie for Prepare."""
-    to_send = _definition_to_send(ctx, current, start.params)
+    to_send = with_backing_stores(_definition_to_send(ctx, current, start.params), flags, copies)
     _check_persist_xml(ctx, current, start.params)
     now = time.time()
     record = JobRecord(
@@ -215,6 +219,7 @@ async def _take_job(
         hostname=identity.hostname,
         hostuuid=identity.host_uuid,
         features=CookieFlag.LOCKSTATE,
+        nbd=begin_nbd(flags, copies),
     )
     job = SourceJob(
         migration_id=start.migration_id,
@@ -228,6 +233,7 @@ async def _take_job(
         cleanup=start.stack.pop_all(),
         driven=start.driven,
         was_running=was_running,
+        copies=copies,
     )
     return job, BeginResult(cookie=format_cookie(cookie), domain_xml=to_send.xml, flags=flags)
 

@@ -33,6 +33,7 @@ import time
 
 import structlog
 from vmmigrate.common.coordinator import destination_flags
+from vmmigrate.common.disks import STORAGE_COPY
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import JobActive, VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
@@ -44,6 +45,7 @@ from vmmigrate.common.v3client import DEST, finish_request
 from vmmigrate.srcd import phases
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import SourceJob, SourceParams
+from vmmigrate.srcd.mirror import release_leftovers
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -120,12 +122,16 @@ def adopt_source_jobs(ctx: SourceContext) -> list[SourceJob]:
 
 
 async def _stop_stream(ctx: SourceContext, job: SourceJob) -> None:
-    """Cancel the hypervisor stream if it still runs (QEMU goes on without its daemon)."""
+    """Cancel the hypervisor stream if it still runs (QEMU goes on without its daemon), and
+    a storage copy's disk mirrors with it."""
     uuid = job.domain.uuid
     if ctx.hypervisor.record(uuid) is None:
         return
     with contextlib.suppress(QMPError, VmmigrateError, OSError):
         await ctx.hypervisor.execute(uuid, "migrate_cancel")
+    if job.flags & STORAGE_COPY:
+        found = await release_leftovers(ctx.hypervisor, uuid)
+        log.info("mirrors_released", migration_id=job.migration_id, jobs=found)
     until = time.monotonic() + 10.0
     while time.monotonic() < until:
         try:

@@ -41,7 +41,7 @@ def source_record(job: SourceJob) -> HistoryRecord:
         ended_unix=time.time(),
         bytes=int(ram.get("transferred", 0)),
         downtime_ms=int(job.stats.get("downtime", 0)),
-        stats=dict(job.stats),
+        stats=job.all_stats(),
     )
 
 

@@ -33,6 +33,7 @@ from vmmigrate.srcd import phases, relay
 from vmmigrate.srcd.context import OutgoingSlots, PeerPool, SourceContext
 from vmmigrate.srcd.domains import DomainAPI, domain_ref
 from vmmigrate.srcd.jobs import JobOutcome, SourceJob, SourceJobTable, SourceParams
+from vmmigrate.srcd.mirror import nbd_server
 from vmmigrate.srcd.p2p import P2PMigration, new_migration_id
 from vmmigrate.srcd.perform import UNLIMITED_BPS, perform_live
 from vmmigrate.srcd.recovery import expire_parked, recover_source_jobs
@@ -150,7 +151,7 @@ class DomainService(pb_grpc.DomainServiceServicer):
         if job is None or job.offline:
             return pb.JobInfo(type="None")
         return job_info(
-            job.stats,
+            job.all_stats(),
             job.migration_id,
             int((time.monotonic() - job.started) * 1000),
             "Unbounded",
@@ -262,17 +263,26 @@ _JOB_TYPES = {
 
 
 def job_info(stats: dict[str, Any], mid: str, elapsed_ms: int, kind: str, error: str) -> pb.JobInfo:
+    """domjobinfo's figures from query-migrate's statistics (and the disk mirrors', under
+    "mirror": libvirt's Data lines count memory and disks together)."""
     ram = stats.get("ram", {})
-    total = int(ram.get("total", 0))
-    remaining = int(ram.get("remaining", 0))
+    disk = stats.get("mirror", {})
+    memory = [int(ram.get(k, 0)) for k in ("total", "transferred", "remaining")]
+    disks = [int(disk.get(k, 0)) for k in ("total", "transferred", "remaining")]
     return pb.JobInfo(
         type=kind,
         operation="Outgoing migration",
         migration_id=mid,
         time_elapsed_ms=elapsed_ms,
-        data_total=total,
-        data_processed=int(ram.get("transferred", 0)),
-        data_remaining=remaining,
+        data_total=memory[0] + disks[0],
+        data_processed=memory[1] + disks[1],
+        data_remaining=memory[2] + disks[2],
+        memory_total=memory[0],
+        memory_processed=memory[1],
+        memory_remaining=memory[2],
+        disk_total=disks[0],
+        disk_processed=disks[1],
+        disk_remaining=disks[2],
         memory_bps=int(float(ram.get("mbps", 0)) * 1_000_000 / 8),
         dirty_rate=int(ram.get("dirty-pages-rate", 0)),
         iteration=int(ram.get("dirty-sync-count", 0)),
@@ -353,13 +363,17 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
             raise InvalidArgument("domainMigratePrepare3 did not set uri")
         # the client's URI goes to the emulator's migrate: only what a Prepare answers
         check_migration_uri(uri)
-        return pb.PerformResponse(cookie=await self._perform(job, uri))
+        return pb.PerformResponse(cookie=await self._perform(job, uri, h.cookie))
 
     @require(Phase.BEGIN3)
-    async def _perform(self, job: SourceJob, uri: str) -> bytes:
+    async def _perform(self, job: SourceJob, uri: str, cookie: bytes) -> bytes:
         job.driven = True  # the job is busy: no expiry while the stream runs
         try:
-            return await asyncio.shield(asyncio.ensure_future(perform_live(self.ctx, job, uri=uri)))
+            # storage copy: the destination's NBD server, from Prepare's cookie
+            nbd = nbd_server(self.ctx, job, cookie, uri) if job.copies else None
+            return await asyncio.shield(
+                asyncio.ensure_future(perform_live(self.ctx, job, uri=uri, nbd=nbd))
+            )
         except VmmigrateError:
             # managed mode: a failed Perform restores the source and ends the job itself;
             # the client calls Finish(cancelled) and no Confirm (libvirt's, docs/ARCHITECTURE.md).

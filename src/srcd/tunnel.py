@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -35,12 +36,15 @@ class SourceTunnel:
         peer: str,
         migration_id: str,
         deadline_s: float,
+        channel: str = "",
     ) -> None:
         """``open_stream``: the TunnelBytes.Carry stream-stream callable, without
-        serializers (PeerPool.tunnel_bytes)."""
+        serializers (PeerPool.tunnel_bytes). ``channel``: what the stream carries when it
+        is not the memory (tunnelwire.CHANNEL_NBD: one disk's NBD connection)."""
         self._open_stream = open_stream
         self._peer = peer
         self._mid = migration_id
+        self._channel = channel
         self._acked = 0  # bytes the destination handed to its emulator (credit)
         self._credit = asyncio.Event()
         self._credit_open = True
@@ -78,8 +82,15 @@ class SourceTunnel:
         self._connected = True
         await self._carry(loop, tunnelwire.nonblocking(conn))
 
+    async def carry(self, conn: socket.socket) -> None:
+        """Carry one connection accepted elsewhere (the NBD tunnel's), until it ends."""
+        self._connected = True
+        await self._carry(asyncio.get_running_loop(), conn)
+
     async def _carry(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-        metadata = ((tunnelwire.MIGRATION_ID_KEY, self._mid),)
+        metadata: tuple[tuple[str, str], ...] = ((tunnelwire.MIGRATION_ID_KEY, self._mid),)
+        if self._channel:
+            metadata += ((tunnelwire.CHANNEL_KEY, self._channel),)
         call: Any = self._open_stream(timeout=self._deadline_s, metadata=metadata)
         try:
             down = asyncio.ensure_future(self._downstream(loop, call, conn))
@@ -189,3 +200,87 @@ class SourceTunnel:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+
+class NbdTunnel:
+    """Tunnelled storage copy, source side: the source emulator's NBD clients (one per
+    copied disk) connect to a unix socket of srcd's, in its private socket directory; each
+    connection is carried on a ``TunnelBytes.Carry`` stream of its own (channel "nbd") to
+    dstd, which connects it to the incoming emulator's NBD server. The memory's tunnel is
+    separate and unchanged."""
+
+    def __init__(
+        self,
+        open_stream: Callable[..., Any],
+        peer: str,
+        migration_id: str,
+        deadline_s: float,
+        *,
+        path: str,
+        emulator_gid: int | None = None,
+    ) -> None:
+        self._open_stream = open_stream
+        self._peer = peer
+        self._mid = migration_id
+        self._deadline_s = deadline_s
+        self.path = path
+        self._gid = emulator_gid
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._carriers: list[tuple[SourceTunnel, asyncio.Task[None]]] = []
+
+    async def open(self) -> dict[str, Any]:
+        """Listen; returns the QMP address the emulator's NBD clients connect to."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.setblocking(False)
+            listener.bind(self.path)
+            if self._gid is not None:  # emulators that run as another user connect too
+                os.chown(self.path, -1, self._gid)
+                os.chmod(self.path, 0o660)
+            listener.listen(8)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self._accepting = asyncio.ensure_future(self._accept(listener))
+        return {"type": "unix", "path": self.path}
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # closed under it: the copy is over
+                log.debug("nbd_tunnel_accept_ended", migration_id=self._mid, error=str(exc))
+                return
+            conn.setblocking(False)
+            carrier = SourceTunnel(
+                self._open_stream, self._peer, self._mid, self._deadline_s, tunnelwire.CHANNEL_NBD
+            )
+            self._carriers.append((carrier, asyncio.ensure_future(carrier.carry(conn))))
+
+    def check(self) -> None:
+        """A broken disk stream is the real cause of a failed copy: say so."""
+        for carrier, _ in self._carriers:
+            if carrier.error is not None and not isinstance(carrier.error, asyncio.CancelledError):
+                raise OperationFailed(f"tunnelled storage copy failed: {carrier.error}")
+
+    async def close(self) -> None:
+        """Stop listening and end every stream (the mirrors are over, or failed)."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._listener is not None:
+            self._listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        for _, task in self._carriers:
+            task.cancel()
+        for _, task in self._carriers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        log.info("nbd_tunnel_closed", migration_id=self._mid, streams=len(self._carriers))

@@ -348,7 +348,7 @@ def test_example_config_loads_and_documents_every_key(prog: str) -> None:
     assert str(config.state_dir) == "/var/lib/vmmigrate"
     text = path.read_text()
     # every setting, but the tests' own failpoints and the other daemon's own ones
-    dst_only = {"max_incoming", "migration_address", "migration_ports"}
+    dst_only = {"max_incoming", "migration_address", "migration_ports", "storage_dirs"}
     skip = {"failpoints", "failpoint_seed"} | (dst_only if prog == "srcd" else {"max_outgoing"})
     for field in dataclasses.fields(DaemonConfig):
         if field.name not in skip:

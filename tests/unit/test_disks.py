@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import pytest
 from vmmigrate.common.disks import (
-    QEMU_STORAGE_COPY,
     UNSAFE_CACHE,
     check_live_disks,
     check_migrate_disks,
     check_migration_safe,
     check_storage_copy,
+    copied_disks,
     domain_disks,
 )
 from vmmigrate.common.domainxml import parse_domain
 from vmmigrate.common.errors import (
-    ArgumentUnsupported,
     ConfigUnsupported,
     InvalidArgument,
     MigrateUnsafe,
@@ -112,12 +111,32 @@ def test_storage_copy_refusals() -> None:
     with pytest.raises(ConfigUnsupported) as info:
         check_storage_copy(F.LIVE | F.NON_SHARED_DISK, "simvm")
     assert libvirt_text(info.value) == "unsupported configuration: storage copy needs QEMU"
-    with pytest.raises(ArgumentUnsupported, match=r"not supported yet for QEMU domains"):
-        check_storage_copy(F.LIVE | F.NON_SHARED_INC, "qemu")
-    assert "not supported yet" in QEMU_STORAGE_COPY
+    # QEMU mirrors its disks over NBD: both kinds of copy pass
+    check_storage_copy(F.LIVE | F.NON_SHARED_INC, "qemu")
+    check_storage_copy(F.LIVE | F.NON_SHARED_DISK, "qemu")
     # the whole live sequence: the copied disk passes the safety check, then copy is refused
     with pytest.raises(ConfigUnsupported):
         check_live_disks(domain(file_disk()), F.LIVE | F.NON_SHARED_DISK, "simvm")
+    check_live_disks(domain(file_disk()), F.LIVE | F.NON_SHARED_DISK, "qemu")
+
+
+def test_copied_disks_are_libvirts() -> None:
+    d = domain(
+        file_disk("vda"),
+        file_disk("vdb", extra="<readonly/>"),
+        file_disk("vdc", extra="<shareable/>"),
+        CDROM_EMPTY,
+        file_disk("vdd", extra="<backingStore type='file'><format type='qcow2'/>"
+                  "<source file='/img/base.qcow2'/><backingStore/></backingStore>"),
+    )
+    disks = domain_disks(d)
+    # by default: every writable, unshared disk with media
+    assert [x.target for x in copied_disks(disks)] == ["vda", "vdd"]
+    # --migrate-disks names them (also a readonly or shared one); media are still needed
+    assert [x.target for x in copied_disks(disks, ["vdb", "hdc", "vdc"])] == ["vdb", "vdc"]
+    vdd = disks[-1]
+    assert (vdd.backing, vdd.backing_format) == ("/img/base.qcow2", "qcow2")
+    assert disks[0].backing == disks[0].backing_format == ""
 
 
 def test_simvm_drives_from_the_xml() -> None:

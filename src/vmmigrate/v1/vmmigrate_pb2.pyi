@@ -545,6 +545,12 @@ class JobInfo(_message.Message):
     AUTO_CONVERGE_THROTTLE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_FIELD_NUMBER: _builtins.int
+    MEMORY_PROCESSED_FIELD_NUMBER: _builtins.int
+    MEMORY_REMAINING_FIELD_NUMBER: _builtins.int
+    DISK_TOTAL_FIELD_NUMBER: _builtins.int
+    DISK_PROCESSED_FIELD_NUMBER: _builtins.int
+    DISK_REMAINING_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """"None", "Unbounded", "Completed", "Failed", "Cancelled" """
     operation: _builtins.str
@@ -568,6 +574,16 @@ class JobInfo(_message.Message):
     page_size: _builtins.int
     error: _builtins.str
     """when failed or cancelled"""
+    memory_total: _builtins.int
+    """data_* above are memory and disks together, as libvirt's Data lines; here each alone
+    bytes
+    """
+    memory_processed: _builtins.int
+    memory_remaining: _builtins.int
+    disk_total: _builtins.int
+    """storage copy: the disk mirrors (libvirt's File lines)"""
+    disk_processed: _builtins.int
+    disk_remaining: _builtins.int
     def __init__(
         self,
         *,
@@ -586,10 +602,16 @@ class JobInfo(_message.Message):
         auto_converge_throttle: _builtins.int = ...,
         page_size: _builtins.int = ...,
         error: _builtins.str = ...,
+        memory_total: _builtins.int = ...,
+        memory_processed: _builtins.int = ...,
+        memory_remaining: _builtins.int = ...,
+        disk_total: _builtins.int = ...,
+        disk_processed: _builtins.int = ...,
+        disk_remaining: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_converge_throttle", b"auto_converge_throttle", "data_processed", b"data_processed", "data_remaining", b"data_remaining", "data_total", b"data_total", "dirty_rate", b"dirty_rate", "downtime_ms", b"downtime_ms", "error", b"error", "iteration", b"iteration", "memory_bps", b"memory_bps", "migration_id", b"migration_id", "operation", b"operation", "page_size", b"page_size", "setup_time_ms", b"setup_time_ms", "time_elapsed_ms", b"time_elapsed_ms", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_converge_throttle", b"auto_converge_throttle", "data_processed", b"data_processed", "data_remaining", b"data_remaining", "data_total", b"data_total", "dirty_rate", b"dirty_rate", "disk_processed", b"disk_processed", "disk_remaining", b"disk_remaining", "disk_total", b"disk_total", "downtime_ms", b"downtime_ms", "error", b"error", "iteration", b"iteration", "memory_bps", b"memory_bps", "memory_processed", b"memory_processed", "memory_remaining", b"memory_remaining", "memory_total", b"memory_total", "migration_id", b"migration_id", "operation", b"operation", "page_size", b"page_size", "setup_time_ms", b"setup_time_ms", "time_elapsed_ms", b"time_elapsed_ms", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

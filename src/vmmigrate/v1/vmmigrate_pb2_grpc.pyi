@@ -400,14 +400,20 @@ class TunnelBytesStub:
     Call (request) metadata:
       vmmigrate-migration-id: the id of a migration PrepareTunnel prepared. Required: the
         call is refused before any byte flows if no tunnelled incoming migration has it.
+      vmmigrate-channel: what the stream carries. Absent: the memory (one stream per
+        migration). "nbd": one NBD connection of a tunnelled storage copy (one stream per
+        copied disk), which dstd connects to the incoming emulator's NBD server; refused
+        (FAILED_PRECONDITION) if that migration copies no storage. Any other value:
+        INVALID_ARGUMENT "unknown tunnel channel '<value>'".
 
     Flow control: srcd sends no further message while 8 MiB (8388608 bytes) or more of what
     it sent is not yet credited, so that little is left to cross after the source emulator
-    switches over. srcd opens one Carry call per migration; its gRPC deadline is the
-    migration's.
+    switches over. srcd opens one Carry call per migration (and one per copied disk with
+    storage copy); its gRPC deadline is the migration's.
 
     Errors end the call with a status and the error class in the trailing metadata:
       FAILED_PRECONDITION  no tunnelled incoming migration with id '<id>'
+      FAILED_PRECONDITION  incoming migration '<id>' copies no storage      (channel "nbd")
       INTERNAL             cannot reach the incoming emulator: <reason>
       INTERNAL             incoming emulator closed the tunnel: <reason>
     """
@@ -438,14 +444,20 @@ class TunnelBytesAsyncStub(TunnelBytesStub):
     Call (request) metadata:
       vmmigrate-migration-id: the id of a migration PrepareTunnel prepared. Required: the
         call is refused before any byte flows if no tunnelled incoming migration has it.
+      vmmigrate-channel: what the stream carries. Absent: the memory (one stream per
+        migration). "nbd": one NBD connection of a tunnelled storage copy (one stream per
+        copied disk), which dstd connects to the incoming emulator's NBD server; refused
+        (FAILED_PRECONDITION) if that migration copies no storage. Any other value:
+        INVALID_ARGUMENT "unknown tunnel channel '<value>'".
 
     Flow control: srcd sends no further message while 8 MiB (8388608 bytes) or more of what
     it sent is not yet credited, so that little is left to cross after the source emulator
-    switches over. srcd opens one Carry call per migration; its gRPC deadline is the
-    migration's.
+    switches over. srcd opens one Carry call per migration (and one per copied disk with
+    storage copy); its gRPC deadline is the migration's.
 
     Errors end the call with a status and the error class in the trailing metadata:
       FAILED_PRECONDITION  no tunnelled incoming migration with id '<id>'
+      FAILED_PRECONDITION  incoming migration '<id>' copies no storage      (channel "nbd")
       INTERNAL             cannot reach the incoming emulator: <reason>
       INTERNAL             incoming emulator closed the tunnel: <reason>
     """
@@ -472,14 +484,20 @@ class TunnelBytesServicer(metaclass=_abc_1.ABCMeta):
     Call (request) metadata:
       vmmigrate-migration-id: the id of a migration PrepareTunnel prepared. Required: the
         call is refused before any byte flows if no tunnelled incoming migration has it.
+      vmmigrate-channel: what the stream carries. Absent: the memory (one stream per
+        migration). "nbd": one NBD connection of a tunnelled storage copy (one stream per
+        copied disk), which dstd connects to the incoming emulator's NBD server; refused
+        (FAILED_PRECONDITION) if that migration copies no storage. Any other value:
+        INVALID_ARGUMENT "unknown tunnel channel '<value>'".
 
     Flow control: srcd sends no further message while 8 MiB (8388608 bytes) or more of what
     it sent is not yet credited, so that little is left to cross after the source emulator
-    switches over. srcd opens one Carry call per migration; its gRPC deadline is the
-    migration's.
+    switches over. srcd opens one Carry call per migration (and one per copied disk with
+    storage copy); its gRPC deadline is the migration's.
 
     Errors end the call with a status and the error class in the trailing metadata:
       FAILED_PRECONDITION  no tunnelled incoming migration with id '<id>'
+      FAILED_PRECONDITION  incoming migration '<id>' copies no storage      (channel "nbd")
       INTERNAL             cannot reach the incoming emulator: <reason>
       INTERNAL             incoming emulator closed the tunnel: <reason>
     """
