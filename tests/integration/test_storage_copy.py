@@ -498,12 +498,18 @@ def test_writes_during_the_copy_reach_the_destination(lab: Lab) -> None:
 
 
 def test_timeout_counts_the_copy(lab: Lab) -> None:
+    """--timeout runs from the start of the migration, disk copy included: virsh's action
+    (suspend) pauses the guest while its disk is still being copied; an abort then leaves
+    the source running as it was."""
     name = "timedout"
     with slow_copy(lab, name, "--timeout", "2") as (u, created, migration):
+        wait_until(lambda: state(lab.a, name) == "paused", 30, "the timeout's suspend")
+        assert migration.poll() is None and copying(lab.a, name)
+        lab.a.migctl("domjobabort", name)
         _, err = migration.communicate(timeout=60)
     assert migration.returncode == 1
     assert err.splitlines()[-1] == (
-        "error: operation aborted: migration did not complete within 2 s"
+        "error: operation aborted: job 'migration out' canceled by client"
     ), err
     wait_until(lambda: not created.exists(), 30, "the created disk's removal")
     settled(lab.a, lab.b)
