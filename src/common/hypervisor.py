@@ -492,7 +492,7 @@ class QMPHypervisor:
         if emulator_kind(d, self.settings.default) == "qemu":
             # what QEMU's command line cannot carry is refused before anything is kept,
             # reserved or started (libvirt: unsupported configuration)
-            qemuargv.check_supported(d)
+            qemuargv.check_supported(d, self.settings.qemu_accel)
 
     # ---------------------------------------------------------------- records
 
