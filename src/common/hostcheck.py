@@ -8,7 +8,8 @@ The checks, in this order (docs/ARCHITECTURE.md section 4, "Can this host run it
 1. the emulator: allowed by the host's policy, and for QEMU the binary installed;
 2. QEMU only: the machine type is one the binary offers (``-machine help``, aliases
    included), and the CPU model is one it knows (``-cpu help``), after the mapping of
-   host-passthrough / host-model that qemuargv applies (with its refusals);
+   host-passthrough / host-model that qemuargv applies (with its refusals); every host
+   CPU ``<vcpu cpuset>`` pins the emulator to is online;
 3. every disk with a source (file or block; simvm opens its disks too, so this applies to
    both emulators): on shared storage the file or device must exist; a disk the migration
    copies here (``copied``: target -> capacity in bytes) needs its directory, with room;
@@ -175,6 +176,7 @@ def check_runnable(
         offer = qemu_offer(binary)
         check_machine(root, binary, offer)
         check_cpu(root, offer, settings.qemu_accel)
+        check_host_cpus(root, sys_root)
     check_disks(domain_disks(d), copied)
     if qemu:
         check_bridges(root, settings.networks, sys_root)
@@ -204,6 +206,26 @@ def check_cpu(root: etree._Element, offer: QemuOffer, accel: str) -> None:
         raise ConfigUnsupported(
             f"CPU mode '{mode}' for {arch} {virt} domain on {os.uname().machine} host is not "
             f"supported by hypervisor (its QEMU has no CPU model '{name}')"
+        )
+
+
+def check_host_cpus(root: etree._Element, sys_root: Path = SYS_ROOT) -> None:
+    """``<vcpu cpuset>``: every host CPU it names is online here (the emulator is pinned
+    to them: hypervisor._spawn)."""
+    cpus = qemuargv.host_cpus(root)
+    if cpus is None:
+        return
+    path = sys_root / "devices" / "system" / "cpu" / "online"
+    try:
+        text = path.read_text().strip()
+        online = qemuargv.parse_cpuset(text)
+    except (OSError, XMLError):
+        return  # no sysfs to ask: the pinning itself fails the start, with its reason
+    missing = sorted(cpus - online)
+    if missing:
+        raise HostResourceMissing(
+            f"host CPU {missing[0]} named by <vcpu cpuset> is not online on this host "
+            f"(online: {text})"
         )
 
 

@@ -438,15 +438,26 @@ def mark_tainted(d: DomainDef, logfile: str, reason: str) -> None:
     log.warning("domain_tainted", domain=d.name, uuid=d.uuid, taint=reason)
 
 
-def _spawn(argv: list[str], logfile: str, policy: EmulatorPolicy) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: list[str],
+    logfile: str,
+    policy: EmulatorPolicy,
+    cpus: frozenset[int] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start an emulator in a session of its own (it outlives the daemon), as the policy's
-    user and group, with no supplementary groups (the daemon's are root's).
+    user and group, with no supplementary groups (the daemon's are root's), confined to the
+    host CPUs ``cpus`` (<vcpu cpuset>) when given.
 
     The identity is changed by util-linux's setpriv in the child, not by Popen's user= and
     group=: those make Python fork() the daemon (no vfork), and gRPC's fork handlers then
     restart its threads in the child, which crashed there (SIGSEGV in the event engine)
-    before the exec."""
+    before the exec. The CPUs are set the same way (util-linux's taskset, which then execs
+    the emulator), so that every thread the emulator starts inherits them, as libvirt sets
+    them before QEMU's exec."""
     cwd: str | None = None
+    if cpus is not None:
+        taskset = shutil.which("taskset") or "/usr/bin/taskset"
+        argv = [taskset, "--cpu-list", ",".join(str(c) for c in sorted(cpus)), *argv]
     if policy.drops_privileges:
         setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
         argv = [
@@ -500,7 +511,7 @@ class QMPHypervisor:
         if emulator_kind(d, self.settings.default) == "qemu":
             # what QEMU's command line cannot carry is refused before anything is kept,
             # reserved or started (libvirt: unsupported configuration)
-            qemuargv.check_supported(d)
+            qemuargv.check_supported(d, self.settings.qemu_accel)
 
     # ---------------------------------------------------------------- records
 
@@ -574,7 +585,8 @@ class QMPHypervisor:
             await asyncio.to_thread(mark_tainted, d, logfile, TAINT_CUSTOM_ARGV)
         taps = await asyncio.to_thread(self._prepare_qemu, d) if kind == "qemu" else []
         try:
-            proc = await asyncio.to_thread(_spawn, argv, logfile, self.settings.policy)
+            cpus = qemuargv.host_cpus(d) if kind == "qemu" else None
+            proc = await asyncio.to_thread(_spawn, argv, logfile, self.settings.policy, cpus)
         except BaseException:
             await asyncio.to_thread(_delete_taps, taps)
             raise

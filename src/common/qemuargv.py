@@ -55,8 +55,9 @@ VNC_BASE_PORT = 5900
 
 # Top-level elements that change nothing the guest sees, or that libvirt's own defaults
 # already match (on_poweroff destroy is QEMU's behaviour too; no <panic> device is
-# supported, so nothing reports a crash that on_crash would act on). <genid> is not one:
-# it is a device the guest sees (vmgenid).
+# supported, so nothing reports a crash that on_crash would act on). <resource> and
+# <seclabel> only in their harmless forms (_check_top_values). <genid> is not one: it is a
+# device the guest sees (vmgenid).
 _HARMLESS_TOP = frozenset(
     {"name", "uuid", "title", "description", "metadata", "on_poweroff", "on_crash",
      "resource", "seclabel"}
@@ -221,9 +222,37 @@ def _machine(root: etree._Element) -> _Machine:
 # ------------------------------------------------------------------------ checks
 
 
-def check_supported(domain: DomainDef | etree._Element) -> None:
-    """Refuse, naming it, the first element this module would not map."""
+def check_supported(domain: DomainDef | etree._Element, accel: str | None = None) -> None:
+    """Refuse, naming it, the first element or attribute this module would not map.
+
+    ``accel`` (tcg, kvm): the host's accelerator. Given, the argv is built too, with
+    stand-in host facts (any network name maps, an autoport display has its port), so that
+    every refusal of the argv's own happens here as well; the host's networks are asked at
+    start and Prepare. None: what depends on the accelerator waits for the argv."""
     root = _root(domain)
+    _check_elements(root, accel)
+    live = place_devices(root)  # refuses addresses that cannot be honoured (drive addresses, ...)
+    if accel is not None:
+        _argv(live, HostFacts(accel=accel, networks=_AnyNetwork(), vnc_port=VNC_BASE_PORT))
+
+
+class _AnyNetwork(Mapping[str, str]):
+    """The networks of a host that is not asked: every name maps to a bridge."""
+
+    def __getitem__(self, key: str) -> str:
+        return "br0"
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _check_elements(root: etree._Element, accel: str | None) -> None:
     for el in _children(root):
         tag = _local(el)
         if el.tag == f"{{{QEMU_NS}}}commandline":
@@ -236,6 +265,9 @@ def check_supported(domain: DomainDef | etree._Element) -> None:
     on_poweroff = (root.findtext("on_poweroff") or "destroy").strip()
     if on_poweroff != "destroy":
         raise unsupported(f"on_poweroff '{on_poweroff}' is not supported")
+    _check_top_values(root)
+    _check_cpu(root.find("cpu"))
+    _clock_plan(root, accel)
     if root.find("maxMemory") is not None:
         raise unsupported("domain element <maxMemory> is not supported")
     devices = root.find("devices")
@@ -244,8 +276,10 @@ def check_supported(domain: DomainDef | etree._Element) -> None:
         if tag not in _DEVICES:
             raise unsupported(f"device <{tag}> is not supported")
         _check_children(dev, _DEVICE_CHILDREN[tag] | _COMMON_CHILDREN, tag)
+        check = _DEVICE_CHECKS.get(tag)
+        if check is not None:
+            check(dev)
     _machine(root)
-    place_devices(root)  # refuses addresses that cannot be honoured (drive addresses, ...)
 
 
 def _check_children(el: etree._Element | None, allowed: frozenset[str], where: str) -> None:
@@ -254,6 +288,100 @@ def _check_children(el: etree._Element | None, allowed: frozenset[str], where: s
     for child in _children(el):
         if _local(child) not in allowed:
             raise unsupported(f"element <{_local(child)}> of <{where}> is not supported")
+
+
+def _check_attrs(el: etree._Element | None, allowed: frozenset[str], what: str) -> None:
+    """Refuse, naming it, an attribute of ``el`` that nothing reads (``what``: how the
+    text names the element: "VNC", "disk target", ...)."""
+    if el is None:
+        return
+    extra = sorted(str(k) for k in el.attrib if k not in allowed)
+    if extra:
+        raise unsupported(f"{what} attribute '{extra[0]}' is not supported")
+
+
+def _on_off(value: str, what: str) -> str:
+    if value not in ("on", "off"):
+        raise XMLError(f"invalid value '{value}' for {what} (on or off)")
+    return value
+
+
+def _yes_no(value: str | None, what: str) -> None:
+    if value not in (None, "yes", "no"):
+        raise XMLError(f"invalid value '{value}' for {what} (yes or no)")
+
+
+# ------------------------------------------------------------------------ top-level values
+
+# libvirt's crash actions. None acts here: no <panic> device is supported, so QEMU never
+# reports a guest crash (libvirt's on_crash waits for the same report); the value is only
+# checked.
+_ON_CRASH = frozenset(
+    {"destroy", "restart", "preserve", "coredump-destroy", "coredump-restart", "rename-restart"}
+)
+# libvirt's default cgroup partition, which libvirt writes into every domain it runs
+_DEFAULT_PARTITION = "/machine"
+_VCPU_ATTRS = frozenset({"current", "placement", "cpuset"})
+_MAX_HOST_CPU = 4095
+
+
+def _check_top_values(root: etree._Element) -> None:
+    """<on_crash>, <resource>, <seclabel> and <vcpu>'s attributes: accepted only where
+    nothing is left undone (docs/GUESTS.md, "Top-level elements")."""
+    on_crash = (root.findtext("on_crash") or "destroy").strip()
+    if on_crash not in _ON_CRASH:
+        raise XMLError(f"invalid on_crash action '{on_crash}'")
+    resource = root.find("resource")
+    if resource is not None:
+        _check_children(resource, frozenset({"partition"}), "resource")
+        partition = (resource.findtext("partition") or _DEFAULT_PARTITION).strip()
+        if partition != _DEFAULT_PARTITION:
+            raise unsupported(
+                f"resource partition '{partition}' is not supported (emulators are placed in "
+                "no cgroup of their own; only libvirt's default '/machine' is accepted)"
+            )
+    for label in root.iterfind("seclabel"):
+        kind = label.get("type", "dynamic")
+        if kind != "none":
+            raise unsupported(
+                f"seclabel type '{kind}' is not supported (no security driver labels the "
+                "emulator: it runs as the host's emulator_user)"
+            )
+        _check_attrs(label, frozenset({"type", "model"}), "seclabel")
+        _check_children(label, frozenset(), "seclabel")
+    vcpu = root.find("vcpu")
+    _check_attrs(vcpu, _VCPU_ATTRS, "vcpu")
+    placement = "static" if vcpu is None else vcpu.get("placement", "static")
+    if placement != "static":
+        raise unsupported(f"vcpu placement '{placement}' is not supported (no numad)")
+    host_cpus(root)
+
+
+def host_cpus(domain: DomainDef | etree._Element) -> frozenset[int] | None:
+    """The host CPUs ``<vcpu cpuset>`` confines the emulator to (libvirt pins the whole QEMU
+    process to them when no <cputune> says otherwise); None: no pinning."""
+    vcpu = _root(domain).find("vcpu")
+    text = None if vcpu is None else vcpu.get("cpuset")
+    return None if text is None else parse_cpuset(text)
+
+
+def parse_cpuset(text: str) -> frozenset[int]:
+    """libvirt's CPU list syntax: numbers and ranges, "^N" takes one out ("0-3,^2,6")."""
+    chosen: set[int] = set()
+    dropped: set[int] = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\^)?(\d+)(?:-(\d+))?\s*", part)
+        if m is None or (m.group(1) and m.group(3)):
+            raise XMLError(f"Failed to parse bitmap '{text}'")
+        lo = int(m.group(2))
+        hi = int(m.group(3) or lo)
+        if hi < lo or hi > _MAX_HOST_CPU:
+            raise XMLError(f"Failed to parse bitmap '{text}'")
+        (dropped if m.group(1) else chosen).update(range(lo, hi + 1))
+    cpus = frozenset(chosen - dropped)
+    if not cpus:
+        raise XMLError(f"Invalid value of 'cpuset': {text}")
+    return cpus
 
 
 # ------------------------------------------------------------------------ placement
@@ -623,8 +751,13 @@ class _Ctx:
 
 def build_argv(domain: DomainDef | etree._Element, facts: HostFacts) -> list[str]:
     """QEMU's argv (without -S/-incoming, which the caller adds) for ``domain``."""
-    check_supported(domain)
-    root = place_devices(domain)
+    root = _root(domain)
+    _check_elements(root, facts.accel)
+    return _argv(place_devices(root), facts)
+
+
+def _argv(root: etree._Element, facts: HostFacts) -> list[str]:
+    """The argv of a checked and placed definition."""
     ctx = _Ctx(root, facts, _machine(root))
     argv = [facts.binary]
     for part in _PARTS:
@@ -675,12 +808,80 @@ def cpu_model(
 
 def _cpu_args(ctx: _Ctx) -> list[str]:
     cpu = ctx.root.find("cpu")
+    accel = ctx.facts.accel
+    name = None if cpu is None else cpu_model(cpu, accel, ctx.facts.tcg_cpu_models)
+    flags = "" if cpu is None or name is None else _cpu_features(cpu) + _cpu_flags(cpu, accel)
+    timers = _clock_plan(ctx.root, accel).cpu
+    if name is None and not timers:
+        return []
+    if name is None:  # QEMU's default model, named so that the timers' flags can follow
+        name = "qemu32" if _arch(ctx.root) == "i686" else "qemu64"
+    return ["-cpu", name + flags + timers]
+
+
+_CPU_ATTRS = frozenset({"mode", "match", "check", "migratable"})
+_CPU_CHECKS = frozenset({"none", "partial", "full"})
+_TOPOLOGY = ("sockets", "dies", "cores", "threads")
+
+
+def _check_cpu(cpu: etree._Element | None) -> None:
+    """<cpu>'s attributes and those of its children (docs/GUESTS.md, "<cpu>")."""
     if cpu is None:
-        return []
-    name = cpu_model(cpu, ctx.facts.accel, ctx.facts.tcg_cpu_models)
-    if name is None:
-        return []
-    return ["-cpu", name + _cpu_features(cpu)]
+        return
+    _check_attrs(cpu, _CPU_ATTRS, "CPU")
+    match = cpu.get("match", "exact")
+    if match == "minimum":
+        raise unsupported(
+            "CPU match 'minimum' is not supported (the guest gets the model as written, "
+            "never a better one)"
+        )
+    if match not in ("exact", "strict"):
+        raise XMLError("Invalid match attribute for CPU specification")
+    if cpu.get("check", "partial") not in _CPU_CHECKS:
+        raise XMLError("Invalid check attribute for CPU specification")
+    migratable = cpu.get("migratable")
+    if migratable is not None:
+        if cpu.get("mode", "custom") not in ("host-passthrough", "maximum"):
+            raise unsupported(
+                "Attribute migratable is only allowed for 'host-passthrough' / 'maximum' CPU mode"
+            )
+        if migratable not in ("on", "off"):
+            raise XMLError(f"Invalid value in migratable attribute: '{migratable}'")
+    model = cpu.find("model")
+    _check_attrs(model, frozenset({"fallback"}), "CPU model")
+    if model is not None and model.get("fallback", "allow") not in ("allow", "forbid"):
+        raise XMLError("Invalid fallback attribute")
+    _check_attrs(cpu.find("topology"), frozenset(_TOPOLOGY), "CPU topology")
+    for feature in cpu.iterfind("feature"):
+        _check_attrs(feature, frozenset({"policy", "name"}), "CPU feature")
+
+
+def _cpu_check(cpu: etree._Element) -> str:
+    """<cpu check>, with libvirt's default: none for host-passthrough and maximum,
+    partial for the others."""
+    default = "none" if cpu.get("mode") in ("host-passthrough", "maximum") else "partial"
+    return cpu.get("check", default)
+
+
+def _cpu_flags(cpu: etree._Element, accel: str) -> str:
+    """check partial or full: QEMU's enforce, which refuses to start rather than give the
+    guest less than the model and its <feature>s ask (libvirt checks that before the
+    start). full also means nothing more than asked: true of TCG, which adds no feature of
+    its own to a model, not of KVM (its paravirtual features), so refused there.
+    migratable='off': the host CPU's non-migratable features too."""
+    check = _cpu_check(cpu)
+    if check == "full" and accel == "kvm":
+        raise unsupported(
+            "CPU check 'full' is not supported under KVM (QEMU's enforce finds features "
+            "missing, not those KVM adds); use check='partial'"
+        )
+    out = ",migratable=off" if cpu.get("migratable") == "off" else ""
+    return out + (",enforce" if check != "none" else "")
+
+
+def _arch(root: etree._Element) -> str:
+    type_el = root.find("os/type")
+    return "x86_64" if type_el is None else type_el.get("arch", "x86_64")
 
 
 def _cpu_features(cpu: etree._Element) -> str:
@@ -715,14 +916,12 @@ def _smp_args(ctx: _Ctx) -> list[str]:
     if not 1 <= current <= total:
         raise XMLError("Invalid number of vCPUs")
     topo = ctx.root.find("cpu/topology")
-    sockets, cores, threads = total, 1, 1
+    shape: dict[str, int] = {"sockets": total, "cores": 1, "threads": 1}
     if topo is not None:
-        sockets = _int(topo.get("sockets"), "sockets", 1)
-        cores = _int(topo.get("cores"), "cores", 1)
-        threads = _int(topo.get("threads"), "threads", 1)
-        if sockets * cores * threads != total:
+        shape = {k: _int(topo.get(k), k, 1) for k in _TOPOLOGY if k != "dies" or k in topo.attrib}
+        if shape["sockets"] * shape.get("dies", 1) * shape["cores"] * shape["threads"] != total:
             raise XMLError("CPU topology doesn't match maximum vcpu count")
-    spec = _opts(str(current), maxcpus=total, sockets=sockets, cores=cores, threads=threads)
+    spec = _opts(str(current), maxcpus=total, **shape)
     return ["-smp", spec]
 
 
@@ -736,21 +935,131 @@ def _base_args(ctx: _Ctx) -> list[str]:
 
 
 def _clock_args(ctx: _Ctx) -> list[str]:
-    clock = ctx.root.find("clock")
+    plan = _clock_plan(ctx.root, ctx.facts.accel)
+    out = [] if plan.rtc is None else ["-rtc", _opts("", **plan.rtc).lstrip(",")]
+    for value in plan.globals:
+        out += ["-global", value]
+    return out
+
+
+@dataclasses.dataclass
+class _ClockPlan:
+    """What <clock> becomes: -rtc's options (None: no <clock>), -global values, and flags
+    for -cpu (kvmclock and the TSC's frequency are CPU properties in QEMU)."""
+
+    rtc: dict[str, str | int | None] | None = None
+    globals: list[str] = dataclasses.field(default_factory=list)
+    cpu: str = ""
+
+
+_RTC_TRACK = {"guest": "vm", "wall": "host", "realtime": "rt"}
+_TIMER_ATTRS = {
+    "rtc": frozenset({"name", "tickpolicy", "track"}),
+    "pit": frozenset({"name", "tickpolicy"}),
+    "hpet": frozenset({"name", "present"}),
+    "kvmclock": frozenset({"name", "present"}),
+    "tsc": frozenset({"name", "frequency"}),
+}
+
+
+def _clock_plan(root: etree._Element, accel: str | None) -> _ClockPlan:
+    """<clock> checked and mapped, timer by timer. ``accel`` None: what depends on the
+    accelerator is neither checked nor mapped."""
+    plan = _ClockPlan()
+    clock = root.find("clock")
     if clock is None:
-        return []
+        return plan
     offset = clock.get("offset", "utc")
     if offset not in ("utc", "localtime"):
         raise unsupported(f"clock offset '{offset}' is not supported")
-    props: dict[str, str | int | None] = {"base": offset}
-    for timer in clock.iterfind("timer"):
-        name = timer.get("name")
-        if name == "rtc" and timer.get("tickpolicy") == "catchup":
-            props["driftfix"] = "slew"
-        elif name not in ("rtc", "pit", "hpet", "kvmclock", "tsc"):
-            raise unsupported(f"clock timer '{name}' is not supported")
+    _check_attrs(clock, frozenset({"offset"}), "clock")
     _check_children(clock, frozenset({"timer"}), "clock")
-    return ["-rtc", _opts("", **props).lstrip(",")]
+    plan.rtc = {"base": offset}
+    for timer in clock.iterfind("timer"):
+        name = timer.get("name", "")
+        if name not in _TIMER_ATTRS:
+            raise unsupported(f"clock timer '{name}' is not supported")
+        _check_attrs(timer, _TIMER_ATTRS[name], f"clock timer '{name}'")
+        _check_children(timer, frozenset(), "timer")
+        _TIMERS[name](timer, accel, plan)
+    return plan
+
+
+def _rtc_timer(timer: etree._Element, accel: str | None, plan: _ClockPlan) -> None:
+    assert plan.rtc is not None  # set before the timers
+    track = timer.get("track")
+    if track == "boot":
+        raise unsupported("unsupported rtc timer track 'boot'")
+    if track is not None:
+        if track not in _RTC_TRACK:
+            raise XMLError(f"unknown timer track '{track}'")
+        plan.rtc["clock"] = _RTC_TRACK[track]
+    policy = timer.get("tickpolicy", "delay")
+    if policy in ("merge", "discard"):
+        raise unsupported(f"unsupported rtc timer tickpolicy '{policy}'")
+    if policy not in ("delay", "catchup"):
+        raise XMLError(f"unknown timer tickpolicy '{policy}'")
+    if policy == "catchup":
+        plan.rtc["driftfix"] = "slew"
+
+
+def _pit_timer(timer: etree._Element, accel: str | None, plan: _ClockPlan) -> None:
+    """KVM's in-kernel PIT takes delay or discard (lost_tick_policy). Under TCG the PIT is
+    QEMU's own i8254, which has no lost-tick policy to set: delay (virt-install's) is
+    accepted, as libvirt accepts it there; discard is refused."""
+    policy = timer.get("tickpolicy", "delay")
+    if policy in ("catchup", "merge"):
+        raise unsupported(f"unsupported pit tickpolicy '{policy}'")
+    if policy not in ("delay", "discard"):
+        raise XMLError(f"unknown timer tickpolicy '{policy}'")
+    if accel == "kvm":
+        plan.globals.append(f"kvm-pit.lost_tick_policy={policy}")
+    elif accel is not None and policy == "discard":
+        raise unsupported(
+            "pit tickpolicy 'discard' needs KVM's in-kernel PIT (qemu_accel kvm): "
+            "TCG's PIT has no lost-tick policy"
+        )
+
+
+def _hpet_timer(timer: etree._Element, accel: str | None, plan: _ClockPlan) -> None:
+    _yes_no(timer.get("present"), "hpet timer present")  # -machine hpet=: _machine_args
+
+
+def _kvmclock_timer(timer: etree._Element, accel: str | None, plan: _ClockPlan) -> None:
+    """A CPU property under KVM. QEMU never gives a TCG guest kvmclock, so present='no'
+    holds there by itself and present='yes' cannot."""
+    present = timer.get("present")
+    _yes_no(present, "kvmclock timer present")
+    if present is None:
+        return
+    if accel == "kvm":
+        plan.cpu += f",kvmclock={'on' if present == 'yes' else 'off'}"
+    elif accel is not None and present == "yes":
+        raise unsupported("clock timer 'kvmclock' needs KVM (qemu_accel kvm): TCG has none")
+
+
+def _tsc_timer(timer: etree._Element, accel: str | None, plan: _ClockPlan) -> None:
+    freq = timer.get("frequency")
+    if freq is None:
+        return
+    hz = _int(freq, "tsc timer frequency")
+    if hz <= 0:
+        raise XMLError(f"invalid value '{freq}' for tsc timer frequency")
+    if accel == "kvm":
+        plan.cpu += f",tsc-frequency={hz}"
+    elif accel is not None:
+        raise unsupported(
+            "tsc timer frequency needs KVM (qemu_accel kvm): TCG does not scale its TSC"
+        )
+
+
+_TIMERS: dict[str, Callable[[etree._Element, str | None, _ClockPlan], None]] = {
+    "rtc": _rtc_timer,
+    "pit": _pit_timer,
+    "hpet": _hpet_timer,
+    "kvmclock": _kvmclock_timer,
+    "tsc": _tsc_timer,
+}
 
 
 def _boot_args(ctx: _Ctx) -> list[str]:
@@ -827,6 +1136,68 @@ def _controller_unknown(ctx: _Ctx, ctl: etree._Element) -> list[str]:
     raise unsupported(f"controller type '{ctl.get('type')}' is not supported")
 
 
+# Attributes a controller may carry besides type, index and model; its <driver>'s
+# attributes (virtio-scsi's, as QEMU properties); the QEMU devices a PCI controller's
+# <model name> may name; the attributes of a PCI controller's <target>.
+_CONTROLLER_ATTRS = {"usb": frozenset({"ports"}), "virtio-serial": frozenset({"ports", "vectors"})}
+_SCSI_DRIVER = {"queues": "num_queues", "cmd_per_lun": "cmd_per_lun",
+                "max_sectors": "max_sectors", "ioeventfd": "ioeventfd"}  # fmt: skip
+_PCI_MODEL_NAMES = {
+    "pcie-root-port": ("pcie-root-port", "ioh3420"),
+    "pci-bridge": ("pci-bridge",),
+    "dmi-to-pci-bridge": ("i82801b11-bridge",),
+    "pcie-to-pci-bridge": ("pcie-pci-bridge",),
+}
+_PCI_TARGET_ATTRS = {"pcie-root-port": frozenset({"chassis", "port"}),
+                     "pci-bridge": frozenset({"chassisNr"})}  # fmt: skip
+
+
+def _check_controller(ctl: etree._Element) -> None:
+    kind, model = ctl.get("type", ""), ctl.get("model", "")
+    common = frozenset({"type", "index", "model"})
+    _check_attrs(ctl, common | _CONTROLLER_ATTRS.get(kind, frozenset()), "controller")
+    if kind == "usb" and ctl.get("ports") is not None and not model.endswith("xhci"):
+        raise unsupported(f"USB controller model '{model or 'piix3-uhci'}' has no 'ports' setting")
+    _controller_driver_props(ctl)
+    _pci_controller_device(ctl)
+    allowed = _PCI_TARGET_ATTRS.get(model, frozenset()) if kind == "pci" else frozenset()
+    _check_attrs(ctl.find("target"), allowed, "controller target")
+    _check_children(ctl.find("target"), frozenset(), "target")
+
+
+def _controller_driver_props(ctl: etree._Element) -> dict[str, str | int | None]:
+    """virtio-scsi's <driver queues cmd_per_lun max_sectors ioeventfd> as QEMU properties;
+    any other <driver> attribute, of any controller, is refused (iothread too: no
+    <iothreads> are supported)."""
+    driver = ctl.find("driver")
+    if driver is None:
+        return {}
+    allowed = _SCSI_DRIVER if ctl.get("type") == "scsi" else {}
+    props: dict[str, str | int | None] = {}
+    for key in sorted(str(k) for k in driver.attrib):
+        if key not in allowed:
+            why = " (no <iothreads> are supported)" if key == "iothread" else ""
+            raise unsupported(f"controller driver attribute '{key}' is not supported{why}")
+        value = driver.get(key, "")
+        what = f"controller driver {key}"
+        props[allowed[key]] = _on_off(value, what) if key == "ioeventfd" else _int(value, what)
+    return props
+
+
+def _pci_controller_device(ctl: etree._Element) -> str | None:
+    """The QEMU device of a PCI controller: its <model name> (one of those libvirt knows for
+    the model), else the model's own; None for the root buses and non-PCI controllers."""
+    model = ctl.get("model", "")
+    name_el = ctl.find("model")
+    if name_el is None:
+        return _PCI_CONTROLLERS.get(model) if ctl.get("type") == "pci" else None
+    _check_attrs(name_el, frozenset({"name"}), "controller model")
+    name = name_el.get("name", "")
+    if ctl.get("type") != "pci" or name not in _PCI_MODEL_NAMES.get(model, ()):
+        raise unsupported(f"controller model name '{name}' is not supported for model '{model}'")
+    return name
+
+
 def _controller_pci(ctx: _Ctx, ctl: etree._Element) -> list[str]:
     model = ctl.get("model", "")
     index = _int(ctl.get("index"), "controller index")
@@ -843,7 +1214,8 @@ def _controller_pci(ctx: _Ctx, ctl: etree._Element) -> list[str]:
         props["id"] = f"pci.{index}"
     elif model == "pci-bridge":
         props = {"chassis_nr": get("chassisNr") or index, "id": f"pci.{index}"}
-    return ["-device", _opts(_PCI_CONTROLLERS[model], **props, **ctx.pci(ctl))]
+    device = _pci_controller_device(ctl) or _PCI_CONTROLLERS[model]
+    return ["-device", _opts(device, **props, **ctx.pci(ctl))]
 
 
 def _controller_usb(ctx: _Ctx, ctl: etree._Element) -> list[str]:
@@ -868,12 +1240,18 @@ def _controller_scsi(ctx: _Ctx, ctl: etree._Element) -> list[str]:
     if model != "virtio-scsi":
         raise unsupported(f"SCSI controller model '{model}' is not supported")
     index = _int(ctl.get("index"), "controller index")
-    return ["-device", _opts("virtio-scsi-pci", id=f"scsi{index}", **ctx.pci(ctl))]
+    driver = _controller_driver_props(ctl)
+    return ["-device", _opts("virtio-scsi-pci", id=f"scsi{index}", **driver, **ctx.pci(ctl))]
 
 
 def _controller_virtio_serial(ctx: _Ctx, ctl: etree._Element) -> list[str]:
     index = _int(ctl.get("index"), "controller index")
-    return ["-device", _opts("virtio-serial-pci", id=f"virtio-serial{index}", **ctx.pci(ctl))]
+    limits: dict[str, str | int | None] = {}
+    for attr, prop in (("ports", "max_ports"), ("vectors", "vectors")):
+        if ctl.get(attr) is not None:
+            limits[prop] = _int(ctl.get(attr), f"virtio-serial controller {attr}")
+    dev = _opts("virtio-serial-pci", id=f"virtio-serial{index}", **limits, **ctx.pci(ctl))
+    return ["-device", dev]
 
 
 def _controller_sata(ctx: _Ctx, ctl: etree._Element) -> list[str]:
@@ -986,6 +1364,60 @@ def _blockdevs(ctx: _Ctx, disk: etree._Element, path: str, driver: etree._Elemen
     return ["-blockdev", _json(storage), "-blockdev", _json(fmt)]
 
 
+_TARGET_ATTRS = frozenset({"dev", "bus", "tray", "removable", "rotation_rate"})
+
+
+def _check_disk(disk: etree._Element) -> None:
+    """What a disk's attributes ask that its front end cannot do, refused with libvirt's
+    texts (the front end's own properties: _disk_target_props)."""
+    _disk_target_props(disk)
+    src = disk.find("source")
+    policy = None if src is None else src.get("startupPolicy")
+    if policy in ("optional", "requisite"):
+        raise unsupported(
+            f"disk startupPolicy '{policy}' is not supported (a source that is missing "
+            "fails the start, as with 'mandatory')"
+        )
+    if policy not in (None, "mandatory"):
+        raise XMLError(f"unknown startupPolicy value '{policy}'")
+    bus = _target_bus(disk)
+    readonly = disk.find("readonly") is not None
+    if readonly and disk.get("device", "disk") == "disk" and bus in ("ide", "sata"):
+        raise unsupported(f"readonly {bus} disks are not supported")
+
+
+def _disk_target_props(disk: etree._Element) -> dict[str, str | int | None]:
+    """removable= and rotation_rate= of the front end, from <target> (libvirt's mapping);
+    tray='closed' is how every cdrom starts."""
+    target = disk.find("target")
+    if target is None:
+        return {}
+    _check_attrs(target, _TARGET_ATTRS, "disk target")
+    device, bus = disk.get("device", "disk"), _target_bus(disk)
+    tray = target.get("tray")
+    if tray is not None and device != "cdrom":
+        raise unsupported("tray is only valid for cdrom and floppy")
+    if tray not in (None, "closed"):
+        raise unsupported(f"disk tray '{tray}' is not supported (a cdrom starts closed)")
+    props: dict[str, str | int | None] = {}
+    removable = target.get("removable")
+    if removable is not None:
+        if bus != "scsi" or device != "disk":
+            raise XMLError("removable is only valid for usb or scsi disks")
+        props["removable"] = _on_off(removable, "disk target removable")
+    rate = target.get("rotation_rate")
+    if rate is not None:
+        if bus not in _DRIVE_BUSES:
+            raise unsupported("rotation rate is only valid for SCSI/IDE/SATA bus")
+        if device != "disk":
+            raise unsupported("rotation rate is only valid for disk device")
+        value = _int(rate, "disk target rotation_rate")
+        if not 1 <= value <= 0xFFFF:
+            raise XMLError(f"invalid value '{rate}' for disk target rotation_rate")
+        props["rotation_rate"] = value
+    return props
+
+
 def _disk_frontend(ctx: _Ctx, disk: etree._Element) -> tuple[str, dict[str, str | int | None]]:
     """(device, its properties) of the disk's bus."""
     bus, index = _target_bus(disk), _disk_index(disk)
@@ -1023,6 +1455,7 @@ def _disk(ctx: _Ctx, disk: etree._Element) -> list[str]:
     dev, props = _disk_frontend(ctx, disk)
     if backend:
         props["drive"] = f"libvirt-{ctx.disk_nodes}-format"
+    props.update(_disk_target_props(disk))
     serial = disk.findtext("serial")
     if serial:
         props["serial"] = serial.strip()
@@ -1284,20 +1717,37 @@ def _chardev_args(ctx: _Ctx) -> list[str]:
 # ------------------------------------------------------------------------ display and others
 
 
+_VNC_ATTRS = frozenset({"type", "port", "autoport", "listen", "keymap", "sharePolicy"})
+_VNC_SHARE = frozenset({"allow-exclusive", "force-shared", "ignore"})
+
+
+def _check_graphics(g: etree._Element) -> None:
+    """One VNC display, with the attributes _graphics_args maps; the rest (passwd,
+    websocket, socket, ...) refused by name."""
+    if g.get("type") != "vnc":
+        raise unsupported(f"graphics type '{g.get('type')}' is not supported (VNC only)")
+    _check_attrs(g, _VNC_ATTRS, "VNC")
+    share = g.get("sharePolicy")
+    if share is not None and share not in _VNC_SHARE:
+        raise XMLError(f"unknown vnc display sharing policy '{share}'")
+    keymap = g.get("keymap")
+    if keymap is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", keymap):
+        raise XMLError(f"invalid VNC keymap '{keymap}'")
+    for child in g.iterfind("listen"):
+        if child.get("type", "address") != "address":
+            raise unsupported(f"VNC listen type '{child.get('type')}' is not supported")
+
+
 def _graphics_args(ctx: _Ctx) -> list[str]:
     graphics = list(ctx.root.iterfind("devices/graphics"))
     if not graphics:
         return []
     g = graphics[0]
-    if len(graphics) > 1 or g.get("type") != "vnc":
-        raise unsupported(f"graphics type '{g.get('type')}' is not supported (VNC only)")
-    for attr in ("passwd", "websocket", "socket"):
-        if g.get(attr) is not None:
-            raise unsupported(f"VNC attribute '{attr}' is not supported")
+    if len(graphics) > 1:
+        raise unsupported("only one <graphics> device is supported")
+    _check_graphics(g)
     listen = g.get("listen")
     for child in g.iterfind("listen"):
-        if child.get("type", "address") != "address":
-            raise unsupported(f"VNC listen type '{child.get('type')}' is not supported")
         listen = child.get("address", listen)
     listen = listen or "127.0.0.1"
     autoport = g.get("autoport") == "yes" or g.get("port", "-1") == "-1"
@@ -1305,7 +1755,20 @@ def _graphics_args(ctx: _Ctx) -> list[str]:
     if port is None or port < VNC_BASE_PORT:
         raise unsupported(f"VNC port {port} is not usable (no port picked, or below 5900)")
     host = f"[{listen}]" if ":" in listen else listen
-    return ["-vnc", f"{host}:{port - VNC_BASE_PORT}"]
+    vnc = _opts(f"{host}:{port - VNC_BASE_PORT}", share=g.get("sharePolicy"))
+    keymap = g.get("keymap")
+    return ["-vnc", vnc, *(["-k", keymap] if keymap else [])]
+
+
+# Attributes of a <video><model> besides type, heads and primary, per model
+_VIDEO_ATTRS = {
+    "vga": frozenset({"vram"}),
+    "cirrus": frozenset({"vram"}),
+    "bochs": frozenset({"vram"}),
+    "virtio": frozenset(),
+    "qxl": frozenset({"ram", "vram", "vgamem", "vram64"}),
+    "none": frozenset(),
+}
 
 
 def _video_args(ctx: _Ctx) -> list[str]:
@@ -1314,21 +1777,57 @@ def _video_args(ctx: _Ctx) -> list[str]:
         raise unsupported("only one <video> device is supported")
     if not videos or _video_model(videos[0]) == "none":
         return []
-    model_el = videos[0].find("model")
-    model = _video_model(videos[0])
-    if model not in _VIDEO:
+    props = {"id": "video0", **_video_props(videos[0])}
+    return ["-device", _opts(_VIDEO[_video_model(videos[0])], **props, **ctx.pci(videos[0]))]
+
+
+def _video_props(video: etree._Element) -> dict[str, str | int | None]:
+    """The display device's properties from <model> (libvirt's mapping), checked."""
+    model = _video_model(video)
+    if model not in _VIDEO and model != "none":
         raise unsupported(f"video model '{model}' is not supported")
-    get = (lambda k: None) if model_el is None else model_el.get
-    props: dict[str, str | int | None] = {"id": "video0"}
+    model_el = video.find("model")
+    if model_el is None:
+        return {}
+    common = frozenset({"type", "heads", "primary"})
+    _check_attrs(model_el, common | _VIDEO_ATTRS[model], f"video model '{model}'")
+    _check_children(model_el, frozenset({"acceleration"}), "model")
+    _check_acceleration(model_el.find("acceleration"))
+    _yes_no(model_el.get("primary"), "video primary")  # the only <video> is the primary
+    heads = _int(model_el.get("heads"), "video heads", 1)
+    if heads < 1:
+        raise XMLError(f"invalid value '{heads}' for video heads")
+    if heads != 1 and model not in ("qxl", "virtio"):
+        raise unsupported(f"video type '{model}' doesn't support multiple 'heads'")
+    get = model_el.get
+    props: dict[str, str | int | None] = {}
     if model in ("vga", "cirrus") and get("vram"):
         props["vgamem_mb"] = _int(get("vram"), "video vram") // 1024
+    if model == "bochs" and get("vram"):
+        props["vgamem"] = _int(get("vram"), "video vram") * 1024
     if model == "qxl":
         props.update(
             ram_size=_int(get("ram"), "qxl ram", 65536) * 1024,
             vram_size=_int(get("vram"), "qxl vram", 65536) * 1024,
             vgamem_mb=_int(get("vgamem"), "qxl vgamem", 16384) // 1024,
         )
-    return ["-device", _opts(_VIDEO[model], **props, **ctx.pci(videos[0]))]
+        if get("vram64"):
+            props["vram64_size_mb"] = _int(get("vram64"), "qxl vram64") // 1024
+    if model in ("qxl", "virtio"):
+        props["max_outputs"] = heads
+    return props
+
+
+def _check_acceleration(accel: etree._Element | None) -> None:
+    if accel is None:
+        return
+    _check_attrs(accel, frozenset({"accel3d", "accel2d"}), "video acceleration")
+    _yes_no(accel.get("accel2d"), "accel2d")
+    _yes_no(accel.get("accel3d"), "accel3d")
+    if accel.get("accel2d") == "yes":
+        raise unsupported("qemu does not support the accel2d setting")
+    if accel.get("accel3d") == "yes":
+        raise unsupported("3d acceleration is not supported (it needs an OpenGL display)")
 
 
 _INPUT_DEVICES = {
@@ -1361,12 +1860,44 @@ def _balloon_args(ctx: _Ctx) -> list[str]:
     balloon = ctx.root.find("devices/memballoon")
     if balloon is None or balloon.get("model") == "none":
         return []
-    if balloon.get("model", "virtio") != "virtio":
-        raise unsupported(f"memballoon model '{balloon.get('model')}' is not supported")
-    deflate = "on" if balloon.get("autodeflate") == "on" else None
-    extra: dict[str, str | int | None] = {"deflate-on-oom": deflate}
-    dev = _opts("virtio-balloon-pci", id="balloon0", **extra, **ctx.pci(balloon))
+    props = _balloon_props(balloon)
+    dev = _opts("virtio-balloon-pci", id="balloon0", **props, **ctx.pci(balloon))
     return ["-device", dev]
+
+
+_BALLOON_ATTRS = frozenset({"model", "autodeflate", "freePageReporting"})
+
+
+def _balloon_props(balloon: etree._Element) -> dict[str, str | int | None]:
+    """autodeflate, freePageReporting and <stats period> as the balloon's properties.
+    libvirt sets the statistics' period with qom-set once QEMU runs; the property on the
+    command line is the same setting, in force from the start and on a migration's
+    destination alike."""
+    model = balloon.get("model", "virtio")
+    if model not in ("virtio", "none"):
+        raise unsupported(f"memballoon model '{model}' is not supported")
+    if model == "none":  # no balloon: nothing of one can be set
+        _check_attrs(balloon, frozenset({"model"}), "memballoon model 'none'")
+        _check_children(balloon, _COMMON_CHILDREN, "memballoon model='none'")
+        return {}
+    _check_attrs(balloon, _BALLOON_ATTRS, "memballoon")
+    props: dict[str, str | int | None] = {}
+    for attr, prop in (
+        ("autodeflate", "deflate-on-oom"),
+        ("freePageReporting", "free-page-reporting"),
+    ):
+        value = balloon.get(attr)
+        if value is not None:
+            props[prop] = _on_off(value, f"memballoon {attr}")
+    stats = balloon.find("stats")
+    if stats is not None:
+        _check_attrs(stats, frozenset({"period"}), "memballoon stats")
+        period = _int(stats.get("period"), "memballoon stats period")
+        if period < 0:
+            raise XMLError(f"invalid value '{period}' for memballoon stats period")
+        if period:
+            props["guest-stats-polling-interval"] = period
+    return props
 
 
 def _rng_args(ctx: _Ctx) -> list[str]:
@@ -1404,6 +1935,14 @@ def _watchdog_args(ctx: _Ctx) -> list[str]:
     dev = _opts(model, id="watchdog0", **ctx.pci(dog))
     return ["-device", dev, "-action", f"watchdog={action}"]
 
+
+_DEVICE_CHECKS: dict[str, Callable[[etree._Element], object]] = {
+    "disk": _check_disk,
+    "controller": _check_controller,
+    "graphics": _check_graphics,
+    "video": _video_props,
+    "memballoon": _balloon_props,
+}
 
 _PARTS: tuple[Callable[[_Ctx], list[str]], ...] = (
     _name_uuid,

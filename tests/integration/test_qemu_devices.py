@@ -5,6 +5,7 @@ path both hosts see (shared storage on one machine)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid as uuidlib
 from pathlib import Path
@@ -123,4 +124,61 @@ def test_unsupported_element_is_refused_with_nothing_started(
     assert r.returncode == 1
     assert "unsupported configuration: device <sound> is not supported" in r.stderr
     assert domname not in a.names()
+    assert runtime_record(a.state_dir, u) is None
+
+
+def cpus_allowed(pid: int) -> dict[str, str]:
+    """Cpus_allowed_list of each thread of ``pid`` (thread id -> list)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        out[task.name] = next(line.split(":", 1)[1].strip() for line in status.splitlines()
+                              if line.startswith("Cpus_allowed_list:"))
+    return out
+
+
+def test_tuning_attributes_hold_on_both_hosts(
+    hosts: tuple[Host, Host], domname: str, tmp_path: Path
+) -> None:
+    """The tuned golden through the daemons: <vcpu cpuset='0'> confines every thread of the
+    emulator to host CPU 0, <memballoon><stats period='5'> is the balloon's polling interval
+    and <driver queues='2'> virtio-scsi's, on the source and, after a live migration, on
+    the destination (whose QEMU is built from the live XML)."""
+    a, b = hosts
+    u = str(uuidlib.uuid4())
+    xml = guest_xml("tuned-q35", domname, u, tmp_path)
+    a.define(xml, f"{domname}.xml")
+    a.migctl("start", domname)
+    for host in (a, b):
+        rec = runtime_record(host.state_dir, u)
+        assert rec is not None
+        threads = cpus_allowed(rec["pid"])
+        assert len(threads) > 1 and set(threads.values()) == {"0"}, threads
+        with qmp_for(host.state_dir, u) as q:
+            interval = q.cmd("qom-get", path="/machine/peripheral/balloon0",
+                             property="guest-stats-polling-interval")
+            assert interval == 5
+            assert q.cmd("qom-get", path="/machine/peripheral/scsi0",
+                         property="num_queues") == 2
+            assert q.cmd("query-status")["status"] == "running"
+        if host is a:
+            a.migctl("migrate", "--live", "--persistent", "--undefinesource", "--p2p",
+                     "--unsafe", domname, b.dst, timeout=180)
+    b.migctl("destroy", domname)
+    b.migctl("undefine", domname)
+
+
+def test_a_cpuset_naming_no_cpu_of_the_host_is_refused_before_the_start(
+    hosts: tuple[Host, Host], domname: str, tmp_path: Path
+) -> None:
+    a, _ = hosts
+    u = str(uuidlib.uuid4())
+    missing = os.cpu_count() or 1  # CPUs are numbered from 0: this one is not there
+    xml = guest_xml("minimal", domname, u, tmp_path).replace(
+        "<vcpu>1</vcpu>", f"<vcpu cpuset='{missing}'>1</vcpu>"
+    )
+    a.define(xml, f"{domname}.xml")
+    r = a.migctl("start", domname, check=False)
+    assert r.returncode == 1
+    assert f"host CPU {missing} named by <vcpu cpuset> is not online on this host" in r.stderr
     assert runtime_record(a.state_dir, u) is None

@@ -102,3 +102,22 @@ def test_unknown_emulator_user_refused_at_start(tmp_path: Path) -> None:
     c = _config(tmp_path, 'emulator_user = "no-such-user-vmmtest"\n')
     with pytest.raises(InvalidArgument, match="no such user"):
         policy_from_config(c, "")
+
+
+def test_the_emulator_is_confined_to_the_cpuset(tmp_path: Path) -> None:
+    """<vcpu cpuset>: taskset sets the CPUs and execs the emulator, which (and every thread
+    it starts) inherits them; without a cpuset nothing is changed."""
+    from vmmigrate.common.hypervisor import _spawn
+
+    show = ["/bin/sh", "-c", "grep Cpus_allowed_list /proc/self/status"]
+    for cpus, expect in ((frozenset({0}), "0"), (None, _allowed_list())):
+        log = tmp_path / f"log{expect}"
+        proc = _spawn(show, str(log), EmulatorPolicy(), cpus)
+        assert proc.wait(timeout=20) == 0
+        assert log.read_text().split() == ["Cpus_allowed_list:", expect]
+
+
+def _allowed_list() -> str:
+    status = Path("/proc/self/status").read_text()
+    return next(line.split()[1] for line in status.splitlines()
+                if line.startswith("Cpus_allowed_list:"))

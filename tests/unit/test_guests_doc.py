@@ -118,6 +118,27 @@ VALUES = {
     "boot devices and their letters": [*qemuargv._BOOT_DEVS, *qemuargv._BOOT_DEVS.values()],
     "TCG CPU models": list(qemuargv.TCG_CPU_MODELS),
     "architectures": list(qemuargv._ARCHES),
+    # the attributes each checked element may carry, and their values and mappings
+    "vcpu attributes": list(qemuargv._VCPU_ATTRS),
+    "on_crash actions": list(qemuargv._ON_CRASH),
+    "CPU attributes and topology": [*qemuargv._CPU_ATTRS, *qemuargv._CPU_CHECKS, *qemuargv._TOPOLOGY],
+    "timers, their attributes and rtc tracks": [
+        *qemuargv._TIMER_ATTRS,
+        *{a for attrs in qemuargv._TIMER_ATTRS.values() for a in attrs},
+        *qemuargv._RTC_TRACK,
+        *qemuargv._RTC_TRACK.values(),
+    ],
+    "disk target attributes": list(qemuargv._TARGET_ATTRS),
+    "controller attributes and drivers": [
+        *{a for attrs in qemuargv._CONTROLLER_ATTRS.values() for a in attrs},
+        *qemuargv._SCSI_DRIVER,
+        *qemuargv._SCSI_DRIVER.values(),
+        *{n for names in qemuargv._PCI_MODEL_NAMES.values() for n in names},
+        *{a for attrs in qemuargv._PCI_TARGET_ATTRS.values() for a in attrs},
+    ],
+    "VNC attributes and share policies": [*qemuargv._VNC_ATTRS, *qemuargv._VNC_SHARE],
+    "video model attributes": [a for attrs in qemuargv._VIDEO_ATTRS.values() for a in attrs],
+    "memballoon attributes": list(qemuargv._BALLOON_ATTRS),
 }
 
 

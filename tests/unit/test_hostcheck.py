@@ -489,3 +489,23 @@ def test_checks_run_in_order_and_change_nothing(tmp_path: Path, qemu: Path, sysf
         )
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
     assert calls(qemu.parent) == ["-machine", "-cpu"]
+
+
+def test_a_cpuset_must_name_online_cpus(qemu: Path, sysfs: Path) -> None:
+    (sysfs / "devices/system/cpu").mkdir(parents=True)
+    (sysfs / "devices/system/cpu/online").write_text("0-3,6\n")
+    settings = qemu_settings(qemu)
+
+    def pinned(cpuset: str) -> DomainDef:
+        return parse_domain(domain().xml.replace("<vcpu>1</vcpu>", f"<vcpu cpuset='{cpuset}'>1</vcpu>"))
+
+    check_runnable(pinned("0-3,^1,6"), settings, sys_root=sysfs)
+    refused(
+        HostResourceMissing,
+        "host CPU 4 named by <vcpu cpuset> is not online on this host (online: 0-3,6)",
+        pinned("2-5"),
+        settings,
+        sys_root=sysfs,
+    )
+    # simvm is not pinned (it emulates none of the host placement): nothing to check
+    check_runnable(pinned("9"), SIMVM, sys_root=sysfs)

@@ -9,6 +9,7 @@ QEMU 7.2 accepts, not only one we expect.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -314,6 +315,125 @@ REFUSED = {
         domain(top="<cpu><numa><cell id='0' cpus='0' memory='131072'/></numa></cpu>"),
         "element <numa> of <cpu> is not supported",
     ),
+    # what was accepted and not applied: each now mapped (tests below) or refused by name
+    "balloon stats attribute": (
+        domain("<memballoon model='virtio'><stats period='5' unit='s'/></memballoon>"),
+        "memballoon stats attribute 'unit' is not supported",
+    ),
+    "balloon attribute": (domain("<memballoon model='virtio' foo='1'/>"), "memballoon attribute 'foo' is not supported"),
+    "no balloon, stats": (domain("<memballoon model='none'><stats period='5'/></memballoon>"),
+                          "element <stats> of <memballoon model='none'> is not supported"),
+    "no balloon, autodeflate": (domain("<memballoon model='none' autodeflate='on'/>"),
+                                "memballoon model 'none' attribute 'autodeflate' is not supported"),
+    "controller iothread": (
+        domain("<controller type='scsi' index='0' model='virtio-scsi'><driver iothread='1'/></controller>"),
+        "controller driver attribute 'iothread' is not supported (no <iothreads> are supported)",
+    ),
+    "scsi driver packed": (
+        domain("<controller type='scsi' index='0'><driver packed='on'/></controller>"),
+        "controller driver attribute 'packed' is not supported",
+    ),
+    "virtio-serial driver": (
+        domain("<controller type='virtio-serial' index='0'><driver queues='2'/></controller>"),
+        "controller driver attribute 'queues' is not supported",
+    ),
+    "controller model name": (
+        domain("<controller type='pci' index='1' model='pci-bridge'><model name='pxb'/></controller>"),
+        "controller model name 'pxb' is not supported for model 'pci-bridge'",
+    ),
+    "model name of a usb controller": (
+        domain("<controller type='usb' index='0' model='qemu-xhci'><model name='qemu-xhci'/></controller>"),
+        "controller model name 'qemu-xhci' is not supported for model 'qemu-xhci'",
+    ),
+    "controller target attribute": (
+        domain("<controller type='pci' index='1' model='pcie-root-port'><target chassis='1' hotplug='off'/></controller>", machine="q35"),
+        "controller target attribute 'hotplug' is not supported",
+    ),
+    "usb ports on uhci": (domain("<controller type='usb' index='0' model='piix3-uhci' ports='4'/>"),
+                          "USB controller model 'piix3-uhci' has no 'ports' setting"),
+    "controller attribute": (domain("<controller type='sata' index='0' ports='4'/>"), "controller attribute 'ports' is not supported"),
+    "video heads on vga": (domain("<video><model type='vga' heads='2'/></video>"), "video type 'vga' doesn't support multiple 'heads'"),
+    "video vram on virtio": (domain("<video><model type='virtio' vram='16384'/></video>"), "video model 'virtio' attribute 'vram' is not supported"),
+    "video blob": (domain("<video><model type='virtio' blob='on'/></video>"), "video model 'virtio' attribute 'blob' is not supported"),
+    "video resolution": (domain("<video><model type='vga'><resolution x='800' y='600'/></model></video>"), "element <resolution> of <model> is not supported"),
+    "accel3d": (domain("<video><model type='virtio'><acceleration accel3d='yes'/></model></video>"), "3d acceleration is not supported"),
+    "accel2d": (domain("<video><model type='vga'><acceleration accel2d='yes'/></model></video>"), "qemu does not support the accel2d setting"),
+    "rendernode": (
+        domain("<video><model type='virtio'><acceleration rendernode='/dev/dri/renderD128'/></model></video>"),
+        "video acceleration attribute 'rendernode' is not supported",
+    ),
+    "tray open": (
+        domain("<disk type='file' device='cdrom'><target dev='hdc' bus='ide' tray='open'/></disk>"),
+        "disk tray 'open' is not supported",
+    ),
+    "tray of a disk": (
+        domain("<disk type='file' device='disk'><source file='/x'/><target dev='hda' bus='ide' tray='closed'/></disk>"),
+        "tray is only valid for cdrom and floppy",
+    ),
+    "rotation rate on virtio": (domain(DISK.replace("bus='virtio'", "bus='virtio' rotation_rate='1'").format("")),
+                                "rotation rate is only valid for SCSI/IDE/SATA bus"),
+    "rotation rate of a cdrom": (
+        domain("<disk type='file' device='cdrom'><target dev='sda' bus='sata' rotation_rate='1'/></disk>"),
+        "rotation rate is only valid for disk device",
+    ),
+    "disk target attribute": (domain(DISK.replace("bus='virtio'", "bus='virtio' foo='x'").format("")),
+                              "disk target attribute 'foo' is not supported"),
+    "startupPolicy optional": (
+        domain("<disk type='file' device='cdrom'><source file='/x.iso' startupPolicy='optional'/><target dev='hdc' bus='ide'/></disk>"),
+        "disk startupPolicy 'optional' is not supported",
+    ),
+    "startupPolicy requisite": (
+        domain("<disk type='file' device='cdrom'><source file='/x.iso' startupPolicy='requisite'/><target dev='hdc' bus='ide'/></disk>"),
+        "disk startupPolicy 'requisite' is not supported",
+    ),
+    "readonly ide disk": (domain(ide_disk("hda").replace("</disk>", "<readonly/></disk>")), "readonly ide disks are not supported"),
+    "readonly sata disk": (domain(ide_disk("sda", bus="sata").replace("</disk>", "<readonly/></disk>")),
+                           "readonly sata disks are not supported"),
+    "vnc websocket": (domain("<graphics type='vnc' websocket='5700'/>"), "VNC attribute 'websocket' is not supported"),
+    "vnc passwdValidTo": (domain("<graphics type='vnc' passwdValidTo='2030-01-01T00:00:00'/>"),
+                          "VNC attribute 'passwdValidTo' is not supported"),
+    "rtc merge": (domain(top="<clock><timer name='rtc' tickpolicy='merge'/></clock>"), "unsupported rtc timer tickpolicy 'merge'"),
+    "rtc discard": (domain(top="<clock><timer name='rtc' tickpolicy='discard'/></clock>"), "unsupported rtc timer tickpolicy 'discard'"),
+    "rtc track boot": (domain(top="<clock><timer name='rtc' track='boot'/></clock>"), "unsupported rtc timer track 'boot'"),
+    "pit catchup": (domain(top="<clock><timer name='pit' tickpolicy='catchup'/></clock>"), "unsupported pit tickpolicy 'catchup'"),
+    "pit merge": (domain(top="<clock><timer name='pit' tickpolicy='merge'/></clock>"), "unsupported pit tickpolicy 'merge'"),
+    "pit discard under tcg": (domain(top="<clock><timer name='pit' tickpolicy='discard'/></clock>"),
+                              "pit tickpolicy 'discard' needs KVM's in-kernel PIT"),
+    "kvmclock under tcg": (domain(top="<clock><timer name='kvmclock' present='yes'/></clock>"),
+                           "clock timer 'kvmclock' needs KVM (qemu_accel kvm)"),
+    "tsc frequency under tcg": (domain(top="<clock><timer name='tsc' frequency='2000000000'/></clock>"),
+                                "tsc timer frequency needs KVM"),
+    "tsc mode": (domain(top="<clock><timer name='tsc' mode='native'/></clock>"), "clock timer 'tsc' attribute 'mode' is not supported"),
+    "hpet tickpolicy": (domain(top="<clock><timer name='hpet' tickpolicy='delay'/></clock>"),
+                        "clock timer 'hpet' attribute 'tickpolicy' is not supported"),
+    "timer catchup child": (
+        domain(top="<clock><timer name='rtc' tickpolicy='catchup'><catchup threshold='123'/></timer></clock>"),
+        "element <catchup> of <timer> is not supported",
+    ),
+    "clock timezone": (domain(top="<clock offset='localtime' timezone='Europe/Paris'/>"), "clock attribute 'timezone' is not supported"),
+    "cpu match minimum": (domain(top="<cpu match='minimum'><model>qemu64</model></cpu>"), "CPU match 'minimum' is not supported"),
+    "migratable on custom": (
+        domain(top="<cpu mode='custom' migratable='on'><model>qemu64</model></cpu>"),
+        "Attribute migratable is only allowed for 'host-passthrough' / 'maximum' CPU mode",
+    ),
+    "cpu model vendor_id": (domain(top="<cpu><model vendor_id='GenuineIntel'>qemu64</model></cpu>"),
+                            "CPU model attribute 'vendor_id' is not supported"),
+    "cpu deprecated_features": (domain(top="<cpu mode='host-model' deprecated_features='off'/>"),
+                                "CPU attribute 'deprecated_features' is not supported"),
+    "topology clusters": (
+        domain(top="<cpu><topology sockets='1' clusters='1' cores='1' threads='1'/></cpu>"),
+        "CPU topology attribute 'clusters' is not supported",
+    ),
+    "vcpu placement auto": (domain().replace("<vcpu>1</vcpu>", "<vcpu placement='auto'>1</vcpu>"),
+                            "vcpu placement 'auto' is not supported"),
+    "resource partition": (domain(top="<resource><partition>/production</partition></resource>"),
+                           "resource partition '/production' is not supported"),
+    "resource fibrechannel": (domain(top="<resource><fibrechannel appid='x'/></resource>"),
+                              "element <fibrechannel> of <resource> is not supported"),
+    "seclabel dynamic": (domain(top="<seclabel type='dynamic' model='selinux' relabel='yes'/>"),
+                         "seclabel type 'dynamic' is not supported"),
+    "seclabel default type": (domain(top="<seclabel model='apparmor'/>"), "seclabel type 'dynamic' is not supported"),
+    "seclabel none relabel": (domain(top="<seclabel type='none' relabel='yes'/>"), "seclabel attribute 'relabel' is not supported"),
 }
 
 
@@ -323,6 +443,172 @@ def test_unsupported_is_refused_naming_it(case: str) -> None:
     with pytest.raises(ConfigUnsupported) as exc:
         build_argv(parse_domain(xml), FACTS)
     assert words in str(exc.value)
+    if case == "unknown network":
+        # the host's networks table is asked at start and Prepare (hostcheck), not at define
+        qemuargv.check_supported(parse_domain(xml), FACTS.accel)
+        return
+    # at define, start and Prepare (the host's accelerator given), before any argv
+    with pytest.raises(ConfigUnsupported) as exc:
+        qemuargv.check_supported(parse_domain(xml), FACTS.accel)
+    assert words in str(exc.value)
+
+
+KVM = dataclasses.replace(FACTS, accel="kvm")
+
+
+def argv_of(xml: str, facts: HostFacts = FACTS) -> list[str]:
+    return build_argv(parse_domain(xml), facts)
+
+
+def option(argv: list[str], name: str) -> list[str]:
+    """Every value given to ``name`` (-device, -global, ...)."""
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == name]
+
+
+MAPPED = {
+    # (domain XML, facts, option, the value it must have)
+    "bochs vram": (domain("<video><model type='bochs' vram='32768'/></video>"), FACTS, "-device",
+                   "bochs-display,id=video0,vgamem=33554432,bus=pci.0,addr=0x2"),
+    "virtio heads": (domain("<video><model type='virtio' heads='2'/></video>"), FACTS, "-device",
+                     "virtio-vga,id=video0,max_outputs=2,bus=pci.0,addr=0x2"),
+    "virtio without heads": (domain("<video><model type='virtio'/></video>"), FACTS, "-device",
+                             "virtio-vga,id=video0,max_outputs=1,bus=pci.0,addr=0x2"),
+    "removable off": (domain(ide_disk("sda", bus="scsi").replace("bus='scsi'", "bus='scsi' removable='off'")), FACTS,
+                      "-device", "scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=0,id=scsi0-0-0-0,drive=libvirt-1-format,removable=off"),
+    "ide rotation rate": (domain(ide_disk("hda").replace("bus='ide'", "bus='ide' rotation_rate='5400'")), FACTS,
+                          "-device", "ide-hd,bus=ide.0,unit=0,id=ide0-0-0,drive=libvirt-1-format,rotation_rate=5400"),
+    "readonly scsi disk": (domain(ide_disk("sda", bus="scsi").replace("</disk>", "<readonly/></disk>")), FACTS,
+                           "-device", "scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=0,id=scsi0-0-0-0,drive=libvirt-1-format"),
+    "autodeflate off": (domain("<memballoon model='virtio' autodeflate='off'><stats period='0'/></memballoon>"), FACTS,
+                        "-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=off,bus=pci.0,addr=0x3"),
+    "vnc share and keymap": (domain("<graphics type='vnc' port='5907' sharePolicy='allow-exclusive' keymap='en-gb'/>"),
+                             FACTS, "-vnc", "127.0.0.1:7,share=allow-exclusive"),
+    "rtc wall clock": (domain(top="<clock offset='utc'><timer name='rtc' track='wall' tickpolicy='catchup'/></clock>"),
+                       FACTS, "-rtc", "base=utc,clock=host,driftfix=slew"),
+    "rtc realtime": (domain(top="<clock offset='localtime'><timer name='rtc' track='realtime'/></clock>"),
+                     FACTS, "-rtc", "base=localtime,clock=rt"),
+    "pit delay under kvm": (domain(top="<clock><timer name='pit' tickpolicy='delay'/></clock>"), KVM, "-global",
+                            "kvm-pit.lost_tick_policy=delay"),
+    "pit discard under kvm": (domain(top="<clock><timer name='pit' tickpolicy='discard'/></clock>"), KVM, "-global",
+                              "kvm-pit.lost_tick_policy=discard"),
+    "kvmclock off under kvm, no cpu model": (domain(top="<clock><timer name='kvmclock' present='no'/></clock>"), KVM,
+                                             "-cpu", "qemu64,kvmclock=off"),
+    "i686's default model": (domain(top="<clock><timer name='kvmclock' present='no'/></clock>").replace("x86_64", "i686"),
+                             KVM, "-cpu", "qemu32,kvmclock=off"),
+    "kvmclock and tsc under kvm": (
+        domain(top="<cpu mode='host-passthrough'/><clock><timer name='kvmclock' present='yes'/>"
+                   "<timer name='tsc' frequency='2500000000'/></clock>"),
+        KVM, "-cpu", "host,kvmclock=on,tsc-frequency=2500000000"),
+    "check none": (domain(top="<cpu check='none'><model>qemu64</model></cpu>"), FACTS, "-cpu", "qemu64"),
+    "check partial on passthrough": (domain(top="<cpu mode='host-passthrough' check='partial'/>"), FACTS, "-cpu", "max,enforce"),
+    "passthrough checks nothing by default": (domain(top="<cpu mode='host-passthrough' migratable='on'/>"), FACTS, "-cpu", "max"),
+    "maximum migratable off": (domain(top="<cpu mode='maximum' migratable='off'/>"), FACTS, "-cpu", "max,migratable=off"),
+    "strict and fallback": (domain(top="<cpu match='strict'><model fallback='allow'>Nehalem</model></cpu>"), FACTS,
+                            "-cpu", "Nehalem,enforce"),
+    "dies": (domain(top="<cpu><topology sockets='1' dies='2' cores='1' threads='1'/></cpu>").replace(
+        "<vcpu>1</vcpu>", "<vcpu>2</vcpu>"), FACTS, "-smp", "2,maxcpus=2,sockets=1,dies=2,cores=1,threads=1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MAPPED))
+def test_attributes_are_mapped_as_libvirt_maps_them(case: str) -> None:
+    xml, facts, name, value = MAPPED[case]
+    assert value in option(argv_of(xml, facts), name)
+
+
+def test_a_vnc_keymap_is_qemus_keyboard_layout() -> None:
+    argv = argv_of(domain("<graphics type='vnc' port='5907' keymap='en-gb'/>"))
+    assert option(argv, "-k") == ["en-gb"]
+
+
+def test_what_tcg_has_of_itself_adds_nothing() -> None:
+    """pit delay: TCG's own PIT has no lost-tick policy; kvmclock present='no': QEMU gives a
+    TCG guest none."""
+    top = "<clock><timer name='pit' tickpolicy='delay'/><timer name='kvmclock' present='no'/></clock>"
+    argv = argv_of(domain(top=top))
+    assert "-global" not in argv and "-cpu" not in argv
+
+
+XML_ERRORS = {
+    "cpuset syntax": (domain().replace("<vcpu>1</vcpu>", "<vcpu cpuset='0-'>1</vcpu>"), "Failed to parse bitmap '0-'"),
+    "cpuset empty": (domain().replace("<vcpu>1</vcpu>", "<vcpu cpuset='1,^1'>1</vcpu>"), "Invalid value of 'cpuset': 1,^1"),
+    "on_crash": (domain(top="<on_crash>explode</on_crash>"), "invalid on_crash action 'explode'"),
+    "share policy": (domain("<graphics type='vnc' sharePolicy='sometimes'/>"), "unknown vnc display sharing policy 'sometimes'"),
+    "keymap": (domain("<graphics type='vnc' keymap='../../etc/x'/>"), "invalid VNC keymap '../../etc/x'"),
+    "removable on ide": (domain(ide_disk("hda").replace("bus='ide'", "bus='ide' removable='on'")),
+                         "removable is only valid for usb or scsi disks"),
+    "removable value": (domain(ide_disk("sda", bus="scsi").replace("bus='scsi'", "bus='scsi' removable='yes'")),
+                        "invalid value 'yes' for disk target removable"),
+    "rotation rate 0": (domain(ide_disk("hda").replace("bus='ide'", "bus='ide' rotation_rate='0'")),
+                        "invalid value '0' for disk target rotation_rate"),
+    "heads 0": (domain("<video><model type='qxl' heads='0'/></video>"), "invalid value '0' for video heads"),
+    "primary": (domain("<video><model type='vga' primary='maybe'/></video>"), "invalid value 'maybe' for video primary"),
+    "cpu check": (domain(top="<cpu check='thorough'/>"), "Invalid check attribute for CPU specification"),
+    "cpu match": (domain(top="<cpu match='loose'/>"), "Invalid match attribute for CPU specification"),
+    "fallback": (domain(top="<cpu><model fallback='maybe'>qemu64</model></cpu>"), "Invalid fallback attribute"),
+    "migratable": (domain(top="<cpu mode='host-passthrough' migratable='yes'/>"), "Invalid value in migratable attribute: 'yes'"),
+    "startupPolicy": (domain("<disk type='file' device='cdrom'><source file='/x' startupPolicy='sometimes'/>"
+                             "<target dev='hdc' bus='ide'/></disk>"), "unknown startupPolicy value 'sometimes'"),
+    "stats period": (domain("<memballoon model='virtio'><stats period='-1'/></memballoon>"),
+                     "invalid value '-1' for memballoon stats period"),
+    "scsi queues": (domain("<controller type='scsi' index='0'><driver queues='many'/></controller>"),
+                    "invalid value 'many' for controller driver queues"),
+    "dies": (domain(top="<cpu><topology sockets='1' dies='2' cores='1' threads='1'/></cpu>"),
+             "CPU topology doesn't match maximum vcpu count"),
+    "timer present": (domain(top="<clock><timer name='hpet' present='off'/></clock>"), "invalid value 'off' for hpet timer present"),
+    "rtc tickpolicy": (domain(top="<clock><timer name='rtc' tickpolicy='later'/></clock>"), "unknown timer tickpolicy 'later'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(XML_ERRORS))
+def test_malformed_attribute_values_are_xml_errors(case: str) -> None:
+    xml, words = XML_ERRORS[case]
+    with pytest.raises(XMLError) as exc:
+        argv_of(xml)
+    assert words in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [("0", {0}), ("0-3", {0, 1, 2, 3}), ("0-3,^2", {0, 1, 3}), ("1, 5-6", {1, 5, 6}),
+     ("0-7,^0,^7", set(range(1, 7)))],
+)  # fmt: skip
+def test_parse_cpuset_is_libvirts_syntax(text: str, cpus: set[int]) -> None:
+    assert qemuargv.parse_cpuset(text) == cpus
+
+
+def test_host_cpus_of_a_domain() -> None:
+    assert qemuargv.host_cpus(parse_domain(domain())) is None
+    pinned = domain().replace("<vcpu>1</vcpu>", "<vcpu placement='static' cpuset='1-2'>1</vcpu>")
+    assert qemuargv.host_cpus(parse_domain(pinned)) == {1, 2}
+    build_argv(parse_domain(pinned), FACTS)  # pinning is the spawn's, not the argv's
+
+
+def test_check_full_is_enforce_under_tcg_and_refused_under_kvm() -> None:
+    xml = domain(top="<cpu check='full'><model>Westmere</model><feature policy='require' name='aes'/></cpu>")
+    assert option(argv_of(xml), "-cpu") == ["Westmere,aes=on,enforce"]
+    with pytest.raises(ConfigUnsupported, match="CPU check 'full' is not supported under KVM"):
+        qemuargv.check_supported(parse_domain(xml), "kvm")
+
+
+def test_what_only_kvm_honours_is_refused_on_a_tcg_host_at_define(tmp_path: Path) -> None:
+    """The host passes its accelerator to check_supported: a TCG host refuses what only KVM
+    does, a KVM host maps it."""
+    from vmmigrate.common.hypervisor import EmulatorSettings, QMPHypervisor
+
+    d = parse_domain(domain(top="<clock><timer name='pit' tickpolicy='discard'/></clock>"))
+    tcg = QMPHypervisor(tmp_path / "t", EmulatorSettings(default="qemu", qemu_accel="tcg"))
+    with pytest.raises(ConfigUnsupported, match="pit tickpolicy 'discard' needs KVM"):
+        tcg.check_definition(d)
+    QMPHypervisor(tmp_path / "k", EmulatorSettings(default="qemu", qemu_accel="kvm")).check_definition(d)
+    # without an accelerator (what the XML alone says) it waits for the argv
+    qemuargv.check_supported(d)
+
+
+def test_harmless_forms_of_seclabel_resource_and_on_crash() -> None:
+    top = ("<on_crash>coredump-restart</on_crash><resource><partition>/machine</partition></resource>"
+           "<seclabel type='none'/>")
+    assert build_argv(parse_domain(domain(top=top)), FACTS) == build_argv(parse_domain(domain()), FACTS)
 
 
 def test_mixed_boot_styles_are_an_xml_error() -> None:
@@ -334,7 +620,7 @@ def test_mixed_boot_styles_are_an_xml_error() -> None:
 def test_cpu_models_tcg_cannot_run_pass_under_kvm() -> None:
     xml = domain(top="<cpu mode='custom'><model>Haswell</model></cpu>")
     argv = build_argv(parse_domain(xml), HostFacts(accel="kvm"))
-    assert argv[argv.index("-cpu") + 1] == "Haswell"
+    assert argv[argv.index("-cpu") + 1] == "Haswell,enforce"  # check='partial', the default
     passthrough = domain(top="<cpu mode='host-passthrough'/>")
     argv = build_argv(parse_domain(passthrough), HostFacts(accel="kvm"))
     assert argv[argv.index("-cpu") + 1] == "host"
