@@ -54,6 +54,10 @@ class IncomingJob:
     result: str = ""
     error: str = ""
     started_unix: float = dataclasses.field(default_factory=time.time)
+    # the Perform cookie's <statistics> (live), and when Finish received it: the history's
+    # downtime, bytes and times of the migration (dstd/report.py)
+    cookie_stats: tuple[tuple[str, str], ...] = ()
+    cookie_received_unix: float = 0.0
     # (phase label, monotonic time) of each phase entered: the phase durations metric
     entered: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 

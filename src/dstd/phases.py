@@ -559,12 +559,14 @@ async def finish_live(
         journal = asyncio.ensure_future(asyncio.to_thread(ctx.store.journal_put, job.record))
         try:
             if cookie:
-                parse_cookie(
+                received = parse_cookie(
                     cookie,
                     accept=ACCEPT_FINISH,
                     local_hostuuid=ctx.store.identity.host_uuid,
                     expect_uuid=job.target.uuid,
                 )
+                job.cookie_stats = received.statistics or ()
+                job.cookie_received_unix = time.time()
             await _wait_incoming_done(ctx, job)
         except BaseException:
             with contextlib.suppress(Exception):  # no exit leaves the write in flight

@@ -85,6 +85,7 @@ class CompletedJob:
     error: str
     elapsed_ms: int
     stats: dict[str, Any]
+    ended_unix: float = 0.0  # which of it and the history's records is the newest
 
 
 @dataclasses.dataclass
@@ -144,6 +145,7 @@ class SourceJob:
             error=self.error,
             elapsed_ms=int((time.monotonic() - self.started) * 1000),
             stats=dict(self.stats),
+            ended_unix=time.time(),
         )
 
 

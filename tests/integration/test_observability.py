@@ -61,6 +61,9 @@ def test_metrics_count_migrations_on_both_hosts(fresh_hosts: tuple[Host, Host], 
         assert value(src, m, role="source", kind=kind, mode="p2p", result="completed") == 1
         assert value(dst, m, role="destination", kind=kind, mode="p2p", result="completed") == 1
     assert value(src, "vmmigrate_migration_bytes_total", role="source") > 0
+    # the destination counts the same bytes, from the Perform cookie's statistics
+    assert value(dst, "vmmigrate_migration_bytes_total", role="destination") == value(
+        src, "vmmigrate_migration_bytes_total", role="source")
     assert value(src, "vmmigrate_refusals_total", role="source", reason="no-domain") == 1
     assert value(src, "vmmigrate_migrations_in_flight", role="source") == 0
     assert value(dst, "vmmigrate_migrations_in_flight", role="destination") == 0
@@ -161,6 +164,51 @@ def test_history_survives_restarts(fresh_hosts: tuple[Host, Host], domname: str)
     assert incoming["type"] == "Completed" and incoming["operation"] == "Incoming migration"
     text = a.migctl("domjobinfo", live, "--completed").stdout
     assert "Job type:         Completed" in text
+
+
+def _jobinfo(h: Host, name: str) -> dict[str, object]:
+    out: dict[str, object] = json.loads(h.migctl("domjobinfo", name, "--completed", "--json").stdout)
+    return out
+
+
+def test_domjobinfo_completed_on_the_destination_and_after_a_return(
+    fresh_hosts: tuple[Host, Host], domname: str
+) -> None:
+    """The destination's record and domjobinfo --completed carry the source's figures
+    (downtime, bytes, memory, time); after A -> B -> A, each host shows its newest job."""
+    a, b = fresh_hosts
+    a.start()
+    b.start()
+    start_domain(a, domname)
+    a.migctl("migrate", "--live", "--persistent", "--p2p",
+             "--migration-id", "there", domname, b.dst)
+    [out] = json.loads(a.migctl("jobs", "--json", "--domain", domname).stdout)
+    [came] = json.loads(b.migctl("jobs", "--json", "--domain", domname).stdout)
+    assert (out["role"], came["role"]) == ("source", "destination")
+    assert came["bytes"] == out["bytes"] > 0
+    assert came["downtime_ms"] == out["downtime_ms"]
+    on_a, on_b = _jobinfo(a, domname), _jobinfo(b, domname)
+    assert (on_b["type"], on_b["operation"], on_b["migration_id"]) == (
+        "Completed", "Incoming migration", "there")
+    for field in ("downtime_ms", "data_processed", "data_total", "data_remaining", "page_size",
+                  "iteration", "setup_time_ms"):
+        assert on_b[field] == on_a[field], field
+    assert isinstance(on_b["time_elapsed_ms"], int) and on_b["time_elapsed_ms"] > 0
+    assert "Total downtime:   " + str(on_b["downtime_ms"]) in b.migctl(
+        "domjobinfo", domname, "--completed").stdout
+
+    # back to A, client-driven (both hosts keep the inactive definition, so both can be
+    # asked): A's srcd still holds its outgoing job in memory, but the incoming one is
+    # newer; B now shows its outgoing one
+    b.migctl("migrate", "--live", "--persistent", "--migration-id", "back",
+             domname, a.dst)
+    back_on_a, back_on_b = _jobinfo(a, domname), _jobinfo(b, domname)
+    assert (back_on_a["operation"], back_on_a["migration_id"]) == ("Incoming migration", "back")
+    assert (back_on_b["operation"], back_on_b["migration_id"]) == ("Outgoing migration", "back")
+    assert back_on_a["data_processed"] == back_on_b["data_processed"] > 0
+    assert back_on_a["downtime_ms"] == back_on_b["downtime_ms"]
+    a.start()  # a restart of A's daemons reads the same from the history
+    assert _jobinfo(a, domname) == back_on_a
 
 
 def test_json_list_and_dominfo(fresh_hosts: tuple[Host, Host], domname: str) -> None:
