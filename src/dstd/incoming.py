@@ -41,6 +41,9 @@ class IncomingJob:
     phase: Phase = Phase.PREPARE
     last_active: float = dataclasses.field(default_factory=time.monotonic)
     busy: bool = False  # its Finish is running (a second one is told JobActive)
+    # Finish announced the domain here (Started Migrated): from then on its emulator's
+    # unexpected end is the domain's (Stopped Failed), before it only the migration's
+    announced: bool = False
     # live migration
     host: str = ""
     port: int = 0
@@ -113,6 +116,12 @@ class IncomingTable:
 
     def find(self, migration_id: str) -> IncomingJob | None:
         return self._jobs.get(migration_id)
+
+    def for_domain(self, uuid: str) -> IncomingJob | None:
+        for job in self._jobs.values():
+            if job.target.uuid == uuid:
+                return job
+        return None
 
     async def drop(self, job: IncomingJob, *, keep_running: bool = False) -> None:
         """Forget the job: kill its incoming emulator (unless it now runs the domain), free

@@ -575,6 +575,7 @@ async def finish_live(
         await journal
         emit = ctx.obs.events.emit
         emit(job.target.name, job.target.uuid, events.STARTED_MIGRATED)
+        job.announced = True
         if MigrateFlag.PERSIST_DEST in job.flags:
             await _persist(ctx, job)
         if MigrateFlag.PAUSED not in job.flags:

@@ -15,9 +15,12 @@ import time
 from typing import Any
 
 import structlog
+from vmmigrate.common import events
 from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.history import JOB_ELAPSED, HistoryRecord
+from vmmigrate.common.hypervisor import EmulatorExit, RuntimeRecord
 from vmmigrate.common.observe import Observability, kind_of, mode_of, phase_durations
+from vmmigrate.dstd.context import DestinationContext
 from vmmigrate.dstd.incoming import IncomingJob
 
 log = structlog.get_logger("vmmigrate.dstd.report")
@@ -98,3 +101,15 @@ def job_dropped(obs: Observability, job: IncomingJob) -> None:
         obs.record(destination_record(job), phase_durations(job.entered, time.monotonic()))
     except (OSError, VmmigrateError) as exc:
         log.warning("history_not_written", migration_id=job.migration_id, error=str(exc))
+
+
+def emulator_gone(ctx: DestinationContext, rec: RuntimeRecord, how: EmulatorExit) -> None:
+    """An emulator dstd started went without being asked (QMPHypervisor.on_gone): once
+    Finish announced its domain (Started Migrated), the domain stopped: Stopped Failed, or
+    Stopped Shutdown. Before, it is the incoming migration that fails (Finish reports it),
+    and no event is sent: the host never said the domain had started."""
+    job = ctx.incoming.for_domain(rec.uuid)
+    if job is not None and not job.announced:
+        log.warning("incoming_emulator_gone", migration_id=job.migration_id, how=how.describe())
+        return
+    ctx.obs.events.emit(rec.name, rec.uuid, events.stopped_unasked(how.clean))

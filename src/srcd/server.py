@@ -31,7 +31,7 @@ from vmmigrate.common.store import HostStore
 from vmmigrate.common.tls import daemon_tls
 from vmmigrate.srcd import phases, relay
 from vmmigrate.srcd.context import OutgoingSlots, PeerPool, SourceContext
-from vmmigrate.srcd.domains import DomainAPI, domain_ref
+from vmmigrate.srcd.domains import DomainAPI, domain_ref, emulator_gone
 from vmmigrate.srcd.jobs import SourceJob, SourceJobTable, SourceParams
 from vmmigrate.srcd.p2p import P2PMigration, new_migration_id
 from vmmigrate.srcd.perform import UNLIMITED_BPS, perform_live
@@ -333,8 +333,9 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
 
 
 async def _housekeeping(ctx: SourceContext) -> None:
-    """End parked jobs whose client went away; reap emulators this process started."""
-    ctx.hypervisor.reap()
+    """End parked jobs whose client went away; reap emulators this process started, and
+    settle those gone while their owner was not running (dstd only reaps its own)."""
+    ctx.hypervisor.sweep()
     await expire_parked(ctx)
 
 
@@ -355,6 +356,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
         obs=Observability.for_daemon(config, "srcd", "source"),
     )
     ctx.jobs.on_end = lambda job: job_ended(ctx.obs, job)
+    ctx.hypervisor.on_gone = lambda rec, how: emulator_gone(ctx, rec, how)
     ctx.obs.metrics.track_in_flight(lambda: len(ctx.jobs))
     # before serving: the journal's jobs are held again, then settled in the background
     recover_source_jobs(ctx)

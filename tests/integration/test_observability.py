@@ -4,6 +4,8 @@ history after restarts, --json, gRPC reflection. Real srcd and dstd processes.""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import grpc
 from helpers.hosts import Host, sample_domain_xml, wait_until
-from helpers.live import start_domain
+from helpers.live import start_domain, state
+from helpers.qmp import runtime_record
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -126,6 +129,42 @@ def test_events_for_lifecycle_and_migration(fresh_hosts: tuple[Host, Host], domn
         (mig, "Defined", "Added", "dstd"),
         (mig, "Resumed", "Migrated", "dstd"),
     ]
+
+
+def test_an_emulator_that_dies_unasked_is_stopped_failed(
+    fresh_hosts: tuple[Host, Host], domname: str
+) -> None:
+    """An emulator killed from outside: its domain stops, Stopped Failed (libvirt's event
+    for an emulator that went without a shutdown), sent once by the daemon that started it:
+    srcd for a domain started here, dstd for one that arrived by migration."""
+    a, b = fresh_hosts
+    a.start()
+    b.start()
+    here, moved = domname, f"{domname}-moved"
+    u_here = start_domain(a, here)
+    u_moved = start_domain(a, moved)
+    a.migctl("migrate", "--live", "--persistent", "--p2p", moved, b.dst)
+    watch_a = _watch(a, "--loop", "--timeout", "5", "--json")
+    watch_b = _watch(b, "--loop", "--timeout", "5", "--json")
+    for h, u in ((a, u_here), (b, u_moved)):
+        rec = runtime_record(h.state_dir, u)
+        assert rec is not None
+        os.kill(rec["pid"], signal.SIGKILL)
+    got_a = [json.loads(line) for line in _lines(watch_a)]
+    got_b = [json.loads(line) for line in _lines(watch_b)]
+    assert [(e["domain"], e["event"], e["detail"], e["daemon"]) for e in got_a] == [
+        (here, "Stopped", "Failed", "srcd")]
+    assert [(e["domain"], e["event"], e["detail"], e["daemon"]) for e in got_b] == [
+        (moved, "Stopped", "Failed", "dstd")]
+    assert (state(a, here), state(b, moved)) == ("shut off", "shut off")
+    assert runtime_record(a.state_dir, u_here) is None and runtime_record(b.state_dir, u_moved) is None
+    # the domain starts again, and a destroy of it is a Stopped Destroyed alone
+    watch_a = _watch(a, "--loop", "--timeout", "3")
+    a.migctl("start", here)
+    a.migctl("destroy", here)
+    assert _lines(watch_a)[:-2] == [
+        f"event 'lifecycle' for domain '{here}': {words}"
+        for words in ("Started Booted", "Stopped Destroyed")]
 
 
 def test_history_survives_restarts(fresh_hosts: tuple[Host, Host], domname: str) -> None:
