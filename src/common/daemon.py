@@ -30,6 +30,7 @@ from vmmigrate.common.config import (
 from vmmigrate.common.decodeguard import DecodeGuard
 from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.failpoints import ENV_VAR, SEED_VAR, Failpoints
+from vmmigrate.common.interceptor import OnRefused
 from vmmigrate.common.log import setup_logging
 from vmmigrate.common.rpc import SERVER_OPTIONS_BASE, message_size_options, status_of
 from vmmigrate.common.shutdown import ShutdownGate
@@ -174,10 +175,10 @@ def rpc_handler(role: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]
 
 def count_refusal(service: Any, exc: BaseException) -> None:
     """Refusals by reason, counted where every error is translated: the reason comes from
-    the error's status code (common/metrics.py), for a service whose context has metrics."""
+    the error's class (common/metrics.py), for a service whose context has metrics."""
     obs = getattr(getattr(service, "ctx", None), "obs", None)
     if obs is not None:
-        obs.metrics.refused(status_of(exc)[0])
+        obs.metrics.refused(exc)
 
 
 async def abort_with(context: Any, exc: BaseException, log: Any) -> None:
@@ -200,13 +201,14 @@ async def grpc_server(
     gate: ShutdownGate | None = None,
     tls: TlsFiles | None = None,
     policy: Policy | None = None,
-    on_refused: Callable[[grpc.StatusCode], None] | None = None,
+    on_refused: OnRefused | None = None,
 ) -> AsyncIterator[str]:
     """Serve on config.listen; yields the bound address (port 0 picks one). With ``tls``:
     mutual TLS, ``policy`` checked on every call (before the request is decoded), the
     certificates re-read on SIGHUP; without: plaintext (common/tls.py decides which).
     ``gate`` refuses new migrations once the daemon stops (graceful SIGTERM). Calls these
-    two refuse are counted through ``on_refused``, as the handlers' own refusals are."""
+    two (and the decode guard) refuse are counted through ``on_refused``, as the handlers'
+    own refusals are."""
     interceptors: list[Any] = []
     if tls is not None and policy is not None:
         # first: nothing runs for a stranger
@@ -215,7 +217,7 @@ async def grpc_server(
         gate.on_refused = on_refused
         interceptors.append(gate)
     server = grpc.aio.server(
-        interceptors=[*interceptors, DecodeGuard()],
+        interceptors=[*interceptors, DecodeGuard(on_refused)],
         options=SERVER_OPTIONS_BASE + message_size_options(config.max_message_bytes),
     )
     register(server)

@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 from vmmigrate.common.errors import InvalidArgument
-from vmmigrate.common.interceptor import HandlerInterceptor, refuse
+from vmmigrate.common.interceptor import HandlerInterceptor, OnRefused, refuse
 
 
 def _decode(deserializer: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
@@ -27,6 +27,9 @@ def _decode(deserializer: Callable[[bytes], Any], raw: bytes, method: str) -> An
 
 
 class DecodeGuard(HandlerInterceptor):
+    def __init__(self, on_refused: OnRefused | None = None) -> None:
+        self.on_refused = on_refused  # the daemon's refusal count (metrics)
+
     def wrap(self, handler: Any, method: str) -> Any:
         deserializer = getattr(handler, "request_deserializer", None)
         if deserializer is None or handler.unary_unary is None:
@@ -38,7 +41,7 @@ class DecodeGuard(HandlerInterceptor):
             try:
                 request = _decode(deserializer, raw, name)
             except InvalidArgument as exc:
-                await refuse(context, exc)
+                await refuse(context, exc, self.on_refused)
                 raise  # refuse() raises; never reached
             return await inner(request, context)
 

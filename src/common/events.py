@@ -52,7 +52,18 @@ RESUMED_MIGRATED = ("Resumed", "Migrated")
 STOPPED_SHUTDOWN = ("Stopped", "Shutdown")
 STOPPED_DESTROYED = ("Stopped", "Destroyed")
 STOPPED_MIGRATED = ("Stopped", "Migrated")
+# An emulator that went without being asked (common/hypervisor.py on_gone): libvirt sends
+# STOPPED_FAILED ("host emulator failed") when the monitor closes without a SHUTDOWN event
+# (a crash, a kill from outside), STOPPED_SHUTDOWN when it shut down (the guest powered
+# off). libvirt's STOPPED_CRASHED is for a guest panic acted on by <on_crash>: no <panic>
+# device is supported here (docs/GUESTS.md), so nothing reports one.
 STOPPED_FAILED = ("Stopped", "Failed")
+
+
+def stopped_unasked(clean: bool) -> tuple[str, str]:
+    """The event for an emulator that went without being asked: ``clean`` when it shut
+    down (exit status 0, or a SHUTDOWN event first), a failure otherwise."""
+    return STOPPED_SHUTDOWN if clean else STOPPED_FAILED
 
 
 @dataclasses.dataclass(frozen=True)

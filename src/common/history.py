@@ -29,6 +29,10 @@ log = structlog.get_logger("vmmigrate.history")
 
 DEFAULT_HISTORY_LIMIT = 1000
 
+# A destination record's job time (ms) in its statistics: from the source's Begin to the end
+# of Finish, as libvirt's destination reports it (its own record's times start at Prepare).
+JOB_ELAPSED = "job-elapsed"
+
 
 # How many adds between two prunes of the history directory.
 PRUNE_EVERY = 32
@@ -51,8 +55,9 @@ class HistoryRecord:
     ended_unix: float = 0.0
     bytes: int = 0
     downtime_ms: int = 0
-    # domjobinfo --completed's statistics (source, live): kept so that it reads the same
-    # after a restart as before
+    # domjobinfo --completed's statistics (live), in query-migrate's shape: the source's
+    # from its emulator, the destination's from the Perform cookie (dstd/report.py, which
+    # adds JOB_ELAPSED); kept so that it reads the same after a restart as before
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -123,15 +128,17 @@ class History:
             report_unreadable(path, str(exc))
             return None
 
-    def list(self, domain: str = "", limit: int = 0, role: str = "") -> list[HistoryRecord]:
+    def list(
+        self, domain: str = "", limit: int = 0, role: str = "", kind: str = ""
+    ) -> list[HistoryRecord]:
         """Records, oldest first; ``domain`` matches a name or a UUID; ``limit`` keeps the
-        newest ``limit`` (0: all)."""
+        newest ``limit`` (0: all); ``role`` and ``kind`` keep those of that role or kind."""
         out: list[HistoryRecord] = []
         for name in reversed(self._names()[-self.limit :]):  # entries not pruned yet: not shown
             rec = self._read(name)
             if rec is None or (domain and domain not in (rec.domain, rec.domain_uuid)):
                 continue
-            if role and rec.role != role:
+            if (role and rec.role != role) or (kind and rec.kind != kind):
                 continue
             out.append(rec)
             if limit and len(out) >= limit:

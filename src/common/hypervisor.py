@@ -12,6 +12,13 @@ both daemons of a host can control any running domain, and a restarted daemon re
 running emulators instead of killing them. An emulator runs in a session of its own, so it
 outlives the daemon that started it. A record is trusted only while its pid is alive with
 the same start time (pids get reused).
+
+An emulator that goes without being asked (it crashed, was killed from outside, or its
+guest powered off) is reported once, through ``on_gone``, by the daemon that notices it: its
+owner (the daemon that started it, its parent, which collects its exit status), or, once
+that daemon is gone (restarted), whichever daemon looks at its record next. A daemon that
+stops an emulator on purpose (``quit``, ``kill``) marks it first (``run/<uuid>.stopping``),
+so that neither daemon reports that end as unexpected.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from lxml import etree
@@ -49,6 +56,7 @@ from vmmigrate.common.errors import (
     InvalidArgument,
     OperationFailed,
     OperationInvalid,
+    StorageError,
 )
 from vmmigrate.common.qmp import QMPClient, QMPError, QMPExecuteError
 
@@ -61,6 +69,12 @@ MONITOR_POLL = 0.002  # seconds between looks for a starting emulator's monitor 
 # and the run state leaving inmigrate.
 INCOMING_EVENTS = frozenset({"MIGRATION", "STOP", "RESUME", "SHUTDOWN"})
 EVENT_SAFETY_POLL = 0.05  # seconds between query-status calls when events are on
+# seconds between two looks at every runtime record for emulators gone while their owner was
+# not running (each look reads every record: not at every housekeeping tick)
+SWEEP_INTERVAL = 5.0
+# seconds a start waits for the other daemon to settle a previous emulator's record (it
+# does so at its next housekeeping tick, every second)
+SETTLE_WAIT = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +97,10 @@ class RuntimeRecord:
     monitors: dict[str, str] = dataclasses.field(default_factory=dict)
     # tap devices created for the domain's interfaces (deleted when it stops)
     taps: list[str] = dataclasses.field(default_factory=list)
+    # the daemon that started it (its parent: it alone can collect its exit status), by pid
+    # and start ticks; 0 in records written before the field existed
+    owner_pid: int = 0
+    owner_ticks: int = 0
 
     def monitor_path(self, role: str) -> str:
         return self.monitors.get(role, self.qmp)
@@ -121,6 +139,50 @@ def stat_start_ticks(stat: str) -> int | None:
 
 def process_alive(rec: RuntimeRecord) -> bool:
     return _start_ticks(rec.pid) == rec.start_ticks
+
+
+def owner_alive(rec: RuntimeRecord) -> bool:
+    """Whether the daemon that started ``rec``'s emulator still runs."""
+    return rec.owner_pid > 0 and _start_ticks(rec.owner_pid) == rec.owner_ticks
+
+
+@dataclasses.dataclass(frozen=True)
+class EmulatorExit:
+    """How an emulator that nobody asked to stop ended, as far as the daemon that noticed
+    it can tell."""
+
+    # Popen's returncode (negative: killed by that signal); None when the emulator was not
+    # this daemon's child, whose exit status only its parent could collect
+    returncode: int | None
+    # its monitor (this daemon's connection to it) sent SHUTDOWN before it went
+    shutdown_seen: bool = False
+
+    @property
+    def clean(self) -> bool:
+        """Whether it shut down rather than failed: exit status 0 (QEMU exits so when its
+        guest powers off, or when told to quit or terminate); without a status, libvirt's
+        rule: a monitor that closes without a SHUTDOWN event first means a crash."""
+        if self.returncode is not None:
+            return self.returncode == 0
+        return self.shutdown_seen
+
+    def describe(self) -> str:
+        code = self.returncode
+        if code is None:
+            seen = "after" if self.shutdown_seen else "without"
+            return f"gone {seen} a SHUTDOWN event (not this daemon's child: no exit status)"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
+            return f"killed by signal {-code}"
+        return f"exited with status {code}"
+
+
+class _Child(NamedTuple):
+    """An emulator this process started (and must collect when it exits)."""
+
+    uuid: str
+    proc: subprocess.Popen[bytes]
 
 
 class RunState(enum.StrEnum):
@@ -496,8 +558,13 @@ class QMPHypervisor:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir = socket_dir_for(run_dir, self.emulator_gid())
         self._monitors: dict[str, QMPClient] = {}
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._children: dict[int, _Child] = {}
         self._connect_locks: dict[str, asyncio.Lock] = {}
+        self._ticks = _start_ticks(os.getpid()) or 0  # this daemon, as records name owners
+        self._swept = 0.0  # monotonic time of the last look at every record (sweep)
+        # called once for each emulator that went without being asked (the daemon sends
+        # its lifecycle event); set by the daemon
+        self.on_gone: Callable[[RuntimeRecord, EmulatorExit], None] | None = None
 
     def emulator_gid(self) -> int | None:
         """The group emulators' socket directory is writable by (None: the daemon's)."""
@@ -518,18 +585,24 @@ class QMPHypervisor:
     def _path(self, uuid: str) -> Path:
         return self.run_dir / f"{uuid}.json"
 
-    def record(self, uuid: str) -> RuntimeRecord | None:
-        """The live record of ``uuid``; a stale one (process gone) is removed."""
+    def _load(self, uuid: str) -> RuntimeRecord | None:
+        """The record of ``uuid`` as it is on disk (alive or not)."""
         try:
-            rec = RuntimeRecord.from_json(self._path(uuid).read_bytes())
+            return RuntimeRecord.from_json(self._path(uuid).read_bytes())
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError, KeyError):
             log.warning("runtime_record_unreadable", uuid=uuid)
             return None
+
+    def record(self, uuid: str) -> RuntimeRecord | None:
+        """The live record of ``uuid``; a stale one (process gone) is settled (_ended)."""
+        rec = self._load(uuid)
+        if rec is None:
+            return None
         if process_alive(rec):
             return rec
-        self.forget(rec)
+        self._ended(rec)
         return None
 
     def records(self) -> list[RuntimeRecord]:
@@ -540,16 +613,67 @@ class QMPHypervisor:
                 out.append(rec)
         return out
 
-    def forget(self, rec: RuntimeRecord) -> None:
-        with contextlib.suppress(OSError):
-            cur = RuntimeRecord.from_json(self._path(rec.uuid).read_bytes())
-            if cur.pid == rec.pid:
-                durable_unlink(self._path(rec.uuid))
+    def _owns(self, rec: RuntimeRecord) -> bool:
+        return rec.owner_pid == os.getpid() and rec.owner_ticks == self._ticks
+
+    def _ended(self, rec: RuntimeRecord) -> None:
+        """``rec``'s emulator is gone. Its owner collects it and reports how it ended; any
+        other daemon leaves it to that owner while it runs (the record stays until then:
+        the domain reads as shut off meanwhile), and settles it itself once it does not."""
+        if self._owns(rec):
+            # collected here; one still starting is not a child yet: start() cleans up
+            self.reap()
+        elif not owner_alive(rec):
+            mon = self._monitors.get(rec.uuid)
+            self._gone(rec, EmulatorExit(None, mon is not None and mon.shutdown_seen))
+
+    def _gone(self, rec: RuntimeRecord, how: EmulatorExit) -> None:
+        """Settle the record of an emulator that is gone, and report its end (on_gone)
+        unless a daemon asked for it, or another daemon settled it first."""
+        asked = self._stop_marked(rec)
+        if not self.forget(rec) or asked:
+            return
+        if how.clean:
+            log.info("emulator_exited", domain=rec.name, pid=rec.pid, how=how.describe())
+        else:
+            # libvirt: "closed without SHUTDOWN event; assuming the domain crashed"
+            log.warning("emulator_failed", domain=rec.name, pid=rec.pid, how=how.describe())
+        if self.on_gone is not None:
+            self.on_gone(rec, how)
+
+    def _stop_path(self, uuid: str) -> Path:
+        return self.run_dir / f"{uuid}.stopping"
+
+    def _mark_stopping(self, rec: RuntimeRecord) -> None:
+        """Before stopping ``rec``'s emulator on purpose: its end is not to be reported as
+        unexpected, by this daemon or the other (the caller reports it as what it is:
+        destroyed, shut down, migrated). Not durable: a mark lost in a crash costs at worst
+        one "Stopped Failed" too many."""
+        try:
+            atomic_write(self._stop_path(rec.uuid), str(rec.pid).encode(), durable=False)
+        except StorageError as exc:  # the stop itself must not fail on it
+            log.warning("stop_mark_not_written", uuid=rec.uuid, error=str(exc))
+
+    def _stop_marked(self, rec: RuntimeRecord) -> bool:
+        try:
+            return self._stop_path(rec.uuid).read_text().strip() == str(rec.pid)
+        except (OSError, ValueError):
+            return False
+
+    def forget(self, rec: RuntimeRecord) -> bool:
+        """Clean up after ``rec``'s emulator: its record, monitor connection, sockets, taps
+        and stop mark. Returns whether this call removed the record (False: it was gone
+        already). A record that names another emulator of the domain (started since) is
+        left alone, and so are that emulator's sockets and taps."""
+        current = self._load(rec.uuid)
+        if current is not None and current.pid != rec.pid:
+            return False
+        removed = current is not None and durable_unlink(self._path(rec.uuid))
         mon = self._monitors.pop(rec.uuid, None)
         if mon is not None:
             with contextlib.suppress(RuntimeError):  # no loop: nothing to close
                 asyncio.get_running_loop().create_task(mon.close())
-        for path in (rec.qmp, *rec.monitors.values()):
+        for path in (rec.qmp, *rec.monitors.values(), str(self._stop_path(rec.uuid))):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         if rec.emulator == "qemu":
@@ -557,12 +681,44 @@ class QMPHypervisor:
                 with contextlib.suppress(OSError):
                     channel.unlink()
         _delete_taps(rec.taps)
+        return removed
 
     def reap(self) -> None:
-        """Collect exited children (emulators this process started)."""
-        for pid, proc in list(self._children.items()):
-            if proc.poll() is not None:
-                del self._children[pid]
+        """Collect exited children (emulators this process started); the end of one that
+        nobody asked to stop is reported with its exit status."""
+        for pid, child in list(self._children.items()):
+            code = child.proc.poll()
+            if code is None:
+                continue
+            del self._children[pid]
+            rec = self._load(child.uuid)
+            if rec is not None and rec.pid == pid:
+                mon = self._monitors.get(rec.uuid)
+                self._gone(rec, EmulatorExit(code, mon is not None and mon.shutdown_seen))
+
+    def sweep(self, every: float = SWEEP_INTERVAL) -> None:
+        """Collect this daemon's exited children; and at most every ``every`` seconds, look
+        at every record, to settle (and report) emulators whose owner is gone: those a
+        restarted daemon started, which no daemon collects."""
+        self.reap()
+        now = time.monotonic()
+        if now - self._swept >= every:
+            self._swept = now
+            self.records()
+
+    async def _settled(self, uuid: str) -> None:
+        """Before a start replaces it: the record of a previous emulator of ``uuid`` that
+        is gone but not yet settled by its owner (the other daemon collects it within a
+        housekeeping tick) is given that time, then settled here, so that its end is
+        reported and its taps and sockets are cleaned before the new emulator takes them."""
+        deadline = time.monotonic() + SETTLE_WAIT
+        while (rec := self._load(uuid)) is not None and not process_alive(rec):
+            if time.monotonic() >= deadline:
+                mon = self._monitors.get(uuid)
+                self._gone(rec, EmulatorExit(None, mon is not None and mon.shutdown_seen))
+                return
+            self._ended(rec)
+            await asyncio.sleep(0.05)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -571,6 +727,7 @@ class QMPHypervisor:
     ) -> RuntimeRecord:
         if self.record(d.uuid) is not None:
             raise OperationInvalid("domain is already running")
+        await self._settled(d.uuid)
         # the policy may have changed since the definition was stored
         self.check_definition(d)
         kind = emulator_kind(d, self.settings.default)
@@ -590,7 +747,6 @@ class QMPHypervisor:
         except BaseException:
             await asyncio.to_thread(_delete_taps, taps)
             raise
-        self._children[proc.pid] = proc
         rec = RuntimeRecord(
             uuid=d.uuid,
             name=d.name,
@@ -605,6 +761,8 @@ class QMPHypervisor:
             xml=live,
             monitors=monitor_paths(kind, qmp),
             taps=taps,
+            owner_pid=os.getpid(),
+            owner_ticks=self._ticks,
         )
         try:
             # The record first: if this daemon dies while the emulator boots, its successor
@@ -616,9 +774,11 @@ class QMPHypervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.wait)
-            self._children.pop(proc.pid, None)
             self.forget(rec)
             raise
+        # a child from now on: its end is collected (reap) and, if unasked, reported; not
+        # before, so that a failed start is not reported as a domain that stopped
+        self._children[proc.pid] = _Child(d.uuid, proc)
         log.info(
             "emulator_started",
             domain=d.name,
@@ -790,6 +950,7 @@ class QMPHypervisor:
         rec = self.record(uuid)
         if rec is None:
             return
+        self._mark_stopping(rec)
         with contextlib.suppress(QMPError):
             await self.execute(uuid, "quit", timeout=timeout)
         await self._wait_gone(rec, timeout)
@@ -798,6 +959,7 @@ class QMPHypervisor:
         rec = self.record(uuid)
         if rec is None:
             return
+        self._mark_stopping(rec)
         with contextlib.suppress(ProcessLookupError):
             os.kill(rec.pid, signal.SIGKILL)
         await self._wait_gone(rec, 10.0)

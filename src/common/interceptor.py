@@ -16,7 +16,8 @@ import grpc.aio
 from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.rpc import status_of
 
-OnRefused = Callable[[grpc.StatusCode], None]
+# the daemon's refusal count (common/metrics.py): it reads the reason off the error's class
+OnRefused = Callable[[VmmigrateError], None]
 
 
 class HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -45,5 +46,5 @@ async def refuse(context: Any, exc: VmmigrateError, on_refused: OnRefused | None
     ``context.abort`` raises, so this never returns normally."""
     code, message, metadata = status_of(exc)
     if on_refused is not None:
-        on_refused(code)
+        on_refused(exc)
     await context.abort(code, message, trailing_metadata=tuple(metadata))

@@ -12,25 +12,64 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from vmmigrate.common.config import parse_hostport
+from vmmigrate.common.errors import (
+    ArgumentUnsupported,
+    ConfigUnsupported,
+    DomainExists,
+    HostBusy,
+    HostResourceMissing,
+    InvalidArgument,
+    JobActive,
+    MigrateUnsafe,
+    NoDomain,
+    NoNetwork,
+    OperationInvalid,
+    PermissionDenied,
+    ShuttingDown,
+    Unauthenticated,
+    VmmigrateError,
+)
 
 log = structlog.get_logger("vmmigrate.metrics")
 
-# What a refused RPC is counted as, by the status code of its error (every error class
-# carries one: common/errors.py). Codes not here are failures, not refusals.
-_REFUSAL_REASONS = {
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
-    grpc.StatusCode.FAILED_PRECONDITION: "invalid-state",
-    grpc.StatusCode.NOT_FOUND: "no-domain",
-    grpc.StatusCode.ALREADY_EXISTS: "exists",
-    grpc.StatusCode.ABORTED: "job-active",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "busy",
-    grpc.StatusCode.PERMISSION_DENIED: "forbidden",
-    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+# What a refused RPC is counted as, by the class of its error: the nearest class in its MRO
+# that is listed here (so XMLError counts as "invalid", SameHost as "invalid-state"). The
+# status code alone cannot say it: NoDomain and NoNetwork are both NOT_FOUND, ShuttingDown
+# is UNAVAILABLE like an unreachable peer (a failure, not a refusal). Classes not here
+# (PeerUnavailable, Timeout, OperationFailed, OperationAborted, StorageError and
+# StorageFull, anything unexpected) are failures, not refusals.
+_REFUSAL_REASONS: dict[type[VmmigrateError], str] = {
+    InvalidArgument: "invalid",
+    OperationInvalid: "invalid-state",
+    ArgumentUnsupported: "unsupported",
+    ConfigUnsupported: "config-unsupported",
+    MigrateUnsafe: "unsafe",
+    HostResourceMissing: "missing-resource",
+    NoDomain: "no-domain",
+    NoNetwork: "no-network",
+    DomainExists: "exists",
+    JobActive: "job-active",
+    HostBusy: "busy",
+    ShuttingDown: "shutting-down",
+    PermissionDenied: "forbidden",
+    Unauthenticated: "unauthenticated",
 }
+
+# every reason a refusal may be counted under (docs/ARCHITECTURE.md section 12)
+REFUSAL_REASONS = frozenset(_REFUSAL_REASONS.values())
+
+
+def refusal_reason(exc: BaseException) -> str | None:
+    """The refusals metric's reason for ``exc``; None when it is a failure, not a refusal."""
+    for cls in type(exc).__mro__:
+        reason = _REFUSAL_REASONS.get(cls)
+        if reason is not None:
+            return reason
+    return None
+
 
 # seconds: a phase lasts from a few milliseconds (offline Begin) to minutes (a live
 # stream of a large guest)
@@ -96,8 +135,8 @@ class Metrics:
     def recovered(self, action: str) -> None:
         self.recovery.labels(self.role, action).inc()
 
-    def refused(self, code: grpc.StatusCode) -> None:
-        reason = _REFUSAL_REASONS.get(code)
+    def refused(self, exc: BaseException) -> None:
+        reason = refusal_reason(exc)
         if reason is not None:
             self.refusals.labels(self.role, reason).inc()
 

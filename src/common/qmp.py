@@ -76,6 +76,9 @@ class QMPClient:
         self._lock = asyncio.Lock()
         self.greeting: dict[str, Any] = {}
         self.migration_events = False  # the "events" migration capability is on
+        # the emulator announced its end (SHUTDOWN): a monitor that closes after it saw a
+        # shutdown, without it a crash (libvirt's rule for an emulator that goes)
+        self.shutdown_seen = False
 
     def on_event(self, handler: EventHandler) -> Callable[[], None]:
         self._handlers.append(handler)
@@ -119,6 +122,8 @@ class QMPClient:
                     log.warning("qmp_garbage", vm=self.name, line=line[:200])
                     continue
                 if "event" in msg:
+                    if msg["event"] == "SHUTDOWN":
+                        self.shutdown_seen = True
                     for handler in list(self._handlers):
                         handler(msg)
                     continue

@@ -42,6 +42,9 @@ class IncomingJob:
     phase: Phase = Phase.PREPARE
     last_active: float = dataclasses.field(default_factory=time.monotonic)
     busy: bool = False  # its Finish is running (a second one is told JobActive)
+    # Finish announced the domain here (Started Migrated): from then on its emulator's
+    # unexpected end is the domain's (Stopped Failed), before it only the migration's
+    announced: bool = False
     # live migration
     host: str = ""
     port: int = 0
@@ -60,6 +63,10 @@ class IncomingJob:
     result: str = ""
     error: str = ""
     started_unix: float = dataclasses.field(default_factory=time.time)
+    # the Perform cookie's <statistics> (live), and when Finish received it: the history's
+    # downtime, bytes and times of the migration (dstd/report.py)
+    cookie_stats: tuple[tuple[str, str], ...] = ()
+    cookie_received_unix: float = 0.0
     # (phase label, monotonic time) of each phase entered: the phase durations metric
     entered: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
@@ -115,6 +122,12 @@ class IncomingTable:
 
     def find(self, migration_id: str) -> IncomingJob | None:
         return self._jobs.get(migration_id)
+
+    def for_domain(self, uuid: str) -> IncomingJob | None:
+        for job in self._jobs.values():
+            if job.target.uuid == uuid:
+                return job
+        return None
 
     async def drop(self, job: IncomingJob, *, keep_running: bool = False) -> None:
         """Forget the job: kill its incoming emulator (unless it now runs the domain) and

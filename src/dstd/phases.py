@@ -587,12 +587,14 @@ async def finish_live(
         journal = asyncio.ensure_future(asyncio.to_thread(ctx.store.journal_put, job.record))
         try:
             if cookie:
-                parse_cookie(
+                received = parse_cookie(
                     cookie,
                     accept=ACCEPT_FINISH,
                     local_hostuuid=ctx.store.identity.host_uuid,
                     expect_uuid=job.target.uuid,
                 )
+                job.cookie_stats = received.statistics or ()
+                job.cookie_received_unix = time.time()
             await _wait_incoming_done(ctx, job)
         except BaseException:
             with contextlib.suppress(Exception):  # no exit leaves the write in flight
@@ -602,6 +604,7 @@ async def finish_live(
         await storage.stop_nbd(ctx, job)  # nothing writes the disks once the guest runs
         emit = ctx.obs.events.emit
         emit(job.target.name, job.target.uuid, events.STARTED_MIGRATED)
+        job.announced = True
         if MigrateFlag.PERSIST_DEST in job.flags:
             await _persist(ctx, job)
         if MigrateFlag.PAUSED not in job.flags:

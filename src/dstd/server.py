@@ -34,7 +34,7 @@ from vmmigrate.dstd.context import DestinationContext
 from vmmigrate.dstd.incoming import IncomingTable
 from vmmigrate.dstd.ports import PortAllocator
 from vmmigrate.dstd.recovery import recover_incoming_jobs
-from vmmigrate.dstd.report import job_dropped
+from vmmigrate.dstd.report import emulator_gone, job_dropped
 from vmmigrate.dstd.results import FinishResults
 from vmmigrate.dstd.tunnel import carry_tunnel_bytes
 
@@ -178,6 +178,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
         obs=obs,
     )
     ctx.incoming.on_drop = lambda job: job_dropped(obs, job)
+    hypervisor.on_gone = lambda rec, how: emulator_gone(ctx, rec, how)
     obs.metrics.track_in_flight(lambda: len(ctx.incoming))
 
     def register(server: grpc.aio.Server) -> None:

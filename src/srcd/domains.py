@@ -14,7 +14,8 @@ from vmmigrate.common import events
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import JobActive, OperationInvalid
 from vmmigrate.common.hostcheck import check_runnable
-from vmmigrate.common.hypervisor import RunState, memory_plan
+from vmmigrate.common.hypervisor import EmulatorExit, RunState, RuntimeRecord, memory_plan
+from vmmigrate.common.journal import Role
 from vmmigrate.common.qmp import QMPError, QMPExecuteError
 from vmmigrate.srcd.context import SourceContext
 
@@ -31,6 +32,18 @@ _STATES = {
 
 def domain_ref(d: DomainDef, active: bool = False) -> pb.DomainRef:
     return pb.DomainRef(name=d.name, uuid=d.uuid, id=1 if active else -1)
+
+
+def emulator_gone(ctx: SourceContext, rec: RuntimeRecord, how: EmulatorExit) -> None:
+    """An emulator went without being asked (QMPHypervisor.on_gone): the domain stopped,
+    Stopped Failed or Stopped Shutdown. srcd notices the end of the domains it started, and
+    of any whose owner is gone; not of an incoming migration's emulator whose dstd died,
+    as the host never announced that domain as started (Started Migrated comes with
+    Finish) and the migration fails instead."""
+    incoming = ctx.store.journal_list(Role.DESTINATION)
+    if any(r.domain_uuid == rec.uuid for r in incoming):
+        return
+    ctx.obs.events.emit(rec.name, rec.uuid, events.stopped_unasked(how.clean))
 
 
 class DomainAPI:

@@ -86,6 +86,7 @@ class CompletedJob:
     error: str
     elapsed_ms: int
     stats: dict[str, Any]
+    ended_unix: float = 0.0  # which of it and the history's records is the newest
 
 
 @dataclasses.dataclass
@@ -156,6 +157,7 @@ class SourceJob:
             error=self.error,
             elapsed_ms=int((time.monotonic() - self.started) * 1000),
             stats=self.all_stats(),
+            ended_unix=time.time(),
         )
 
 

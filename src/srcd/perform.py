@@ -241,19 +241,23 @@ async def _performed(ctx: SourceContext, job: SourceJob) -> bytes:
             uuid=job.domain.uuid,
             hostname=identity.hostname,
             hostuuid=identity.host_uuid,
-            statistics=_cookie_stats(job.all_stats()),
+            statistics=_cookie_stats(job.all_stats(), job.started_unix),
         )
     )
 
 
-def _cookie_stats(info: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+def _cookie_stats(info: dict[str, Any], started_unix: float) -> tuple[tuple[str, str], ...]:
+    """The Perform cookie's <statistics> in libvirt's names and meanings: ``started`` is the
+    job's start (Begin) and ``time_elapsed`` the job's time so far, both in ms, as libvirt's
+    source sends them; the destination records them as its completed job (dstd/report.py)."""
     ram = info.get("ram", {})
     now_ms = int(time.time() * 1000)
+    started_ms = min(int(started_unix * 1000), now_ms)
     pairs = [
-        ("started", str(now_ms - int(info.get("total-time", 0)))),
+        ("started", str(started_ms)),
         ("stopped", str(now_ms)),
         ("sent", str(now_ms)),
-        ("time_elapsed", str(info.get("total-time", 0))),
+        ("time_elapsed", str(now_ms - started_ms)),
         ("downtime", str(info.get("downtime", 0))),
         ("setup_time", str(info.get("setup-time", 0))),
         ("memory_total", str(ram.get("total", 0))),
@@ -263,6 +267,7 @@ def _cookie_stats(info: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         ("memory_dirty_rate", str(ram.get("dirty-pages-rate", 0))),
         ("memory_iteration", str(ram.get("dirty-sync-count", 0))),
         ("memory_page_size", str(ram.get("page-size", 4096))),
+        ("auto_converge_throttle", str(info.get("cpu-throttle-percentage", 0))),
     ]
     disk = info.get("mirror")
     if disk:  # storage copy: libvirt's disk counters, after the memory's

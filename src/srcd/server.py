@@ -31,13 +31,13 @@ from vmmigrate.common.store import HostStore
 from vmmigrate.common.tls import daemon_tls
 from vmmigrate.srcd import phases, relay
 from vmmigrate.srcd.context import OutgoingSlots, PeerPool, SourceContext
-from vmmigrate.srcd.domains import DomainAPI, domain_ref
-from vmmigrate.srcd.jobs import JobOutcome, SourceJob, SourceJobTable, SourceParams
+from vmmigrate.srcd.domains import DomainAPI, domain_ref, emulator_gone
+from vmmigrate.srcd.jobs import SourceJob, SourceJobTable, SourceParams
 from vmmigrate.srcd.mirror import nbd_server
 from vmmigrate.srcd.p2p import P2PMigration, new_migration_id
 from vmmigrate.srcd.perform import UNLIMITED_BPS, perform_live
 from vmmigrate.srcd.recovery import expire_parked, recover_source_jobs
-from vmmigrate.srcd.report import job_ended, record_to_pb
+from vmmigrate.srcd.report import completed_job_info, job_ended, job_info, record_to_pb
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -137,16 +137,7 @@ class DomainService(pb_grpc.DomainServiceServicer):
         d = await self.api.require_known(_require(request.domain, "domain name"))
         if request.completed:
             done = self.ctx.completed_jobs.get(d.uuid)
-            if done is None:
-                # gone with a restart of srcd (or the domain came in): the history has it
-                return await completed_from_history(self.ctx, d.uuid)
-            return job_info(
-                done.stats,
-                done.migration_id,
-                done.elapsed_ms,
-                _JOB_TYPES.get(done.outcome, "Completed"),
-                done.error,
-            )
+            return await completed_job_info(done, self.ctx.obs, d.uuid)
         job = self.ctx.jobs.for_domain(d.uuid)
         if job is None or job.offline:
             return pb.JobInfo(type="None")
@@ -231,67 +222,8 @@ class DomainService(pb_grpc.DomainServiceServicer):
         return pb.ListJobsResponse(jobs=[record_to_pb(rec) for rec in found])
 
 
-async def completed_from_history(ctx: SourceContext, uuid: str) -> pb.JobInfo:
-    """domjobinfo --completed from the host's history: the domain's last live migration,
-    out (source) or in (destination)."""
-    found = await asyncio.to_thread(ctx.obs.history.list, uuid)
-    live = [rec for rec in found if rec.kind == "live"]
-    if not live:
-        return pb.JobInfo(type="None")
-    rec = live[-1]
-    info = job_info(
-        rec.stats,
-        rec.migration_id,
-        rec.elapsed_ms,
-        rec.result.capitalize(),
-        rec.error,
-    )
-    if rec.role == "destination":
-        info.operation = "Incoming migration"
-        info.data_processed = info.data_total = rec.bytes
-        info.downtime_ms = rec.downtime_ms
-    return info
-
-
 # libvirt's unlimited migration speed (QEMU_DOMAIN_MIG_BANDWIDTH_MAX, MiB/s)
 MAX_SPEED_MIB = 8796093022207
-_JOB_TYPES = {
-    JobOutcome.COMPLETED: "Completed",
-    JobOutcome.FAILED: "Failed",
-    JobOutcome.CANCELLED: "Cancelled",
-}
-
-
-def job_info(stats: dict[str, Any], mid: str, elapsed_ms: int, kind: str, error: str) -> pb.JobInfo:
-    """domjobinfo's figures from query-migrate's statistics (and the disk mirrors', under
-    "mirror": libvirt's Data lines count memory and disks together)."""
-    ram = stats.get("ram", {})
-    disk = stats.get("mirror", {})
-    memory = [int(ram.get(k, 0)) for k in ("total", "transferred", "remaining")]
-    disks = [int(disk.get(k, 0)) for k in ("total", "transferred", "remaining")]
-    return pb.JobInfo(
-        type=kind,
-        operation="Outgoing migration",
-        migration_id=mid,
-        time_elapsed_ms=elapsed_ms,
-        data_total=memory[0] + disks[0],
-        data_processed=memory[1] + disks[1],
-        data_remaining=memory[2] + disks[2],
-        memory_total=memory[0],
-        memory_processed=memory[1],
-        memory_remaining=memory[2],
-        disk_total=disks[0],
-        disk_processed=disks[1],
-        disk_remaining=disks[2],
-        memory_bps=int(float(ram.get("mbps", 0)) * 1_000_000 / 8),
-        dirty_rate=int(ram.get("dirty-pages-rate", 0)),
-        iteration=int(ram.get("dirty-sync-count", 0)),
-        downtime_ms=int(stats.get("downtime", 0)),
-        setup_time_ms=int(stats.get("setup-time", 0)),
-        auto_converge_throttle=int(stats.get("cpu-throttle-percentage", 0)),
-        page_size=int(ram.get("page-size", 4096)),
-        error=error,
-    )
 
 
 class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
@@ -406,8 +338,9 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
 
 
 async def _housekeeping(ctx: SourceContext) -> None:
-    """End parked jobs whose client went away; reap emulators this process started."""
-    ctx.hypervisor.reap()
+    """End parked jobs whose client went away; reap emulators this process started, and
+    settle those gone while their owner was not running (dstd only reaps its own)."""
+    ctx.hypervisor.sweep()
     await expire_parked(ctx)
 
 
@@ -428,6 +361,7 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
         obs=Observability.for_daemon(config, "srcd", "source"),
     )
     ctx.jobs.on_end = lambda job: job_ended(ctx.obs, job)
+    ctx.hypervisor.on_gone = lambda rec, how: emulator_gone(ctx, rec, how)
     ctx.obs.metrics.track_in_flight(lambda: len(ctx.jobs))
     # before serving: the journal's jobs are held again, then settled in the background
     recover_source_jobs(ctx)

@@ -4,6 +4,8 @@ history after restarts, --json, gRPC reflection. Real srcd and dstd processes.""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import grpc
 from helpers.hosts import Host, sample_domain_xml, wait_until
-from helpers.live import start_domain
+from helpers.live import start_domain, state
+from helpers.qmp import runtime_record
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -61,6 +64,9 @@ def test_metrics_count_migrations_on_both_hosts(fresh_hosts: tuple[Host, Host], 
         assert value(src, m, role="source", kind=kind, mode="p2p", result="completed") == 1
         assert value(dst, m, role="destination", kind=kind, mode="p2p", result="completed") == 1
     assert value(src, "vmmigrate_migration_bytes_total", role="source") > 0
+    # the destination counts the same bytes, from the Perform cookie's statistics
+    assert value(dst, "vmmigrate_migration_bytes_total", role="destination") == value(
+        src, "vmmigrate_migration_bytes_total", role="source")
     assert value(src, "vmmigrate_refusals_total", role="source", reason="no-domain") == 1
     assert value(src, "vmmigrate_migrations_in_flight", role="source") == 0
     assert value(dst, "vmmigrate_migrations_in_flight", role="destination") == 0
@@ -125,6 +131,42 @@ def test_events_for_lifecycle_and_migration(fresh_hosts: tuple[Host, Host], domn
     ]
 
 
+def test_an_emulator_that_dies_unasked_is_stopped_failed(
+    fresh_hosts: tuple[Host, Host], domname: str
+) -> None:
+    """An emulator killed from outside: its domain stops, Stopped Failed (libvirt's event
+    for an emulator that went without a shutdown), sent once by the daemon that started it:
+    srcd for a domain started here, dstd for one that arrived by migration."""
+    a, b = fresh_hosts
+    a.start()
+    b.start()
+    here, moved = domname, f"{domname}-moved"
+    u_here = start_domain(a, here)
+    u_moved = start_domain(a, moved)
+    a.migctl("migrate", "--live", "--persistent", "--p2p", moved, b.dst)
+    watch_a = _watch(a, "--loop", "--timeout", "5", "--json")
+    watch_b = _watch(b, "--loop", "--timeout", "5", "--json")
+    for h, u in ((a, u_here), (b, u_moved)):
+        rec = runtime_record(h.state_dir, u)
+        assert rec is not None
+        os.kill(rec["pid"], signal.SIGKILL)
+    got_a = [json.loads(line) for line in _lines(watch_a)]
+    got_b = [json.loads(line) for line in _lines(watch_b)]
+    assert [(e["domain"], e["event"], e["detail"], e["daemon"]) for e in got_a] == [
+        (here, "Stopped", "Failed", "srcd")]
+    assert [(e["domain"], e["event"], e["detail"], e["daemon"]) for e in got_b] == [
+        (moved, "Stopped", "Failed", "dstd")]
+    assert (state(a, here), state(b, moved)) == ("shut off", "shut off")
+    assert runtime_record(a.state_dir, u_here) is None and runtime_record(b.state_dir, u_moved) is None
+    # the domain starts again, and a destroy of it is a Stopped Destroyed alone
+    watch_a = _watch(a, "--loop", "--timeout", "3")
+    a.migctl("start", here)
+    a.migctl("destroy", here)
+    assert _lines(watch_a)[:-2] == [
+        f"event 'lifecycle' for domain '{here}': {words}"
+        for words in ("Started Booted", "Stopped Destroyed")]
+
+
 def test_history_survives_restarts(fresh_hosts: tuple[Host, Host], domname: str) -> None:
     a, b = fresh_hosts
     a.start()
@@ -161,6 +203,51 @@ def test_history_survives_restarts(fresh_hosts: tuple[Host, Host], domname: str)
     assert incoming["type"] == "Completed" and incoming["operation"] == "Incoming migration"
     text = a.migctl("domjobinfo", live, "--completed").stdout
     assert "Job type:         Completed" in text
+
+
+def _jobinfo(h: Host, name: str) -> dict[str, object]:
+    out: dict[str, object] = json.loads(h.migctl("domjobinfo", name, "--completed", "--json").stdout)
+    return out
+
+
+def test_domjobinfo_completed_on_the_destination_and_after_a_return(
+    fresh_hosts: tuple[Host, Host], domname: str
+) -> None:
+    """The destination's record and domjobinfo --completed carry the source's figures
+    (downtime, bytes, memory, time); after A -> B -> A, each host shows its newest job."""
+    a, b = fresh_hosts
+    a.start()
+    b.start()
+    start_domain(a, domname)
+    a.migctl("migrate", "--live", "--persistent", "--p2p",
+             "--migration-id", "there", domname, b.dst)
+    [out] = json.loads(a.migctl("jobs", "--json", "--domain", domname).stdout)
+    [came] = json.loads(b.migctl("jobs", "--json", "--domain", domname).stdout)
+    assert (out["role"], came["role"]) == ("source", "destination")
+    assert came["bytes"] == out["bytes"] > 0
+    assert came["downtime_ms"] == out["downtime_ms"]
+    on_a, on_b = _jobinfo(a, domname), _jobinfo(b, domname)
+    assert (on_b["type"], on_b["operation"], on_b["migration_id"]) == (
+        "Completed", "Incoming migration", "there")
+    for field in ("downtime_ms", "data_processed", "data_total", "data_remaining", "page_size",
+                  "iteration", "setup_time_ms"):
+        assert on_b[field] == on_a[field], field
+    assert isinstance(on_b["time_elapsed_ms"], int) and on_b["time_elapsed_ms"] > 0
+    assert "Total downtime:   " + str(on_b["downtime_ms"]) in b.migctl(
+        "domjobinfo", domname, "--completed").stdout
+
+    # back to A, client-driven (both hosts keep the inactive definition, so both can be
+    # asked): A's srcd still holds its outgoing job in memory, but the incoming one is
+    # newer; B now shows its outgoing one
+    b.migctl("migrate", "--live", "--persistent", "--migration-id", "back",
+             domname, a.dst)
+    back_on_a, back_on_b = _jobinfo(a, domname), _jobinfo(b, domname)
+    assert (back_on_a["operation"], back_on_a["migration_id"]) == ("Incoming migration", "back")
+    assert (back_on_b["operation"], back_on_b["migration_id"]) == ("Outgoing migration", "back")
+    assert back_on_a["data_processed"] == back_on_b["data_processed"] > 0
+    assert back_on_a["downtime_ms"] == back_on_b["downtime_ms"]
+    a.start()  # a restart of A's daemons reads the same from the history
+    assert _jobinfo(a, domname) == back_on_a
 
 
 def test_json_list_and_dominfo(fresh_hosts: tuple[Host, Host], domname: str) -> None:
