@@ -7,9 +7,11 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import enum
 import json
+import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -64,29 +66,68 @@ def _when(unix: float) -> str:
     return datetime.datetime.fromtimestamp(unix, datetime.UTC).isoformat(timespec="milliseconds")
 
 
-async def cmd_event(a: argparse.Namespace, s: Any) -> None:
+class LoopEnd(enum.Enum):
+    """How an event loop ended (virsh's vshEventWait results)."""
+
+    DONE = "done"  # the first event without --loop, or the stream ended
+    TIMEOUT = "timeout"  # --timeout passed
+    INTERRUPT = "interrupt"  # Ctrl-C (SIGINT)
+
+
+async def cmd_event(a: argparse.Namespace, s: Any) -> int:
     """virsh event --event lifecycle: a server stream, ended after the first event unless
-    --loop, or after --timeout seconds."""
+    --loop, after --timeout seconds, or by Ctrl-C. As virsh, the exit status is 0 when at
+    least one event arrived, 1 otherwise (without an error message)."""
     if a.timeout is not None and a.timeout < 1:
         raise InvalidArgument("event: Invalid timeout")
-    stream = s.dom.Events(pb.EventsRequest(domain=a.domain or ""))
-    count, timed_out = 0, False
-    try:
-        async with translated(s.address, "daemon"):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(a.timeout):
-                    async for ev in stream:
-                        count += 1
-                        _print_event(a, ev)
-                        if not a.loop:
-                            break
-            timed_out = a.timeout is not None and (a.loop or count == 0)
-    finally:
-        stream.cancel()
+    count = 0
+
+    async def follow() -> None:
+        nonlocal count
+        stream = s.dom.Events(pb.EventsRequest(domain=a.domain or ""))
+        try:
+            async with translated(s.address, "daemon"):
+                async for ev in stream:
+                    count += 1
+                    _print_event(a, ev)
+                    if not a.loop:
+                        return
+        finally:
+            stream.cancel()
+
+    end = await until_end(follow(), a.timeout)
     if not a.json:
-        if timed_out:
+        if end is LoopEnd.INTERRUPT:
+            print("event loop interrupted")
+        elif end is LoopEnd.TIMEOUT:
             print("event loop timed out")
-        print(f"events received: {count}")
+        print(f"events received: {count}", flush=True)
+    return 0 if count else 1
+
+
+async def until_end(work: Coroutine[Any, Any, None], timeout: float | None) -> LoopEnd:
+    """Run ``work`` until it returns (its errors raised), ``timeout`` seconds pass or SIGINT
+    arrives; the handler is installed before ``work`` starts and removed afterwards (Ctrl-C
+    is then Python's KeyboardInterrupt again)."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(interrupted.wait())
+    try:
+        done, _ = await asyncio.wait(
+            [task, waiter], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        waiter.cancel()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if task in done:
+        task.result()
+        return LoopEnd.DONE
+    return LoopEnd.INTERRUPT if interrupted.is_set() else LoopEnd.TIMEOUT
 
 
 def _print_event(a: argparse.Namespace, ev: pb.DomainEvent) -> None:
