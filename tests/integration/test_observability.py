@@ -8,11 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 import uuid as uuidlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import grpc
+import pytest
 from helpers.hosts import Host, sample_domain_xml, wait_until
 from helpers.live import start_domain, state
 from helpers.qmp import runtime_record
@@ -77,24 +81,80 @@ def test_metrics_count_migrations_on_both_hosts(fresh_hosts: tuple[Host, Host], 
     assert value(scrape(b.srcd), m, role="source", kind="live", mode="p2p", result="completed") == 0
 
 
-def _watch(h: Host, *args: str) -> subprocess.Popen[str]:
-    assert h.srcd is not None
-    before = sum(1 for e in h.srcd.events() if e.get("event") == "events_stream_opened")
-    p = subprocess.Popen(
-        [sys.executable, "-m", "vmmigrate.migctl", "-c", h.src, "event", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-    )
-    wait_until(
-        lambda: sum(1 for e in h.srcd.events() if e.get("event") == "events_stream_opened") > before,  # type: ignore[union-attr]
-        20, "the event stream",
-    )
-    return p
+class Watcher:
+    """A `migctl event` process whose stdout a thread reads line by line (events are
+    flushed as they come), so that a test waits for the lines it expects, however slow
+    the machine, and then stops the watcher with Ctrl-C (virsh's "event loop
+    interrupted") instead of racing a --timeout."""
+
+    def __init__(self, h: Host, *args: str) -> None:
+        assert h.srcd is not None
+        srcd = h.srcd
+        before = sum(1 for e in srcd.events() if e.get("event") == "events_stream_opened")
+        self.p = subprocess.Popen(
+            [*h.prefix, sys.executable, "-m", "vmmigrate.migctl", "-c", h.src, *h.migctl_args,
+             "event", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        )
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self.readers = [
+            threading.Thread(target=_read, args=(pipe, into), daemon=True)
+            for pipe, into in ((self.p.stdout, self.lines), (self.p.stderr, self.errors))
+        ]
+        for reader in self.readers:
+            reader.start()
+        WATCHERS.append(self)
+        wait_until(
+            lambda: sum(1 for e in srcd.events() if e.get("event") == "events_stream_opened") > before,
+            60, "the event stream",
+        )
+
+    def wait_for(self, n: int) -> None:
+        """Until ``n`` lines have come (bounded: a missing event fails the test)."""
+        wait_until(lambda: len(self.lines) >= n, 60, f"{n} event line(s), got {self.lines}")
+
+    def interrupt(self) -> list[str]:
+        """Ctrl-C; its whole output (the event lines, then virsh's two closing lines)."""
+        self.p.send_signal(signal.SIGINT)
+        return self.finish()
+
+    def finish(self, status: int = 0) -> list[str]:
+        """The output once the process has ended by itself; its exit status is ``status``."""
+        self.p.wait(timeout=60)
+        self._close()
+        assert self.p.returncode == status, self.errors
+        return self.lines
+
+    def stop(self) -> None:
+        """After a failed test: end the process if it still runs."""
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(timeout=60)
+        self._close()
+
+    def _close(self) -> None:
+        for reader in self.readers:
+            reader.join(timeout=60)
+        for pipe in (self.p.stdout, self.p.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
-def _lines(p: subprocess.Popen[str]) -> list[str]:
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
-    return out.splitlines()
+WATCHERS: list[Watcher] = []
+
+
+def _read(pipe: IO[str] | None, into: list[str]) -> None:
+    assert pipe is not None
+    for line in pipe:
+        into.append(line.rstrip("\n"))
+
+
+@pytest.fixture(autouse=True)
+def _stop_watchers() -> Iterator[None]:
+    yield
+    while WATCHERS:
+        WATCHERS.pop().stop()
 
 
 def test_events_for_lifecycle_and_migration(fresh_hosts: tuple[Host, Host], domname: str) -> None:
@@ -102,18 +162,20 @@ def test_events_for_lifecycle_and_migration(fresh_hosts: tuple[Host, Host], domn
     a.start()
     b.start()
     mig = f"{domname}-mig"
-    watch_a = _watch(a, "--loop", "--timeout", "8")
-    watch_b = _watch(b, "--loop", "--timeout", "8", "--json")
-    first = _watch(a, "--domain", domname, "--timeout", "30")  # ends after one event
+    watch_a = Watcher(a, "--loop", "--timeout", "120")
+    watch_b = Watcher(b, "--loop", "--timeout", "120", "--json")
+    first = Watcher(a, "--domain", domname, "--timeout", "120")  # ends after one event
+    # --timeout still ends a loop: a domain without events, virsh's exit status 1 for none
+    quiet = Watcher(a, "--domain", f"{domname}-quiet", "--loop", "--timeout", "1")
     start_domain(a, domname)
     for cmd in ("suspend", "resume", "destroy", "undefine"):
         a.migctl(cmd, domname)
     start_domain(a, mig)
     a.migctl("migrate", "--live", "--persistent", "--p2p", "--undefinesource", mig, b.dst)
 
-    assert _lines(first) == [
+    assert quiet.finish(status=1) == ["event loop timed out", "events received: 0"]
+    assert first.finish() == [
         f"event 'lifecycle' for domain '{domname}': Defined Added", "events received: 1"]
-    got_a = _lines(watch_a)
     expected_a = [
         f"event 'lifecycle' for domain '{domname}': {words}"
         for words in ("Defined Added", "Started Booted", "Suspended Paused", "Resumed Unpaused",
@@ -122,8 +184,11 @@ def test_events_for_lifecycle_and_migration(fresh_hosts: tuple[Host, Host], domn
         f"event 'lifecycle' for domain '{mig}': {words}"
         for words in ("Defined Added", "Started Booted", "Stopped Migrated", "Undefined Removed")
     ]
-    assert got_a == [*expected_a, "event loop timed out", f"events received: {len(expected_a)}"]
-    got_b = [json.loads(line) for line in _lines(watch_b)]
+    watch_a.wait_for(len(expected_a))
+    watch_b.wait_for(3)
+    assert watch_a.interrupt() == [
+        *expected_a, "event loop interrupted", f"events received: {len(expected_a)}"]
+    got_b = [json.loads(line) for line in watch_b.interrupt()]  # --json: the events only
     assert [(e["domain"], e["event"], e["detail"], e["daemon"]) for e in got_b] == [
         (mig, "Started", "Migrated", "dstd"),
         (mig, "Defined", "Added", "dstd"),
@@ -144,14 +209,16 @@ def test_an_emulator_that_dies_unasked_is_stopped_failed(
     u_here = start_domain(a, here)
     u_moved = start_domain(a, moved)
     a.migctl("migrate", "--live", "--persistent", "--p2p", moved, b.dst)
-    watch_a = _watch(a, "--loop", "--timeout", "5", "--json")
-    watch_b = _watch(b, "--loop", "--timeout", "5", "--json")
+    watch_a = Watcher(a, "--loop", "--timeout", "120", "--json")
+    watch_b = Watcher(b, "--loop", "--timeout", "120", "--json")
     for h, u in ((a, u_here), (b, u_moved)):
         rec = runtime_record(h.state_dir, u)
         assert rec is not None
         os.kill(rec["pid"], signal.SIGKILL)
-    got_a = [json.loads(line) for line in _lines(watch_a)]
-    got_b = [json.loads(line) for line in _lines(watch_b)]
+    watch_a.wait_for(1)
+    watch_b.wait_for(1)
+    got_a = [json.loads(line) for line in watch_a.interrupt()]
+    got_b = [json.loads(line) for line in watch_b.interrupt()]
     assert [(e["domain"], e["event"], e["detail"], e["daemon"]) for e in got_a] == [
         (here, "Stopped", "Failed", "srcd")]
     assert [(e["domain"], e["event"], e["detail"], e["daemon"]) for e in got_b] == [
@@ -159,12 +226,14 @@ def test_an_emulator_that_dies_unasked_is_stopped_failed(
     assert (state(a, here), state(b, moved)) == ("shut off", "shut off")
     assert runtime_record(a.state_dir, u_here) is None and runtime_record(b.state_dir, u_moved) is None
     # the domain starts again, and a destroy of it is a Stopped Destroyed alone
-    watch_a = _watch(a, "--loop", "--timeout", "3")
+    watch_a = Watcher(a, "--loop", "--timeout", "120")
     a.migctl("start", here)
     a.migctl("destroy", here)
-    assert _lines(watch_a)[:-2] == [
-        f"event 'lifecycle' for domain '{here}': {words}"
-        for words in ("Started Booted", "Stopped Destroyed")]
+    watch_a.wait_for(2)
+    assert watch_a.interrupt() == [
+        *(f"event 'lifecycle' for domain '{here}': {words}"
+          for words in ("Started Booted", "Stopped Destroyed")),
+        "event loop interrupted", "events received: 2"]
 
 
 def test_history_survives_restarts(fresh_hosts: tuple[Host, Host], domname: str) -> None:

@@ -46,7 +46,7 @@ class FakeStream:
         if self.then == "fail":
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                "Socket closed")
+                "Socket closed", None)
         if self.then == "sigint":
             os.kill(os.getpid(), signal.SIGINT)  # as from the terminal
         await asyncio.Event().wait()
