@@ -21,8 +21,9 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -281,6 +282,7 @@ class Mirrors:
             for job_id in self.jobs:
                 with contextlib.suppress(QMPError):
                     await self._mon.execute("block-job-cancel", {"device": job_id, "force": True})
+            await yank_nbd(self._mon.execute, self.nodes)
             await self._wait_ended()
             await self._release()
         except QMPError as exc:
@@ -288,6 +290,26 @@ class Mirrors:
         finally:
             self._unsubscribe()
         log.info("mirrors_cancelled", migration_id=self.job.migration_id)
+
+
+Execute = Callable[..., Awaitable[Any]]
+
+
+async def yank_nbd(execute: Execute, nodes: Sequence[str]) -> None:
+    """Shut down the NBD client connections of ``nodes`` (QMP ``yank``), when a copy is
+    given up. A destination that stopped answering (the link cut) leaves the mirror's
+    writes in flight until TCP gives up, many minutes later: the job cannot end before,
+    and removing the node (``blockdev-del``, whose NBD disconnect waits on the dead
+    connection) would block the emulator's main loop, its monitor and its guest with it.
+    Yanked, the writes fail at once. Best effort: an emulator without ``yank`` (QEMU < 6.0)
+    keeps the old behaviour."""
+    if not nodes:
+        return
+    instances = [{"type": "block-node", "node-name": node} for node in nodes]
+    try:
+        await execute("yank", {"instances": instances})
+    except QMPError as exc:
+        log.warning("nbd_not_yanked", nodes=list(nodes), error=str(exc))
 
 
 async def release_leftovers(hv: QMPHypervisor, uuid: str) -> int:
@@ -305,6 +327,10 @@ async def release_leftovers(hv: QMPHypervisor, uuid: str) -> int:
         for job_id in ids:
             with contextlib.suppress(QMPError):
                 await hv.execute(uuid, "block-job-cancel", {"device": job_id, "force": True})
+        found = await hv.execute(uuid, "query-named-block-nodes", {"flat": True})
+        nodes = [str(n.get("node-name", "")) for n in found]
+        nodes = [n for n in nodes if n.startswith("migration-") and n.endswith("-storage")]
+        await yank_nbd(functools.partial(hv.execute, uuid), nodes)
         until = time.monotonic() + END_TIMEOUT
         while ids and time.monotonic() < until:
             jobs = await hv.execute(uuid, "query-jobs")
@@ -314,12 +340,9 @@ async def release_leftovers(hv: QMPHypervisor, uuid: str) -> int:
         for job_id in ids:
             with contextlib.suppress(QMPError):
                 await hv.execute(uuid, "job-dismiss", {"id": job_id})
-        nodes = await hv.execute(uuid, "query-named-block-nodes", {"flat": True})
-        for node in nodes:
-            name = str(node.get("node-name", ""))
-            if name.startswith("migration-") and name.endswith("-storage"):
-                with contextlib.suppress(QMPError):
-                    await hv.execute(uuid, "blockdev-del", {"node-name": name})
+        for name in nodes:
+            with contextlib.suppress(QMPError):
+                await hv.execute(uuid, "blockdev-del", {"node-name": name})
     except (QMPError, VmmigrateError, OSError) as exc:
         log.warning("mirror_leftovers_not_released", uuid=uuid, error=str(exc))
         return 0

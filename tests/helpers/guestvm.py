@@ -76,10 +76,12 @@ def domain_xml(
     disk: Path,
     nics: tuple[str, ...] = (user_nic(),),
     memory_mib: int = 256,
+    fmt: str = "raw",
 ) -> str:
-    """The guest as a domain: TCG (type 'qemu'), q35, direct kernel boot, 256 MiB, a raw
-    virtio disk with cache='none' (the migration safety check passes on shared storage), the
-    given NICs, a serial console; a reboot (the kernel panics with panic=-1) ends it."""
+    """The guest as a domain: TCG (type 'qemu'), q35, direct kernel boot, 256 MiB, a virtio
+    disk of format ``fmt`` (raw or qcow2) with cache='none' (the migration safety check passes
+    on shared storage), the given NICs, a serial console; a reboot (the kernel panics with
+    panic=-1) ends it."""
     assert g.QEMU is not None
     devices = "\n    ".join(nics)
     return f"""<domain type='qemu'>
@@ -99,7 +101,7 @@ def domain_xml(
   <devices>
     <emulator>{escape(g.QEMU)}</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
+      <driver name='qemu' type={quoteattr(fmt)} cache='none'/>
       <source file={quoteattr(str(disk))}/>
       <target dev='vda' bus='virtio'/>
     </disk>

@@ -8,7 +8,7 @@ source's last count and nothing on it is torn, and the domain runs on the destin
 
 Both hosts are on this machine, so the disk is shared storage by construction; the mount
 namespace harness (helpers/mountns.py) gives each host a private view of one image path, for
-the storage-copy tests to come. Timings are printed (-s) and kept as user properties.
+the storage-copy tests (test_guest_copy.py). Timings are printed (-s) and kept as user properties.
 """
 
 from __future__ import annotations
