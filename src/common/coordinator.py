@@ -207,6 +207,11 @@ class Coordinator:
                 )
                 if lost is not None:
                     raise lost from exc
+            else:
+                # the cancel got no answer (a cut link): keep asking in the background,
+                # so the destination lets go of its emulator, created disks and
+                # reservation when the link is back, not at its deadline
+                self.dest.finish_failed(destflags)
             error = error or exc
         except VmmigrateError as exc:
             error = error or exc
