@@ -45,10 +45,10 @@ at the switch-over (the source's file as its stopped emulator left it; every byt
 but record slots the destination's guest has since written with newer counts). A timeline
 of each migration: vmmigrate's from its daemons' JSON logs (``--migration-id``), libvirt's
 with --libvirt-trace from its daemons' debug logs (set with virt-admin for the run, to a
-file of their own beside their log, and put back at the end; the logging slows libvirt's
-Prepare, so take the wall times from a run without it). One untimed boot and one untimed
-round trip of each case first warm the daemons (libvirtd probes QEMU's capabilities on its
-first use).
+file of their own beside their log, and put back at the end; that logging is work libvirt
+does not do otherwise, so take the wall times from a run without it). One untimed boot and
+one untimed round trip of each case first warm the daemons (libvirtd probes QEMU's
+capabilities on its first use).
 
 vmmigrate: two hosts (srcd + dstd each) on 127.0.0.2 and 127.0.0.3, as bench_live. libvirt:
 the lab of --libvirt-lab DIR (default ../shared/anchors/libvirt-lab beside the repository,
