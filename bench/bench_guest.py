@@ -492,7 +492,6 @@ class LvSide(Side):
 # and Finish.
 LIBVIRT_STEPS = (
     ("src", "qemuMigrationSrcBeginPhase:", "begin"),
-    ("src", "qemuMigrationSrcPerformPeer2Peer3:", "p2p3_called"),
     ("dst", "qemuMigrationDstPrepare", "prepare"),
     ("dst", "running with pid=", "emulator_spawned"),
     ("dst", '"execute":"nbd-server-start"', "nbd_server_start"),
