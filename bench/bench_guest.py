@@ -22,20 +22,33 @@ swapped every round) so that machine noise falls on both:
               without shared storage is unsafe") and the lab's hosts share one ext4; the
               flag skips that check and nothing else.
   copy        the same with --copy-storage-all and a 256 MiB raw disk (--disk-mib) filled
-              with data (so the whole size moves), each host with its own file: libvirt's
-              lab hosts at the same path in their private /var; vmmigrate's hosts share this
-              machine's file system, so each has its own path and the migration passes the
-              destination's in --xml. The destination file exists beforehand (empty). When
-              the daemons refuse the storage copy, the case reports "n/a (refused: ERROR)".
+              with data (so the whole size moves), each host with a file of its own at the
+              same path, so that both tools do the same work from the same domain XML:
+              libvirt's lab hosts in their private /var, vmmigrate's hosts in a directory
+              that each sees through a mount namespace of its own
+              (tests/helpers/mountns.py; needs root), where their dstd may create and
+              export disks (--storage-dir). The destination's file exists beforehand (empty,
+              of the same size), as both tools allow.
+  copy_tunnelled
+              the same with --tunnelled as well: the disks' NBD streams go through the
+              managers' connection with the memory's (docs/ARCHITECTURE.md section 14).
+  A tool that refuses a case (or fails its first migration) is reported as "n/a
+  (refused: ERROR)" for it; one that cannot run it here as "n/a (REASON)".
 
 After every migration: the job's time, QEMU's downtime and the data moved (``domjobinfo
---completed`` on the source: no --undefinesource), how long the source emulator stayed a
-zombie (exited, not yet reaped) and when it was gone relative to the client's return (a
-manager that waits for its emulator to be gone waits for its reaping too), the guest
-counting on at the destination, and with
-storage copy the destination disk equal to the source's data (all but the first MiB, where
-the guest keeps writing its records). One untimed boot and one untimed round trip of each
-case first warm the daemons (libvirtd probes QEMU's capabilities on its first use).
+--completed`` on the source: no --undefinesource), when the destination's emulator process
+was started (its /proc start time), how long the source emulator stayed a zombie (exited,
+not yet reaped) and when it was gone relative to the client's return (a manager that waits
+for its emulator to be gone waits for its reaping too), the guest counting on at the
+destination, and with storage copy the destination's disk holding what the source's held
+at the switch-over (the source's file as its stopped emulator left it; every byte equal,
+but record slots the destination's guest has since written with newer counts). A timeline
+of each migration: vmmigrate's from its daemons' JSON logs (``--migration-id``), libvirt's
+with --libvirt-trace from its daemons' debug logs (set with virt-admin for the run, to a
+file of their own beside their log, and put back at the end; that logging is work libvirt
+does not do otherwise, so take the wall times from a run without it). One untimed boot and
+one untimed round trip of each case first warm the daemons (libvirtd probes QEMU's
+capabilities on its first use).
 
 vmmigrate: two hosts (srcd + dstd each) on 127.0.0.2 and 127.0.0.3, as bench_live. libvirt:
 the lab of --libvirt-lab DIR (default ../shared/anchors/libvirt-lab beside the repository,
@@ -46,23 +59,27 @@ Debian packages if missing) and down at the end only if this run brought it up. 
 lab (or with --no-libvirt) only vmmigrate is measured and the report says why.
 
     .venv/bin/python -m bench.bench_guest [--n 5] [--libvirt-lab DIR | --no-libvirt]
-        [--mem 256] [--disk-mib 256] [--settle 0.5] [--json PATH] [--workdir DIR]
+        [--libvirt-trace] [--mem 256] [--disk-mib 256] [--settle 0.5] [--json PATH]
+        [--workdir DIR]
 
 The report: per case and tool the median, min and max (seconds) and the ratio
 vmmigrate/libvirt of the medians, details (start command, emulator start, job time,
-zombie time, downtime, client start-up), and a last line of JSON with the medians. Every process and domain this script
-starts is stopped (by pid, or destroyed by name) before it exits.
+zombie time, downtime, client start-up), the timelines' medians, and a last line of JSON
+with the medians. Every process, mount namespace and domain this script starts is stopped
+(by pid, or destroyed by name) before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,8 +91,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.bench_live import machine_info, migctl_argv, parse_jobinfo, summarize
-from tests.helpers import guest
+from bench.bench_live import (
+    TIMELINE_EVENTS,
+    machine_info,
+    migctl_argv,
+    parse_jobinfo,
+    summarize,
+    timeline,
+)
+from tests.helpers import guest, mountns
 from tests.helpers.hosts import Host
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,8 +114,39 @@ CASES = {
     "boot": "boot to first count",
     "shared": "live, shared storage",
     "copy": "live, --copy-storage-all",
+    "copy_tunnelled": "live, copy, --tunnelled",
 }
-JSON_KEYS = {"boot": "boot_first_count", "shared": "live_shared", "copy": "live_copy_storage_all"}
+MIGRATIONS = ("shared", "copy", "copy_tunnelled")
+# each migration case's flags beside --live --p2p --persistent
+CASE_FLAGS = {
+    "shared": [],
+    "copy": ["--copy-storage-all"],
+    "copy_tunnelled": ["--copy-storage-all", "--tunnelled"],
+}
+JSON_KEYS = {
+    "boot": "boot_first_count",
+    "shared": "live_shared",
+    "copy": "live_copy_storage_all",
+    "copy_tunnelled": "live_copy_storage_all_tunnelled",
+}
+# the daemons' log events in vmmigrate's timeline of a migration (bench_live's, and the
+# storage copy's)
+VM_EVENTS = {
+    "srcd": (
+        *TIMELINE_EVENTS["srcd"],
+        "mirrors_started",
+        "mirrors_ready",
+        "mirrors_completed",
+        "tunnel_drained",
+        "nbd_tunnel_closed",
+    ),
+    "dstd": (
+        *TIMELINE_EVENTS["dstd"],
+        "incoming_disk_created",
+        "incoming_nbd_started",
+        "incoming_nbd_stopped",
+    ),
+}
 CMDLINE = "console=ttyS0 quiet panic=-1"  # as tests/helpers/guest.py boots it
 MiB = 1 << 20
 POLL_S = 0.005
@@ -208,6 +263,7 @@ class Side:
     """One tool's two hosts, driven through its command-line client."""
 
     tool = ""
+    copy_dir = ""  # where a copied disk is, the same path on both hosts
 
     def __init__(self, work: Path, img: guest.Image, mem_mib: int) -> None:
         self.work = work / self.tool
@@ -238,12 +294,30 @@ class Side:
         """Where this process sees a file of ``host`` at ``path``."""
         return Path(path)
 
-    def copy_disks(self, name: str, pattern: Path) -> dict[str, str]:
-        """Disk paths for storage copy: the source's holds ``pattern``, the other is empty."""
-        raise NotImplementedError
+    def copy_disk(self, name: str, pattern: Path) -> str:
+        """The disk of a storage-copy guest: one path, a file of its own on each host, A's
+        holding ``pattern``, B's empty (of the same size)."""
+        path = f"{self.copy_dir}/{name}.raw"
+        for h in HOSTS:
+            self.host_path(h, self.copy_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pattern, self.host_path("A", path))
+        guest.create_disk(self.host_path("B", path), "raw", pattern.stat().st_size)
+        return path
+
+    def unavailable(self, case: str) -> str:
+        """Why this tool cannot run ``case`` here ("" when it can)."""
+        return ""
 
     def migrate_flags(self, case: str) -> list[str]:
-        return ["--copy-storage-all"] if case == "copy" else []
+        return CASE_FLAGS[case]
+
+    def hop_args(self, migration_id: str) -> list[str]:
+        """The client's options that give a migration its id (none: the tool cannot)."""
+        return []
+
+    def timeline(self, frm: str, to: str, migration_id: str, t_unix: float) -> dict[str, float]:
+        """The managers' log events of a migration, ms after ``t_unix`` (none: not read)."""
+        return {}
 
     def run(self, host: str, *args: str, timeout: float = CLIENT_TIMEOUT) -> tuple[float, str]:
         return run_client(self.cmd(host, *args), timeout)
@@ -275,16 +349,47 @@ class Side:
 
 
 class VmSide(Side):
-    """vmmigrate: a srcd and a dstd per host, on loopback addresses, migctl as the client."""
+    """vmmigrate: a srcd and a dstd per host, on loopback addresses, migctl as the client.
+
+    Each host runs in a mount namespace of its own (tests/helpers/mountns.py) in which
+    ``copy_dir`` shows a directory of that host's, so that a copied disk is a file of its
+    own on each host at the same path, as on libvirt's lab hosts; dstd may create and
+    export disks there (--storage-dir). Everything else (the shared disk, the state
+    directories) both hosts see alike. Without mount namespaces (not root) the hosts run
+    without them and the storage-copy cases are not measured."""
 
     tool = "vmmigrate"
 
     def __init__(self, work: Path, img: guest.Image, mem_mib: int) -> None:
         super().__init__(work, img, mem_mib)
+        self.copy_dir = str(self.work / "images")
+        self.no_namespace = mountns.skip_reason() or ""
+        self.spaces: dict[str, mountns.MountNamespace] = {}
         self.hosts: dict[str, Host] = {}
-        for h in HOSTS:
-            self.hosts[h] = Host(h, VM_IPS[h], self.work / h)
-            self.hosts[h].start()
+        try:
+            for h in HOSTS:
+                self.hosts[h] = Host(h, VM_IPS[h], self.work / h, prefix=self._namespace(h))
+                self.hosts[h].start(dstd_args=["--storage-dir", self.copy_dir])
+        except BaseException:
+            self.close()
+            raise
+
+    def _namespace(self, host: str) -> list[str]:
+        """The prefix that runs a command in ``host``'s mount namespace (made here)."""
+        if self.no_namespace:
+            return []
+        private = self.work / f"{host}-images"
+        self.spaces[host] = mountns.MountNamespace(private, Path(self.copy_dir))
+        return self.spaces[host].prefix
+
+    def unavailable(self, case: str) -> str:
+        return self.no_namespace if case.startswith("copy") else ""
+
+    def host_path(self, host: str, path: str) -> Path:
+        p = Path(path)
+        if host in self.spaces and p.is_relative_to(self.copy_dir):
+            return self.spaces[host].private / p.relative_to(self.copy_dir)
+        return p
 
     def cmd(self, host: str, *args: str) -> list[str]:
         return migctl_argv(self.hosts[host].src, *args)
@@ -313,11 +418,11 @@ class VmSide(Side):
                 return Path(m.group(1))
         return None
 
-    def copy_disks(self, name: str, pattern: Path) -> dict[str, str]:
-        disks = {h: self.work / f"{name}-{h}.raw" for h in HOSTS}
-        shutil.copyfile(pattern, disks["A"])
-        guest.create_disk(disks["B"], "raw", pattern.stat().st_size)
-        return {h: str(p) for h, p in disks.items()}
+    def hop_args(self, migration_id: str) -> list[str]:
+        return ["--migration-id", migration_id]
+
+    def timeline(self, frm: str, to: str, migration_id: str, t_unix: float) -> dict[str, float]:
+        return timeline(self.hosts[frm], self.hosts[to], migration_id, t_unix, VM_EVENTS)
 
     def close(self) -> None:
         try:
@@ -325,16 +430,23 @@ class VmSide(Side):
         finally:
             for h in self.hosts.values():
                 h.stop()
+            for ns in self.spaces.values():  # after the daemons and emulators in them
+                ns.stop()
 
 
 class LvSide(Side):
-    """libvirt: the lab's two libvirtd, virsh as the client."""
+    """libvirt: the lab's two libvirtd, virsh as the client; with ``trace``, a timeline of
+    each migration from the daemons' debug logs (:class:`LibvirtTrace`)."""
 
     tool = "libvirt"
+    copy_dir = LAB_DISK_DIR
 
-    def __init__(self, work: Path, img: guest.Image, mem_mib: int, lab: Lab) -> None:
+    def __init__(
+        self, work: Path, img: guest.Image, mem_mib: int, lab: Lab, trace: bool = False
+    ) -> None:
         self.lab = lab
         super().__init__(work, img, mem_mib)
+        self.trace = LibvirtTrace(lab) if trace else None
 
     def cmd(self, host: str, *args: str) -> list[str]:
         return ["virsh", "-q", "-c", self.lab.uri(host), *args]
@@ -360,21 +472,103 @@ class LvSide(Side):
     def host_path(self, host: str, path: str) -> Path:
         return self.lab.root(host) / path.lstrip("/")
 
-    def copy_disks(self, name: str, pattern: Path) -> dict[str, str]:
-        path = f"{LAB_DISK_DIR}/{name}.raw"
-        for h in HOSTS:
-            self.host_path(h, LAB_DISK_DIR).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(pattern, self.host_path("A", path))
-        guest.create_disk(self.host_path("B", path), "raw", pattern.stat().st_size)
-        return dict.fromkeys(HOSTS, path)
+    def timeline(self, frm: str, to: str, migration_id: str, t_unix: float) -> dict[str, float]:
+        return self.trace.timeline(frm, to, t_unix) if self.trace else {}
 
     def close(self) -> None:
         try:
             super().close()
         finally:
+            if self.trace is not None:
+                self.trace.close()
             for h in HOSTS:
                 if self.lab.is_up(h):
                     shutil.rmtree(self.host_path(h, LAB_DISK_DIR), ignore_errors=True)
+
+
+# libvirt's log lines that mark a migration's steps: (the host's role, text in the line,
+# the step's name). The source's are its migration code's debug lines (which phase it
+# calls) and its QMP traffic with the source QEMU; the destination's the same for Prepare
+# and Finish.
+LIBVIRT_STEPS = (
+    ("src", "qemuMigrationSrcBeginPhase:", "begin"),
+    ("dst", "qemuMigrationDstPrepare", "prepare"),
+    ("dst", "running with pid=", "emulator_spawned"),
+    ("dst", '"execute":"nbd-server-start"', "nbd_server_start"),
+    ("dst", '"execute":"migrate-incoming"', "migrate_incoming"),
+    ("src", " : Perform3 ", "perform3"),
+    ("src", '"execute":"blockdev-add","arguments":{"driver":"nbd"', "nbd_blockdev_add"),
+    ("src", '"execute":"blockdev-mirror"', "blockdev_mirror"),
+    ("src", '"event": "BLOCK_JOB_READY"', "mirror_ready"),
+    ("src", '"execute":"migrate",', "migrate"),
+    ("src", '"event": "MIGRATION", "data": {"status": "pre-switchover"}', "pre_switchover"),
+    ("src", '"execute":"migrate-continue"', "migrate_continue"),
+    ("src", '"event": "MIGRATION", "data": {"status": "completed"}', "completed"),
+    ("src", " : Finish3 ", "finish3"),
+    ("dst", '"execute":"nbd-server-stop"', "nbd_server_stop"),
+    ("dst", '"execute":"cont"', "cont"),
+    ("src", " : Confirm3 ", "confirm3"),
+    ("src", "qemuProcessStop:", "process_stop"),
+)
+# what the trace logs: libvirt's migration and process code at debug, its QMP traffic
+TRACE_FILTERS = "1:qemu.qemu_migration 1:qemu.qemu_process 2:qemu.qemu_monitor"
+TRACE_LOG = "/var/log/libvirt/bench-guest-trace.log"
+
+
+class LibvirtTrace:
+    """The lab's daemons log their migrations' steps to TRACE_LOG (virt-admin, beside
+    their own log) while this exists; :meth:`close` puts their settings back."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.saved: dict[str, tuple[str, str]] = {}
+        try:
+            for h in HOSTS:
+                filters, outputs = self.setting(h, "filters"), self.setting(h, "outputs")
+                self.saved[h] = (filters, outputs)
+                self.lab.admin(h, "daemon-log-filters", f"{filters} {TRACE_FILTERS}".strip())
+                self.lab.admin(h, "daemon-log-outputs", f"{outputs} 1:file:{TRACE_LOG}".strip())
+        except BaseException:
+            self.close()
+            raise
+
+    def setting(self, host: str, what: str) -> str:
+        """The daemon's log filters or outputs, as they were set: virt-admin shows a filter
+        ``1:name`` as ``1:*name*``, which set again would gain another pair of stars."""
+        out = self.lab.admin(host, f"daemon-log-{what}")
+        items = out.strip().removeprefix(f"Logging {what}:").split()
+        return " ".join(re.sub(r"^(\d:)\*([^*]+)\*$", r"\1\2", item) for item in items)
+
+    def timeline(self, frm: str, to: str, t_unix: float) -> dict[str, float]:
+        """Each step's first log line at or after ``t_unix``, ms after it."""
+        lines = {"src": self.lines(frm, t_unix), "dst": self.lines(to, t_unix)}
+        out: dict[str, float] = {}
+        for role, text, step in LIBVIRT_STEPS:
+            for t, line in lines[role]:
+                if text in line:
+                    out[f"{role}.{step}"] = round((t - t_unix) * 1e3, 1)
+                    break
+        return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+    def lines(self, host: str, t_unix: float) -> list[tuple[float, str]]:
+        try:
+            text = (self.lab.root(host) / TRACE_LOG.lstrip("/")).read_text(errors="replace")
+        except OSError:
+            return []
+        out = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):  # a continuation line (cookie XML ...)
+                t = datetime.datetime.strptime(line[:28], "%Y-%m-%d %H:%M:%S.%f%z").timestamp()
+                if t >= t_unix:
+                    out.append((t, line))
+        return out
+
+    def close(self) -> None:
+        for h, (filters, outputs) in self.saved.items():
+            if self.lab.is_up(h):
+                self.lab.admin(h, "daemon-log-outputs", outputs)
+                self.lab.admin(h, "daemon-log-filters", filters)
+                (self.lab.root(h) / TRACE_LOG.lstrip("/")).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,6 +604,12 @@ class Lab:
 
     def uri(self, host: str) -> str:
         return f"qemu+unix:///system?socket={self.socket(host)}"
+
+    def admin(self, host: str, *args: str) -> str:
+        """virt-admin on the host's daemon (its admin socket); its output."""
+        sock = self.state / "lv" / host / "run" / "libvirt" / "libvirt-admin-sock"
+        uri = f"libvirtd:///system?socket={sock}"
+        return run_client(["virt-admin", "-c", uri, *args])[1]
 
     def root(self, host: str) -> Path:
         """The host's file system as its libvirtd sees it (its own mount namespace)."""
@@ -576,41 +776,61 @@ def other(host: str) -> str:
     return "B" if host == "A" else "A"
 
 
+def switchover_difference(src: Path, dst: Path) -> str:
+    """How the destination's copy ``dst`` differs from what the source's disk ``src`` held
+    at the switch-over ("" when it does not): after it only the destination's guest has
+    written, each count's record into its slot of MiB 0, so every other byte must be the
+    source's and every slot the source's record or a newer one."""
+    if src.stat().st_size != dst.stat().st_size:
+        return "the destination disk's size differs from the source's"
+    diff = [off // MiB for off in guest.differing_blocks(src, dst)]
+    if set(diff) - {0}:
+        return f"the destination disk differs from the source's at MiB {diff[:5]}"
+    area = guest.SLOTS * guest.RECORD
+    head = {p: guest.read_head(p, "raw", MiB) for p in (src, dst)}
+    if head[src][area:] != head[dst][area:]:
+        return "the destination disk differs from the source's in MiB 0, past the records"
+    newest = guest.parse_records(head[src][:area]).newest
+    if not newest:
+        return "the source's disk holds no record of the guest"
+    records = guest.parse_records(head[dst][:area])
+    if records.torn:
+        return f"the destination disk has torn records in slots {records.torn[:5]}"
+    rewritten = {n % guest.SLOTS for n in records.counts if n > newest}
+    for slot in range(guest.SLOTS):
+        at = slice(slot * guest.RECORD, (slot + 1) * guest.RECORD)
+        if head[src][at] != head[dst][at] and slot not in rewritten:
+            return f"the destination's record slot {slot} is neither the source's nor newer"
+    return ""
+
+
 class Series:
     """One running guest of one tool, migrated back and forth between its two hosts."""
 
     def __init__(self, side: Side, case: str, pattern: Path) -> None:
         self.side = side
         self.case = case
-        self.name = f"bg-{case}"
-        if case == "copy":
-            disks = side.copy_disks(self.name, pattern)
-            self.pattern: Path | None = pattern
-        else:
-            path = side.work / f"{self.name}.raw"
-            guest.create_disk(path, "raw", pattern.stat().st_size)
-            disks = dict.fromkeys(HOSTS, str(path))
-            self.pattern = None
-        uuid = str(uuidlib.uuid4())
+        self.name = f"bg-{case.replace('_', '-')}"
+        self.copied = "--copy-storage-all" in CASE_FLAGS[case]
+        if self.copied:  # a file of its own on each host, at one path
+            disk = side.copy_disk(self.name, pattern)
+        else:  # one file both hosts see
+            disk = str(side.work / f"{self.name}.raw")
+            guest.create_disk(Path(disk), "raw", pattern.stat().st_size)
         console = side.spec_console(self.name)
-        self.specs = {h: Spec(self.name, uuid, disks[h], console) for h in HOSTS}
-        self.xml: dict[str, Path] = {}
+        self.spec = Spec(self.name, str(uuidlib.uuid4()), disk, console)
         self.where = "A"
 
     def start(self) -> None:
-        self.xml["A"] = self.side.define("A", self.specs["A"])
-        self.xml["B"] = self.side.work / f"{self.name}.B.xml"
-        self.xml["B"].write_text(domain_xml(self.specs["B"], self.side.img, self.side.mem_mib))
+        self.side.define("A", self.spec)
         self.side.run("A", "start", self.name)
         if not wait_count_above(self.log("A"), 0, BOOT_TIMEOUT):
             raise RuntimeError(f"{self.side.tool}: {self.name} never counted on A")
 
     def log(self, host: str) -> Callable[[], Path | None]:
-        return lambda: self.side.console_log(host, self.specs[host])
+        return lambda: self.side.console_log(host, self.spec)
 
-    def argv(self, frm: str, to: str) -> list[str]:
-        # a destination disk at another path: the destination's XML names it (--xml)
-        xml = ["--xml", str(self.xml[to])] if self.specs[to].disk != self.specs[frm].disk else []
+    def argv(self, frm: str, to: str, migration_id: str) -> list[str]:
         return self.side.cmd(
             frm,
             "migrate",
@@ -618,7 +838,7 @@ class Series:
             "--p2p",
             "--persistent",
             *self.side.migrate_flags(self.case),
-            *xml,
+            *self.side.hop_args(migration_id),
             self.name,
             self.side.dest(to),
         )
@@ -627,9 +847,11 @@ class Series:
         frm, to = self.where, other(self.where)
         before = max(console_counts(self.log(frm)()), default=0)
         row: dict[str, Any] = {"direction": f"{frm}->{to}"}
-        watch = ExitWatch(self.side.emulator_pid(frm, self.specs[frm]))
+        watch = ExitWatch(self.side.emulator_pid(frm, self.spec))
+        mid, t_unix = str(uuidlib.uuid4()), time.time()
+        t0_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
         try:
-            wall, _ = run_client(self.argv(frm, to), MIGRATE_TIMEOUT)
+            wall, _ = run_client(self.argv(frm, to, mid), MIGRATE_TIMEOUT)
             returned = time.monotonic()
         except ClientError as exc:
             watch.result(time.monotonic(), timeout=0)
@@ -639,8 +861,10 @@ class Series:
         self.where = to
         row["wall_ms"] = round(wall * 1e3, 1)
         row.update(watch.result(returned))
+        row["dst_emulator_ms"] = emulator_started_ms(self.side.emulator_pid(to, self.spec), t0_boot)
         row.update(self.job(frm, row["wall_ms"]))
-        return {**row, **self.check(to, before)}
+        row["timeline_ms"] = self.side.timeline(frm, to, mid, t_unix)
+        return {**row, **self.check(frm, to, before)}
 
     def job(self, host: str, wall_ms: float) -> dict[str, Any]:
         """The completed job's statistics on the host the guest left (its "Time elapsed"
@@ -656,17 +880,18 @@ class Series:
             "data_MiB": round(info["data_processed"] / MiB, 1),
         }
 
-    def check(self, to: str, before: int) -> dict[str, Any]:
-        """The guest counts on at the destination; a copied disk holds the source's data."""
+    def check(self, frm: str, to: str, before: int) -> dict[str, Any]:
+        """The guest counts on at the destination; a copied disk holds what the source's
+        held at the switch-over (the source's file, which its stopped emulator left)."""
         out: dict[str, Any] = {}
         if not wait_count_above(self.log(to), before, COUNT_TIMEOUT):
             out["error"] = f"the guest did not count on {to} after the migration"
-        if self.pattern is not None:
-            path = self.side.host_path(to, self.specs[to].disk)
-            diff = guest.differing_blocks(path, self.pattern)
-            out["disk_copy_ok"] = set(diff) <= {0}  # MiB 0 holds the guest's records
-            if not out["disk_copy_ok"]:
-                out["error"] = f"the destination disk differs at MiB {diff[:5]}"
+        if self.copied:
+            src, dst = (self.side.host_path(h, self.spec.disk) for h in (frm, to))
+            problem = switchover_difference(src, dst)
+            out["disk_copy_ok"] = not problem
+            if problem:
+                out["error"] = problem
         return out
 
     def locate(self) -> str:
@@ -689,7 +914,7 @@ def order(items: Sequence[T], i: int) -> list[T]:
 
 
 def brief(row: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in row.items() if k != "direction"})
+    return json.dumps({k: v for k, v in row.items() if k not in ("direction", "timeline_ms")})
 
 
 def boot_phase(sides: Sequence[Side], args: argparse.Namespace) -> dict[str, Any]:
@@ -723,8 +948,10 @@ def migration_phase(
     series: list[Series] = []
     try:
         for s in sides:
-            series.append(Series(s, case, pattern))
-            reason = warm_up(series[-1])
+            reason = s.unavailable(case)
+            if not reason:
+                series.append(Series(s, case, pattern))
+                reason = warm_up(series[-1])
             if reason:
                 refused[s.tool] = reason
         for i in range(args.n):
@@ -754,7 +981,7 @@ def run_all(sides: Sequence[Side], args: argparse.Namespace, work: Path) -> dict
     pattern = work / "pattern.raw"
     guest.create_disk(pattern, "raw", args.disk_mib * MiB, pattern=True)
     phases = {"boot": boot_phase(sides, args)}
-    for case in ("shared", "copy"):
+    for case in MIGRATIONS:
         phases[case] = migration_phase(sides, case, args, pattern)
     return {"phases": phases, "client_startup_ms": client_startup(sides)}
 
@@ -766,6 +993,7 @@ def run_all(sides: Sequence[Side], args: argparse.Namespace, work: Path) -> dict
 DETAIL_KEYS = {
     "boot": ("start_cmd_ms", "emulator_ms"),
     "shared": (
+        "dst_emulator_ms",
         "job_ms",
         "outside_job_ms",
         "src_zombie_ms",
@@ -774,7 +1002,7 @@ DETAIL_KEYS = {
         "data_MiB",
     ),
 }
-DETAIL_KEYS["copy"] = DETAIL_KEYS["shared"]
+DETAIL_KEYS["copy"] = DETAIL_KEYS["copy_tunnelled"] = DETAIL_KEYS["shared"]
 
 
 def summarize_case(case: str, phase: dict[str, Any], tool: str) -> dict[str, Any]:
@@ -785,10 +1013,21 @@ def summarize_case(case: str, phase: dict[str, Any], tool: str) -> dict[str, Any
     out: dict[str, Any] = {"ok": len(ok), "n": len(rows)}
     for key in ("wall_ms", *DETAIL_KEYS[case]):
         out[key] = summarize([float(r[key]) for r in ok if r.get(key) is not None])
+    out["timeline_median_ms"] = timeline_medians(ok)
     errors = sorted({str(r["error"]) for r in rows if "error" in r})
     if errors:
         out["errors"] = errors
     return out
+
+
+def timeline_medians(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Each timeline event's median over ``rows``, in the order of those medians."""
+    times: dict[str, list[float]] = {}
+    for r in rows:
+        for k, v in r.get("timeline_ms", {}).items():
+            times.setdefault(k, []).append(v)
+    med = {k: round(statistics.median(v), 1) for k, v in times.items()}
+    return dict(sorted(med.items(), key=lambda kv: kv[1]))
 
 
 def analyse(run: dict[str, Any], tools: Sequence[str]) -> dict[str, Any]:
@@ -841,11 +1080,13 @@ def table_rows(summary: dict[str, Any], libvirt_note: str) -> list[str]:
     return lines
 
 
-def detail_rows(summary: dict[str, Any], startup: dict[str, Any]) -> list[str]:
-    def med(s: dict[str, Any], key: str) -> str:
-        x = s.get(key, {})
-        return f"{x['median']:.0f}" if x.get("n") else "-"
+def med(s: dict[str, Any], key: str) -> str:
+    """The median of a summarized detail, in whole units ("-" when there is none)."""
+    x = s.get(key, {})
+    return f"{x['median']:.0f}" if x.get("n") else "-"
 
+
+def detail_rows(summary: dict[str, Any], startup: dict[str, Any]) -> list[str]:
     lines = ["", "details (medians):"]
     for tool, s in summary["boot"].items():
         if "wall_ms" in s:
@@ -853,11 +1094,12 @@ def detail_rows(summary: dict[str, Any], startup: dict[str, Any]) -> list[str]:
                 f"  boot, {tool}: emulator process started after {med(s, 'emulator_ms')} ms, "
                 f"start command returned after {med(s, 'start_cmd_ms')} ms"
             )
-    for case in ("shared", "copy"):
+    for case in MIGRATIONS:
         for tool, s in summary[case].items():
             if "wall_ms" in s:
                 lines.append(
-                    f"  {CASES[case]}, {tool}: job (domjobinfo) {med(s, 'job_ms')} ms, "
+                    f"  {CASES[case]}, {tool}: destination QEMU started after "
+                    f"{med(s, 'dst_emulator_ms')} ms; job (domjobinfo) {med(s, 'job_ms')} ms, "
                     f"outside it {med(s, 'outside_job_ms')} ms; source QEMU a zombie for "
                     f"{med(s, 'src_zombie_ms')} ms, gone {med(s, 'src_gone_after_return_ms')} "
                     f"ms after the client returned; QEMU downtime "
@@ -869,6 +1111,19 @@ def detail_rows(summary: dict[str, Any], startup: dict[str, Any]) -> list[str]:
         for tool, s in summary[case].items():
             lines += [f"  error in {title}, {tool}: {e}" for e in s.get("errors", [])]
     return lines
+
+
+def timeline_rows(summary: dict[str, Any]) -> list[str]:
+    """The managers' log events of each migration case, median ms after the client
+    started the migration."""
+    lines = ["", "timeline (median ms after the client started the migration):"]
+    for case in MIGRATIONS:
+        for tool, s in summary[case].items():
+            events = s.get("timeline_median_ms")
+            if events:
+                lines.append(f"  {CASES[case]}, {tool}:")
+                lines.append("    " + ", ".join(f"{k}={v:.0f}" for k, v in events.items()))
+    return lines if len(lines) > 2 else []
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
@@ -893,6 +1148,7 @@ def report(results: dict[str, Any]) -> str:
         "",
         *table_rows(results["summary"], results["libvirt"]),
         *detail_rows(results["summary"], results["run"]["client_startup_ms"]),
+        *timeline_rows(results["summary"]),
         f"  runtime {results['runtime_s']} s",
     ]
     return "\n".join(lines)
@@ -920,6 +1176,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--libvirt-lab", metavar="DIR", help=f"the libvirt lab (default {DEFAULT_LAB})")
     ap.add_argument("--no-libvirt", action="store_true", help="measure vmmigrate only")
     ap.add_argument(
+        "--libvirt-trace",
+        action="store_true",
+        help="log libvirt's migration steps at debug level and report their timeline",
+    )
+    ap.add_argument(
         "--lab-state",
         default=os.environ.get("LAB", "/tmp/libvirt-lab"),
         help="the lab's state directory ($LAB, default /tmp/libvirt-lab)",
@@ -941,7 +1202,7 @@ def measure(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> No
     try:
         sides.append(VmSide(work, img, args.mem))
         if lab is not None:
-            sides.append(LvSide(work, img, args.mem, lab))
+            sides.append(LvSide(work, img, args.mem, lab, args.libvirt_trace))
         results["tools"] = [s.tool for s in sides]
         results["run"] = run_all(sides, args, work)
     finally:

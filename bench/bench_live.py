@@ -60,7 +60,7 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -616,15 +616,22 @@ def log_events(host: Host, kind: str, mid: str) -> list[dict[str, Any]]:
     return [e for e in d.events() if e.get("migration_id") == mid]
 
 
-def timeline(frm: Host, to: Host, mid: str, t_start_unix: float) -> dict[str, float]:
-    """Daemon log events of one migration, ms after the client started it."""
+def timeline(
+    frm: Host,
+    to: Host,
+    mid: str,
+    t_start_unix: float,
+    events: Mapping[str, Sequence[str]] = TIMELINE_EVENTS,
+) -> dict[str, float]:
+    """Daemon log events of one migration (``events``: their names by daemon), ms after the
+    client started it."""
     out: dict[str, float] = {}
     for kind, host in (("srcd", frm), ("dstd", to)):
         for e in log_events(host, kind, mid):
             name = str(e.get("event"))
             if name == "phase_advanced":  # e.g. srcd.->perform3, dstd.->finish3
                 name = f"->{e.get('new')}"
-            elif name not in TIMELINE_EVENTS[kind]:
+            elif name not in events[kind]:
                 continue
             if "timestamp" in e:
                 key = f"{kind}.{name}"
