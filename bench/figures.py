@@ -256,6 +256,15 @@ def live_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def dst_qemu_startup_ms(raw: dict[str, list[dict[str, Any]]]) -> float | None:
+    """The median start-up of every bare destination QEMU of the raw baselines (``raw`` and
+    ``raw_chain``: the command line the daemons build, the loader included), so that one
+    slow start on a busy machine does not make the figure."""
+    xs = [float(x["dst_qemu_startup_ms"]) for rows in raw.values() for x in rows
+          if x.get("dst_qemu_startup_ms") is not None]  # fmt: skip
+    return statistics.median(xs) if xs else None
+
+
 def live(run: Run) -> None:
     out = run.work / "live.json"
     run.quiet("live", bench_live.main, ["--n", str(run.sizes.live_n), "--json", str(out)])
@@ -280,7 +289,7 @@ def live(run: Run) -> None:
     run.set("direct_mb_s", th["direct_MBps"] or None, why)
     run.set("tunnelled_mb_s", th["tunnelled_MBps"] or None, "no successful tunnelled migration")
     startup = migctl_startup_ms(run.sizes.oneshot_reps)
-    qemu = med(s["raw"], "dst_qemu_startup_ms")
+    qemu = dst_qemu_startup_ms(r["raw"])
     run.set("migctl_startup_ms", startup)
     run.set("live_dst_qemu_startup_ms", qemu, "no raw baseline")
     over = med(dm, "overhead_ms")
@@ -371,6 +380,9 @@ def scale(run: Run) -> None:
 
 
 def lv_offline(run: Run) -> None:
+    # untimed first, as bench_offline warms up: a fresh libvirtd probes QEMU's capabilities
+    # at its first domain operation (about 4 s)
+    run.libvirt.latency(max(run.sizes.offline_warmup // 2, 1), "lv_warmup.log")
     res = run.libvirt.latency(max(run.sizes.offline_n // 2, 1))
     run.data["lv_offline"] = res
     run.set("libvirt_offline_p2p_p50_ms", pct50(res.get("p2p", [])), "no p2p sample")
@@ -514,7 +526,8 @@ def notes(run: Run) -> list[str]:
         "is its own downtime statistic (CPUs stopped to resumed, libvirt's clock)",
         f"overhead = wall - QEMU total-time ({fmt_ms(m.get('live_overhead_ms'))} left) after "
         f"subtracting the destination QEMU's start-up ({fmt_ms(m.get('live_dst_qemu_startup_ms'))}, "
-        f"a bare QEMU with the same command line) and migctl's start-up "
+        f"the median of the raw baselines' bare QEMUs with the same command line) and "
+        f"migctl's start-up "
         f"({fmt_ms(m.get('migctl_startup_ms'))}, `migctl --version`)",
         "throughput: vmmigrate's is RAM transferred / QEMU's total-time; libvirt's is QEMU's "
         "own average (`memory_bps` of the completed job)",

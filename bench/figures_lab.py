@@ -74,13 +74,13 @@ class LabRunner:
     def script(self, name: str) -> str:
         return str(self.lab.script_dir / name)
 
-    def latency(self, n: int) -> dict[str, list[float]]:
+    def latency(self, n: int, log_name: str = "lv_latency.log") -> dict[str, list[float]]:
         """lv_bench_api.py: ``n`` domains, each migrated A -> B -> A per mode; the
         milliseconds of every migration by mode (``p2p``; ``direct`` = client-driven)."""
         out = self._run(
             [LAB_PYTHON, "-c", RUNPY_WRAPPER, self.script("lv_bench_api.py"),
              TCP_URI["A"], TCP_URI["B"], str(n)],
-            "lv_latency.log",
+            log_name,
         )  # fmt: skip
         for line in out.splitlines():
             if line.startswith(RESULT_MARK):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,31 +192,42 @@ def rewrite_doc(doc: Path, section: str) -> None:
     write_file(doc, replace_section(doc.read_text(), section).encode())
 
 
+WIDTH = 92  # the document's prose width
+
+
+def wrap(text: str) -> list[str]:
+    return textwrap.wrap(text, WIDTH, break_on_hyphens=False, break_long_words=False)
+
+
+def bullets(items: Sequence[str]) -> list[str]:
+    return [line for item in items for line in textwrap.wrap(
+        item, WIDTH, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False,
+        break_long_words=False)]  # fmt: skip
+
+
 def section(info: dict[str, Any], metrics: dict[str, float | None], plots: Sequence[str],
             notes: Sequence[str]) -> str:
     """The "Figures (bench/run)" section: when, where, how, the table, the plots."""
     m = info["machine"]
-    lines = [
-        "## Figures (bench/run)",
-        "",
+    intro = (
         "Written by `bench/run` on every run: everything between the `bench/run` markers is "
         "replaced, so edit the script, not this section. Ratios are vmmigrate / libvirt, "
-        "both measured in the same run, interleaved (one benchmark of each in turn).",
-        "",
-        f"- date: {info['date']}",
-        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
-        f"{m['qemu']}, {info['libvirt_version']}; load average {m['load_start']:.2f} at the "
-        f"start, {m['load_end']:.2f} at the end",
-        f"- command: `{info['command']}` ({info['mode']}), {info['runtime_s']:.0f} s",
-        f"- libvirt: {info['libvirt']}",
-        f"- sizes: {info['sizes']}",
-        "",
-        markdown_table(metrics),
-        "",
+        "both measured in the same run, interleaved (one benchmark of each in turn). The "
+        "machine is shared: read the load average before trusting an absolute figure."
+    )
+    facts = [
+        f"date: {info['date']}",
+        f"machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, {m['qemu']}, "
+        f"{info['libvirt_version']}; load average {m['load_start']:.2f} at the start, "
+        f"{m['load_end']:.2f} at the end",
+        f"command: `{info['command']}` ({info['mode']}), {info['runtime_s']:.0f} s",
+        f"libvirt: {info['libvirt']}",
+        f"sizes: {info['sizes']}",
     ]
-    lines += [f"- {n}" for n in notes]
+    lines = ["## Figures (bench/run)", "", *wrap(intro), "", *bullets(facts), ""]
+    lines += [markdown_table(metrics), ""]
     if notes:
-        lines.append("")
+        lines += [*bullets(notes), ""]
     for name in plots:
         lines.append(f"![{name}]({name})")
     if not plots:
