@@ -259,6 +259,10 @@ def plot_offline(plt: Any, data: dict[str, Any], path: Path) -> bool:
     for label, xs, style in series:
         _cdf(ax, xs, label, style)
     ax.set_xscale("log")
+    plain = plt.FuncFormatter(lambda v, _: f"{v:g}")  # 3, 10, 20 rather than 3x10^0
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("offline migration latency, ms (log scale)")
     ax.set_ylabel("fraction of migrations")
     ax.set_title("Offline migration latency, one inactive domain")
