@@ -36,6 +36,7 @@ from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.rpc import Deadline, call, open_channel
 from vmmigrate.common.version import add_version_option
 from vmmigrate.migctl import helptext, observe, pki, progress
+from vmmigrate.migctl.rules import check_stream_options
 from vmmigrate.migctl.uri import dest_address
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -322,15 +323,7 @@ def _read_file(path: str) -> str:
 def migrate_flags(a: argparse.Namespace) -> MigrateFlag:
     """virsh's option -> flag mapping (docs/ARCHITECTURE.md section 9), with its own
     command-line rules."""
-    if a.timeout is not None:
-        if a.offline or not a.live:
-            raise UsageError("migrate: Unexpected timeout for offline migration")
-        if a.timeout < 1:
-            raise UsageError("migrate: Invalid timeout")
-    elif a.timeout_suspend:
-        raise UsageError("migrate: Unexpected --timeout-* option without --timeout")
-    if a.bandwidth is not None and a.bandwidth < 0:
-        raise UsageError("migrate: Invalid bandwidth")
+    check_stream_options(a, "migrate", offline=a.offline or not a.live, error=UsageError)
     mapping = {
         "live": MigrateFlag.LIVE,
         "offline": MigrateFlag.OFFLINE,
