@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.bench_offline import (
@@ -36,7 +34,9 @@ from bench.bench_offline import (
     daemon_pids,
     define_all,
     end_results,
+    machine_line,
     new_results,
+    runtime_line,
     two_hosts,
     verify_placement,
 )
@@ -119,12 +119,10 @@ async def bench(args: argparse.Namespace, a: Host, b: Host) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
     lines = [
         "",
         "vmmigrate evacuation benchmark: migctl evacuate --offline",
-        f"machine: {m['nproc']} CPU(s), {m['cpu_model']}, Linux {m['kernel']}, "
-        f"Python {m['python']}, grpcio {m['grpcio']}",
+        machine_line(results["machine"]),
         f"{results['params']['domains']} inactive domains; migctl start-up + one List: "
         f"{results['migctl_list_startup_ms']} ms",
         f"{'parallel':>8s} {'dir':>5s} {'migr/s':>8s} {'wall s':>8s} {'exit':>5s} "
@@ -137,10 +135,7 @@ def table(results: dict[str, Any]) -> str:
             f"{r['exit_status']:5d} {r['migctl_cpu_ms_per_migration']:19.3f} {daemons:20.3f}  "
             f"{'ok' if r['verify']['ok'] and r['summary_ok'] else 'FAILED'}"
         )
-    lines.append(
-        f"total runtime: {results['runtime_s']:.1f} s; load average before "
-        f"{results['loadavg_before']}, after {results['loadavg_after']}"
-    )
+    lines.append(runtime_line(results))
     return "\n".join(lines)
 
 
@@ -156,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         root = bench_root(stack, args.workdir, "vmm-evac-")
         a, b = stack.enter_context(two_hosts(root, args.ips))
         results.update(asyncio.run(bench(args, a, b)))
-    end_results(results, started)
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"JSON written to {args.json}")
+    end_results(results, started, table, args.json)
     ok = all(r["verify"]["ok"] and r["summary_ok"] for r in results["runs"])
     return 0 if ok else 1
 

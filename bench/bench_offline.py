@@ -489,13 +489,27 @@ async def profile(
 # report
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """machine_info() in one line of a report."""
+    return (
+        f"machine: {m['nproc']} CPU(s), {m['cpu_model']}, {m['mem_total_gib']} GiB, "
+        f"Linux {m['kernel']}, Python {m['python']}, grpcio {m['grpcio']}"
+    )
+
+
+def runtime_line(results: dict[str, Any], note: str = "") -> str:
+    """The run's wall time and the load average around it (end_results), in one line."""
+    return (
+        f"total runtime: {results['runtime_s']:.1f} s; load average before "
+        f"{results['loadavg_before']}, after {results['loadavg_after']}{note}"
+    )
+
+
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
     lines = [
         "",
         "vmmigrate offline migration benchmark",
-        f"machine: {m['nproc']} CPU(s), {m['cpu_model']}, {m['mem_total_gib']} GiB, "
-        f"Linux {m['kernel']}, Python {m['python']}, grpcio {m['grpcio']}",
+        machine_line(results["machine"]),
         "",
         f"latency (ms), one Migrate per row sample, n={results['params']['n']} "
         f"after {results['params']['warmup']} warm-up",
@@ -532,9 +546,10 @@ def table(results: dict[str, Any]) -> str:
     lines.append(f"daemon RSS at end (MiB): {json.dumps(results['rss_mib_end'])}")
     lines.append(f"idle CPU (ms per s): {json.dumps(results['idle_cpu_ms_per_s'])}")
     lines.append(
-        f"total runtime: {results['runtime_s']:.1f} s; load average before "
-        f"{results['loadavg_before']}, after {results['loadavg_after']} (2 cores: the bench "
-        "itself adds ~1-2; much more means other work ran alongside)"
+        runtime_line(
+            results,
+            " (2 cores: the bench itself adds ~1-2; much more means other work ran alongside)",
+        )
     )
     return "\n".join(lines)
 
@@ -560,10 +575,21 @@ def new_results(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def end_results(results: dict[str, Any], started: float) -> None:
-    """The run's wall time (since ``started``, a perf_counter) and the load average after."""
+def end_results(
+    results: dict[str, Any],
+    started: float,
+    table: Callable[[dict[str, Any]], str],
+    json_path: str | None,
+) -> None:
+    """Add the run's wall time (since ``started``, a perf_counter) and the load average
+    after it; print the results' ``table``, and write them as JSON to ``json_path`` if
+    given."""
     results["runtime_s"] = round(time.perf_counter() - started, 1)
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(table(results))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"JSON written to {json_path}")
 
 
 def bench_root(stack: contextlib.ExitStack, workdir: str | None, prefix: str) -> Path:
@@ -667,11 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         results["params"]["tls"] = bool(args.tls)
         a, b = stack.enter_context(two_hosts(root, args.ips, flags))
         results.update(asyncio.run(run(args, a, b)))
-    end_results(results, started)
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"JSON written to {args.json}")
+    end_results(results, started, table, args.json)
     ok = all(r["verify"]["ok"] and not r["errors"] for r in results["throughput"]["runs"])
     return 0 if ok else 1
 
