@@ -20,18 +20,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.bench_offline import Client, CpuMeter, machine_info, verify_placement
-from tests.helpers.hosts import Host, sample_domain_xml
+from bench.bench_offline import (
+    Client,
+    CpuMeter,
+    add_host_options,
+    bench_root,
+    daemon_pids,
+    define_all,
+    end_results,
+    machine_line,
+    new_results,
+    runtime_line,
+    two_hosts,
+    verify_placement,
+)
+from tests.helpers.hosts import Host
 
 MIGCTL_TIMEOUT = 1800.0
 
@@ -70,18 +79,6 @@ def run_migctl(src: Host, dst: Host, parallel: int, n: int) -> dict[str, Any]:
     }
 
 
-async def define_all(client: Client, names: list[str]) -> float:
-    t0 = time.perf_counter()
-    sem = asyncio.Semaphore(8)
-
-    async def define(nm: str) -> None:
-        async with sem:
-            await client.define("A", sample_domain_xml(nm))
-
-    await asyncio.gather(*(define(nm) for nm in names))
-    return time.perf_counter() - t0
-
-
 def startup_ms(src: Host) -> float:
     """migctl's own start-up and one List call (``list --all --name``), for reference."""
     t0 = time.perf_counter()
@@ -93,20 +90,12 @@ def startup_ms(src: Host) -> float:
 
 
 async def bench(args: argparse.Namespace, a: Host, b: Host) -> dict[str, Any]:
-    assert a.srcd and a.dstd and b.srcd and b.dstd
-    pids = {
-        "A.srcd": a.srcd.proc.pid,
-        "A.dstd": a.dstd.proc.pid,
-        "B.srcd": b.srcd.proc.pid,
-        "B.dstd": b.dstd.proc.pid,
-    }
+    pids = daemon_pids(a, b)
     names = [f"evac-{i:04d}" for i in range(args.domains)]
     client = Client(a, b)  # for defining and checking placement only; migctl migrates
     try:
         await client.ready()
         define_s = await define_all(client, names)
-        check = await verify_placement(client, names, "A")
-        assert check["ok"], check
         runs = []
         ms = await asyncio.to_thread(startup_ms, a)
         for parallel in [int(x) for x in args.parallel_levels.split(",")]:
@@ -130,12 +119,10 @@ async def bench(args: argparse.Namespace, a: Host, b: Host) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
     lines = [
         "",
         "vmmigrate evacuation benchmark: migctl evacuate --offline",
-        f"machine: {m['nproc']} CPU(s), {m['cpu_model']}, Linux {m['kernel']}, "
-        f"Python {m['python']}, grpcio {m['grpcio']}",
+        machine_line(results["machine"]),
         f"{results['params']['domains']} inactive domains; migctl start-up + one List: "
         f"{results['migctl_list_startup_ms']} ms",
         f"{'parallel':>8s} {'dir':>5s} {'migr/s':>8s} {'wall s':>8s} {'exit':>5s} "
@@ -148,10 +135,7 @@ def table(results: dict[str, Any]) -> str:
             f"{r['exit_status']:5d} {r['migctl_cpu_ms_per_migration']:19.3f} {daemons:20.3f}  "
             f"{'ok' if r['verify']['ok'] and r['summary_ok'] else 'FAILED'}"
         )
-    lines.append(
-        f"total runtime: {results['runtime_s']:.1f} s; load average before "
-        f"{results['loadavg_before']}, after {results['loadavg_after']}"
-    )
+    lines.append(runtime_line(results))
     return "\n".join(lines)
 
 
@@ -159,46 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--domains", type=int, default=300, help="inactive domains to evacuate")
     ap.add_argument("--parallel-levels", default="1,4,16", help="--parallel values, comma-separated")
-    ap.add_argument("--ips", default="127.0.0.2,127.0.0.3", help="loopback IPs of hosts A,B")
-    ap.add_argument("--workdir", help="keep state and daemon logs here (default: temp dir)")
-    ap.add_argument("--json", help="write the results as JSON to this path")
+    add_host_options(ap)
     args = ap.parse_args(argv)
     started = time.perf_counter()
-    results: dict[str, Any] = {
-        "machine": machine_info(),
-        "params": {
-            "domains": args.domains,
-            "parallel_levels": args.parallel_levels,
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        },
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-    }
-    ip_a, ip_b = args.ips.split(",")
+    results = new_results({"domains": args.domains, "parallel_levels": args.parallel_levels})
     with contextlib.ExitStack() as stack:
-        if args.workdir:
-            root = Path(args.workdir)
-            root.mkdir(parents=True, exist_ok=True)
-        else:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmm-evac-")))
-        hosts: list[Host] = []
-        try:
-            a = Host("A", ip_a, root / "A")
-            hosts.append(a)
-            a.start()
-            b = Host("B", ip_b, root / "B")
-            hosts.append(b)
-            b.start()
-            print(f"hosts: A srcd {a.src} dstd {a.dst}; B srcd {b.src} dstd {b.dst}", flush=True)
-            results.update(asyncio.run(bench(args, a, b)))
-        finally:
-            for h in hosts:  # Daemon.stop() signals its own Popen (by pid), nothing broader
-                h.stop()
-    results["runtime_s"] = round(time.perf_counter() - started, 1)
-    results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"JSON written to {args.json}")
+        root = bench_root(stack, args.workdir, "vmm-evac-")
+        a, b = stack.enter_context(two_hosts(root, args.ips))
+        results.update(asyncio.run(bench(args, a, b)))
+    end_results(results, started, table, args.json)
     ok = all(r["verify"]["ok"] and r["summary_ok"] for r in results["runs"])
     return 0 if ok else 1
 

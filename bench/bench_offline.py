@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -402,10 +402,9 @@ async def verify_placement(client: Client, names: list[str], expect: str) -> dic
     }
 
 
-async def throughput(
-    client: Client, pids: dict[str, int], n_domains: int, levels: list[int]
-) -> dict[str, Any]:
-    names = [f"evac-{i:04d}" for i in range(n_domains)]
+async def define_all(client: Client, names: list[str]) -> float:
+    """Define ``names`` on host A (8 Define calls at a time), checked to be there and on A
+    only; returns the seconds it took."""
     t0 = time.perf_counter()
     sem = asyncio.Semaphore(8)
 
@@ -417,6 +416,14 @@ async def throughput(
     define_s = time.perf_counter() - t0
     check = await verify_placement(client, names, "A")
     assert check["ok"], check
+    return define_s
+
+
+async def throughput(
+    client: Client, pids: dict[str, int], n_domains: int, levels: list[int]
+) -> dict[str, Any]:
+    names = [f"evac-{i:04d}" for i in range(n_domains)]
+    define_s = await define_all(client, names)
     runs = []
     for t in levels:
         for frm, to in (("A", "B"), ("B", "A")):
@@ -482,13 +489,27 @@ async def profile(
 # report
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """machine_info() in one line of a report."""
+    return (
+        f"machine: {m['nproc']} CPU(s), {m['cpu_model']}, {m['mem_total_gib']} GiB, "
+        f"Linux {m['kernel']}, Python {m['python']}, grpcio {m['grpcio']}"
+    )
+
+
+def runtime_line(results: dict[str, Any], note: str = "") -> str:
+    """The run's wall time and the load average around it (end_results), in one line."""
+    return (
+        f"total runtime: {results['runtime_s']:.1f} s; load average before "
+        f"{results['loadavg_before']}, after {results['loadavg_after']}{note}"
+    )
+
+
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
     lines = [
         "",
         "vmmigrate offline migration benchmark",
-        f"machine: {m['nproc']} CPU(s), {m['cpu_model']}, {m['mem_total_gib']} GiB, "
-        f"Linux {m['kernel']}, Python {m['python']}, grpcio {m['grpcio']}",
+        machine_line(results["machine"]),
         "",
         f"latency (ms), one Migrate per row sample, n={results['params']['n']} "
         f"after {results['params']['warmup']} warm-up",
@@ -525,9 +546,10 @@ def table(results: dict[str, Any]) -> str:
     lines.append(f"daemon RSS at end (MiB): {json.dumps(results['rss_mib_end'])}")
     lines.append(f"idle CPU (ms per s): {json.dumps(results['idle_cpu_ms_per_s'])}")
     lines.append(
-        f"total runtime: {results['runtime_s']:.1f} s; load average before "
-        f"{results['loadavg_before']}, after {results['loadavg_after']} (2 cores: the bench "
-        "itself adds ~1-2; much more means other work ran alongside)"
+        runtime_line(
+            results,
+            " (2 cores: the bench itself adds ~1-2; much more means other work ran alongside)",
+        )
     )
     return "\n".join(lines)
 
@@ -536,14 +558,82 @@ def table(results: dict[str, Any]) -> str:
 # main
 
 
-async def run(args: argparse.Namespace, a: Host, b: Host) -> dict[str, Any]:
+def add_host_options(ap: argparse.ArgumentParser) -> None:
+    """The options of the two hosts and of the results (bench_evacuate's too)."""
+    ap.add_argument("--json", help="write the results as JSON to this path")
+    ap.add_argument("--ips", default="127.0.0.2,127.0.0.3", help="loopback IPs of hosts A,B")
+    ap.add_argument("--workdir", help="keep state and daemon logs here (default: temp dir)")
+
+
+def new_results(params: dict[str, Any]) -> dict[str, Any]:
+    """The results' head: the machine, ``params`` with the command line, and the load average
+    before the run (other work on the machine skews every number here: compare it with ~0)."""
+    return {
+        "machine": machine_info(),
+        "params": {**params, "command": " ".join([Path(sys.executable).name, *sys.argv])},
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def end_results(
+    results: dict[str, Any],
+    started: float,
+    table: Callable[[dict[str, Any]], str],
+    json_path: str | None,
+) -> None:
+    """Add the run's wall time (since ``started``, a perf_counter) and the load average
+    after it; print the results' ``table``, and write them as JSON to ``json_path`` if
+    given."""
+    results["runtime_s"] = round(time.perf_counter() - started, 1)
+    results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(table(results))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"JSON written to {json_path}")
+
+
+def bench_root(stack: contextlib.ExitStack, workdir: str | None, prefix: str) -> Path:
+    """--workdir (kept), else a temporary directory removed when ``stack`` closes."""
+    if workdir:
+        root = Path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+
+
+@contextlib.contextmanager
+def two_hosts(
+    root: Path, ips: str, flags: tuple[list[str], list[str]] = ([], [])
+) -> Iterator[tuple[Host, Host]]:
+    """Hosts A and B (a srcd and a dstd each, with ``flags``' A and B options) on the two IPs
+    of ``ips`` (comma-separated), under ``root``; stopped at the end."""
+    hosts: list[Host] = []
+    try:
+        for name, ip, extra in zip("AB", ips.split(","), flags, strict=True):
+            host = Host(name, ip, root / name)
+            hosts.append(host)
+            host.start(extra, extra)
+        a, b = hosts
+        print(f"hosts: A srcd {a.src} dstd {a.dst}; B srcd {b.src} dstd {b.dst}", flush=True)
+        yield a, b
+    finally:
+        for h in hosts:  # Daemon.stop() signals its own Popen (by pid), nothing broader
+            h.stop()
+
+
+def daemon_pids(a: Host, b: Host) -> dict[str, int]:
+    """The four daemons' pids, by "A.srcd" ... (what CpuMeter measures)."""
     assert a.srcd and a.dstd and b.srcd and b.dstd
-    pids = {
+    return {
         "A.srcd": a.srcd.proc.pid,
         "A.dstd": a.dstd.proc.pid,
         "B.srcd": b.srcd.proc.pid,
         "B.dstd": b.dstd.proc.pid,
     }
+
+
+async def run(args: argparse.Namespace, a: Host, b: Host) -> dict[str, Any]:
+    pids = daemon_pids(a, b)
     client = Client(a, b, args.client_tls)
     await client.ready()
     results: dict[str, Any] = {}
@@ -575,9 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=20, help="untimed migrations per mode first")
     ap.add_argument("--domains", type=int, default=300, help="domains in the evacuation phase")
     ap.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
-    ap.add_argument("--json", help="write the results as JSON to this path")
-    ap.add_argument("--ips", default="127.0.0.2,127.0.0.3", help="loopback IPs of hosts A,B")
-    ap.add_argument("--workdir", help="keep state and daemon logs here (default: temp dir)")
+    add_host_options(ap)
     ap.add_argument("--idle-s", type=float, default=3.0, help="idle CPU sample, seconds")
     ap.add_argument("--tls", action="store_true", help="mutual TLS: certificates made in the workdir")
     ap.add_argument("--profile", metavar="DIR", help="also run a p2p loop under py-spy")
@@ -585,53 +673,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
-    results: dict[str, Any] = {
-        "machine": machine_info(),
-        "params": {
+    results = new_results(
+        {
             "n": args.n,
             "warmup": args.warmup,
             "domains": args.domains,
             "clients": args.clients,
             "p2p_flags": hex(int(P2P_FLAGS)),
             "managed_flags": hex(int(MANAGED_FLAGS)),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        },
-        # Other work on the machine skews every number here: compare these with ~0.
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-    }
-    ip_a, ip_b = args.ips.split(",")
+        }
+    )
     with contextlib.ExitStack() as stack:
-        if args.workdir:
-            root = Path(args.workdir)
-            root.mkdir(parents=True, exist_ok=True)
-        else:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmm-bench-")))
-        hosts: list[Host] = []
-        flags_a: list[str] = []
-        flags_b: list[str] = []
+        root = bench_root(stack, args.workdir, "vmm-bench-")
+        flags: tuple[list[str], list[str]] = ([], [])
         args.client_tls = None
         if args.tls:
-            args.client_tls, (tls_a, tls_b) = make_pki(root / "pki", [ip_a, ip_b])
-            flags_a, flags_b = ["--tls-dir", str(tls_a)], ["--tls-dir", str(tls_b)]
+            args.client_tls, (tls_a, tls_b) = make_pki(root / "pki", args.ips.split(","))
+            flags = (["--tls-dir", str(tls_a)], ["--tls-dir", str(tls_b)])
         results["params"]["tls"] = bool(args.tls)
-        try:
-            a = Host("A", ip_a, root / "A")
-            hosts.append(a)
-            a.start(flags_a, flags_a)
-            b = Host("B", ip_b, root / "B")
-            hosts.append(b)
-            b.start(flags_b, flags_b)
-            print(f"hosts: A srcd {a.src} dstd {a.dst}; B srcd {b.src} dstd {b.dst}", flush=True)
-            results.update(asyncio.run(run(args, a, b)))
-        finally:
-            for h in hosts:  # Daemon.stop() signals its own Popen (by pid), nothing broader
-                h.stop()
-    results["runtime_s"] = round(time.perf_counter() - started, 1)
-    results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"JSON written to {args.json}")
+        a, b = stack.enter_context(two_hosts(root, args.ips, flags))
+        results.update(asyncio.run(run(args, a, b)))
+    end_results(results, started, table, args.json)
     ok = all(r["verify"]["ok"] and not r["errors"] for r in results["throughput"]["runs"])
     return 0 if ok else 1
 

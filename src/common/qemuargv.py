@@ -953,6 +953,7 @@ class _ClockPlan:
 
 
 _RTC_TRACK = {"guest": "vm", "wall": "host", "realtime": "rt"}
+_TICKPOLICIES = ("delay", "catchup", "merge", "discard")  # libvirt's
 _TIMER_ATTRS = {
     "rtc": frozenset({"name", "tickpolicy", "track"}),
     "pit": frozenset({"name", "tickpolicy"}),
@@ -985,6 +986,17 @@ def _clock_plan(root: etree._Element, accel: str | None) -> _ClockPlan:
     return plan
 
 
+def _tickpolicy(timer: etree._Element, what: str, honoured: tuple[str, ...]) -> str:
+    """The timer's tickpolicy (delay when absent), one of ``honoured``: another of libvirt's
+    four is refused (unsupported for ``what``), any other word is an XML error."""
+    policy = timer.get("tickpolicy", "delay")
+    if policy not in honoured:
+        if policy in _TICKPOLICIES:
+            raise unsupported(f"unsupported {what} tickpolicy '{policy}'")
+        raise XMLError(f"unknown timer tickpolicy '{policy}'")
+    return policy
+
+
 def _rtc_timer(timer: etree._Element, accel: str | None, plan: _ClockPlan) -> None:
     assert plan.rtc is not None  # set before the timers
     track = timer.get("track")
@@ -994,12 +1006,7 @@ def _rtc_timer(timer: etree._Element, accel: str | None, plan: _ClockPlan) -> No
         if track not in _RTC_TRACK:
             raise XMLError(f"unknown timer track '{track}'")
         plan.rtc["clock"] = _RTC_TRACK[track]
-    policy = timer.get("tickpolicy", "delay")
-    if policy in ("merge", "discard"):
-        raise unsupported(f"unsupported rtc timer tickpolicy '{policy}'")
-    if policy not in ("delay", "catchup"):
-        raise XMLError(f"unknown timer tickpolicy '{policy}'")
-    if policy == "catchup":
+    if _tickpolicy(timer, "rtc timer", ("delay", "catchup")) == "catchup":
         plan.rtc["driftfix"] = "slew"
 
 
@@ -1007,11 +1014,7 @@ def _pit_timer(timer: etree._Element, accel: str | None, plan: _ClockPlan) -> No
     """KVM's in-kernel PIT takes delay or discard (lost_tick_policy). Under TCG the PIT is
     QEMU's own i8254, which has no lost-tick policy to set: delay (virt-install's) is
     accepted, as libvirt accepts it there; discard is refused."""
-    policy = timer.get("tickpolicy", "delay")
-    if policy in ("catchup", "merge"):
-        raise unsupported(f"unsupported pit tickpolicy '{policy}'")
-    if policy not in ("delay", "discard"):
-        raise XMLError(f"unknown timer tickpolicy '{policy}'")
+    policy = _tickpolicy(timer, "pit", ("delay", "discard"))
     if accel == "kvm":
         plan.globals.append(f"kvm-pit.lost_tick_policy={policy}")
     elif accel is not None and policy == "discard":

@@ -52,6 +52,7 @@ from vmmigrate.common.errors import (
     libvirt_text,
 )
 from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.migctl.rules import check_stream_options
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -92,15 +93,8 @@ def options(a: argparse.Namespace) -> Options:
     """The command line's options, with migrate's rules (section 4) and the evacuation's."""
     if a.parallel < 1:
         raise EvacuateUsageError("evacuate: Invalid parallel count")
-    if a.timeout is not None:
-        if a.offline:
-            raise EvacuateUsageError("evacuate: Unexpected timeout for offline migration")
-        if a.timeout < 1:
-            raise EvacuateUsageError("evacuate: Invalid timeout")
-    elif a.timeout_suspend:
-        raise EvacuateUsageError("evacuate: Unexpected --timeout-* option without --timeout")
-    if a.bandwidth is not None and a.bandwidth < 0:
-        raise EvacuateUsageError("evacuate: Invalid bandwidth")
+    # without --live or --offline the running domains move live: their --timeout holds
+    check_stream_options(a, "evacuate", offline=a.offline, error=EvacuateUsageError)
     if a.offline and a.tunnelled:
         raise EvacuateUsageError("evacuate: tunnelled offline migration does not make sense")
     flags = MigrateFlag.PEER2PEER

@@ -36,6 +36,7 @@ from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.rpc import Deadline, call, open_channel
 from vmmigrate.common.version import add_version_option
 from vmmigrate.migctl import helptext, observe, pki, progress
+from vmmigrate.migctl.rules import check_stream_options
 from vmmigrate.migctl.uri import dest_address
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -157,6 +158,32 @@ def _add_domain_parsers(sub: Any) -> None:
         p.add_argument("domain", help=DOMAIN_HELP)
 
 
+# options migrate and evacuate both take, word for word
+_SHARED_OPTIONS: dict[str, dict[str, Any]] = {
+    "--unsafe": {
+        "action": "store_true",
+        "help": "migrate even if disks may be corrupted (cache other than none or directsync)",
+    },
+    "--auto-converge": {
+        "action": "store_true",
+        "help": "throttle vCPUs until the copy converges",
+    },
+    "--timeout-suspend": {
+        "action": "store_true",
+        "help": "with --timeout: suspend (virsh's default: --timeout alone does the same)",
+    },
+    "desturi": {
+        "help": "the destination: HOST[:PORT] of its dstd (7302) or qemu+tls://HOST/system",
+    },
+}
+
+
+def _add_shared(p: argparse.ArgumentParser, *names: str) -> None:
+    """Add these of _SHARED_OPTIONS, in this order (help shows them in the parser's)."""
+    for name in names:
+        p.add_argument(name, **_SHARED_OPTIONS[name])
+
+
 def _add_disk_options(p: argparse.ArgumentParser) -> None:
     """migrate's disk options: storage copy and the safety check's override."""
     p.add_argument("--copy-storage-all", action="store_true", help="copy non-shared disks in full")
@@ -168,11 +195,7 @@ def _add_disk_options(p: argparse.ArgumentParser) -> None:
         metavar="DISKS",
         help="with --copy-storage-*: the disk targets to copy, comma-separated (vda,vdb)",
     )
-    p.add_argument(
-        "--unsafe",
-        action="store_true",
-        help="migrate even if disks may be corrupted (cache other than none or directsync)",
-    )
+    _add_shared(p, "--unsafe")
 
 
 def _add_migrate_parsers(sub: Any) -> None:
@@ -209,9 +232,7 @@ def _add_migrate_parsers(sub: Any) -> None:
     p.add_argument("--undefinesource", action="store_true", help="undefine it on the source")
     p.add_argument("--suspend", action="store_true", help="leave it paused on the target")
     _add_disk_options(p)
-    p.add_argument(
-        "--auto-converge", action="store_true", help="throttle vCPUs until the copy converges"
-    )
+    _add_shared(p, "--auto-converge")
     p.add_argument("--verbose", action="store_true", help="print the progress of a migration")
     p.add_argument("--dname", help="the domain's new name on the target")
     p.add_argument("--xml", metavar="FILE", help="file with the domain XML for the target")
@@ -225,17 +246,10 @@ def _add_migrate_parsers(sub: Any) -> None:
         metavar="S",
         help="suspend the domain if a live migration takes longer than S seconds",
     )
-    p.add_argument(
-        "--timeout-suspend",
-        action="store_true",
-        help="with --timeout: suspend (virsh's default: --timeout alone does the same)",
-    )
+    _add_shared(p, "--timeout-suspend")
     p.add_argument("--migration-id", help="the migration's id (default: a new UUID)")
     p.add_argument("domain", help=DOMAIN_HELP)
-    p.add_argument(
-        "desturi",
-        help="the destination: HOST[:PORT] of its dstd (7302) or qemu+tls://HOST/system",
-    )
+    _add_shared(p, "desturi")
 
 
 EVACUATE_DESCRIPTION = (
@@ -286,29 +300,14 @@ def _add_evacuate_parser(sub: Any) -> None:
     p.add_argument(
         "--bandwidth", type=int, metavar="MiB/s", help="bandwidth limit of each live migration"
     )
-    p.add_argument(
-        "--auto-converge", action="store_true", help="throttle vCPUs until the copy converges"
-    )
-    p.add_argument(
-        "--unsafe",
-        action="store_true",
-        help="migrate even if disks may be corrupted (cache other than none or directsync)",
-    )
+    _add_shared(p, "--auto-converge", "--unsafe")
     p.add_argument(
         "--timeout",
         type=int,
         metavar="S",
         help="suspend a domain whose live migration takes longer than S seconds",
     )
-    p.add_argument(
-        "--timeout-suspend",
-        action="store_true",
-        help="with --timeout: suspend (virsh's default: --timeout alone does the same)",
-    )
-    p.add_argument(
-        "desturi",
-        help="the destination: HOST[:PORT] of its dstd (7302) or qemu+tls://HOST/system",
-    )
+    _add_shared(p, "--timeout-suspend", "desturi")
 
 
 def _read_file(path: str) -> str:
@@ -322,15 +321,7 @@ def _read_file(path: str) -> str:
 def migrate_flags(a: argparse.Namespace) -> MigrateFlag:
     """virsh's option -> flag mapping (docs/ARCHITECTURE.md section 9), with its own
     command-line rules."""
-    if a.timeout is not None:
-        if a.offline or not a.live:
-            raise UsageError("migrate: Unexpected timeout for offline migration")
-        if a.timeout < 1:
-            raise UsageError("migrate: Invalid timeout")
-    elif a.timeout_suspend:
-        raise UsageError("migrate: Unexpected --timeout-* option without --timeout")
-    if a.bandwidth is not None and a.bandwidth < 0:
-        raise UsageError("migrate: Invalid bandwidth")
+    check_stream_options(a, "migrate", offline=a.offline or not a.live, error=UsageError)
     mapping = {
         "live": MigrateFlag.LIVE,
         "offline": MigrateFlag.OFFLINE,

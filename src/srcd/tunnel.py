@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -27,6 +28,22 @@ from vmmigrate.common.errors import OperationFailed
 from vmmigrate.common.rpc import translate
 
 log = structlog.get_logger("vmmigrate.srcd.tunnel")
+
+
+def _listening(
+    family: socket.AddressFamily, bind: Callable[[socket.socket], object], backlog: int
+) -> socket.socket:
+    """A non-blocking stream socket of ``family``, made ready and bound by ``bind``, listening;
+    closed again if any step fails."""
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setblocking(False)
+        bind(listener)
+        listener.listen(backlog)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 class SourceTunnel:
@@ -59,15 +76,10 @@ class SourceTunnel:
 
     async def open(self) -> str:
         """Start listening; returns the URI the source emulator migrates to."""
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setblocking(False)
-            tunnelwire.bounded(listener, socket.SO_RCVBUF)
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-        except OSError:
-            listener.close()
-            raise
+        def bind(sock: socket.socket) -> None:
+            tunnelwire.bounded(sock, socket.SO_RCVBUF).bind(("127.0.0.1", 0))
+
+        listener = _listening(socket.AF_INET, bind, 1)  # one stream per migration
         self._listener = listener
         self._task = asyncio.ensure_future(self._serve(listener))
         port = listener.getsockname()[1]
@@ -219,10 +231,11 @@ class NbdTunnel:
         path: str,
         emulator_gid: int | None = None,
     ) -> None:
-        self._open_stream = open_stream
-        self._peer = peer
+        # each accepted connection is carried by a SourceTunnel of its own (channel nbd)
+        self._new_carrier = functools.partial(
+            SourceTunnel, open_stream, peer, migration_id, deadline_s, tunnelwire.CHANNEL_NBD
+        )
         self._mid = migration_id
-        self._deadline_s = deadline_s
         self.path = path
         self._gid = emulator_gid
         self._listener: socket.socket | None = None
@@ -233,20 +246,16 @@ class NbdTunnel:
         """Listen; returns the QMP address the emulator's NBD clients connect to."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.setblocking(False)
-            listener.bind(self.path)
-            if self._gid is not None:  # emulators that run as another user connect too
-                os.chown(self.path, -1, self._gid)
-                os.chmod(self.path, 0o660)
-            listener.listen(8)
-        except OSError:
-            listener.close()
-            raise
+        listener = _listening(socket.AF_UNIX, self._bind, 8)
         self._listener = listener
         self._accepting = asyncio.ensure_future(self._accept(listener))
         return {"type": "unix", "path": self.path}
+
+    def _bind(self, listener: socket.socket) -> None:
+        listener.bind(self.path)
+        if self._gid is not None:  # emulators that run as another user connect too
+            os.chown(self.path, -1, self._gid)
+            os.chmod(self.path, 0o660)
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -257,9 +266,7 @@ class NbdTunnel:
                 log.debug("nbd_tunnel_accept_ended", migration_id=self._mid, error=str(exc))
                 return
             conn.setblocking(False)
-            carrier = SourceTunnel(
-                self._open_stream, self._peer, self._mid, self._deadline_s, tunnelwire.CHANNEL_NBD
-            )
+            carrier = self._new_carrier()
             self._carriers.append((carrier, asyncio.ensure_future(carrier.carry(conn))))
 
     def check(self) -> None:

@@ -29,6 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -369,6 +370,25 @@ def differing_blocks(a: Path, b: Path, block: int = 1 << 20) -> list[int]:
 COUNT_RE = re.compile(rb"^count (\d+)\r?$", re.M)
 
 
+def wait_for_count(
+    counts: Callable[[], list[int]], output: Callable[[], bytes], at_least: int, timeout: float,
+    started: float, what: str, running: Callable[[], bool] = lambda: True,
+) -> float:  # fmt: skip
+    """Seconds since ``started`` (a monotonic time) when ``counts()`` (the guest's console
+    counts) first ended with one >= at_least. Fails the test, with the end of ``output()``,
+    after ``timeout`` seconds or once the guest is no longer ``running()``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = counts()
+        if seen and seen[-1] >= at_least:
+            return time.monotonic() - started
+        if not running():
+            break
+        time.sleep(0.02)
+    tail = output()[-1500:].decode(errors="replace")
+    raise AssertionError(f"{what}: no count {at_least} within {timeout}s: {tail!r}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -443,16 +463,10 @@ class Guest:
 
     def wait_for_count(self, at_least: int, timeout: float = 60.0) -> float:
         """Seconds since QEMU started when the console first showed a count >= at_least."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            counts = self.counts()
-            if counts and counts[-1] >= at_least:
-                return time.monotonic() - self.started
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        tail = self.output()[-1500:].decode(errors="replace")
-        raise AssertionError(f"{self.name}: no count {at_least} within {timeout}s: {tail!r}")
+        return wait_for_count(
+            self.counts, self.output, at_least, timeout, self.started, self.name,
+            running=lambda: self.proc.poll() is None,
+        )  # fmt: skip
 
     def status(self) -> str:
         status: str = self.cmd("query-status")["status"]

@@ -10,16 +10,20 @@ socket (``<socket>.console.log``, common/hypervisor.py qemu_facts). QEMU appends
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from collections.abc import Callable
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 import pytest
 from helpers import guest as g
-from helpers.hosts import Host
+from helpers.hosts import Host, wait_until
+from helpers.qmp import runtime_record
 from vmmigrate.common.hypervisor import socket_dir_for
 
 Report = Callable[[str, float], None]
@@ -48,6 +52,22 @@ def timing_reporter(record_property: Callable[[str, object], None]) -> Report:
         print(f"\n[guest timing] {name}: {seconds:.3f} s")
 
     return put
+
+
+# The guest tests' fixtures: a test module takes them by name, ``image = gv.image_fixture``
+# and ``report = gv.report_fixture`` (pytest finds a fixture among a module's names).
+
+
+@pytest.fixture(scope="module", name="image")
+def image_fixture() -> g.Image:
+    """The guest (image_or_skip), once per module."""
+    return image_or_skip()
+
+
+@pytest.fixture(name="report")
+def report_fixture(record_property: Callable[[str, object], None]) -> Report:
+    """The test's timing_reporter."""
+    return timing_reporter(record_property)
 
 
 def user_nic(mac: str = "52:54:00:12:34:56") -> str:
@@ -152,14 +172,8 @@ class ConsoleLog:
 
     def wait_for_count(self, at_least: int, timeout: float = 60.0) -> float:
         """Seconds since this log was made when it first showed a count >= at_least."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            seen = self.counts()
-            if seen and seen[-1] >= at_least:
-                return time.monotonic() - self.started
-            time.sleep(0.02)
-        tail = self.data()[-1500:].decode(errors="replace")
-        raise AssertionError(f"{self.path}: no count {at_least} within {timeout}s: {tail!r}")
+        return g.wait_for_count(self.counts, self.data, at_least, timeout, self.started,
+                                str(self.path))  # fmt: skip
 
 
 def counts(data: bytes) -> list[int]:
@@ -175,3 +189,71 @@ def consecutive(seen: list[int]) -> bool:
 
 def disk_records(disk: Path) -> g.Records:
     return g.disk_records(disk, "raw")
+
+
+# ---- the guest run and moved by migctl ------------------------------------------------------
+
+
+def running(host: Host) -> list[str]:
+    return host.migctl("list", "--name").stdout.split()
+
+
+def start(host: Host, name: str, u: str) -> tuple[ConsoleLog, float]:
+    """``migctl start`` the defined domain; returns its console log on ``host`` and the
+    seconds from the start call to the first count."""
+    log = ConsoleLog.from_now(host, u)
+    host.migctl("start", name)
+    return log, log.wait_for_count(1)
+
+
+def source_job(src: Host, u: str, mid: str) -> dict[str, Any]:
+    """The source's history record of migration ``mid`` (``migctl jobs``)."""
+    found: list[dict[str, Any]] = []
+
+    def look() -> bool:
+        jobs = json.loads(src.migctl("jobs", "--domain", u, "--json").stdout)
+        found[:] = [j for j in jobs if j["migration_id"] == mid and j["role"] == "source"]
+        return bool(found)
+
+    wait_until(look, timeout=30, what=f"the source's history record of {mid}")
+    return found[0]
+
+
+def migrate_timed(
+    src: Host, dst: Host, name: str, u: str, flags: Sequence[str], report: Report, tag: str,
+    timeout: float,
+) -> tuple[ConsoleLog, str]:  # fmt: skip
+    """A live migration by migctl with ``flags`` (the domain defined on the destination,
+    undefined on the source); returns the destination's console log for this run and the
+    migration's id. Reports migctl's wall time and, from the source's history of the job,
+    its duration and the guest's downtime (names ending in ``_<tag>``)."""
+    log = ConsoleLog.from_now(dst, u)
+    mid = str(uuidlib.uuid4())
+    t0 = time.monotonic()
+    src.migctl("migrate", "--live", "--persistent", "--undefinesource", *flags,
+               "--migration-id", mid, name, dst.dst, timeout=timeout)  # fmt: skip
+    report(f"migctl_migrate_{tag}", time.monotonic() - t0)
+    job = source_job(src, u, mid)
+    assert job["result"] == "completed" and job["bytes"] > 0, job
+    report(f"job_elapsed_{tag}", job["ended_unix"] - job["started_unix"])
+    report(f"job_downtime_{tag}", job["downtime_ms"] / 1000)
+    return log, mid
+
+
+def counted_on(src: Host, src_log: ConsoleLog, dst: Host, dst_log: ConsoleLog, name: str,
+               u: str) -> int:  # fmt: skip
+    """After a live migration: the domain runs on the destination only, and the guest
+    counted on there without restarting (the two logs are one stream of counts). Returns
+    the source's last count."""
+    assert name not in running(src) and name not in src.names()
+    assert runtime_record(src.state_dir, u) is None
+    assert dst.migctl("domstate", name).stdout.strip() == "running"
+    src_seen = src_log.counts()  # final: the source's QEMU is gone
+    dst_log.wait_for_count(src_seen[-1] + 10)
+    assert START_LINE not in dst_log.data(), "the guest booted again on the destination"
+    # the first whole line there is the next count, or the one after when the switch-over
+    # cut a line in two; the two logs together are one stream, with no count lost or repeated
+    assert src_seen[-1] + 1 <= dst_log.counts()[0] <= src_seen[-1] + 2
+    both = counts(src_log.data() + dst_log.data())
+    assert consecutive(both) and both[0] == src_seen[0], (both[:3], both[-3:])
+    return src_seen[-1]

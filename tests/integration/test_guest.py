@@ -10,7 +10,7 @@ Timings are printed (run with -s to see them) and kept as the tests' user proper
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +24,8 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def image() -> g.Image:
-    return gv.image_or_skip()
-
-
-@pytest.fixture
-def report(record_property: Callable[[str, object], None]) -> Report:
-    return gv.timing_reporter(record_property)
+image = gv.image_fixture  # the fixtures image and report
+report = gv.report_fixture
 
 
 @pytest.fixture
@@ -43,10 +35,6 @@ def guests() -> Iterator[list[g.Guest]]:
     yield started
     for q in started:
         q.stop()
-
-
-def consecutive(counts: list[int]) -> bool:
-    return counts == list(range(counts[0], counts[0] + len(counts))) if counts else False
 
 
 def check_disk(disk: Path, fmt: str, newer_than: int, console_last: int) -> g.Records:
@@ -78,7 +66,7 @@ def test_guest_boots_and_counts(
     assert "failed" not in out, out
     q.stop()
     counts = q.counts()
-    assert counts[0] == 1 and consecutive(counts)
+    assert counts[0] == 1 and gv.consecutive(counts)
     check_disk(disk, fmt, 0, counts[-1])
 
 
@@ -118,7 +106,7 @@ def check_continued(src_last: int, dst: g.Guest) -> None:
     assert "guest: start" not in out, "the guest started again on the destination"
     counts = dst.counts()
     assert src_last + 1 <= counts[0] <= src_last + 2, (src_last, counts[:3])
-    assert consecutive(counts)
+    assert gv.consecutive(counts)
 
 
 def test_guest_live_migration_nbd_storage_copy(

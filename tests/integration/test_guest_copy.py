@@ -1,7 +1,7 @@
 """The real Linux guest (helpers/guest.py) moved by migctl with storage copy (docs/ARCHITECTURE.md
 section 14): its disk is on the source host only, and the daemons copy it while it counts.
 
-Each host runs in a mount namespace of its own (helpers/mountns.py): one image path, a
+Each host runs in a mount namespace of its own (helpers/storagecopy.py): one image path, a
 different file on each host. The test reads a host's files through that host's private
 directory, or runs qemu-img inside the host's namespace when the image names a backing file
 (by its common path). dstd allows storage copy into the image directory (--storage-dir).
@@ -30,23 +30,23 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import guest as g
 from helpers import guestvm as gv
-from helpers import mountns
+from helpers.domains import destroy_and_undefine
 from helpers.guestvm import ConsoleLog, Report
 from helpers.hosts import Host, settled, wait_until
+from helpers.iproute import IP, ip
 from helpers.qmp import qmp_for, runtime_record
+from helpers.storagecopy import Site, copy_under_way, failed_with, sites
 from lxml import etree
 
-from tests.integration.test_guest_migctl import running, source_job, start
 from tests.integration.test_qemu_devices import guest_xml as virt_install_xml
 
 QEMU_IMG = shutil.which("qemu-img")
@@ -68,77 +68,17 @@ MOVE = ("migrate", "--live", "--p2p", "--persistent", "--undefinesource")
 # surely still going when the test breaks it (the memory would copy as slowly, but it is
 # never reached)
 SLOW = ("--copy-storage-all", "--bandwidth", "2")
-SRCD_RPC_TIMEOUT = 6.0  # srcd's peer deadline: its keepalive probes every 2 s during Perform
 # how long a given-up mirror may take to end: srcd cancels it by force, shuts its NBD
 # connection down and waits up to 30 s (srcd/mirror.py END_TIMEOUT)
 MIRROR_END = 30.0
-
-
-@pytest.fixture(scope="module")
-def image() -> g.Image:
-    return gv.image_or_skip()
-
-
-@pytest.fixture
-def report(record_property: Callable[[str, object], None]) -> Report:
-    return gv.timing_reporter(record_property)
-
-
-@dataclasses.dataclass
-class Site:
-    """A host and its mount namespace."""
-
-    host: Host
-    ns: mountns.MountNamespace
-
-    def own(self, path: Path) -> Path:
-        """Where the test sees this host's file at the common ``path``."""
-        return self.ns.private / path.relative_to(self.ns.common)
-
-    def run(self, *cmd: str) -> subprocess.CompletedProcess[str]:
-        return self.ns.run(*cmd)
-
-
-def dstd_args(images: Path, *extra: str) -> list[str]:
-    return ["--storage-dir", str(images), *extra]
-
-
-@contextlib.contextmanager
-def sites(
-    base: Path, addresses: Sequence[tuple[str, str, list[str]]], daemon_args: Sequence[str] = (),
-    migctl_args: Sequence[str] = (), b_dstd_args: Sequence[str] = (),
-) -> Iterator[tuple[Site, Site, Path]]:  # fmt: skip
-    """Hosts A and B (name, address, more nsenter options: a network namespace), each in a mount
-    namespace of its own in which ``base/images`` is its private directory; yields them and
-    the common image directory. Stops the daemons, their emulators and the namespaces."""
-    reason = mountns.skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    images = base / "images"
-    made: list[Site] = []
-    try:
-        for name, ip, outer in addresses:
-            ns = mountns.MountNamespace(base / f"{name}-images", images)
-            prefix = [ns.prefix[0], *outer, *ns.prefix[1:]]  # nsenter --net=... --mount=...
-            host = Host(name, ip, base / name, prefix=prefix, migctl_args=migctl_args)
-            made.append(Site(host, ns))
-            extra = b_dstd_args if name == "B" else ()
-            host.start(srcd_args=[*daemon_args, "--rpc-timeout", str(SRCD_RPC_TIMEOUT)],
-                       dstd_args=dstd_args(images, *daemon_args, *extra))  # fmt: skip
-        yield made[0], made[1], images
-    finally:
-        for site in made:
-            site.host.stop()
-        for site in made:
-            site.ns.stop()
+image = gv.image_fixture  # the fixtures image and report
+report = gv.report_fixture
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, Site, Path]]:
     """A on 127.0.0.2 and B on 127.0.0.3, each seeing its own files under the images dir."""
-    base = tmp_path_factory.mktemp("guestcopy")
-    hosts = [("A", "127.0.0.2", []), ("B", "127.0.0.3", [])]
-    with sites(base, hosts) as made:
+    with sites(tmp_path_factory.mktemp("guestcopy")) as made:
         yield made
 
 
@@ -220,42 +160,16 @@ def copied_then_counted(older: Path, newer: Path) -> tuple[g.Records, g.Records]
 def migrate(
     src: Host, dst: Host, name: str, u: str, flags: Sequence[str], report: Report, leg: str
 ) -> tuple[ConsoleLog, dict[str, Any]]:
-    """A p2p live migration by migctl with storage copy; returns the destination's console
-    log for this run and the disks' figures (File total, ...) in the source's history record
-    of the job. Reports migctl's wall time and, from the source's history of the job,
-    its duration and the guest's downtime."""
-    log = ConsoleLog.from_now(dst, u)
-    mid = str(uuidlib.uuid4())
-    t0 = time.monotonic()
-    src.migctl(*MOVE, *flags, "--migration-id", mid, name, dst.dst, timeout=240)
-    report(f"migctl_migrate_{leg}", time.monotonic() - t0)
-    job = source_job(src, u, mid)
-    assert job["result"] == "completed" and job["bytes"] > 0, job
-    report(f"job_elapsed_{leg}", job["ended_unix"] - job["started_unix"])
-    report(f"job_downtime_{leg}", job["downtime_ms"] / 1000)
+    """A p2p live migration by migctl with storage copy (gv.migrate_timed); returns the
+    destination's console log for this run and the disks' figures (File total, ...) in the
+    source's history record of the job."""
+    log, mid = gv.migrate_timed(src, dst, name, u, ["--p2p", *flags], report, leg, 240)
     # domjobinfo --completed's File lines, kept in the record (migctl jobs does not show
     # them, and with --undefinesource the source has no domain left to ask)
     kept = next((src.state_dir / "history").glob(f"*-source-{mid}.json"))
     disks: dict[str, Any] = json.loads(kept.read_text())["stats"]["mirror"]
     print(f"\n[guest copy] {leg}: {disks['total'] / MiB:.3f} MiB of disk copied")
     return log, disks
-
-
-def counted_on(src: Host, src_log: ConsoleLog, dst: Host, dst_log: ConsoleLog, name: str,
-               u: str) -> int:  # fmt: skip
-    """After a live migration: the domain runs on the destination only, and the guest
-    counted on there without restarting (the two logs are one stream of counts). Returns
-    the source's last count."""
-    assert name not in running(src) and name not in src.names()
-    assert runtime_record(src.state_dir, u) is None
-    assert dst.migctl("domstate", name).stdout.strip() == "running"
-    src_seen = src_log.counts()  # final: the source's QEMU is gone
-    dst_log.wait_for_count(src_seen[-1] + 10)
-    assert gv.START_LINE not in dst_log.data(), "the guest booted again on the destination"
-    assert src_seen[-1] + 1 <= dst_log.counts()[0] <= src_seen[-1] + 2
-    both = gv.counts(src_log.data() + dst_log.data())
-    assert gv.consecutive(both) and both[0] == src_seen[0], (both[:3], both[-3:])
-    return src_seen[-1]
 
 
 def check_copy(src: Site, dst: Site, disk: Path, fmt: str, last_seen: int, console_last: int,
@@ -299,13 +213,13 @@ def test_copy_all_there_and_copy_inc_back(
     written_on_top(a, disk, (0x5C, 8 * MiB, 4 * MiB), (0xA7, DISK_SIZE - MiB, MiB))
     assert not b.own(disk).exists()
     a.host.define(gv.domain_xml(domname, u, image, disk, fmt="qcow2"), f"{domname}.xml")
-    log_a, _ = start(a.host, domname, u)
+    log_a, _ = gv.start(a.host, domname, u)
     log_a.wait_for_count(10)
 
     log_b, disks = migrate(a.host, b.host, domname, u, ["--copy-storage-all"], report, "copy_all")
     # the whole disk, and again what the guest rewrote while it copied (QEMU's progress)
     assert disks["total"] >= DISK_SIZE and disks["remaining"] == 0
-    last_a = counted_on(a.host, log_a, b.host, log_b, domname, u)
+    last_a = gv.counted_on(a.host, log_a, b.host, log_b, domname, u)
     assert str(disk) in disk_events(b.host, "incoming_disk_created")
     created = image_info(b, disk)  # made by B's dstd: the disk's size, its own data only
     assert (created["format"], created["virtual-size"]) == ("qcow2", DISK_SIZE)
@@ -323,7 +237,7 @@ def test_copy_all_there_and_copy_inc_back(
     # B's disk has no backing file: its top is all of it that is allocated, which is
     # what the mirror copies (and again what the guest rewrote meanwhile)
     assert disks["total"] > 0 and disks["remaining"] == 0
-    last_b = counted_on(b.host, log_b, a.host, log_a2, domname, u)
+    last_b = gv.counted_on(b.host, log_b, a.host, log_a2, domname, u)
     assert a.own(disk).stat().st_ino == overlay  # used as it was: not created again
     assert str(disk) not in disk_events(a.host, "incoming_disk_created")
     assert image_info(a, disk)["backing-filename"] == str(base)
@@ -338,22 +252,6 @@ def test_copy_all_there_and_copy_inc_back(
 
 
 # ---- failures during the disk copy -------------------------------------------------------
-
-
-def start_migration(host: Host, *args: str) -> subprocess.Popen[str]:
-    """migctl in the host's namespaces, in the background (read with communicate())."""
-    cmd = [sys.executable, "-m", "vmmigrate.migctl", "-c", host.src, *host.migctl_args, *args]
-    return subprocess.Popen(
-        [*host.prefix, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
-def copying(host: Host, name: str) -> bool:
-    """The source's job shows disk bytes moving (domjobinfo's File lines)."""
-    out = host.migctl("domjobinfo", name).stdout
-    rows = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
-    return rows.get("File processed", "0.000 MiB") != "0.000 MiB"
 
 
 @dataclasses.dataclass
@@ -378,24 +276,18 @@ def copying_guest(
     disk = images / f"{name}.raw"
     g.create_disk(src.own(disk), "raw", DISK_SIZE, pattern=True)
     src.host.define(gv.domain_xml(name, u, image, disk), f"{name}.xml")
-    log, _ = start(src.host, name, u)
+    log, _ = gv.start(src.host, name, u)
     log.wait_for_count(5)
-    migration = start_migration(src.host, *MOVE, *SLOW, name, dst.host.dst)
-    try:
-        wait_until(lambda: copying(src.host, name), 60, "the disk copy to start")
+    with copy_under_way(src.host, name, *MOVE, *SLOW, name, dst.host.dst) as migration:
         assert dst.own(disk).exists()  # created by the destination's dstd
         yield Copying(u, disk, log, migration)
-    finally:
-        if migration.poll() is None:
-            migration.kill()
-            migration.communicate()
 
 
-def failed_with(migration: subprocess.Popen[str], timeout: float) -> str:
-    """migctl's last line, once it failed (within ``timeout``)."""
-    out, err = migration.communicate(timeout=timeout)
-    assert migration.returncode == 1 and out == "", (out, err)
-    return err.strip().splitlines()[-1]
+def failed_quietly(migration: subprocess.Popen[str], timeout: float) -> str:
+    """migctl's last line, once it failed (within ``timeout``) with nothing on stdout."""
+    out, last = failed_with(migration, timeout)
+    assert out == "", out
+    return last
 
 
 def source_runs_alone(src: Site, name: str, u: str) -> bool:
@@ -436,7 +328,7 @@ def test_destination_qemu_killed_during_the_disk_copy(
         # the mirror finds its NBD connection closed at its next write: QEMU's mirror
         # writes in batches of 16 MiB, at 2 MiB/s one every 8 s (seen: 15-16 s to fail;
         # 120 s only bounds a hang)
-        last = failed_with(c.migration, timeout=120)
+        last = failed_quietly(c.migration, timeout=120)
         report("killed_to_failure", time.monotonic() - killed)
     assert last.startswith("error: operation failed: migration of disk vda failed"), last
     counts_on_at_the_source(c, a, domname)
@@ -446,13 +338,11 @@ def test_destination_qemu_killed_during_the_disk_copy(
     assert str(c.disk) in disk_events(b.host, "incoming_disk_removed")
     assert source_runs_alone(a, domname, c.u)
     settled(a.host, b.host)
-    a.host.migctl("destroy", domname)
-    a.host.migctl("undefine", domname)
+    destroy_and_undefine(a.host, domname)
 
 
 # ---- the link cut --------------------------------------------------------------------------
 
-IP = shutil.which("ip")
 # srcd's keepalive finds the destination gone within its probe interval plus the probe's
 # deadline (2 + 6 s; gRPC's own keepalive gives up on a silent connection after 15 s); it
 # then cancels the mirror and shuts its NBD connection down (QMP yank: its writes hang
@@ -466,15 +356,6 @@ DSTD_MIGRATION_TIMEOUT = 40.0
 # rpc-timeout, while the link is still down, and not again: B drops the job at its deadline,
 # counted from Prepare, before the cut (seen: 26 s after the link came back)
 RECOVERED = DSTD_MIGRATION_TIMEOUT + 20.0
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    assert IP is not None
-    r = subprocess.run([IP, *args], capture_output=True, text=True, timeout=30,
-                       stdin=subprocess.DEVNULL, check=False)  # fmt: skip
-    if check and r.returncode != 0:
-        raise AssertionError(f"ip {' '.join(args)}: {r.stderr.strip()}")
-    return r
 
 
 class Link:
@@ -491,30 +372,30 @@ class Link:
 
     def create(self) -> None:
         for ns in self.names.values():
-            r = _ip("netns", "add", ns, check=False)
+            r = ip("netns", "add", ns, check=False)
             if r.returncode != 0 and not self.made:
                 pytest.skip(f"cannot create a network namespace here: {r.stderr.strip()}")
             assert r.returncode == 0, r.stderr
             self.made.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
         a, b = self.names["A"], self.names["B"]
-        _ip("-n", a, "link", "add", self.IFACE, "type", "veth", "peer", "name", self.IFACE,
-            "netns", b)  # fmt: skip
+        ip("-n", a, "link", "add", self.IFACE, "type", "veth", "peer", "name", self.IFACE,
+           "netns", b)  # fmt: skip
         for host, ns in self.names.items():
-            _ip("-n", ns, "addr", "add", f"{self.addresses[host]}/24", "dev", self.IFACE)
+            ip("-n", ns, "addr", "add", f"{self.addresses[host]}/24", "dev", self.IFACE)
         self.set_up(True)
 
     def path(self, host: str) -> str:
         return f"/run/netns/{self.names[host]}"
 
     def state(self, ns: str) -> str:
-        words = _ip("-n", ns, "-o", "link", "show", "dev", self.IFACE).stdout.split()
+        words = ip("-n", ns, "-o", "link", "show", "dev", self.IFACE).stdout.split()
         return words[words.index("state") + 1] if "state" in words else "UNKNOWN"
 
     def set_up(self, up: bool) -> None:
         """B's end up or down (A's end loses its carrier with it)."""
         for ns in self.names.values() if up else [self.names["B"]]:
-            _ip("-n", ns, "link", "set", self.IFACE, "up" if up else "down")
+            ip("-n", ns, "link", "set", self.IFACE, "up" if up else "down")
         if up:
             wait_until(lambda: all(self.state(ns) == "UP" for ns in self.names.values()), 10,
                        "the veth pair up")  # fmt: skip
@@ -522,9 +403,9 @@ class Link:
     def destroy(self) -> None:
         """Delete the namespaces (the veth pair goes with them); nothing of ours may be left
         running in them (the hosts were stopped, by pid, first)."""
-        left = {ns: _ip("netns", "pids", ns, check=False).stdout.split() for ns in self.made}
+        left = {ns: ip("netns", "pids", ns, check=False).stdout.split() for ns in self.made}
         for ns in reversed(self.made):
-            _ip("netns", "del", ns, check=False)
+            ip("netns", "del", ns, check=False)
         self.made.clear()
         assert not any(left.values()), f"processes left in {left}"
 
@@ -561,7 +442,7 @@ def test_link_cut_during_the_disk_copy(
         link.set_up(False)
         cut = time.monotonic()
         try:
-            last = failed_with(c.migration, timeout=CUT_TO_FAILURE)
+            last = failed_quietly(c.migration, timeout=CUT_TO_FAILURE)
             report("cut_to_failure", time.monotonic() - cut)
             assert source_runs_alone(a, domname, c.u)
             counts_on_at_the_source(c, a, domname)
@@ -575,8 +456,7 @@ def test_link_cut_during_the_disk_copy(
     report("link_back_to_nothing_on_b", time.monotonic() - back)
     settled(a.host, b.host)
     counts_on_at_the_source(c, a, domname)
-    a.host.migctl("destroy", domname)
-    a.host.migctl("undefine", domname)
+    destroy_and_undefine(a.host, domname)
 
 
 # ---- a virt-install-like guest ---------------------------------------------------------

@@ -13,22 +13,22 @@ the storage-copy tests (test_guest_copy.py). Timings are printed (-s) and kept a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers import guest as g
 from helpers import guestvm as gv
 from helpers import mountns
+from helpers.domains import destroy_and_undefine
 from helpers.guestvm import ConsoleLog, Report
 from helpers.hosts import Host, wait_until
+from helpers.iproute import ip
 from helpers.qmp import runtime_record
 from lxml import etree
 
@@ -40,82 +40,29 @@ pytestmark = [
 
 MiB = 1 << 20
 MODES = {"p2p": ["--p2p"], "tunnelled": ["--p2p", "--tunnelled"], "client": []}
-
-
-@pytest.fixture(scope="module")
-def image() -> g.Image:
-    return gv.image_or_skip()
-
-
-@pytest.fixture
-def report(record_property: Callable[[str, object], None]) -> Report:
-    return gv.timing_reporter(record_property)
-
-
-def running(host: Host) -> list[str]:
-    return host.migctl("list", "--name").stdout.split()
-
-
-def start(host: Host, name: str, u: str) -> tuple[ConsoleLog, float]:
-    """``migctl start`` the defined domain; returns its console log on ``host`` and the
-    seconds from the start call to the first count."""
-    log = ConsoleLog.from_now(host, u)
-    host.migctl("start", name)
-    return log, log.wait_for_count(1)
+image = gv.image_fixture  # the fixtures image and report
+report = gv.report_fixture
 
 
 def migrate(
     src: Host, dst: Host, name: str, u: str, mode: str, report: Report, leg: str
 ) -> ConsoleLog:
-    """A live migration by migctl (the domain defined on the destination, undefined on the
-    source); returns the destination's console log for this run. Reports migctl's wall time
-    and, from the source's history of the job, its duration and the guest's downtime."""
-    log = ConsoleLog.from_now(dst, u)
-    mid = str(uuidlib.uuid4())
-    t0 = time.monotonic()
-    src.migctl("migrate", "--live", "--persistent", "--undefinesource", *MODES[mode],
-               "--migration-id", mid, name, dst.dst, timeout=180)  # fmt: skip
-    report(f"migctl_migrate_{mode}_{leg}", time.monotonic() - t0)
-    job = source_job(src, u, mid)
-    assert job["result"] == "completed" and job["bytes"] > 0, job
-    report(f"job_elapsed_{mode}_{leg}", job["ended_unix"] - job["started_unix"])
-    report(f"job_downtime_{mode}_{leg}", job["downtime_ms"] / 1000)
+    """A live migration by migctl in ``mode`` (gv.migrate_timed); returns the destination's
+    console log for this run."""
+    log, _ = gv.migrate_timed(src, dst, name, u, MODES[mode], report, f"{mode}_{leg}", 180)
     return log
-
-
-def source_job(src: Host, u: str, mid: str) -> dict[str, Any]:
-    """The source's history record of migration ``mid`` (``migctl jobs``)."""
-    found: list[dict[str, Any]] = []
-
-    def look() -> bool:
-        jobs = json.loads(src.migctl("jobs", "--domain", u, "--json").stdout)
-        found[:] = [j for j in jobs if j["migration_id"] == mid and j["role"] == "source"]
-        return bool(found)
-
-    wait_until(look, timeout=30, what=f"the source's history record of {mid}")
-    return found[0]
 
 
 def check_moved(src: Host, src_log: ConsoleLog, dst: Host, dst_log: ConsoleLog, name: str,
                 u: str, disk: Path) -> None:  # fmt: skip
     """After a live migration: the domain runs on the destination only, the guest counted on
-    there without restarting, and the disk, once the guest is paused, holds its newest
-    counts, nothing torn."""
-    assert name not in running(src) and name not in src.names()
-    assert runtime_record(src.state_dir, u) is None
-    assert dst.migctl("domstate", name).stdout.strip() == "running"
-    assert name in running(dst)
-    src_seen = src_log.counts()  # final: the source's QEMU is gone
-    dst_log.wait_for_count(src_seen[-1] + 10)
-    assert gv.START_LINE not in dst_log.data(), "the guest booted again on the destination"
-    # the first whole line there is the next count, or the one after when the switch-over
-    # cut a line in two; the two logs together are one stream, with no count lost or repeated
-    assert src_seen[-1] + 1 <= dst_log.counts()[0] <= src_seen[-1] + 2
-    both = gv.counts(src_log.data() + dst_log.data())
-    assert gv.consecutive(both) and both[0] == src_seen[0], (both[:3], both[-3:])
+    there without restarting (gv.counted_on), and the disk, once the guest is paused, holds
+    its newest counts, nothing torn."""
+    src_last = gv.counted_on(src, src_log, dst, dst_log, name, u)
+    assert name in gv.running(dst)
     dst.migctl("suspend", name)  # the guest's writes drain: the disk can be read whole
     try:
-        check_disk(disk, newer_than=src_seen[-1], console_last=dst_log.counts()[-1])
+        check_disk(disk, newer_than=src_last, console_last=dst_log.counts()[-1])
     finally:
         dst.migctl("resume", name)
 
@@ -142,7 +89,7 @@ def test_live_migration_there_and_back(
     disk = tmp_path / "disk.raw"  # one path both hosts see: shared storage
     g.create_disk(disk, "raw", 64 * MiB)
     a.define(gv.domain_xml(domname, u, image, disk), f"{domname}.xml")
-    log_a, boot = start(a, domname, u)
+    log_a, boot = gv.start(a, domname, u)
     report(f"boot_to_first_count_{mode}", boot)
     text = log_a.text()
     assert "guest: disk vda" in text and "guest: nic eth0 52:54:00:12:34:56" in text, text
@@ -154,8 +101,7 @@ def test_live_migration_there_and_back(
     # back again: what the destination started (its layout, its state) is a good source
     log_a2 = migrate(b, a, domname, u, mode, report, "back")
     check_moved(b, log_b, a, log_a2, domname, u, disk)
-    a.migctl("destroy", domname)
-    a.migctl("undefine", domname)
+    destroy_and_undefine(a, domname)
     assert domname not in a.names() and domname not in b.names()
 
 
@@ -167,7 +113,7 @@ def test_offline_migration_then_cold_start(
     disk = tmp_path / "disk.raw"
     g.create_disk(disk, "raw", 64 * MiB)
     a.define(gv.domain_xml(domname, u, image, disk), f"{domname}.xml")
-    log_a, _ = start(a, domname, u)
+    log_a, _ = gv.start(a, domname, u)
     # past SLOTS counts, every slot holds a count that a new boot's first ones cannot have
     log_a.wait_for_count(g.SLOTS + 16)
     a.migctl("destroy", domname)
@@ -179,11 +125,10 @@ def test_offline_migration_then_cold_start(
     assert domname not in a.names()
     assert b.migctl("domstate", domname).stdout.strip() == "shut off"
 
-    log_b, boot = start(b, domname, u)
+    log_b, boot = gv.start(b, domname, u)
     report("cold_start_to_first_count", boot)
     log_b.wait_for_count(5)
-    b.migctl("destroy", domname)
-    b.migctl("undefine", domname)
+    destroy_and_undefine(b, domname)
     # a new boot, counting from 1 again on its console and on its disk ...
     seen = log_b.counts()
     assert gv.START_LINE in log_b.data() and seen[0] == 1 and gv.consecutive(seen)
@@ -238,7 +183,7 @@ def test_mount_namespace_gives_each_host_its_own_image_dir(
         a.start()
         u = str(uuidlib.uuid4())
         a.define(gv.domain_xml(domname, u, image, ns_a.common / "disk.raw"), f"{domname}.xml")
-        log, _ = start(a, domname, u)
+        log, _ = gv.start(a, domname, u)
         log.wait_for_count(5)
         rec = runtime_record(a.state_dir, u)
         assert rec is not None
@@ -252,14 +197,6 @@ def test_mount_namespace_gives_each_host_its_own_image_dir(
 
 
 # ---- taps on a bridge, in a network namespace ---------------------------------------------
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30,
-                       stdin=subprocess.DEVNULL, check=False)  # fmt: skip
-    if check and r.returncode != 0:
-        raise AssertionError(f"ip {' '.join(args)}: {r.stderr.strip()}")
-    return r
 
 
 def fdb(netns: str, bridge: str) -> str:
@@ -276,18 +213,18 @@ def netns() -> Iterator[str]:
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("tap devices need /dev/net/tun")
     ns = f"guestmig-{os.getpid()}"
-    r = _ip("netns", "add", ns, check=False)
+    r = ip("netns", "add", ns, check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot create a network namespace here: {r.stderr.strip()}")
     try:
-        _ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
         for br in ("gmbr0", "gmbr1"):
-            _ip("-n", ns, "link", "add", br, "type", "bridge", "stp_state", "0")
-            _ip("-n", ns, "link", "set", br, "up")
+            ip("-n", ns, "link", "add", br, "type", "bridge", "stp_state", "0")
+            ip("-n", ns, "link", "set", br, "up")
         yield ns
     finally:
-        left = _ip("netns", "pids", ns, check=False).stdout.split()
-        _ip("netns", "del", ns, check=False)
+        left = ip("netns", "pids", ns, check=False).stdout.split()
+        ip("netns", "del", ns, check=False)
         assert left == [], f"processes left in {ns}: {left}"
 
 
@@ -305,13 +242,13 @@ def test_bridged_and_network_interfaces_get_taps_on_their_bridges(
     try:
         host.start(srcd_args=["--config", str(config)], dstd_args=["--config", str(config)])
         host.define(gv.domain_xml(domname, u, image, disk, nics=nics), f"{domname}.xml")
-        log, _ = start(host, domname, u)
+        log, _ = gv.start(host, domname, u)
         rec = runtime_record(host.state_dir, u)
         assert rec is not None
         taps = rec["taps"]
         assert len(taps) == 2
         for tap, bridge in zip(taps, ("gmbr0", "gmbr1"), strict=True):
-            detail = _ip("-n", netns, "-d", "link", "show", "dev", tap).stdout
+            detail = ip("-n", netns, "-d", "link", "show", "dev", tap).stdout
             assert f" master {bridge} " in detail and "tun type tap" in detail, detail
         live = etree.fromstring(host.migctl("dumpxml", domname).stdout.encode())
         mac = live.find("devices/interface/mac").get("address")  # type: ignore[union-attr]
@@ -322,7 +259,7 @@ def test_bridged_and_network_interfaces_get_taps_on_their_bridges(
                    timeout=30, what=f"{mac} learnt by gmbr0")  # fmt: skip
         host.migctl("destroy", domname)
         for tap in taps:
-            assert _ip("-n", netns, "link", "show", "dev", tap, check=False).returncode != 0
+            assert ip("-n", netns, "link", "show", "dev", tap, check=False).returncode != 0
         host.migctl("undefine", domname)
     finally:
         host.stop()

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.domains import define_and_start, destroy_and_undefine, disk_xml, qemu_domain_xml
 from helpers.hosts import Host
 from helpers.live import state
 from helpers.qmp import qmp_for, runtime_record
@@ -69,22 +70,9 @@ def qemu_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host,
         b.stop()
 
 
-def domain_xml(name: str, u: str, image: Path | str, machine: str = "pc") -> str:
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <uuid>{u}</uuid>
-  <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='{machine}'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
-      <source file='{image}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>
-"""
+def domain_xml(name: str, u: str, image: Path, machine: str = "pc") -> str:
+    disk = disk_xml(image, cache="none")  # cache='none': the live migrations' safety check
+    return qemu_domain_xml(name, u, disk, domain_type="qemu", memory_mib=128, machine=machine)
 
 
 def image(path: Path) -> Path:
@@ -94,10 +82,8 @@ def image(path: Path) -> Path:
 
 
 def start_on(h: Host, name: str, tmp: Path, machine: str = "pc") -> str:
-    u = str(uuidlib.uuid4())
-    h.define(domain_xml(name, u, image(tmp / f"{name}.img"), machine), f"{name}.xml")
-    h.migctl("start", name)
-    return u
+    disk = image(tmp / f"{name}.img")
+    return define_and_start(h, name, lambda u: domain_xml(name, u, disk, machine))
 
 
 def dest_xml(h: Host, name: str, tmp: Path, disk: Path | None = None, nic: str = "") -> Path:
@@ -147,8 +133,7 @@ def test_disk_missing_on_the_destination(
     shutil.copyfile(tmp_path / f"{domname}.img", missing)
     a.migctl(*LIVE, *mode, "--xml", str(xml), domname, b.dst, timeout=180)
     assert state(b, domname) == "running" and state(a, domname) == "absent"
-    b.migctl("destroy", domname)
-    b.migctl("undefine", domname)
+    destroy_and_undefine(b, domname)
 
 
 @pytest.mark.parametrize(
@@ -181,8 +166,7 @@ def test_bridge_missing_on_the_destination(
     r = a.migctl(*LIVE, "--p2p", "--xml", str(xml), domname, b.dst, check=False)
     assert refused_text(r) == expected, r.stderr
     assert_untouched(a, b, domname, u)
-    a.migctl("destroy", domname)
-    a.migctl("undefine", domname)
+    destroy_and_undefine(a, domname)
 
 
 def test_machine_type_the_destination_qemu_lacks(
@@ -197,8 +181,7 @@ def test_machine_type_the_destination_qemu_lacks(
         f"type '{MISSING_MACHINE}'"
     ), r.stderr
     assert_untouched(a, b, domname, u)
-    a.migctl("destroy", domname)
-    a.migctl("undefine", domname)
+    destroy_and_undefine(a, domname)
 
 
 def test_start_is_refused_with_the_same_texts(

@@ -6,6 +6,7 @@ import shutil
 import uuid as uuidlib
 
 import pytest
+from helpers import domains
 from helpers.hosts import Host
 from helpers.qmp import qmp_for, runtime_record
 
@@ -14,17 +15,9 @@ pytestmark = pytest.mark.skipif(QEMU is None, reason="QEMU not installed (qemu-s
 
 
 def qemu_domain_xml(name: str, u: str, memory_mib: int = 128) -> str:
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <uuid>{u}</uuid>
-  <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>{QEMU}</emulator>
-  </devices>
-</domain>
-"""
+    return domains.qemu_domain_xml(
+        name, u, domain_type="qemu", memory_mib=memory_mib, emulator=QEMU
+    )
 
 
 @pytest.mark.parametrize("mode", [["--p2p"], ["--p2p", "--tunnelled"], []],

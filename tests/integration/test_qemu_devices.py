@@ -11,6 +11,7 @@ import uuid as uuidlib
 from pathlib import Path
 
 import pytest
+from helpers.domains import destroy_and_undefine
 from helpers.hosts import Host
 from helpers.qmp import qmp_for, runtime_record
 from lxml import etree
@@ -106,8 +107,7 @@ def test_virt_install_guest_starts_and_migrates_live(
     with qmp_for(b.state_dir, u) as q:
         assert q.cmd("query-status")["status"] == "running"
         assert q.cmd("query-pci") == source_pci
-    b.migctl("destroy", domname)
-    b.migctl("undefine", domname)
+    destroy_and_undefine(b, domname)
 
 
 def test_unsupported_element_is_refused_with_nothing_started(
@@ -164,8 +164,7 @@ def test_tuning_attributes_hold_on_both_hosts(
         if host is a:
             a.migctl("migrate", "--live", "--persistent", "--undefinesource", "--p2p",
                      "--unsafe", domname, b.dst, timeout=180)
-    b.migctl("destroy", domname)
-    b.migctl("undefine", domname)
+    destroy_and_undefine(b, domname)
 
 
 def test_a_cpuset_naming_no_cpu_of_the_host_is_refused_before_the_start(

@@ -3,10 +3,9 @@ OS: a disk with a pattern is all there is to move) migrate live with --copy-stor
 --copy-storage-inc, and the destination's disk ends up the same as the source's.
 
 Each host has a disk of its own at the same path: each runs in a mount namespace of its own
-(a holder process made with ``unshare -m --propagation private``) where a private directory
-is bind-mounted on the images directory, and its daemons, emulators and migctl enter it
-(``nsenter --mount``). The test reads each host's file through that private directory.
-Needs root (mount namespaces) and QEMU.
+where a private directory is bind-mounted on the images directory (helpers/storagecopy.py),
+and its daemons, emulators and migctl enter it. The test reads each host's file through that
+private directory. Needs root (mount namespaces) and QEMU.
 """
 
 from __future__ import annotations
@@ -18,14 +17,24 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.domains import define_and_start, destroy_and_undefine, disk_xml, qemu_domain_xml
 from helpers.hosts import Host, settled, wait_until
+from helpers.live import state
 from helpers.qmp import qmp_for, runtime_record
+from helpers.storagecopy import (
+    Site,
+    copy_under_way,
+    copying,
+    domjobinfo,
+    dstd_args,
+    failed_with,
+    sites,
+    srcd_args,
+)
 
 QEMU = shutil.which("qemu-system-x86_64")
 QEMU_IMG = shutil.which("qemu-img")
@@ -40,32 +49,7 @@ pytestmark = [
 
 MIB = 1 << 20
 LIVE = ("migrate", "--live", "--persistent")  # the source keeps its definition: domjobinfo
-
-
-class Namespace:
-    """A private mount namespace in which ``images`` shows ``private`` (held by a sleeping
-    process, stopped by pid)."""
-
-    def __init__(self, images: Path, private: Path) -> None:
-        private.mkdir(parents=True, exist_ok=True)
-        self.private = private
-        self.proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sleep", "infinity"],
-            stdin=subprocess.DEVNULL,
-        )
-        self.prefix = ["nsenter", f"--mount=/proc/{self.proc.pid}/ns/mnt"]
-        wait_until(self._entered, 10, "the mount namespace")
-        subprocess.run([*self.prefix, "mount", "--bind", str(private), str(images)], check=True)
-
-    def _entered(self) -> bool:
-        try:
-            return os.readlink(f"/proc/{self.proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
+CANCELLED = "error: operation aborted: job 'migration out' canceled by client"
 
 
 @dataclasses.dataclass
@@ -73,69 +57,23 @@ class Lab:
     a: Host
     b: Host
     images: Path  # the same path on both hosts, a different directory on each
-    spaces: dict[str, Namespace]
+    sites: dict[str, Site]
 
     def disks(self, host: Host) -> Path:
         """Where the test sees ``host``'s images."""
-        return self.spaces[host.name].private
+        return self.sites[host.name].ns.private
 
     def run_in(self, host: Host, *args: str) -> subprocess.CompletedProcess[str]:
         """A command as ``host`` sees the files."""
-        return subprocess.run(
-            [*self.spaces[host.name].prefix, *args], capture_output=True, text=True, check=False
-        )
+        return self.sites[host.name].run(*args, check=False)
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """Hosts A and B, each seeing its own files under ``images`` (the same path on both),
     with storage copy allowed there; srcd probes its peers every 2 s (rpc-timeout 6 s)."""
-    base = tmp_path_factory.mktemp("copy")
-    images = base / "images"
-    images.mkdir()
-    spaces: dict[str, Namespace] = {}
-    hosts = []
-    try:
-        for name, ip in (("A", "127.0.0.2"), ("B", "127.0.0.3")):
-            spaces[name] = ns = Namespace(images, base / f"{name}-disks")
-            host = Host(name, ip, base / name, prefix=ns.prefix)
-            hosts.append(host)
-            host.start(srcd_args=SRCD_ARGS, dstd_args=dstd_args(images))
-        yield Lab(hosts[0], hosts[1], images, spaces)
-    finally:
-        for host in hosts:
-            host.stop()
-        for ns in spaces.values():
-            ns.stop()
-
-
-SRCD_ARGS = ["--rpc-timeout", "6"]
-
-
-def dstd_args(images: Path) -> list[str]:
-    return ["--storage-dir", str(images)]
-
-
-def guest_xml(name: str, u: str, disks: str) -> str:
-    return f"""<domain type='kvm'>
-  <name>{name}</name>
-  <uuid>{u}</uuid>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>{QEMU}</emulator>
-    {disks}
-  </devices>
-</domain>
-"""
-
-
-def disk_xml(path: Path, target: str = "vda", fmt: str = "raw", extra: str = "") -> str:
-    return (
-        f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
-        f"<source file='{path}'/><target dev='{target}' bus='virtio'/>{extra}</disk>"
-    )
+    with sites(tmp_path_factory.mktemp("copy")) as (a, b, images):
+        yield Lab(a.host, b.host, images, {"A": a, "B": b})
 
 
 def make_image(
@@ -170,20 +108,12 @@ def same_content(a: Path, b: Path, fmt_a: str, fmt_b: str) -> bool:
 
 
 def start_guest(host: Host, name: str, disks: str) -> str:
-    u = str(uuidlib.uuid4())
-    host.define(guest_xml(name, u, disks), f"{name}.xml")
-    host.migctl("start", name)
-    return u
+    """A guest with no OS on ``disks``, started; returns its uuid."""
+    return define_and_start(host, name, lambda u: qemu_domain_xml(name, u, disks, emulator=QEMU))
 
 
 def jobinfo(host: Host, name: str) -> dict[str, str]:
-    out = host.migctl("domjobinfo", "--completed", name).stdout
-    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
-
-
-def state(host: Host, name: str) -> str:
-    r = host.migctl("domstate", name, check=False)
-    return r.stdout.strip() if r.returncode == 0 else "absent"
+    return domjobinfo(host, name, "--completed")
 
 
 @pytest.mark.parametrize("mode", [["--p2p"], []], ids=["p2p", "client-driven"])
@@ -258,9 +188,7 @@ def test_migrate_disks_copies_the_named_disk_and_shares_the_other(lab: Lab, tmp_
     make_image(lab, a, copied, "raw", 16 * MIB, (0x11, 0, 2 * MIB))
     make_image(lab, a, shared, "raw", 8 * MIB, (0x22, 0, MIB))
     before = shared.read_bytes()
-    disks = disk_xml(copied) + disk_xml(shared, "vdb", extra="").replace(
-        "type='raw'/>", "type='raw' cache='none'/>"
-    )
+    disks = disk_xml(copied) + disk_xml(shared, "vdb", cache="none")
     start_guest(a, name, disks)
     a.migctl("migrate", "--live", "--persistent", "--undefinesource", "--p2p", "--copy-storage-all",
              "--migrate-disks", "vda", name, b.dst, timeout=180)  # fmt: skip
@@ -293,25 +221,8 @@ def test_a_disk_outside_storage_dirs_is_refused_and_nothing_is_created(
     )
     assert state(a, name) == "running" and state(b, name) == "absent"
     assert image.read_bytes() == before and sorted(lab.disks(b).iterdir()) == listing
-    a.migctl("destroy", name)
-    a.migctl("undefine", name)
+    destroy_and_undefine(a, name)
     settled(a, b)
-
-
-def start_migration(host: Host, *args: str) -> subprocess.Popen[str]:
-    """migctl migrate in the background (its result is read with communicate())."""
-    cmd = [sys.executable, "-m", "vmmigrate.migctl", "-c", host.src, "migrate", "--live", *args]
-    return subprocess.Popen(
-        [*host.prefix, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
-def copying(host: Host, name: str) -> bool:
-    """The source's job shows disk bytes moving (domjobinfo's File lines)."""
-    out = host.migctl("domjobinfo", name).stdout
-    rows = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
-    return rows.get("File processed", "0.000 MiB") != "0.000 MiB"
 
 
 @contextlib.contextmanager
@@ -322,15 +233,17 @@ def slow_copy(lab: Lab, name: str, *flags: str) -> Iterator[tuple[str, Path, sub
     image = lab.images / f"{name}.img"
     make_image(lab, lab.a, image, "raw", 24 * MIB, (0x44, 0, 24 * MIB))
     u = start_guest(lab.a, name, disk_xml(image))
-    migration = start_migration(lab.a, "--p2p", "--copy-storage-all", "--bandwidth", "1", *flags,
-                                name, lab.b.dst)  # fmt: skip
-    try:
-        wait_until(lambda: copying(lab.a, name), 60, "the disk copy to start")
+    with copy_under_way(lab.a, name, "migrate", "--live", "--p2p", "--copy-storage-all",
+                        "--bandwidth", "1", *flags, name, lab.b.dst) as migration:  # fmt: skip
         yield u, lab.disks(lab.b) / image.name, migration
-    finally:
-        if migration.poll() is None:
-            migration.kill()
-            migration.communicate()
+
+
+def aborted(lab: Lab, name: str, migration: subprocess.Popen[str]) -> str:
+    """domjobabort while ``migration`` runs: it fails as cancelled. Returns its output."""
+    lab.a.migctl("domjobabort", name)
+    out, last = failed_with(migration, timeout=60)
+    assert last == CANCELLED
+    return out
 
 
 def assert_source_runs_alone(lab: Lab, name: str, u: str) -> None:
@@ -341,8 +254,7 @@ def assert_source_runs_alone(lab: Lab, name: str, u: str) -> None:
         assert q.cmd("query-block-jobs") == []
         nodes = {n["node-name"] for n in q.cmd("query-named-block-nodes", flat=True)}
     assert "migration-vda-storage" not in nodes and "libvirt-1-format" in nodes
-    lab.a.migctl("destroy", name)
-    lab.a.migctl("undefine", name)
+    destroy_and_undefine(lab.a, name)
 
 
 def test_destination_emulator_killed_during_the_copy(lab: Lab) -> None:
@@ -352,11 +264,8 @@ def test_destination_emulator_killed_during_the_copy(lab: Lab) -> None:
         rec = runtime_record(lab.b.state_dir, u)
         assert rec is not None
         os.kill(int(rec["pid"]), signal.SIGKILL)
-        _, err = migration.communicate(timeout=120)
-    assert migration.returncode == 1
-    assert err.splitlines()[-1].startswith(
-        "error: operation failed: migration of disk vda failed"
-    ), err
+        _, last = failed_with(migration, timeout=120)
+    assert last.startswith("error: operation failed: migration of disk vda failed"), last
     # Finish(cancelled) dropped the incoming job: the disk it created went with it
     wait_until(lambda: not created.exists(), 30, "the created disk's removal")
     assert state(lab.b, name) == "absent"
@@ -369,9 +278,8 @@ def test_destination_daemon_killed_during_the_copy_is_recovered(lab: Lab) -> Non
     with slow_copy(lab, name) as (u, created, migration):
         assert b.dstd is not None
         b.dstd.kill()
-        _, err = migration.communicate(timeout=120)
-    assert migration.returncode == 1
-    assert err.splitlines()[-1] == "error: operation failed: Lost connection to destination host"
+        _, last = failed_with(migration, timeout=120)
+    assert last == "error: operation failed: Lost connection to destination host"
     # nobody removed it: the dstd that created it is gone, and the source never deletes
     assert created.exists() and runtime_record(b.state_dir, u) is not None
     b.start_dstd(dstd_args(lab.images))  # recovery: the incoming emulator and its disk go
@@ -414,7 +322,7 @@ def test_source_daemon_killed_during_the_copy_is_recovered(lab: Lab) -> None:
         assert [j["status"] for j in q.cmd("query-jobs")] in (["running"], ["ready"])
     # recovery cancels the copy, asks the destination (which drops the incoming job and
     # the disk it created) and the source runs on
-    a.start_srcd(SRCD_ARGS)
+    a.start_srcd(srcd_args())
     wait_until(lambda: not created.exists(), 60, "the destination to drop the created disk")
     settled(a, b)
     assert state(b, name) == "absent"
@@ -424,12 +332,7 @@ def test_source_daemon_killed_during_the_copy_is_recovered(lab: Lab) -> None:
 def test_abort_during_the_copy_leaves_the_source_as_it_was(lab: Lab) -> None:
     name = "aborted"
     with slow_copy(lab, name, "--verbose") as (u, created, migration):
-        lab.a.migctl("domjobabort", name)
-        out, err = migration.communicate(timeout=60)
-    assert migration.returncode == 1
-    assert err.splitlines()[-1] == (
-        "error: operation aborted: job 'migration out' canceled by client"
-    ), err
+        out = aborted(lab, name, migration)
     assert "Migration: [" in out  # --verbose showed the copy's progress
     wait_until(lambda: not created.exists(), 30, "the created disk's removal")
     info = jobinfo(lab.a, name)
@@ -474,16 +377,11 @@ def test_writes_during_the_copy_reach_the_destination(lab: Lab) -> None:
     image = lab.images / f"{name}.img"
     make_image(lab, a, image, "raw", 8 * MIB, (0x61, 0, 8 * MIB))
     u = start_guest(a, name, disk_xml(image))
-    migration = start_migration(a, *LIVE[2:], "--p2p", "--copy-storage-all", "--bandwidth", "2",
-                                name, b.dst)  # fmt: skip
-    try:
-        wait_until(lambda: copying(a, name), 60, "the disk copy to start")
+    with copy_under_way(a, name, *LIVE, "--p2p", "--copy-storage-all", "--bandwidth", "2",
+                        name, b.dst) as migration:  # fmt: skip
         guest_write(a, u, 0x99, 0, MIB)  # where the copy has been already
         guest_write(a, u, 0x9A, 7 * MIB, MIB)  # where it has not been yet
         _, err = migration.communicate(timeout=120)
-    finally:
-        if migration.poll() is None:
-            migration.kill()
     assert migration.returncode == 0, err
     b.migctl("destroy", name)
     got = lab.disks(b) / image.name
@@ -505,12 +403,7 @@ def test_timeout_counts_the_copy(lab: Lab) -> None:
     with slow_copy(lab, name, "--timeout", "2") as (u, created, migration):
         wait_until(lambda: state(lab.a, name) == "paused", 30, "the timeout's suspend")
         assert migration.poll() is None and copying(lab.a, name)
-        lab.a.migctl("domjobabort", name)
-        _, err = migration.communicate(timeout=60)
-    assert migration.returncode == 1
-    assert err.splitlines()[-1] == (
-        "error: operation aborted: job 'migration out' canceled by client"
-    ), err
+        aborted(lab, name, migration)
     wait_until(lambda: not created.exists(), 30, "the created disk's removal")
     settled(lab.a, lab.b)
     assert_source_runs_alone(lab, name, u)

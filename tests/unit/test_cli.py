@@ -212,6 +212,27 @@ def test_ssh_desturi_refused_before_any_call(capsys: pytest.CaptureFixture[str])
     assert err[1].startswith("error: invalid argument: destination URI 'qemu+ssh://b/system'")
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--offline", "--timeout", "5"], "migrate: Unexpected timeout for offline migration"),
+        (["--timeout", "5"], "migrate: Unexpected timeout for offline migration"),  # not --live
+        (["--live", "--timeout", "0"], "migrate: Invalid timeout"),
+        (["--live", "--timeout-suspend"], "migrate: Unexpected --timeout-* option without --timeout"),
+        (["--live", "--bandwidth", "-1"], "migrate: Invalid bandwidth"),
+    ],
+)
+def test_migrate_timeout_and_bandwidth_rules(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """virsh's rules for --timeout, --timeout-* and --bandwidth (evacuate's share them:
+    tests/unit/test_evacuate.py), refused before any call."""
+    with pytest.raises(SystemExit) as info:
+        migctl.main(["-c", "127.0.0.1:1", "migrate", *argv, "vm1", "hostb"])
+    assert info.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
+
+
 # --- --version -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prog", ["migctl", "srcd", "dstd", "simvm"])

@@ -557,6 +557,7 @@ XML_ERRORS = {
              "CPU topology doesn't match maximum vcpu count"),
     "timer present": (domain(top="<clock><timer name='hpet' present='off'/></clock>"), "invalid value 'off' for hpet timer present"),
     "rtc tickpolicy": (domain(top="<clock><timer name='rtc' tickpolicy='later'/></clock>"), "unknown timer tickpolicy 'later'"),
+    "pit tickpolicy": (domain(top="<clock><timer name='pit' tickpolicy='later'/></clock>"), "unknown timer tickpolicy 'later'"),
 }
 
 
