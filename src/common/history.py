@@ -115,8 +115,7 @@ class History:
         self.writer = writer
         self._made = False
         self._lock = threading.Lock()  # add() and list() may run on worker threads
-        self._fd: int | None = None  # this writer's current segment
-        self._segment = ""
+        self._segment = ""  # this writer's current segment (its file name)
         self._in_segment = 0
         self._cache: dict[str, _Segment] = {}
 
@@ -125,43 +124,35 @@ class History:
         starting a new one (and pruning) every SEGMENT_RECORDS records."""
         line = (json.dumps(rec.to_dict(), separators=(",", ":")) + "\n").encode()
         with self._lock, storage_errors("write", self.directory):
-            if self._fd is None or self._in_segment >= SEGMENT_RECORDS:
+            if not self._segment or self._in_segment >= SEGMENT_RECORDS:
                 self._start_segment(rec.ended_unix or time.time())
             self._append(line)
 
     def _append(self, line: bytes) -> None:
-        assert self._fd is not None
-        if os.write(self._fd, line) != len(line):  # the disk is full: no torn line to glue to
-            self._close_segment()
+        # Opened for each record, not kept open: a daemon holds no descriptor between
+        # migrations, and a segment removed meanwhile (by a second writer of the same name)
+        # comes back rather than taking the record with it.
+        fd = os.open(
+            self.directory / self._segment,
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            written = os.write(fd, line)
+        finally:
+            os.close(fd)
+        if written != len(line):  # the disk is full: no torn line for the next one to follow
+            self._segment = ""
             raise OSError(errno.ENOSPC, "short write")
         self._in_segment += 1
-        if os.fstat(self._fd).st_nlink == 0:
-            # Removed under us (another writer of the same name pruned it): the line went
-            # with the file. Write it again, to a segment that has a name.
-            self._start_segment(time.time())
-            os.write(self._fd, line)
-            self._in_segment += 1
 
     def _start_segment(self, first_end: float) -> None:
         if not self._made:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._made = True
-        self._close_segment()
-        name = f"{int(first_end * 1e9):020d}-{self.writer}-{secrets.token_hex(4)}{SUFFIX}"
-        self._fd = os.open(
-            self.directory / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
-        self._segment, self._in_segment = name, 0
+        self._segment = f"{int(first_end * 1e9):020d}-{self.writer}-{secrets.token_hex(4)}{SUFFIX}"
+        self._in_segment = 0
         self._prune()
-
-    def _close_segment(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def close(self) -> None:
-        with self._lock:
-            self._close_segment()
 
     def _prune(self) -> int:
         """Remove this writer's finished segments whose records are all older than the
