@@ -80,7 +80,11 @@ class Definitions:
         return self.directory / f"{uuid}.xml"
 
     def validated(self, d: DomainDef) -> DomainDef:
-        """Re-parse ``d.xml`` exactly as a later read of the stored file will."""
+        """Re-parse ``d.xml`` exactly as a later read of the stored file will; a
+        definition parse_domain made from that XML (within the size limit) is that
+        already."""
+        if d.parsed and len(d.xml.encode("utf-8")) <= self._max_xml_bytes:
+            return d
         parsed = parse_domain(d.xml, max_bytes=self._max_xml_bytes, generate_uuid=False)
         if parsed.name != d.name or parsed.uuid != d.uuid:
             raise InvalidArgument(

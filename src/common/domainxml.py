@@ -9,6 +9,7 @@ field must change (a UUID generated on define, a rename), only that element is t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid as uuidlib
 
 from lxml import etree
@@ -17,6 +18,7 @@ from vmmigrate.common.uuids import canonical_uuid_or_none
 from vmmigrate.common.xmlsafe import first_non_xml_char, parse_untrusted
 
 DEFAULT_MAX_XML_BYTES = 4 * 1024 * 1024
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # libvirt's <qemu:...> extensions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,104 @@ class DomainDef:
     memory_kib: int = 0
     current_memory_kib: int = 0
     emulator: str = ""
+
+    # What the checks read from the XML beyond the fields above, taken from the tree that
+    # parse_domain built (so that Begin's and Prepare's checks parse nothing again);
+    # worked out from ``xml`` for a DomainDef made otherwise. Not fields: not compared.
+
+    @functools.cached_property
+    def disks(self) -> tuple[Disk, ...]:
+        """The ``<devices><disk>`` elements, in document order."""
+        return _disks(_reparse(self.xml))
+
+    @functools.cached_property
+    def qemu_commandline(self) -> bool:
+        """Whether it has libvirt's ``<qemu:commandline>`` (QEMU arguments passed through)."""
+        return _has_qemu_commandline(_reparse(self.xml))
+
+    @functools.cached_property
+    def parsed(self) -> bool:
+        """Whether it is what parse_domain gave for its ``xml`` (False: made otherwise)."""
+        return False
+
+
+def _reparse(xml: str) -> etree._Element:
+    # parse_domain's hardened parser accepted this XML already: the re-parse cannot expand
+    return parse_untrusted(xml, what="domain XML", max_bytes=len(xml.encode()) + 1, error=XMLError)
+
+
+def _has_qemu_commandline(root: etree._Element) -> bool:
+    return root.find(f"{{{QEMU_NS}}}commandline") is not None
+
+
+def _disks(root: etree._Element) -> tuple[Disk, ...]:
+    return tuple(_disk(el) for el in root.iterfind("devices/disk"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Disk:
+    """One ``<disk>``: what the checks and simvm need; the XML stays the reference."""
+
+    type: str  # file | block | network | volume | dir | nvme ...
+    device: str  # disk | cdrom | floppy | lun
+    source: str  # the file or device path, the network name; "" when none (no media)
+    target: str  # <target dev=...>: vda, sda, hdc
+    bus: str
+    format: str  # <driver type=...>: raw, qcow2; "" when not given
+    cache: str  # <driver cache=...>; "" for the hypervisor's default
+    readonly: bool
+    shareable: bool
+    # the first layer of <backingStore> (libvirt's backing chain), "" when the XML has none
+    backing: str = ""
+    backing_format: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not self.source
+
+
+def _source(el: etree._Element, kind: str) -> str:
+    src = el.find("source")
+    if src is None:
+        return ""
+    attr = {"file": "file", "block": "dev", "dir": "dir", "network": "name"}.get(kind)
+    if attr is not None:
+        return (src.get(attr) or "").strip()
+    # volume and the rest: any of the usual attributes names it
+    return next((src.get(a, "") for a in ("file", "dev", "volume", "name") if src.get(a)), "")
+
+
+def _backing(el: etree._Element) -> tuple[str, str]:
+    """(path, format) of a disk's first backing layer; ("", "") without one."""
+    store = el.find("backingStore")
+    if store is None:
+        return "", ""
+    fmt = store.find("format")
+    return _source(store, store.get("type") or "file"), (
+        (fmt.get("type") or "") if fmt is not None else ""
+    )
+
+
+def _disk(el: etree._Element) -> Disk:
+    kind = el.get("type") or "file"
+    target = el.find("target")
+    driver = el.find("driver")
+    backing, backing_format = _backing(el)
+    return Disk(
+        type=kind,
+        device=el.get("device") or "disk",
+        source=_source(el, kind),
+        target=(target.get("dev") or "") if target is not None else "",
+        bus=(target.get("bus") or "") if target is not None else "",
+        format=(driver.get("type") or "") if driver is not None else "",
+        cache=(driver.get("cache") or "") if driver is not None else "",
+        readonly=el.find("readonly") is not None,
+        shareable=el.find("shareable") is not None,
+        backing=backing,
+        backing_format=backing_format,
+    )
+
+
 
 
 def validate_name(name: str) -> None:
@@ -175,7 +275,7 @@ def parse_domain(
     current = _memory_kib(root.find("currentMemory")) or memory
     os_type = (root.findtext("os/type") or "hvm").strip()
     xml = _serialize(root) if changed else _as_text(text)
-    return DomainDef(
+    d = DomainDef(
         name=name,
         uuid=uuid,
         xml=xml,
@@ -187,6 +287,12 @@ def parse_domain(
         current_memory_kib=current,
         emulator=(root.findtext("devices/emulator") or "").strip(),
     )
+    # the cached properties, from this tree (a frozen dataclass: set as its own
+    # __post_init__ would; they are no fields)
+    object.__setattr__(d, "disks", _disks(root))
+    object.__setattr__(d, "qemu_commandline", _has_qemu_commandline(root))
+    object.__setattr__(d, "parsed", True)
+    return d
 
 
 def _as_text(text: str | bytes) -> str:

@@ -315,7 +315,7 @@ def _xml_root(d: DomainDef) -> Any:
 
 
 def has_qemu_commandline(d: DomainDef) -> bool:
-    return _xml_root(d).find(f"{{{QEMU_NS}}}commandline") is not None
+    return d.qemu_commandline  # read when the definition was parsed
 
 
 def check_definition(d: DomainDef, policy: EmulatorPolicy) -> None:

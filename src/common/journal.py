@@ -84,8 +84,18 @@ def role_of(value: str) -> Role:
         raise InvalidArgument(f"invalid job role {value!r}") from None
 
 
+# (name, JSON type, required) of each field, worked out once: records are read and
+# written several times per migration, and dataclasses.fields/asdict (which deep-copies
+# every value) cost more than the JSON itself
+_FIELDS: tuple[tuple[str, type, bool], ...] = tuple(
+    (f.name, _RECORD_TYPES[str(f.type)], f.default is dataclasses.MISSING)
+    for f in dataclasses.fields(JobRecord)
+)
+
+
 def record_to_bytes(rec: JobRecord) -> bytes:
-    return json.dumps(dataclasses.asdict(rec), sort_keys=True).encode("utf-8")
+    doc = {name: getattr(rec, name) for name, _, _ in _FIELDS}  # a Role dumps as its value
+    return json.dumps(doc, sort_keys=True).encode("utf-8")
 
 
 def record_from_bytes(data: bytes) -> JobRecord:
@@ -94,22 +104,21 @@ def record_from_bytes(data: bytes) -> JobRecord:
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(JobRecord):
-        if f.name not in obj:
-            if f.default is dataclasses.MISSING:
-                raise ValueError(f"missing field {f.name!r}")
+    for name, want, required in _FIELDS:
+        if name not in obj:
+            if required:
+                raise ValueError(f"missing field {name!r}")
             continue
-        value = obj[f.name]
-        want = _RECORD_TYPES[str(f.type)]
+        value = obj[name]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want is tuple:  # a JSON list of strings
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"field {f.name!r} is not a list of strings")
+                raise ValueError(f"field {name!r} is not a list of strings")
             value = tuple(value)
         if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
-            raise ValueError(f"field {f.name!r} is not a {want.__name__}")
-        values[f.name] = value
+            raise ValueError(f"field {name!r} is not a {want.__name__}")
+        values[name] = value
     values["role"] = Role(values["role"])  # ValueError for a role we do not know
     return JobRecord(**values)
 

@@ -42,7 +42,7 @@ class Observability:
         return cls(
             metrics=Metrics(role),
             events=EventLog(config.state_dir, daemon),
-            history=History(config.state_dir, config.history_limit),
+            history=History(config.state_dir, config.history_limit, writer=daemon),
         )
 
     def record(self, rec: HistoryRecord, phases: list[tuple[str, float]]) -> None:

@@ -39,6 +39,9 @@ class MigrationOutcome:
     ended_unix: float = 0.0
 
 
+_FIELDS = dataclasses.fields(MigrationOutcome)
+
+
 class Outcomes:
     """The outcome records in one directory. Migration ids are validated by the caller."""
 
@@ -56,7 +59,9 @@ class Outcomes:
         stamped = dataclasses.replace(
             outcome, outcome=kind, ended_unix=outcome.ended_unix or time.time()
         )
-        data = json.dumps(dataclasses.asdict(stamped), sort_keys=True).encode("utf-8")
+        # shallow (asdict deep-copies each value first); an Outcome dumps as its value
+        doc = {f.name: getattr(stamped, f.name) for f in _FIELDS}
+        data = json.dumps(doc, sort_keys=True).encode("utf-8")
         atomic_write(self.path(outcome.migration_id), data, durable=durable)
 
     def get(self, migration_id: str) -> MigrationOutcome | None:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Final, Literal, TypeVar, get_args
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from vmmigrate.common.errors import Unauthenticated
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 Kind = Literal["host", "client"]
 Role = Literal["admin", "readonly"]
@@ -75,6 +76,8 @@ def _attributes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> list[str]
 
 def identity_of(cert: x509.Certificate) -> Identity:
     """The identity in a parsed certificate's subject."""
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415 (see peer_identity)
+
     name = _one(_attributes(cert, NameOID.COMMON_NAME), "common name")
     units = _attributes(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
     by_kind = {kind_unit(k): k for k in KINDS}
@@ -97,6 +100,10 @@ def identity_of(cert: x509.Certificate) -> Identity:
 
 def peer_identity(pem: bytes) -> Identity:
     """The identity in a PEM certificate (the first one if ``pem`` holds a chain)."""
+    # imported at the first TLS call, not with this module: cryptography costs a daemon
+    # ~9 MiB of memory, which a plaintext daemon never needs
+    from cryptography import x509  # noqa: PLC0415
+
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError as exc:

@@ -207,6 +207,16 @@ class HostStore:
         log.debug("job_acquired", name=d.name, uuid=uuid)
         return lock
 
+    def sweep_job_locks(self, keep: frozenset[str] = frozenset()) -> int:
+        """Remove the job lock files no job holds, of domains not defined here and not in
+        ``keep`` (the running ones); returns how many went (common/joblock.py)."""
+        with self._lock.held():
+            defined = frozenset(d.uuid for d in self._defs.scan())
+            removed = self._jobs.sweep(defined | keep)
+        if removed:
+            log.debug("job_locks_swept", count=removed)
+        return removed
+
     def job_held(self, uuid: str) -> bool:
         """Is a source migration job held on this domain, in any process?"""
         u = require_uuid(uuid, "domain uuid")

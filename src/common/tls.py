@@ -21,8 +21,6 @@ from typing import Any, Final
 
 import grpc
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from vmmigrate.common.address import DEFAULT_TLS_DIR, is_loopback, parse_hostport
 from vmmigrate.common.errors import InvalidArgument
 
@@ -46,6 +44,8 @@ class Material:
 
 
 def _public_der(public_key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 (see load_material)
+
     der: bytes = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -54,6 +54,11 @@ def _public_der(public_key: Any) -> bytes:
 
 def load_material(directory: Path) -> Material:
     """Read and check a TLS directory; InvalidArgument says what is wrong with it."""
+    # cryptography is imported when TLS material is read, not with this module: it costs a
+    # daemon ~9 MiB of memory, which a plaintext daemon never needs
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     data: dict[str, bytes] = {}
     for name in (CA_FILE, CERT_FILE, KEY_FILE):
         try:

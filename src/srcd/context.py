@@ -169,6 +169,8 @@ class SourceContext:
     background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
     # Closed on SIGTERM: new migrations are refused while those in flight finish.
     gate: ShutdownGate = dataclasses.field(default_factory=ShutdownGate)
+    # when housekeeping last removed unused job lock files (0: at its first tick)
+    locks_swept: float = 0.0
 
     def migrations_in_flight(self) -> int:
         """Jobs a graceful stop waits for: running or parked ones, and settling tasks."""

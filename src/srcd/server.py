@@ -337,11 +337,20 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
         await phases.confirm(self.ctx, job, cancelled=cancelled, cookie=cookie)
 
 
+LOCK_SWEEP_INTERVAL = 600.0  # seconds between sweeps of unused job lock files
+
+
 async def _housekeeping(ctx: SourceContext) -> None:
     """End parked jobs whose client went away; reap emulators this process started, and
-    settle those gone while their owner was not running (dstd only reaps its own)."""
+    settle those gone while their owner was not running (dstd only reaps its own); now
+    and then, remove the job lock files of domains that left this host."""
     ctx.hypervisor.sweep()
     await expire_parked(ctx)
+    now = time.monotonic()
+    if now - ctx.locks_swept >= LOCK_SWEEP_INTERVAL:  # a directory scan: not every tick
+        ctx.locks_swept = now
+        running = frozenset(rec.uuid for rec in ctx.hypervisor.records())
+        await asyncio.to_thread(ctx.store.sweep_job_locks, running)
 
 
 @contextlib.asynccontextmanager

@@ -142,3 +142,39 @@ def test_roundtrip_property(name: str, description: str) -> None:
     again = parse_domain(d.xml, generate_uuid=False)
     assert again == d
     assert canonical(rename(rename(d, "tmp"), name).xml) == canonical(d.xml)
+
+
+def test_disks_and_qemu_commandline_come_from_the_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """parse_domain reads the disks and <qemu:commandline> from the tree it built, so the
+    migration checks (Begin, Prepare) and the store's validation parse nothing again; a
+    definition made otherwise (a rename) works them out from its XML."""
+    from vmmigrate.common import domainxml
+    from vmmigrate.common.disks import domain_disks
+    from vmmigrate.common.hypervisor import has_qemu_commandline
+
+    xml = """<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>d</name><uuid>0b8c7e0e-8a51-4d2b-9f0e-7d0d1b1c2a3b</uuid>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>
+      <source file='/v/d.img'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='block' device='cdrom'><target dev='hdc' bus='ide'/><readonly/></disk>
+  </devices>
+  <qemu:commandline><qemu:arg value='-S'/></qemu:commandline>
+</domain>"""
+    d = parse_domain(xml)
+    renamed = domainxml.rename(d, "e")
+
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(domainxml, "parse_untrusted", no_parse)
+    assert [(k.target, k.type, k.cache, k.readonly) for k in domain_disks(d)] == [
+        ("vda", "file", "none", False),
+        ("hdc", "block", "", True),
+    ]
+    assert has_qemu_commandline(d) and d.parsed
+    monkeypatch.undo()
+    assert renamed.disks == d.disks and renamed.qemu_commandline  # from its own XML
+    assert not renamed.parsed
+    plain = parse_domain(xml.replace("<qemu:commandline><qemu:arg value='-S'/></qemu:commandline>", ""))
+    assert not plain.qemu_commandline and plain == parse_domain(plain.xml)

@@ -28,23 +28,61 @@ def test_history_keeps_the_newest_within_the_limit(tmp_path: Path) -> None:
     assert not list((tmp_path / "history").glob(".tmp-*"))
 
 
-def test_history_prunes_in_batches_and_shows_only_the_limit(tmp_path: Path) -> None:
-    from vmmigrate.common.history import PRUNE_EVERY
+def test_history_is_appended_to_segments_and_pruned_by_their_writer(tmp_path: Path) -> None:
+    """Each writer appends to segments of its own (one file per SEGMENT_RECORDS records, not
+    one per record) and removes its own segments once all their records are beyond the
+    limit; readers show only the newest ``limit`` records of the host."""
+    from vmmigrate.common.history import SEGMENT_RECORDS
 
-    h = History(tmp_path, limit=3)
-    for i in range(3 * PRUNE_EVERY):
-        h.add(_rec(i))
-        on_disk = len(list((tmp_path / "history").glob("*.json")))
-        assert on_disk <= 3 + PRUNE_EVERY
-        assert len(h.list()) == min(i + 1, 3)
-    assert [r.migration_id for r in h.list()] == [f"m{i}" for i in range(3 * PRUNE_EVERY - 3, 3 * PRUNE_EVERY)]
+    src = History(tmp_path, limit=SEGMENT_RECORDS, writer="srcd")
+    dst = History(tmp_path, limit=SEGMENT_RECORDS, writer="dstd")
+    for i in range(4 * SEGMENT_RECORDS):
+        (src if i % 4 else dst).add(_rec(i, "source" if i % 4 else "destination"))
+        shown = src.list()
+        assert len(shown) == min(i + 1, SEGMENT_RECORDS)
+        assert shown[-1].migration_id == f"m{i}"
+    segments = sorted(p.name for p in (tmp_path / "history").iterdir())
+    assert all(n.endswith(".jsonl") for n in segments)
+    # srcd wrote 3 segments' worth, dstd 1: the oldest srcd segment (all beyond the limit)
+    # went when srcd started its fourth; dstd's only one is still being written
+    assert len([n for n in segments if "-srcd-" in n]) <= 3
+    assert len([n for n in segments if "-dstd-" in n]) == 1
+    want = [f"m{i}" for i in range(3 * SEGMENT_RECORDS, 4 * SEGMENT_RECORDS)]
+    assert [r.migration_id for r in History(tmp_path, limit=SEGMENT_RECORDS).list()] == want
+    # a reader in another process (here: another object) sees what was added since
+    src.add(_rec(10_000))
+    assert History(tmp_path, limit=SEGMENT_RECORDS).list()[-1].migration_id == "m10000"
 
 
-def test_history_skips_an_unreadable_record(tmp_path: Path) -> None:
+def test_history_skips_an_unreadable_record_and_a_line_being_written(tmp_path: Path) -> None:
     h = History(tmp_path)
     h.add(_rec(1))
     (tmp_path / "history" / "00000000000000000001-source-bad.json").write_text("{not json")
-    assert [r.migration_id for r in h.list()] == ["m1"]
+    segment = next((tmp_path / "history").glob("*.jsonl"))
+    with segment.open("ab") as fh:
+        fh.write(b'{"migration_id": "half')  # a record still being written: not shown yet
+    reader = History(tmp_path)
+    assert [r.migration_id for r in reader.list()] == ["m1"]
+    History(tmp_path).add(_rec(2))  # a writer that died mid-line left it: the next one
+    assert [r.migration_id for r in reader.list()] == ["m1", "m2"]  # starts a segment
+
+
+def test_history_reads_and_prunes_the_file_per_record_layout(tmp_path: Path) -> None:
+    """Records of the layout before segments (one JSON file each) are shown and pruned."""
+    import json
+
+    (tmp_path / "history").mkdir()
+    for i in range(3):
+        rec = _rec(i)
+        name = f"{int(rec.ended_unix * 1e9):020d}-source-{rec.migration_id}.json"
+        (tmp_path / "history" / name).write_text(json.dumps(rec.to_dict()))
+    h = History(tmp_path, limit=4)
+    assert [r.migration_id for r in h.list()] == ["m0", "m1", "m2"]
+    for i in range(3, 6):
+        h.add(_rec(i))
+    h.prune()
+    assert [r.migration_id for r in h.list()] == ["m2", "m3", "m4", "m5"]
+    assert sorted(p.suffix for p in (tmp_path / "history").iterdir()) == [".json", ".jsonl"]
 
 
 def test_follow_sees_events_of_both_daemons_across_rotation(tmp_path: Path) -> None:
