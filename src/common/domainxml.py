@@ -133,8 +133,6 @@ def _disk(el: etree._Element) -> Disk:
     )
 
 
-
-
 def validate_name(name: str) -> None:
     """Refuse names libvirt refuses, and names that could be taken for paths."""
     if not name:

@@ -51,6 +51,7 @@ SUFFIX = ".jsonl"
 # JSON document): still read, and pruned by any writer.
 LEGACY_SUFFIX = ".json"
 
+
 @dataclasses.dataclass(frozen=True)
 class HistoryRecord:
     """One finished migration as one host saw it (``role``: source or destination)."""

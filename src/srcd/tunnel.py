@@ -76,6 +76,7 @@ class SourceTunnel:
 
     async def open(self) -> str:
         """Start listening; returns the URI the source emulator migrates to."""
+
         def bind(sock: socket.socket) -> None:
             tunnelwire.bounded(sock, socket.SO_RCVBUF).bind(("127.0.0.1", 0))
 
