@@ -46,6 +46,7 @@ from helpers.iproute import IP, ip
 from helpers.qmp import qmp_for, runtime_record
 from helpers.storagecopy import Site, copy_under_way, failed_with, sites
 from lxml import etree
+from vmmigrate.common.history import History
 
 from tests.integration.test_qemu_devices import guest_xml as virt_install_xml
 
@@ -166,8 +167,9 @@ def migrate(
     log, mid = gv.migrate_timed(src, dst, name, u, ["--p2p", *flags], report, leg, 240)
     # domjobinfo --completed's File lines, kept in the record (migctl jobs does not show
     # them, and with --undefinesource the source has no domain left to ask)
-    kept = next((src.state_dir / "history").glob(f"*-source-{mid}.json"))
-    disks: dict[str, Any] = json.loads(kept.read_text())["stats"]["mirror"]
+    kept = [r for r in History(src.state_dir).list(role="source") if r.migration_id == mid]
+    assert len(kept) == 1, kept
+    disks: dict[str, Any] = kept[0].stats["mirror"]
     print(f"\n[guest copy] {leg}: {disks['total'] / MiB:.3f} MiB of disk copied")
     return log, disks
 
