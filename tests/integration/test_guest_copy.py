@@ -43,7 +43,7 @@ from helpers.domains import destroy_and_undefine
 from helpers.guestvm import ConsoleLog, Report
 from helpers.hosts import Host, settled, wait_until
 from helpers.iproute import IP, ip
-from helpers.qmp import qmp_for, runtime_record
+from helpers.qmp import pci_layout, qmp_for, runtime_record
 from helpers.storagecopy import Site, copy_under_way, failed_with, sites
 from lxml import etree
 from vmmigrate.common.history import History
@@ -484,7 +484,7 @@ def test_virt_install_server_migrates_with_copy_storage_all(
     a.host.define(xml, f"{domname}.xml")
     a.host.migctl("start", domname)
     with qmp_for(a.host.state_dir, u) as q:
-        source_pci = q.cmd("query-pci")
+        source_pci = pci_layout(q)
     placed = pci_addresses(a.host, domname)
     mid = str(uuidlib.uuid4())
     t0 = time.monotonic()
@@ -496,7 +496,7 @@ def test_virt_install_server_migrates_with_copy_storage_all(
     assert pci_addresses(b.host, domname) == placed
     with qmp_for(b.host.state_dir, u) as q:
         assert q.cmd("query-status")["status"] == "running"
-        assert q.cmd("query-pci") == source_pci
+        assert pci_layout(q) == source_pci
         assert q.cmd("query-block-jobs") == [] and q.cmd("query-block-exports") == []
     created = image_info(b, disk)
     assert (created["format"], created["virtual-size"]) == ("qcow2", 64 * MiB)

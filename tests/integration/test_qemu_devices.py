@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers.domains import destroy_and_undefine
 from helpers.hosts import Host
-from helpers.qmp import qmp_for, runtime_record
+from helpers.qmp import pci_layout, qmp_for, runtime_record
 from lxml import etree
 
 from tests.unit.test_qemuargv import DATA, write_qcow2
@@ -92,7 +92,7 @@ def test_virt_install_guest_starts_and_migrates_live(
     assert len(inactive.findall("devices/*/address")) == len(written.findall("devices/*/address"))
     with qmp_for(a.state_dir, u) as q:
         assert q.cmd("query-status")["status"] == "running"
-        source_pci = q.cmd("query-pci")
+        source_pci = pci_layout(q)
     # the desktop and the older guest keep virt-install's cache modes (default, writeback):
     # libvirt's safety check refuses those without --unsafe, and so do we (the disks are
     # shared here by construction: both hosts are on this machine)
@@ -106,7 +106,7 @@ def test_virt_install_guest_starts_and_migrates_live(
             for ad in moved.iterfind("devices/*/address[@type='pci']")} == placed
     with qmp_for(b.state_dir, u) as q:
         assert q.cmd("query-status")["status"] == "running"
-        assert q.cmd("query-pci") == source_pci
+        assert pci_layout(q) == source_pci
     destroy_and_undefine(b, domname)
 
 
