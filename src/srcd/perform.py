@@ -127,8 +127,14 @@ async def perform_live(
     and the source is left for Confirm(cancelled) to resume.
     """
     job.advance(Phase.PERFORM3)
-    await asyncio.to_thread(ctx.store.journal_put, job.record)
-    mon = await ctx.hypervisor.monitor(job.domain.uuid)
+    # on disk before the stream (or a disk's copy) starts: _migrate awaits it; the
+    # emulator's set-up goes on meanwhile
+    journal = asyncio.ensure_future(asyncio.to_thread(ctx.store.journal_put, job.record))
+    try:
+        mon = await ctx.hypervisor.monitor(job.domain.uuid)
+    except BaseException:
+        await _settled(journal)
+        raise
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     unsubscribe = mon.on_event(
         lambda e: events.put_nowait(e) if e.get("event") == "MIGRATION" else None
@@ -139,7 +145,7 @@ async def perform_live(
         keepalive = asyncio.ensure_future(_keepalive(job, probe, interval))
     mirrors = Mirrors(ctx, job, nbd) if job.copies and nbd is not None else None
     try:
-        await _migrate(ctx, job, mon, uri, events, mirrors=mirrors)
+        await _migrate(ctx, job, mon, uri, events, mirrors=mirrors, journal=journal)
     except QMPError as exc:
         job.outcome, job.error = JobOutcome.FAILED, str(exc)
         await _abort_mirrors(mirrors)
@@ -153,7 +159,14 @@ async def perform_live(
         unsubscribe()
         if keepalive is not None:
             keepalive.cancel()
+        await _settled(journal)  # no exit leaves the write in flight
     return await _performed(ctx, job)
+
+
+async def _settled(task: asyncio.Future[None]) -> None:
+    """Until ``task`` has ended, whatever its outcome (the caller reports the first error)."""
+    with contextlib.suppress(Exception):
+        await task
 
 
 async def _abort_mirrors(mirrors: Mirrors | None) -> None:
@@ -169,12 +182,15 @@ async def _migrate(
     events: asyncio.Queue[dict[str, Any]],
     *,
     mirrors: Mirrors | None,
+    journal: asyncio.Future[None],
 ) -> None:
     """The stream's settings, the disks' copy (until in step), then QMP migrate and the
-    watch until it ends."""
+    watch until it ends. ``journal``: the PERFORM3 record's write, awaited before anything
+    moves (a restarted srcd must know to cancel the stream)."""
     params, caps = _stream_settings(ctx, job)
     await mon.execute("migrate-set-capabilities", {"capabilities": caps})
     await mon.execute("migrate-set-parameters", params)
+    await journal
     await ctx.failpoints.hit("srcd.perform.before_migrate")
     w = _Watch(started=time.monotonic())  # --timeout counts the disks' copy too
     if ctx.max_downtime_ms.get(job.domain.uuid) is None:
