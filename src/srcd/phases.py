@@ -311,8 +311,8 @@ async def confirm_live(
             await ctx.hypervisor.stop_migrated(uuid)
             log.info("source_stopped", migration_id=job.migration_id, reason="migrated")
             ctx.obs.events.emit(job.domain.name, uuid, events.STOPPED_MIGRATED)
-            defined = await asyncio.to_thread(ctx.store.find, uuid)
-            if MigrateFlag.UNDEFINE_SOURCE in job.flags and defined is not None:
+            undefine = MigrateFlag.UNDEFINE_SOURCE in job.flags
+            if undefine and await asyncio.to_thread(ctx.store.find, uuid) is not None:
                 await ctx.failpoints.hit("srcd.confirm.before_undefine")
                 await asyncio.to_thread(ctx.store.undefine, uuid, job.lock)
                 log.info("source_undefined", migration_id=job.migration_id)
