@@ -72,6 +72,12 @@ class DaemonConfig:
     outcome_ttl: float = 24 * 3600.0
     # Poll interval of a running migration's statistics, seconds.
     migration_poll_interval: float = 0.02
+    # Live migration's switch-over (srcd/switchover.py): the downtime limit the source
+    # emulator starts with and never goes below (ms), and the most it escalates to when
+    # the guest does not converge (ms; QEMU's own default). migrate-setmaxdowntime
+    # overrides both for a domain.
+    downtime_limit_ms: int = 20
+    downtime_limit_max_ms: int = 300
     # Armed failpoints (tests only), from $VMMIGRATE_FAILPOINTS, read by main().
     failpoints: str = ""
     failpoint_seed: str = ""  # from $VMMIGRATE_FAILPOINT_SEED: repeatable random faults
@@ -137,6 +143,24 @@ _SECONDS = (
 )
 
 
+# QEMU's downtime-limit range: 0 to 2000 s (in ms)
+_DOWNTIME_MAX_MS = 2_000_000
+
+
+def _downtime_ms(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidArgument(f"{name} must be a whole number of milliseconds, got {value!r}")
+    try:
+        n = int(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"{name} must be a whole number of milliseconds, got {value!r}"
+        ) from None
+    if not 1 <= n <= _DOWNTIME_MAX_MS:
+        raise InvalidArgument(f"{name} must be 1 to {_DOWNTIME_MAX_MS} ms, got {n}")
+    return n
+
+
 def _optional_path(value: Any) -> Path | None:
     return None if value is None else Path(value)
 
@@ -187,6 +211,8 @@ _CONVERTERS: dict[str, Any] = {
     "metrics_listen": _metrics_listen,
     "networks": _networks,
     "storage_dirs": _storage_dirs,
+    "downtime_limit_ms": lambda v: _downtime_ms("downtime_limit_ms", v),
+    "downtime_limit_max_ms": lambda v: _downtime_ms("downtime_limit_max_ms", v),
 }
 
 
@@ -257,7 +283,13 @@ def load_config(
         for k, v in values.items()
     }
     parse_hostport(str(coerced["listen"]), default_port)
-    return DaemonConfig(**coerced)
+    config = DaemonConfig(**coerced)
+    if config.downtime_limit_max_ms < config.downtime_limit_ms:
+        raise InvalidArgument(
+            f"downtime_limit_max_ms ({config.downtime_limit_max_ms}) is below "
+            f"downtime_limit_ms ({config.downtime_limit_ms})"
+        )
+    return config
 
 
 def add_common_options(ap: argparse.ArgumentParser) -> None:

@@ -18,6 +18,19 @@ def _options(ap: argparse.ArgumentParser) -> None:
         type=int,
         help="outgoing migrations at once; more wait for a slot (default 64, 0 = no limit)",
     )
+    ap.add_argument(
+        "--downtime-limit",
+        dest="downtime_limit_ms",
+        type=int,
+        help="live migration: the downtime limit to start with and never go below, ms "
+        "(default 20; escalates to --downtime-limit-max when the guest does not converge)",
+    )
+    ap.add_argument(
+        "--downtime-limit-max",
+        dest="downtime_limit_max_ms",
+        type=int,
+        help="live migration: the most the downtime limit escalates to, ms (default 300)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -229,6 +229,11 @@ class LocalSource:
         )
 
     async def _perform_tunnelled(self, prepared: Prepared) -> bytes:
+        """The stream through the daemons. Once the source emulator has written all of it,
+        Finish is asked at once while the rest crosses (the guest is paused until it has):
+        the destination resumes nothing before its incoming emulator reports the whole
+        stream loaded, so waiting here for the last credit first would only add a round
+        trip to the pause. The tunnel is kept open until every byte is handed over."""
         job, dest = self.job, self.dest
         disks = self._nbd_tunnel(prepared)
         tunnel = self._tunnel()
@@ -236,20 +241,31 @@ class LocalSource:
         try:
             nbd = await disks.open() if disks is not None else None
             cookie = await perform_live(self.ctx, job, uri=uri, probe=dest.probe, nbd=nbd)
-            await tunnel.drain(self.ctx.config.rpc_timeout)
         except VmmigrateError:
+            await tunnel.close()
             tunnel.check()  # a broken tunnel is the real cause
             if disks is not None:
                 disks.check()
             raise
+        except BaseException:
+            await tunnel.close()
+            raise
         finally:
-            if tunnel.drained:  # every byte is at the destination: the stream ends by itself
-                self.ctx.spawn(tunnel.linger(self.ctx.config.rpc_timeout))
-            else:
-                await tunnel.close()
             if disks is not None:  # the mirrors are over: their streams end with them
                 await disks.close()
+        self.ctx.spawn(self._drain(tunnel))
         return cookie
+
+    async def _drain(self, tunnel: SourceTunnel) -> None:
+        """Every byte to the destination, then let the stream end by itself (or close it)."""
+        timeout = self.ctx.config.rpc_timeout
+        try:
+            await tunnel.drain(timeout)
+        finally:
+            if tunnel.drained:
+                await tunnel.linger(timeout)
+            else:
+                await tunnel.close()
 
     def finish_unknown(self, exc: VmmigrateError, ask: AskFinish) -> VmmigrateError:
         """The job stays held, a live domain paused, until the destination answers (in

@@ -30,6 +30,12 @@ from vmmigrate.common.qmp import QMPClient, QMPError
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.jobs import JobOutcome, SourceJob
 from vmmigrate.srcd.mirror import Mirrors, MirrorState
+from vmmigrate.srcd.switchover import (
+    SwitchoverPolicy,
+    changed_enough,
+    measured_bandwidth,
+    passes_of,
+)
 
 log = structlog.get_logger("vmmigrate.srcd.perform")
 
@@ -77,6 +83,12 @@ def decide(
     return Action.WAIT
 
 
+def switchover_policy(ctx: SourceContext) -> SwitchoverPolicy:
+    return SwitchoverPolicy(
+        floor_ms=ctx.config.downtime_limit_ms, ceiling_ms=ctx.config.downtime_limit_max_ms
+    )
+
+
 def bandwidth_bps(ctx: SourceContext, job: SourceJob) -> int:
     mib = job.params.bandwidth_mib or ctx.max_speed_mib.get(job.domain.uuid, 0)
     return mib * 1024 * 1024 if mib else UNLIMITED_BPS
@@ -115,8 +127,14 @@ async def perform_live(
     and the source is left for Confirm(cancelled) to resume.
     """
     job.advance(Phase.PERFORM3)
-    await asyncio.to_thread(ctx.store.journal_put, job.record)
-    mon = await ctx.hypervisor.monitor(job.domain.uuid)
+    # on disk before the stream (or a disk's copy) starts: _migrate awaits it; the
+    # emulator's set-up goes on meanwhile
+    journal = asyncio.ensure_future(asyncio.to_thread(ctx.store.journal_put, job.record))
+    try:
+        mon = await ctx.hypervisor.monitor(job.domain.uuid)
+    except BaseException:
+        await _settled(journal)
+        raise
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     unsubscribe = mon.on_event(
         lambda e: events.put_nowait(e) if e.get("event") == "MIGRATION" else None
@@ -127,7 +145,7 @@ async def perform_live(
         keepalive = asyncio.ensure_future(_keepalive(job, probe, interval))
     mirrors = Mirrors(ctx, job, nbd) if job.copies and nbd is not None else None
     try:
-        await _migrate(ctx, job, mon, uri, events, mirrors=mirrors)
+        await _migrate(ctx, job, mon, uri, events, mirrors=mirrors, journal=journal)
     except QMPError as exc:
         job.outcome, job.error = JobOutcome.FAILED, str(exc)
         await _abort_mirrors(mirrors)
@@ -141,7 +159,14 @@ async def perform_live(
         unsubscribe()
         if keepalive is not None:
             keepalive.cancel()
+        await _settled(journal)  # no exit leaves the write in flight
     return await _performed(ctx, job)
+
+
+async def _settled(task: asyncio.Future[None]) -> None:
+    """Until ``task`` has ended, whatever its outcome (the caller reports the first error)."""
+    with contextlib.suppress(Exception):
+        await task
 
 
 async def _abort_mirrors(mirrors: Mirrors | None) -> None:
@@ -157,14 +182,19 @@ async def _migrate(
     events: asyncio.Queue[dict[str, Any]],
     *,
     mirrors: Mirrors | None,
+    journal: asyncio.Future[None],
 ) -> None:
     """The stream's settings, the disks' copy (until in step), then QMP migrate and the
-    watch until it ends."""
+    watch until it ends. ``journal``: the PERFORM3 record's write, awaited before anything
+    moves (a restarted srcd must know to cancel the stream)."""
     params, caps = _stream_settings(ctx, job)
     await mon.execute("migrate-set-capabilities", {"capabilities": caps})
     await mon.execute("migrate-set-parameters", params)
+    await journal
     await ctx.failpoints.hit("srcd.perform.before_migrate")
     w = _Watch(started=time.monotonic())  # --timeout counts the disks' copy too
+    if ctx.max_downtime_ms.get(job.domain.uuid) is None:
+        w.policy, w.downtime_ms = switchover_policy(ctx), params["downtime-limit"]
     if mirrors is not None:
         await mirrors.start(mon)
         await _wait_mirrors(ctx, job, mirrors, w)
@@ -174,6 +204,7 @@ async def _migrate(
         migration_id=job.migration_id,
         uri=uri,
         bandwidth=params["max-bandwidth"],
+        downtime_limit=params["downtime-limit"],
         copied=len(job.copies) or None,
     )
     await _watch(ctx, job, events, mirrors, w)
@@ -207,10 +238,15 @@ def _stream_settings(
     ctx: SourceContext, job: SourceJob
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(migrate-set-parameters, migrate-set-capabilities) for this job's stream."""
-    params: dict[str, Any] = {"max-bandwidth": bandwidth_bps(ctx, job)}
+    bandwidth = bandwidth_bps(ctx, job)
+    params: dict[str, Any] = {"max-bandwidth": bandwidth}
+    # migrate-setmaxdowntime's limit as given; else the switch-over policy's, from the
+    # cap while QEMU has measured nothing (unknown when unlimited: the floor)
     downtime = ctx.max_downtime_ms.get(job.domain.uuid)
-    if downtime:
-        params["downtime-limit"] = downtime
+    if not downtime:
+        known = bandwidth if bandwidth < UNLIMITED_BPS else 0
+        downtime = switchover_policy(ctx).limit_ms(bandwidth_bps=known)
+    params["downtime-limit"] = downtime
     caps = [
         {"capability": "auto-converge", "state": MigrateFlag.AUTO_CONVERGE in job.flags},
         {"capability": "events", "state": True},
@@ -324,6 +360,33 @@ class _Watch:
     reason: Action = Action.WAIT
     storage_error: VmmigrateError | None = None  # a disk copy failed: the cause
     continued: bool = False  # pre-switchover was handled (QEMU may still say it once more)
+    # the switch-over policy and the downtime limit QEMU has now (None: a limit set by
+    # migrate-setmaxdowntime holds as given)
+    policy: SwitchoverPolicy | None = None
+    downtime_ms: int = 0
+
+
+async def _follow_bandwidth(
+    ctx: SourceContext, job: SourceJob, info: dict[str, Any], w: _Watch
+) -> None:
+    """The downtime limit the policy gives for the stream as measured now, set when it
+    changed (srcd/switchover.py); a migrate-setmaxdowntime during the migration ends it."""
+    if w.policy is None or info.get("status") != "active":
+        return
+    if ctx.max_downtime_ms.get(job.domain.uuid) is not None:
+        w.policy = None
+        return
+    limit = w.policy.limit_ms(bandwidth_bps=measured_bandwidth(info), passes=passes_of(info))
+    if not changed_enough(w.downtime_ms, limit):
+        return
+    uuid = job.domain.uuid
+    await ctx.hypervisor.execute(uuid, "migrate-set-parameters", {"downtime-limit": limit})
+    log.debug("downtime_limit_set", migration_id=job.migration_id, ms=limit)
+    w.downtime_ms = limit
+    given = ctx.max_downtime_ms.get(uuid)
+    if given is not None:  # set meanwhile (the command above may have overtaken it)
+        w.policy = None
+        await ctx.hypervisor.execute(uuid, "migrate-set-parameters", {"downtime-limit": given})
 
 
 def _check_ended(job: SourceJob, info: dict[str, Any], w: _Watch) -> None:
@@ -414,6 +477,7 @@ async def _watch(
             await _completed(ctx, job, info)
             return
         _check_ended(job, info, w)
+        await _follow_bandwidth(ctx, job, info, w)
         if info.get("status") == "pre-switchover" and not (w.cancelling or w.continued):
             await _switch_over(ctx, job, mirrors, w)
         elif mirrors is not None and mirrors.active:

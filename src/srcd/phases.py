@@ -242,11 +242,17 @@ async def _enter_confirm(
     ctx: SourceContext, job: SourceJob, cancelled: bool, cookie: bytes
 ) -> None:
     job.advance(Phase.CONFIRM3_CANCELLED if cancelled else Phase.CONFIRM3)
-    if not job.offline:
+    if not job.offline and not job.peer:
         # Live: a crash from here on must kill (CONFIRM3) or resume (CONFIRM3_CANCELLED)
-        # the source on restart. Offline needs no record of it: an offline job found at
-        # BEGIN3 after a crash is settled by asking the destination about Finish.
+        # the source on restart. With a destination to ask, the record need not survive a
+        # power cut: a restarted srcd that finds the job at an earlier phase asks the
+        # destination, which answers as its Finish did (kept on its disk), and confirms
+        # the same way (srcd/recovery.py); a crash of srcd alone keeps it (page cache).
+        # Offline needs no record of it: an offline job found at BEGIN3 after a crash is
+        # settled by asking the destination about Finish.
         await asyncio.to_thread(ctx.store.journal_put, job.record)
+    elif not job.offline:
+        ctx.store.journal_put(job.record, durable=False)
     if cookie:
         parse_cookie(
             cookie,
@@ -302,11 +308,11 @@ async def confirm_live(
                 log.info("source_resumed", migration_id=job.migration_id, domain=job.domain.name)
                 ctx.obs.events.emit(job.domain.name, uuid, events.RESUMED_MIGRATED)
         else:
-            await ctx.hypervisor.quit(uuid)
+            await ctx.hypervisor.stop_migrated(uuid)
             log.info("source_stopped", migration_id=job.migration_id, reason="migrated")
             ctx.obs.events.emit(job.domain.name, uuid, events.STOPPED_MIGRATED)
-            defined = await asyncio.to_thread(ctx.store.find, uuid)
-            if MigrateFlag.UNDEFINE_SOURCE in job.flags and defined is not None:
+            undefine = MigrateFlag.UNDEFINE_SOURCE in job.flags
+            if undefine and await asyncio.to_thread(ctx.store.find, uuid) is not None:
                 await ctx.failpoints.hit("srcd.confirm.before_undefine")
                 await asyncio.to_thread(ctx.store.undefine, uuid, job.lock)
                 log.info("source_undefined", migration_id=job.migration_id)

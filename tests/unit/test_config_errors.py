@@ -36,6 +36,11 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
      ('state_dir = "/x"\nhost_uuid = "nope"\n', "host_uuid 'nope' is not a UUID"),
      ('state_dir = "/x"\nmigration_ports = "9-1"\n', "out of 1-65535 or reversed"),
      ('state_dir = "/x"\nrpc_timeout = 0\n', "rpc_timeout must be positive"),
+     ('state_dir = "/x"\ndowntime_limit_ms = 0\n', "downtime_limit_ms must be 1 to 2000000 ms"),
+     ('state_dir = "/x"\ndowntime_limit_ms = 2.5\n', "downtime_limit_ms must be a whole number"),
+     ('state_dir = "/x"\ndowntime_limit_max_ms = true\n', "must be a whole number"),
+     ('state_dir = "/x"\ndowntime_limit_ms = 50\ndowntime_limit_max_ms = 40\n',
+      r"downtime_limit_max_ms \(40\) is below downtime_limit_ms \(50\)"),
      ("state_dir = [\n", "config file")],
 )
 def test_config_errors(tmp_path: Path, toml: str, message: str) -> None:
