@@ -274,7 +274,8 @@ async def confirm_offline(
         and ctx.store.find(job.domain.uuid) is not None  # a retry: it may be gone already
     ):
         await ctx.failpoints.hit("srcd.confirm.before_undefine")
-        await asyncio.to_thread(ctx.store.undefine, job.domain.uuid, job.lock)
+        # group commit: concurrent Confirms' removals share one flush (durable on return)
+        await ctx.undefines.submit((job.domain.uuid, job.lock))
         log.debug("source_undefined", migration_id=job.migration_id, domain=job.domain.name)
         ctx.obs.events.emit(job.domain.name, job.domain.uuid, events.UNDEFINED_REMOVED)
         await ctx.failpoints.hit("srcd.confirm.after_undefine")
