@@ -36,6 +36,9 @@ SRCD_FAILPOINTS = (
     "srcd.perform.after_migrate",
     "srcd.finish.before",
     "srcd.finish.after",
+    # a PrepareBatch / FinishBatch answered, before its answers reach the migrations
+    "srcd.prepare.batch_answered",
+    "srcd.finish.batch_answered",
     "srcd.confirm.before",
     "srcd.confirm.before_undefine",
     "srcd.confirm.after_undefine",

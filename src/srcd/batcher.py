@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -63,7 +63,9 @@ class Lane(Generic[Req, Resp]):
         what: str,
         max_items: int = MAX_ITEMS,
         max_bytes: int = 4 << 20,
+        answered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self._answered = answered  # after a batch's answer arrives, before it is handed out
         self._single = single  # () -> the unary method, looked up per call (reconnects)
         self._batch = batch
         self._wrap: Callable[[Sequence[Req]], Any] = wrap
@@ -132,6 +134,8 @@ class Lane(Generic[Req, Resp]):
                     w.future.set_exception(error)
             return
         self.batches_sent += 1
+        if self._answered is not None:
+            await self._answered()  # srcd's failpoint: killed with a batch's answers in hand
         self._deliver(items, self._unwrap(answer))
 
     def _deliver(self, items: list[_Waiting[Req, Resp]], results: Sequence[Any]) -> None:
@@ -194,7 +198,11 @@ class DestinationBatcher:
         what: str,
         max_items: int = MAX_ITEMS,
         max_bytes: int = 4 << 20,
+        answered: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
+        def hook(phase: str) -> Callable[[], Awaitable[None]] | None:
+            return None if answered is None else lambda: answered(phase)
+
         self.prepare: Lane[pb.PrepareRequest, pb.PrepareResponse] = Lane(
             single=lambda: stub().Prepare,
             batch=lambda: stub().PrepareBatch,
@@ -204,6 +212,7 @@ class DestinationBatcher:
             what=what,
             max_items=max_items,
             max_bytes=max_bytes,
+            answered=hook("prepare"),
         )
         self.finish: Lane[pb.FinishRequest, pb.FinishResponse] = Lane(
             single=lambda: stub().Finish,
@@ -214,4 +223,5 @@ class DestinationBatcher:
             what=what,
             max_items=max_items,
             max_bytes=max_bytes,
+            answered=hook("finish"),
         )

@@ -42,7 +42,13 @@ class PeerPool:
     # How long a channel replaced by a rotation may finish the calls it carries, seconds.
     RETIRE_GRACE = 3600.0
 
-    def __init__(self, max_message_bytes: int, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int,
+        tls: TlsFiles | None = None,
+        failpoints: Failpoints | None = None,
+    ) -> None:
+        self._failpoints = failpoints or Failpoints()
         self._max = max_message_bytes
         self._tls = tls
         self._generation = 0
@@ -96,6 +102,7 @@ class PeerPool:
                 peer=address,
                 what="destination host",
                 max_bytes=self._max // 2,
+                answered=lambda phase: self._failpoints.hit(f"srcd.{phase}.batch_answered"),
             )
             self._batchers[address] = batcher
         return batcher
