@@ -173,3 +173,20 @@ def test_undefine_many(store: HostStore) -> None:
     assert [d.name for d in store.list_domains()] == ["vm3"]
     with pytest.raises(Exception, match="no domain"):
         store.undefine("vm1")
+
+
+def test_journal_listing_reuses_unchanged_records_and_sees_every_rewrite(
+    store: HostStore,
+) -> None:
+    import dataclasses
+
+    rec = incoming("m1", "vm1", U1)
+    store.journal_put(rec, durable=False)
+    store.journal_put(incoming("m2", "vm2", U2), durable=False)
+    assert sorted(r.migration_id for r in store.journal_list()) == ["m1", "m2"]
+    for phase in ("finish3", "confirm3", "prepare", "finish3"):  # rewritten quickly
+        store.journal_put(dataclasses.replace(rec, phase=phase), durable=False)
+        got = {r.migration_id: r for r in store.journal_list()}
+        assert got["m1"].phase == phase
+    store.journal_remove("m2", durable=False)
+    assert [r.migration_id for r in store.journal_list()] == ["m1"]
