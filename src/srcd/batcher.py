@@ -1,14 +1,15 @@
 """Coalesced destination calls: many offline migrations' Prepare (or Finish) to one dstd in
 one PrepareBatch (FinishBatch) round trip (docs/ARCHITECTURE.md, "Batched phase calls").
 
-Nagle-like, per destination and per phase: a call with no batch in flight to that dstd is
+Nagle-like, per destination and per phase: a call with no call in flight to that dstd is
 sent at once (a lone migration waits for nothing); calls made while one is in flight are
 queued and sent together when it returns, up to ``max_items`` (and a byte budget) per
-batch. Each caller gets exactly what the single RPC would have given it: the item's
-response, or the error its status rebuilds (common/rpc.py translate_status), each item on
-its own. A failure of the whole batch call (peer unreachable, no answer) is every item's
-failure, as it would have been each single call's. A dstd that answers UNIMPLEMENTED (an
-older peer) gets single calls from then on.
+batch, or when the oldest of them has waited ``max_wait`` (20 ms), so that a slow call in
+flight never holds the others back for longer. Each caller gets exactly what the single
+RPC would have given it: the item's response, or the error its status rebuilds
+(common/rpc.py translate_status), each item on its own. A failure of the whole batch call
+(peer unreachable, no answer) is every item's failure, as it would have been each single
+call's. A dstd that answers UNIMPLEMENTED (an older peer) gets single calls from then on.
 
 A lane looks like a unary method (``await lane(request, timeout=...)``), so the v3 client's
 retry helpers drive it unchanged: each caller keeps its own deadline, and the batch call's
@@ -18,6 +19,7 @@ deadline is the longest of its items'.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -33,6 +35,10 @@ Req = TypeVar("Req", pb.PrepareRequest, pb.FinishRequest)
 Resp = TypeVar("Resp", pb.PrepareResponse, pb.FinishResponse)
 
 MAX_ITEMS = 64  # items per batch call
+# How long a queued call waits for the call in flight to return before it goes anyway, in
+# a call of its own, seconds: a batch answers in a few ms; a slow one (a long Finish)
+# delays the others by at most this much.
+MAX_WAIT = 0.02
 
 
 @dataclasses.dataclass
@@ -40,6 +46,7 @@ class _Waiting(Generic[Req, Resp]):
     request: Req
     timeout: float
     future: asyncio.Future[Resp]
+    queued: float  # loop time
 
 
 def _retrieved(fut: asyncio.Future[Any]) -> None:
@@ -63,6 +70,7 @@ class Lane(Generic[Req, Resp]):
         what: str,
         max_items: int = MAX_ITEMS,
         max_bytes: int = 4 << 20,
+        max_wait: float = MAX_WAIT,
         answered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._answered = answered  # after a batch's answer arrives, before it is handed out
@@ -75,17 +83,22 @@ class Lane(Generic[Req, Resp]):
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.supported = True  # False once the peer answered UNIMPLEMENTED
+        self.max_wait = max_wait
         self._queue: list[_Waiting[Req, Resp]] = []
         self._sender: asyncio.Task[None] | None = None
+        self._in_flight = 0  # calls (single or batch) under way
+        self._calls: set[asyncio.Task[None]] = set()  # kept referenced until they end
+        self._returned = asyncio.Event()  # set when a call in flight returns
         self.batches_sent = 0  # batch calls made (tests, metrics)
 
     async def __call__(self, request: Req, *, timeout: float) -> Resp:
         if not self.supported:
             response: Resp = await self._single()(request, timeout=timeout)
             return response
-        fut: asyncio.Future[Resp] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Resp] = loop.create_future()
         fut.add_done_callback(_retrieved)
-        self._queue.append(_Waiting(request, timeout, fut))
+        self._queue.append(_Waiting(request, timeout, fut, loop.time()))
         if self._sender is None:
             self._sender = asyncio.ensure_future(self._send_all())
         try:
@@ -106,11 +119,31 @@ class Lane(Generic[Req, Resp]):
         return taken
 
     async def _send_all(self) -> None:
+        """Send what is queued: at once when nothing is in flight; else when a call in
+        flight returns, or when the oldest queued call has waited max_wait (a slow call in
+        flight, a long Finish, must not hold the others back: they go as a call of their
+        own)."""
+        loop = asyncio.get_running_loop()
         try:
             while self._queue:
-                await self._send(self._take())
+                if self._in_flight:
+                    wait = self._queue[0].queued + self.max_wait - loop.time()
+                    if wait > 0:
+                        self._returned.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._returned.wait(), wait)
+                        continue
+                self._in_flight += 1
+                task = asyncio.ensure_future(self._send(self._take()))
+                task.add_done_callback(self._sent)
+                self._calls.add(task)
         finally:
             self._sender = None
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._calls.discard(task)
+        self._in_flight -= 1
+        self._returned.set()
 
     async def _send(self, items: list[_Waiting[Req, Resp]]) -> None:
         items = [w for w in items if not w.future.done()]

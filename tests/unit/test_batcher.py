@@ -80,7 +80,11 @@ class FakeDstd:
 
 
 def _batcher(dstd: Any, **kw: Any) -> DestinationBatcher:
-    return DestinationBatcher(lambda: dstd, peer=PEER, what="destination host", **kw)
+    b = DestinationBatcher(lambda: dstd, peer=PEER, what="destination host", **kw)
+    # these tests are about coalescing: queued calls wait for the one in flight, however
+    # slow the machine (test_a_slow_call_in_flight_holds_the_others_back_max_wait_only)
+    b.prepare.max_wait = b.finish.max_wait = 5.0
+    return b
 
 
 def test_a_lone_call_goes_at_once_as_the_single_rpc() -> None:
@@ -197,6 +201,29 @@ def test_a_caller_keeps_its_own_deadline() -> None:
         await first
 
     asyncio.run(go())
+
+
+def test_a_slow_call_in_flight_holds_the_others_back_max_wait_only() -> None:
+    """A Finish in flight that takes long (dstd waits for a live stream, or is slow): the
+    calls queued behind it go as a call of their own once the oldest waited max_wait."""
+    dstd = FakeDstd(delay=1.0)
+    b = DestinationBatcher(lambda: dstd, peer=PEER, what="destination host")
+    b.finish.max_wait = 0.05
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(b.finish(_req("m0"), timeout=5.0))
+        await asyncio.sleep(0.005)
+        t0 = loop.time()
+        rest = asyncio.gather(*(b.finish(_req(f"m{i}"), timeout=5.0) for i in range(1, 4)))
+        await asyncio.sleep(0.5)  # well before m0's answer
+        sent_early = dstd.batches == [["m1", "m2", "m3"]]
+        await asyncio.gather(first, rest)
+        assert sent_early, dstd.batches
+        return loop.time() - t0
+
+    took = asyncio.run(go())
+    assert took < 1.9  # not m0's second plus theirs
 
 
 def test_dstd_answers_each_item_with_its_own_status() -> None:
