@@ -76,3 +76,21 @@ class GroupCommit(Generic[Item, Result]):
                 fut.set_exception(res)
             else:
                 fut.set_result(res)
+
+
+def _call_each(fns: Sequence[Callable[[], Any]]) -> list[Any]:
+    results: list[Any] = []
+    for fn in fns:
+        try:
+            results.append(fn())
+        except Exception as exc:  # that call's own error
+            results.append(exc)
+    return results
+
+
+def offloader() -> GroupCommit[Callable[[], Any], Any]:
+    """Blocking store calls that need no flush of their own (a plain unlink, a write that
+    is not fsync'd), off the event loop, several coroutines' in one thread hand-off: on a
+    busy file system even an unlink can wait milliseconds for the journal commit another
+    writer's flush forced, and on the event loop that wait stalls every migration."""
+    return GroupCommit(_call_each)

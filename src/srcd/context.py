@@ -6,7 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc.aio
@@ -15,7 +15,7 @@ from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import HostBusy
 from vmmigrate.common.failpoints import Failpoints
-from vmmigrate.common.groupcommit import GroupCommit
+from vmmigrate.common.groupcommit import GroupCommit, offloader
 from vmmigrate.common.hypervisor import QMPHypervisor
 from vmmigrate.common.observe import Observability
 from vmmigrate.common.rpc import open_channel
@@ -199,8 +199,12 @@ class SourceContext:
     # concurrent migrations share one directory flush
     undefines: GroupCommit[tuple[str, JobLock | None], DomainDef] = dataclasses.field(init=False)
 
+    # the journal's non-durable writes and removals, off the event loop (groupcommit.py)
+    offload: GroupCommit[Callable[[], Any], Any] = dataclasses.field(init=False)
+
     def __post_init__(self) -> None:
         self.undefines = GroupCommit(self.store.undefine_many)
+        self.offload = offloader()
 
     def migrations_in_flight(self) -> int:
         """Jobs a graceful stop waits for: running or parked ones, and settling tasks."""
