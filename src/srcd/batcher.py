@@ -105,6 +105,11 @@ class Lane(Generic[Req, Resp]):
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             raise Timeout(f"{self.what} '{self.peer}' did not answer before the deadline") from None
+        finally:
+            # the caller gave up (its deadline, or cancelled): still queued, the call is not
+            # sent; in flight, its answer is dropped, as a single call's would be
+            if not fut.done():
+                fut.cancel()
 
     def _take(self) -> list[_Waiting[Req, Resp]]:
         """The next batch: up to max_items, and within the byte budget (at least one)."""

@@ -201,6 +201,8 @@ def test_a_caller_keeps_its_own_deadline() -> None:
         await first
 
     asyncio.run(go())
+    # m1's caller gave up while it was queued: it is never sent
+    assert dstd.singles == ["m0"] and dstd.batches == []
 
 
 def test_a_slow_call_in_flight_holds_the_others_back_max_wait_only() -> None:
