@@ -17,14 +17,16 @@ import contextlib
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.durable import (
     TEMP_PREFIX,
     atomic_write,
+    atomic_write_many,
     durable_unlink,
+    fsync_dir,
     report_unreadable,
     storage_errors,
 )
@@ -205,18 +207,56 @@ class Definitions:
     def write(self, d: DomainDef, before: Sequence[DomainDef]) -> None:
         """Write one definition; the caller holds the store lock and scanned ``before``."""
         path = self.path(d.uuid)
-        with self._lock.changing():
-            atomic_write(path, d.xml.encode("utf-8"), mtime_ns=time.time_ns())
+        # the generation is odd around the rename only: the flushes are outside, so that
+        # lock-free readers (scan) seldom see a change under way and rescan
+        atomic_write(
+            path, d.xml.encode("utf-8"), mtime_ns=time.time_ns(), renaming=self._lock.changing
+        )
         with contextlib.suppress(OSError):
             st = os.stat(path)
             self._cache[path.name] = ((st.st_ino, st.st_mtime_ns, st.st_size), d)
         self._remember([x for x in before if x.uuid != d.uuid] + [d])
 
+    def write_many(
+        self,
+        ds: Sequence[DomainDef],
+        before: Sequence[DomainDef],
+        after_rename: Callable[[int], None] | None = None,
+    ) -> None:
+        """Write several definitions with one flush (durable.atomic_write_many); the caller
+        holds the store lock and scanned ``before``. All or none on failure."""
+        items = [(self.path(d.uuid), d.xml.encode("utf-8"), time.time_ns()) for d in ds]
+        atomic_write_many(items, after_rename=after_rename, renaming=self._lock.changing)
+        for d in ds:
+            path = self.path(d.uuid)
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                self._cache[path.name] = ((st.st_ino, st.st_mtime_ns, st.st_size), d)
+        written = {d.uuid for d in ds}
+        self._remember([x for x in before if x.uuid not in written] + list(ds))
+
+    def remove_many(self, uuids: Sequence[str], before: Sequence[DomainDef]) -> None:
+        """Remove several definitions (canonical UUIDs) with one directory flush; the
+        caller holds the store lock and scanned ``before``."""
+        if len(uuids) == 1:
+            self.remove(uuids[0], before)
+            return
+        paths = [self.path(u) for u in uuids]
+        with storage_errors("remove", self.directory):
+            with self._lock.changing():
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            fsync_dir(self.directory)
+        for path in paths:
+            self._cache.pop(path.name, None)
+        gone = set(uuids)
+        self._remember([x for x in before if x.uuid not in gone])
+
     def remove(self, uuid: str, before: Sequence[DomainDef]) -> None:
         """Remove the definition of ``uuid`` (canonical); the caller holds the store lock
         and scanned ``before``."""
         path = self.path(uuid)
-        with self._lock.changing():
-            durable_unlink(path)
+        durable_unlink(path, renaming=self._lock.changing)
         self._cache.pop(path.name, None)
         self._remember([x for x in before if x.uuid != uuid])

@@ -20,10 +20,12 @@ OSErrors are translated here, once (docs/ARCHITECTURE.md section 10): ENOSPC and
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -32,6 +34,9 @@ from vmmigrate.common.errors import StorageError, StorageFull
 log = structlog.get_logger("vmmigrate.store")
 
 TEMP_PREFIX = ".tmp-"
+
+# A context manager around the one step of a write that changes a directory's content
+Bracket = Callable[[], contextlib.AbstractContextManager[object]]
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -83,7 +88,12 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(
-    path: Path, data: bytes, *, mtime_ns: int | None = None, durable: bool = True
+    path: Path,
+    data: bytes,
+    *,
+    mtime_ns: int | None = None,
+    durable: bool = True,
+    renaming: Bracket = contextlib.nullcontext,
 ) -> None:
     """Replace ``path`` with ``data`` atomically and durably.
 
@@ -98,6 +108,9 @@ def atomic_write(
 
     ``durable=False`` keeps the atomicity (readers see the old or the new content, never a
     mix) but skips both fsyncs: for records whose loss in a crash is harmless.
+
+    ``renaming()`` brackets the rename alone, the one step that changes the directory's
+    content (the host store's generation counter: common/storelock.py), not the flushes.
     """
     directory = path.parent
     tmp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
@@ -114,7 +127,8 @@ def atomic_write(
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            with renaming():
+                os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -123,12 +137,113 @@ def atomic_write(
             _fsync_dir_raw(directory)
 
 
-def durable_unlink(path: Path, *, durable: bool = True) -> bool:
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+def _sync_filesystem(fds: Sequence[int]) -> None:
+    """Make the data of the files open at ``fds`` durable in one flush: syncfs(2) on their
+    file system (every file's data written so far), or an fsync each where the C library
+    has no syncfs."""
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        for fd in fds:
+            os.fsync(fd)
+        return
+    if syncfs(fds[0]) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+WriteItem = tuple[Path, bytes, int | None]  # (path, data, mtime_ns)
+
+
+def _write_temps(items: Sequence[WriteItem]) -> list[tuple[Path, Path]]:
+    """Each item's temp file, written and flushed (one flush for all); [(temp, target)].
+    On failure none is left."""
+    temps: list[tuple[Path, Path]] = []
+    fds: list[int] = []
+    try:
+        for path, data, mtime_ns in items:
+            tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
+            with storage_errors("write", path):
+                fds.append(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+                temps.append((tmp, path))
+                _write_all(fds[-1], data)
+                if mtime_ns is not None:
+                    os.utime(fds[-1], ns=(mtime_ns, mtime_ns))
+        with storage_errors("sync", items[0][0].parent):
+            _sync_filesystem(fds)
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return temps
+
+
+def _rename_all(
+    temps: Sequence[tuple[Path, Path]], after_rename: Callable[[int], None] | None
+) -> None:
+    for i, (tmp, path) in enumerate(temps):
+        try:
+            with storage_errors("write", path):
+                os.replace(tmp, path)
+        except BaseException:
+            for left, _ in temps[i:]:
+                with contextlib.suppress(OSError):
+                    os.unlink(left)
+            raise
+        if after_rename is not None:
+            after_rename(i)
+
+
+def atomic_write_many(
+    items: Sequence[WriteItem],
+    *,
+    after_rename: Callable[[int], None] | None = None,
+    renaming: Bracket = contextlib.nullcontext,
+) -> None:
+    """:func:`atomic_write` for many files, with one flush covering them all (group commit):
+    every temp file is written, then made durable by one ``syncfs(2)`` of their file system
+    (each file fsync'd where there is none), then renamed over its target, then each
+    directory fsync'd once. The order per file is atomic_write's (data durable before the
+    rename, the rename durable before returning), so a crash at any instant leaves each
+    target its old or its new content; only the number of flushes differs.
+
+    If a write or the flush fails, no target was touched and no temp file is left.
+    ``after_rename(i)`` runs after the i-th rename (a failpoint)."""
+    if len(items) == 1:
+        path, data, mtime_ns = items[0]
+        atomic_write(path, data, mtime_ns=mtime_ns, renaming=renaming)
+        if after_rename is not None:
+            after_rename(0)
+        return
+    temps = _write_temps(items)
+    with renaming():
+        _rename_all(temps, after_rename)
+    for directory in dict.fromkeys(path.parent for _, path in temps):
+        fsync_dir(directory)
+
+
+def durable_unlink(
+    path: Path, *, durable: bool = True, renaming: Bracket = contextlib.nullcontext
+) -> bool:
     """Remove ``path`` and make the removal durable. False if it did not exist.
-    ``durable=False``: a plain unlink, for records that may harmlessly come back."""
+    ``durable=False``: a plain unlink, for records that may harmlessly come back.
+    ``renaming()`` brackets the unlink alone (see :func:`atomic_write`)."""
     with storage_errors("remove", path):
         try:
-            os.unlink(path)
+            with renaming():
+                os.unlink(path)
         except FileNotFoundError:
             return False
         if durable:

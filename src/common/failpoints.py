@@ -18,6 +18,7 @@ import dataclasses
 import os
 import random
 import re
+import time
 
 import structlog
 from vmmigrate.common.errors import InvalidArgument, OperationFailed
@@ -35,6 +36,9 @@ SRCD_FAILPOINTS = (
     "srcd.perform.after_migrate",
     "srcd.finish.before",
     "srcd.finish.after",
+    # a PrepareBatch / FinishBatch answered, before its answers reach the migrations
+    "srcd.prepare.batch_answered",
+    "srcd.finish.batch_answered",
     "srcd.confirm.before",
     "srcd.confirm.before_undefine",
     "srcd.confirm.after_undefine",
@@ -49,6 +53,9 @@ DSTD_FAILPOINTS = (
     "dstd.finish.before",
     "dstd.finish.before_persist",
     "dstd.finish.after_persist",
+    # a group commit of several definitions (a FinishBatch, or concurrent Finishes), after
+    # the first half of them were renamed into place and before the rest
+    "dstd.finish.persist_group_midway",
     "dstd.finish.after_outcome",
     "dstd.finish.after",
 )
@@ -96,16 +103,28 @@ class Failpoints:
     def __bool__(self) -> bool:
         return bool(self._armed)
 
-    async def hit(self, name: str) -> None:
-        """Run the action armed at ``name``, if any."""
+    def hit_sync(self, name: str) -> None:
+        """:meth:`hit` from blocking code (a worker thread): a delay sleeps the thread."""
+        action = self._fire(name)
+        if action is not None:
+            time.sleep(action.delay_ms / 1000)
+
+    def _fire(self, name: str) -> Action | None:
+        """Crash or raise if armed so; the delay action to wait for, or None."""
         action = self._armed.get(name)
         if action is None:
-            return
+            return None
         if action.percent < 100 and self._random.random() * 100 >= action.percent:
-            return
+            return None
         log.warning("failpoint_hit", failpoint=name, action=action.kind)
         if action.kind == "crash":
             os._exit(137)
         if action.kind == "error":
             raise OperationFailed(f"failpoint {name} injected an error")
-        await asyncio.sleep(action.delay_ms / 1000)
+        return action
+
+    async def hit(self, name: str) -> None:
+        """Run the action armed at ``name``, if any."""
+        action = self._fire(name)
+        if action is not None:
+            await asyncio.sleep(action.delay_ms / 1000)

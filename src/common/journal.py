@@ -142,6 +142,10 @@ class Journal:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        # file name -> ((inode, mtime_ns, size), record): read_all parses a file again only
+        # when it changed. Every write stamps a fresh nanosecond mtime (as definitions do),
+        # so that a rewrite that reuses a freed inode within a clock tick still misses.
+        self._cache: dict[str, tuple[tuple[int, int, int], JobRecord]] = {}
 
     def path(self, migration_id: str) -> Path:
         return self.directory / f"{migration_id}.json"
@@ -167,19 +171,32 @@ class Journal:
         return rec
 
     def read_all(self) -> list[JobRecord]:
-        """Every readable record, in no particular order."""
+        """Every readable record, in no particular order (unchanged files from the cache)."""
+        old = self._cache
+        new: dict[str, tuple[tuple[int, int, int], JobRecord]] = {}
         with storage_errors("list", self.directory), os.scandir(self.directory) as entries:
-            names = [
-                e.name
+            found = [
+                e
                 for e in entries
                 if not e.name.startswith(TEMP_PREFIX) and e.name.endswith(".json")
             ]
-        records = []
-        for name in names:
-            rec = self.read(name[: -len(".json")])
+        for entry in found:
+            if entry.name.startswith(TEMP_PREFIX):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # gone meanwhile (or unreadable: read() reports it)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            hit = old.get(entry.name)
+            if hit is not None and hit[0] == key:
+                new[entry.name] = hit
+                continue
+            rec = self.read(entry.name[: -len(".json")])
             if rec is not None:
-                records.append(rec)
-        return records
+                new[entry.name] = (key, rec)
+        self._cache = new
+        return [rec for _, rec in new.values()]
 
     def write(self, rec: JobRecord, *, durable: bool = True) -> None:
         """Write ``rec``, stamped with this process and its times (store lock held)."""
@@ -190,7 +207,12 @@ class Journal:
             started_unix=rec.started_unix or now,
             updated_unix=rec.updated_unix or now,
         )
-        atomic_write(self.path(rec.migration_id), record_to_bytes(stamped), durable=durable)
+        atomic_write(
+            self.path(rec.migration_id),
+            record_to_bytes(stamped),
+            durable=durable,
+            mtime_ns=time.time_ns(),
+        )
 
     def remove(self, migration_id: str, *, durable: bool = True) -> None:
         durable_unlink(self.path(migration_id), durable=durable)

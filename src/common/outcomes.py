@@ -12,10 +12,16 @@ import enum
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmmigrate.common.durable import atomic_write, report_unreadable, storage_errors
+from vmmigrate.common.durable import (
+    atomic_write,
+    atomic_write_many,
+    report_unreadable,
+    storage_errors,
+)
 from vmmigrate.common.errors import InvalidArgument
 
 
@@ -52,6 +58,14 @@ class Outcomes:
         return self.directory / f"{migration_id}.json"
 
     def put(self, outcome: MigrationOutcome, *, durable: bool = True) -> None:
+        atomic_write(self.path(outcome.migration_id), self._encode(outcome), durable=durable)
+
+    def put_many(self, outcomes: Sequence[MigrationOutcome]) -> None:
+        """Several outcomes, durably, with one flush (group commit); all or none."""
+        atomic_write_many([(self.path(o.migration_id), self._encode(o), None) for o in outcomes])
+
+    @staticmethod
+    def _encode(outcome: MigrationOutcome) -> bytes:
         try:
             kind = Outcome(outcome.outcome)
         except ValueError:
@@ -61,8 +75,7 @@ class Outcomes:
         )
         # shallow (asdict deep-copies each value first); an Outcome dumps as its value
         doc = {f.name: getattr(stamped, f.name) for f in _FIELDS}
-        data = json.dumps(doc, sort_keys=True).encode("utf-8")
-        atomic_write(self.path(outcome.migration_id), data, durable=durable)
+        return json.dumps(doc, sort_keys=True).encode("utf-8")
 
     def get(self, migration_id: str) -> MigrationOutcome | None:
         """The outcome of ``migration_id``; None if none, or unreadable (reported)."""

@@ -10,9 +10,10 @@ method runs its checks and its write under the store lock.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import structlog
-from vmmigrate.common.definitions import Definitions, check_clash
+from vmmigrate.common.definitions import Definitions, check_clash, find_in
 from vmmigrate.common.domainxml import DomainDef, validate_name
 from vmmigrate.common.errors import InvalidArgument, OperationInvalid
 from vmmigrate.common.joblock import JobLocks, job_busy
@@ -111,6 +112,51 @@ class Reservations:
             replaced=replaced,
         )
         return replaced
+
+    def persist_many(
+        self,
+        items: Sequence[tuple[str, DomainDef]],
+        after_rename: Callable[[int], None] | None = None,
+    ) -> list[tuple[DomainDef | None, bool] | Exception]:
+        """:meth:`persist` of several incoming definitions, checked one by one as
+        :meth:`persist` checks (an item refused is that item's error only), written with
+        one flush (group commit). Per item: (the definition it replaced or None, replaced)."""
+        results: list[tuple[DomainDef | None, bool] | Exception] = []
+        todo: list[tuple[int, DomainDef, str]] = []
+        with self._lock.held():
+            defs = list(self._defs.scan())
+            for i, (migration_id, d) in enumerate(items):
+                try:
+                    validate_migration_id(migration_id)
+                    parsed = self._defs.validated(d)
+                    self._own(migration_id)
+                    previous = find_in(defs, parsed.uuid)
+                    replaced = check_clash(defs, parsed.name, parsed.uuid)
+                    if self._busy(parsed.name, parsed.uuid, migration_id) or any(
+                        t.uuid == parsed.uuid or t.name == parsed.name for _, t, _ in todo
+                    ):
+                        raise job_busy(parsed.name)
+                except Exception as exc:
+                    results.append(exc)
+                    continue
+                results.append((previous, replaced))
+                todo.append((i, parsed, migration_id))
+            if todo:
+                try:
+                    self._defs.write_many([d for _, d, _ in todo], defs, after_rename)
+                except Exception as exc:
+                    for i, _, _ in todo:
+                        results[i] = exc
+                    return results
+        for i, d, migration_id in todo:
+            log.info(
+                "domain_persisted",
+                migration_id=migration_id,
+                name=d.name,
+                uuid=d.uuid,
+                replaced=results[i][1],  # type: ignore[index]
+            )
+        return results
 
     def unpersist(self, migration_id: str, previous: DomainDef | None) -> None:
         """See :meth:`common.store.HostStore.unpersist_incoming`."""

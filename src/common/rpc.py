@@ -132,8 +132,13 @@ def _handshake_failed(details: str) -> bool:
 def translate(err: grpc.aio.AioRpcError, peer: str, what: str) -> VmmigrateError:
     """Our error for a failed call to ``peer`` (``what`` names the peer in messages)."""
     code = err.code()
-    details = err.details() or code.name
-    cls = _class_name(err)
+    return translate_status(code, err.details() or code.name, _class_name(err), peer, what)
+
+
+def translate_status(
+    code: grpc.StatusCode, details: str, cls: str | None, peer: str, what: str
+) -> VmmigrateError:
+    """:func:`translate` from a status's parts (also an item of a batch call's answer)."""
     if cls is not None:
         return error_from_status(code, details, cls)
     if code == grpc.StatusCode.UNAVAILABLE and _handshake_failed(details):

@@ -22,6 +22,7 @@ STARTS_MIGRATION = frozenset(
         "/vmmigrate.v1.MigrationSourceService/Begin",
         "/vmmigrate.v1.MigrationDestinationService/Prepare",
         "/vmmigrate.v1.MigrationDestinationService/PrepareTunnel",
+        "/vmmigrate.v1.MigrationDestinationService/PrepareBatch",
     }
 )
 MESSAGE = "daemon is shutting down"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -177,21 +178,52 @@ class HostStore:
         Refused while a migration job holds the domain, unless ``job`` is that job's own
         lock, held by the caller (Confirm with UNDEFINE_SOURCE runs inside the job).
         """
+        got = self.undefine_many([(key, job)])[0]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def _undefinable(self, defs: Sequence[DomainDef], key: str, job: JobLock | None) -> DomainDef:
+        """undefine's checks (store lock held): the definition to remove, or the error."""
+        d = find_in(defs, key)
+        if d is None:
+            raise _not_found(key)
+        own_job = job is not None and job.owned_by(self._jobs) and job.uuid == d.uuid
+        # An incoming migration that will replace this definition counts as a running
+        # job too (libvirt holds the MIGRATION_IN job on the same domain object).
+        if (not own_job and self._jobs.held_locked(d.uuid)) or self._incoming.holder(
+            d.name, d.uuid
+        ):
+            raise JobActive(f"cannot undefine domain '{d.name}': a migration job is running")
+        return d
+
+    def undefine_many(
+        self, items: Sequence[tuple[str, JobLock | None]]
+    ) -> list[DomainDef | Exception]:
+        """:meth:`undefine` of several (key, job) with one directory flush covering them
+        all (group commit: Confirms of concurrent migrations); per item what was removed,
+        or that item's error (a failed removal is every removed item's)."""
+        results: list[DomainDef | Exception] = []
         with self._lock.held():
             defs = self._defs.scan()
-            d = find_in(defs, key)
-            if d is None:
-                raise _not_found(key)
-            own_job = job is not None and job.owned_by(self._jobs) and job.uuid == d.uuid
-            # An incoming migration that will replace this definition counts as a running
-            # job too (libvirt holds the MIGRATION_IN job on the same domain object).
-            if (not own_job and self._jobs.held_locked(d.uuid)) or self._incoming.holder(
-                d.name, d.uuid
-            ):
-                raise JobActive(f"cannot undefine domain '{d.name}': a migration job is running")
-            self._defs.remove(d.uuid, defs)
-        log.info("domain_undefined", name=d.name, uuid=d.uuid)
-        return d
+            gone: set[str] = set()
+            for key, job in items:
+                try:
+                    d = self._undefinable([x for x in defs if x.uuid not in gone], key, job)
+                except Exception as exc:
+                    results.append(exc)
+                    continue
+                gone.add(d.uuid)
+                results.append(d)
+            if gone:
+                try:
+                    self._defs.remove_many(sorted(gone), defs)
+                except Exception as exc:
+                    return [r if isinstance(r, Exception) else exc for r in results]
+        for r in results:
+            if not isinstance(r, Exception):
+                log.info("domain_undefined", name=r.name, uuid=r.uuid)
+        return results
 
     # ------------------------------------------------------------------ source job lock
 
@@ -240,6 +272,16 @@ class HostStore:
         :meth:`release_incoming`) once Finish has answered.
         """
         return self._incoming.persist(migration_id, d)
+
+    def persist_incoming_many(
+        self,
+        items: Sequence[tuple[str, DomainDef]],
+        after_rename: Callable[[int], None] | None = None,
+    ) -> list[tuple[DomainDef | None, bool] | Exception]:
+        """:meth:`persist_incoming` for several (migration id, definition), with one flush
+        covering all (group commit); per item: (the definition it replaced, or None;
+        whether it replaced one), or that item's error."""
+        return self._incoming.persist_many(items, after_rename)
 
     def unpersist_incoming(self, migration_id: str, previous: DomainDef | None) -> None:
         """Undo :meth:`persist_incoming` of a Finish that failed afterwards: put back the
@@ -296,6 +338,26 @@ class HostStore:
         A cancelled one need not be: an unknown migration id is answered as cancelled."""
         validate_migration_id(outcome.migration_id)
         self._outcomes.put(outcome, durable=durable)
+
+    def outcome_put_many(self, outcomes: Sequence[MigrationOutcome]) -> list[Exception | None]:
+        """:meth:`outcome_put` (durable) of several outcomes with one flush; per item None,
+        or its error (a failed flush is every item's)."""
+        results: list[Exception | None] = []
+        good: list[MigrationOutcome] = []
+        for o in outcomes:
+            try:
+                validate_migration_id(o.migration_id)
+            except Exception as exc:
+                results.append(exc)
+                continue
+            results.append(None)
+            good.append(o)
+        if good:
+            try:
+                self._outcomes.put_many(good)
+            except Exception as exc:
+                return [r if r is not None else exc for r in results]
+        return results
 
     def outcome_get(self, migration_id: str) -> MigrationOutcome | None:
         validate_migration_id(migration_id)

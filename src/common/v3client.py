@@ -105,11 +105,18 @@ class RemoteDestination:
         caps = await self.capabilities()
         check_destination(caps.protocol_version, caps.offline, flags)
 
+    def prepare_method(self, flags: MigrateFlag) -> Any:
+        """The unary method Prepare goes through (srcd's p2p driver: its batcher)."""
+        return self.stub.PrepareTunnel if MigrateFlag.TUNNELLED in flags else self.stub.Prepare
+
+    def finish_method(self, flags: MigrateFlag) -> Any:
+        """The unary method Finish goes through (srcd's p2p driver: its batcher)."""
+        return self.stub.Finish
+
     async def prepare(self, begun: Begun, flags: MigrateFlag) -> Prepared:
         self.dest_name = self.params.dest_name or begun.domain_name
         await self._before("prepare")
-        tunnelled = MigrateFlag.TUNNELLED in flags
-        method = self.stub.PrepareTunnel if tunnelled else self.stub.Prepare
+        method = self.prepare_method(flags)
         request = pb.PrepareRequest(
             header=phase_header(self.migration_id, flags, begun.cookie, self.deadline.unix_ms),
             domain_xml=begun.domain_xml,
@@ -142,7 +149,7 @@ class RemoteDestination:
         # peer reserved is worse).
         rpc_timeout = self.rpc_timeout
         response: pb.FinishResponse = await call_retrying(
-            self.stub.Finish,
+            self.finish_method(flags),
             finish_request(
                 self.migration_id,
                 flags,

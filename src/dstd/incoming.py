@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import structlog
 from vmmigrate.common.domainxml import DomainDef
 from vmmigrate.common.errors import OperationInvalid
 from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.common.groupcommit import offloader
 from vmmigrate.common.hypervisor import QMPHypervisor
 from vmmigrate.common.phase import Phase, advance
 from vmmigrate.common.rpc import Deadline
@@ -101,6 +103,7 @@ class IncomingTable:
         self._store = store
         self._hv = hypervisor
         self._ports = ports
+        self._offload = offloader()
         self._jobs: dict[str, IncomingJob] = {}
         # called with each job that ends (history and metrics); set by the server
         self.on_drop: Callable[[IncomingJob], None] | None = None
@@ -148,7 +151,10 @@ class IncomingTable:
             if path:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-        self._store.release_incoming(job.migration_id)  # a plain unlink: no thread hand-off
+        # a plain unlink, but off the event loop (groupcommit.offloader)
+        await self._offload.submit(
+            functools.partial(self._store.release_incoming, job.migration_id)
+        )
 
     async def expire(self, idle_timeout: float) -> int:
         now = time.monotonic()

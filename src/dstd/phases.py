@@ -486,7 +486,8 @@ async def finished_answer(
         origname=job.origname,
         active=active,
     )
-    await asyncio.to_thread(ctx.store.outcome_put, outcome)
+    # group commit: concurrent Finishes' outcomes share one flush (durable on return)
+    await ctx.outcome_commits.submit(outcome)
     job.result = "completed"
     return answer_for(ctx, outcome)
 
@@ -506,11 +507,9 @@ def answer_for(ctx: DestinationContext, outcome: MigrationOutcome) -> pb.FinishR
 async def _persist(ctx: DestinationContext, job: IncomingJob) -> None:
     await ctx.failpoints.hit("dstd.finish.before_persist")
 
-    def persist() -> tuple[DomainDef | None, bool]:  # one thread hand-off, not two
-        previous = ctx.store.find(job.target.uuid)
-        return previous, ctx.store.persist_incoming(job.migration_id, job.target)
-
-    previous, replaced = await asyncio.to_thread(persist)
+    # group commit: concurrent Finishes' definitions are written with one flush (durable
+    # on return); previous: what it replaced, looked up under the same store lock
+    previous, replaced = await ctx.persists.submit((job.migration_id, job.target))
     # A Finish that fails after this point must not leave the definition here: the source
     # keeps its own when Finish fails (the domain would be defined on both hosts).
     job.undo_persist = lambda: ctx.store.unpersist_incoming(job.migration_id, previous)

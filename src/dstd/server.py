@@ -29,7 +29,7 @@ from vmmigrate.common.observe import Observability, serving_metrics
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore
 from vmmigrate.common.tls import daemon_tls
-from vmmigrate.dstd import phases
+from vmmigrate.dstd import batch, phases
 from vmmigrate.dstd.context import DestinationContext
 from vmmigrate.dstd.incoming import IncomingTable
 from vmmigrate.dstd.ports import PortAllocator
@@ -105,10 +105,49 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
 
     @handler
     async def Finish(self, request: pb.FinishRequest, context: Any) -> pb.FinishResponse:
+        return await self._finish(request)
+
+    async def _finish(self, request: pb.FinishRequest) -> pb.FinishResponse:
         h = request.header
         parse_flags(h.flags, "finish")
         return await phases.finish_once(
             self.ctx, h.migration_id, request.dest_name, request.cancelled, h.cookie
+        )
+
+    @handler
+    async def PrepareBatch(
+        self, request: pb.PrepareBatchRequest, context: Any
+    ) -> pb.PrepareBatchResponse:
+        """Prepare of each item, concurrently, each answered on its own (batch.py)."""
+        results = await batch.run_items(
+            self,
+            "Prepare",
+            request.items,
+            lambda item: self._prepare(item, context, tunnel_rpc=False),
+        )
+        return pb.PrepareBatchResponse(
+            items=[
+                pb.PrepareBatchItem(error=r)
+                if isinstance(r, pb.ItemStatus)
+                else pb.PrepareBatchItem(response=r)
+                for r in results
+            ]
+        )
+
+    @handler
+    async def FinishBatch(
+        self, request: pb.FinishBatchRequest, context: Any
+    ) -> pb.FinishBatchResponse:
+        """Finish of each item, concurrently (their definitions and outcomes in shared
+        flushes: the group commits of context.py), each answered on its own."""
+        results = await batch.run_items(self, "Finish", request.items, self._finish)
+        return pb.FinishBatchResponse(
+            items=[
+                pb.FinishBatchItem(error=r)
+                if isinstance(r, pb.ItemStatus)
+                else pb.FinishBatchItem(response=r)
+                for r in results
+            ]
         )
 
     async def TunnelBytes(

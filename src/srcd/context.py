@@ -6,7 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc.aio
@@ -15,12 +15,14 @@ from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import HostBusy
 from vmmigrate.common.failpoints import Failpoints
+from vmmigrate.common.groupcommit import GroupCommit, offloader
 from vmmigrate.common.hypervisor import QMPHypervisor
 from vmmigrate.common.observe import Observability
 from vmmigrate.common.rpc import open_channel
 from vmmigrate.common.shutdown import ShutdownGate
-from vmmigrate.common.store import HostStore
+from vmmigrate.common.store import HostStore, JobLock
 from vmmigrate.common.tls import TlsFiles
+from vmmigrate.srcd.batcher import DestinationBatcher
 from vmmigrate.srcd.jobs import CompletedJob, SourceJobTable
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -40,13 +42,20 @@ class PeerPool:
     # How long a channel replaced by a rotation may finish the calls it carries, seconds.
     RETIRE_GRACE = 3600.0
 
-    def __init__(self, max_message_bytes: int, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int,
+        tls: TlsFiles | None = None,
+        failpoints: Failpoints | None = None,
+    ) -> None:
+        self._failpoints = failpoints or Failpoints()
         self._max = max_message_bytes
         self._tls = tls
         self._generation = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._caps: dict[str, tuple[float, pb.CapabilitiesResponse]] = {}
+        self._batchers: dict[str, DestinationBatcher] = {}
 
     def cached_caps(self, address: str) -> pb.CapabilitiesResponse | None:
         entry = self._caps.get(address)
@@ -82,6 +91,21 @@ class PeerPool:
 
     def destination(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
         return pb_grpc.MigrationDestinationServiceStub(self._channel(address))
+
+    def batcher(self, address: str) -> DestinationBatcher:
+        """The coalescing Prepare/Finish lanes to ``address`` (srcd/batcher.py), on the
+        channel of the moment (a reconnect or a rotation is seen by the next batch)."""
+        batcher = self._batchers.get(address)
+        if batcher is None:
+            batcher = DestinationBatcher(
+                lambda: self.destination(address),
+                peer=address,
+                what="destination host",
+                max_bytes=self._max // 2,
+                answered=lambda phase: self._failpoints.hit(f"srcd.{phase}.batch_answered"),
+            )
+            self._batchers[address] = batcher
+        return batcher
 
     def tunnel_bytes(self, address: str) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
         """The TunnelBytes stream to ``address``, on the same channel as the stub's calls;
@@ -171,6 +195,16 @@ class SourceContext:
     gate: ShutdownGate = dataclasses.field(default_factory=ShutdownGate)
     # when housekeeping last removed unused job lock files (0: at its first tick)
     locks_swept: float = 0.0
+    # group commit of Confirm's --undefinesource removals (common/groupcommit.py): those of
+    # concurrent migrations share one directory flush
+    undefines: GroupCommit[tuple[str, JobLock | None], DomainDef] = dataclasses.field(init=False)
+
+    # the journal's non-durable writes and removals, off the event loop (groupcommit.py)
+    offload: GroupCommit[Callable[[], Any], Any] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.undefines = GroupCommit(self.store.undefine_many)
+        self.offload = offloader()
 
     def migrations_in_flight(self) -> int:
         """Jobs a graceful stop waits for: running or parked ones, and settling tasks."""

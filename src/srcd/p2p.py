@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from typing import Any
 
 import structlog
 from vmmigrate.common.caps import check_destination
@@ -90,6 +91,19 @@ class P2PDestination(RemoteDestination):
             caps = await self.capabilities()
         self.ctx.peers.remember_caps(self.address, caps)
         check_destination(caps.protocol_version, caps.offline, flags)
+
+    def prepare_method(self, flags: MigrateFlag) -> Any:
+        # offline: through the per-destination batcher, coalesced with the other offline
+        # migrations to that dstd (a live Prepare or Finish can take long: never queued
+        # behind, or in front of, another migration's)
+        if MigrateFlag.OFFLINE in flags:
+            return self.ctx.peers.batcher(self.address).prepare
+        return super().prepare_method(flags)
+
+    def finish_method(self, flags: MigrateFlag) -> Any:
+        if MigrateFlag.OFFLINE in flags:
+            return self.ctx.peers.batcher(self.address).finish
+        return super().finish_method(flags)
 
     async def prepare_failed(self, exc: BaseException, flags: MigrateFlag) -> None:
         if isinstance(exc, (PeerUnavailable, Timeout)):

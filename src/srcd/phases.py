@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -207,10 +208,13 @@ async def _take_job(
     )
     if durable:
         await asyncio.to_thread(ctx.store.journal_put, record)
-    else:
-        ctx.store.journal_put(record, durable=False)
+    else:  # no flush, but off the event loop (groupcommit.offloader)
+        await ctx.offload.submit(functools.partial(ctx.store.journal_put, record, durable=False))
     # a finished job's record may harmlessly come back after a crash: no fsync
-    start.stack.callback(ctx.store.journal_remove, start.migration_id, durable=False)
+    start.stack.push_async_callback(
+        ctx.offload.submit,
+        functools.partial(ctx.store.journal_remove, start.migration_id, durable=False),
+    )
     await ctx.failpoints.hit("srcd.begin.after_journal")
     identity = ctx.store.identity
     cookie = MigrationCookie(
@@ -280,7 +284,8 @@ async def confirm_offline(
         and ctx.store.find(job.domain.uuid) is not None  # a retry: it may be gone already
     ):
         await ctx.failpoints.hit("srcd.confirm.before_undefine")
-        await asyncio.to_thread(ctx.store.undefine, job.domain.uuid, job.lock)
+        # group commit: concurrent Confirms' removals share one flush (durable on return)
+        await ctx.undefines.submit((job.domain.uuid, job.lock))
         log.debug("source_undefined", migration_id=job.migration_id, domain=job.domain.name)
         ctx.obs.events.emit(job.domain.name, job.domain.uuid, events.UNDEFINED_REMOVED)
         await ctx.failpoints.hit("srcd.confirm.after_undefine")

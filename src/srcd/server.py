@@ -359,12 +359,13 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
     # first: a daemon that may not listen in plaintext refuses before touching its state
     tls = daemon_tls(config.listen, config.tls_dir, config.insecure)
     store = HostStore.for_daemon(config)
+    failpoints = Failpoints.parse(config.failpoints, config.failpoint_seed or None)
     ctx = SourceContext(
         config=config,
         store=store,
         jobs=SourceJobTable(),
-        peers=PeerPool(config.max_message_bytes, tls),
-        failpoints=Failpoints.parse(config.failpoints, config.failpoint_seed or None),
+        peers=PeerPool(config.max_message_bytes, tls, failpoints),
+        failpoints=failpoints,
         hypervisor=hypervisor_for(config, "srcd"),
         outgoing=OutgoingSlots(config.max_outgoing),
         obs=Observability.for_daemon(config, "srcd", "source"),

@@ -1319,6 +1319,174 @@ class FinishResponse(_message.Message):
 Global___FinishResponse: _TypeAlias = FinishResponse  # noqa: Y015
 
 @_typing.final
+class ItemStatus(_message.Message):
+    """PrepareBatch / FinishBatch: several migrations' Prepare (or Finish) in one round trip,
+    between the same two hosts (srcd's per-destination batcher, offline migrations only).
+    Each item is handled exactly as the single RPC would handle it, concurrently with the
+    others, and answered on its own: its response, or the status the single RPC would have
+    ended with (code, message and vmmigrate error class). One item's failure never fails
+    another. The answers come in the order of the requests. A dstd without these RPCs
+    answers UNIMPLEMENTED, and srcd falls back to one Prepare/Finish per migration.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ERROR_CLASS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """grpc.StatusCode value (never OK here)"""
+    message: _builtins.str
+    error_class: _builtins.str
+    """vmmigrate's error class name ("" if none)"""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        error_class: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error_class", b"error_class", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemStatus: _TypeAlias = ItemStatus  # noqa: Y015
+
+@_typing.final
+class PrepareBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrepareRequest]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___PrepareRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareBatchRequest: _TypeAlias = PrepareBatchRequest  # noqa: Y015
+
+@_typing.final
+class PrepareBatchItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___PrepareResponse: ...
+    @_builtins.property
+    def error(self) -> Global___ItemStatus: ...
+    def __init__(
+        self,
+        *,
+        response: Global___PrepareResponse | None = ...,
+        error: Global___ItemStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___PrepareBatchItem: _TypeAlias = PrepareBatchItem  # noqa: Y015
+
+@_typing.final
+class PrepareBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrepareBatchItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___PrepareBatchItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareBatchResponse: _TypeAlias = PrepareBatchResponse  # noqa: Y015
+
+@_typing.final
+class FinishBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishRequest]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___FinishRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishBatchRequest: _TypeAlias = FinishBatchRequest  # noqa: Y015
+
+@_typing.final
+class FinishBatchItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___FinishResponse: ...
+    @_builtins.property
+    def error(self) -> Global___ItemStatus: ...
+    def __init__(
+        self,
+        *,
+        response: Global___FinishResponse | None = ...,
+        error: Global___ItemStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___FinishBatchItem: _TypeAlias = FinishBatchItem  # noqa: Y015
+
+@_typing.final
+class FinishBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishBatchItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___FinishBatchItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishBatchResponse: _TypeAlias = FinishBatchResponse  # noqa: Y015
+
+@_typing.final
 class TunnelData(_message.Message):
     """srcd -> dstd. Payload: the source emulator's bytes, as they are, in order; 1 to 1048576
     bytes per message. An empty payload means the source emulator closed its side (EOF), as

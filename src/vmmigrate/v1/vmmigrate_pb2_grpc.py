@@ -1195,6 +1195,16 @@ class MigrationDestinationServiceStub:
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareResponse.FromString,
                 _registered_method=True)
+        self.PrepareBatch = channel.unary_unary(
+                '/vmmigrate.v1.MigrationDestinationService/PrepareBatch',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareBatchRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareBatchResponse.FromString,
+                _registered_method=True)
+        self.FinishBatch = channel.unary_unary(
+                '/vmmigrate.v1.MigrationDestinationService/FinishBatch',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchResponse.FromString,
+                _registered_method=True)
 
 
 class MigrationDestinationServiceServicer:
@@ -1226,6 +1236,19 @@ class MigrationDestinationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareBatch(self, request, context):
+        """Many offline migrations' Prepare / Finish in one call (see PrepareBatchRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationDestinationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1248,6 +1271,16 @@ def add_MigrationDestinationServiceServicer_to_server(servicer, server):
                     servicer.PrepareTunnel,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareResponse.SerializeToString,
+            ),
+            'PrepareBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareBatch,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareBatchRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareBatchResponse.SerializeToString,
+            ),
+            'FinishBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishBatch,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1358,6 +1391,60 @@ class MigrationDestinationService:
             '/vmmigrate.v1.MigrationDestinationService/PrepareTunnel',
             vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareRequest.SerializeToString,
             vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.MigrationDestinationService/PrepareBatch',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareBatchRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.MigrationDestinationService/FinishBatch',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

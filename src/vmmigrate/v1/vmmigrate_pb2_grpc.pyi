@@ -335,6 +335,9 @@ class MigrationDestinationServiceStub:
     """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned); the
     stream then goes over TunnelBytes.Carry.
     """
+    PrepareBatch: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareBatchRequest, _vmmigrate_pb2.PrepareBatchResponse]
+    """Many offline migrations' Prepare / Finish in one call (see PrepareBatchRequest)."""
+    FinishBatch: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishBatchRequest, _vmmigrate_pb2.FinishBatchResponse]
 
 @_typing.type_check_only
 class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
@@ -346,6 +349,9 @@ class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
     """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned); the
     stream then goes over TunnelBytes.Carry.
     """
+    PrepareBatch: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareBatchRequest, _vmmigrate_pb2.PrepareBatchResponse]  # type: ignore[assignment]
+    """Many offline migrations' Prepare / Finish in one call (see PrepareBatchRequest)."""
+    FinishBatch: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishBatchRequest, _vmmigrate_pb2.FinishBatchResponse]  # type: ignore[assignment]
 
 class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -378,6 +384,21 @@ class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
         """libvirt's PrepareTunnel3: Prepare for a tunnelled migration (no URI is returned); the
         stream then goes over TunnelBytes.Carry.
         """
+
+    @_abc_1.abstractmethod
+    def PrepareBatch(
+        self,
+        request: _vmmigrate_pb2.PrepareBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.PrepareBatchResponse, _abc.Awaitable[_vmmigrate_pb2.PrepareBatchResponse]]:
+        """Many offline migrations' Prepare / Finish in one call (see PrepareBatchRequest)."""
+
+    @_abc_1.abstractmethod
+    def FinishBatch(
+        self,
+        request: _vmmigrate_pb2.FinishBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.FinishBatchResponse, _abc.Awaitable[_vmmigrate_pb2.FinishBatchResponse]]: ...
 
 def add_MigrationDestinationServiceServicer_to_server(servicer: MigrationDestinationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
