@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import structlog
-from vmmigrate.common.definitions import Definitions, check_clash
+from vmmigrate.common.definitions import Definitions
 from vmmigrate.common.domainxml import DomainDef, validate_name
 from vmmigrate.common.errors import InvalidArgument, OperationInvalid
 from vmmigrate.common.joblock import JobLocks, job_busy
@@ -74,7 +74,7 @@ class Reservations:
                     f"migration id '{rec.migration_id}' is already in use by a {mine.role} "
                     f"job for domain '{mine.domain_name}'"
                 )
-            replaces = check_clash(self._defs.scan(), name, uuid)
+            replaces = self._defs.check_clash(name, uuid)
             if self._busy(name, uuid, rec.migration_id):
                 raise job_busy(name)
             rec = dataclasses.replace(rec, role=Role.DESTINATION, domain_uuid=uuid)
@@ -98,11 +98,10 @@ class Reservations:
         parsed = self._defs.validated(d)
         with self._lock.held():
             self._own(migration_id)
-            defs = self._defs.scan()
-            replaced = check_clash(defs, parsed.name, parsed.uuid)
+            replaced = self._defs.check_clash(parsed.name, parsed.uuid)
             if self._busy(parsed.name, parsed.uuid, migration_id):
                 raise job_busy(parsed.name)
-            self._defs.write(parsed, defs)
+            self._defs.write(parsed)
         log.info(
             "domain_persisted",
             migration_id=migration_id,
@@ -117,11 +116,10 @@ class Reservations:
         validate_migration_id(migration_id)
         with self._lock.held():
             rec = self._own(migration_id)
-            defs = self._defs.scan()
             if previous is not None:
-                self._defs.write(previous, defs)
+                self._defs.write(previous)
             else:
-                self._defs.remove(require_uuid(rec.domain_uuid, "domain uuid"), defs)
+                self._defs.remove(require_uuid(rec.domain_uuid, "domain uuid"))
         log.warning("incoming_persist_undone", migration_id=migration_id)
 
     def release(self, migration_id: str) -> None:

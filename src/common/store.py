@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
-from vmmigrate.common.definitions import Definitions, check_clash, find_in
+from vmmigrate.common.definitions import Definitions
 from vmmigrate.common.domainxml import DEFAULT_MAX_XML_BYTES, DomainDef
 from vmmigrate.common.durable import clean_temp_files, storage_errors
 from vmmigrate.common.errors import JobActive, NoDomain, OperationInvalid
@@ -148,7 +148,7 @@ class HostStore:
 
     def find(self, key: str) -> DomainDef | None:
         """By name, else by UUID (any case, with or without dashes)."""
-        return find_in(self._defs.scan(), key)
+        return self._defs.find(key)
 
     def lookup(self, key: str) -> DomainDef:
         d = self.find(key)
@@ -160,14 +160,13 @@ class HostStore:
         """Persist a definition; True if it replaced one with the same name and UUID."""
         parsed = self._defs.validated(d)
         with self._lock.held():
-            defs = self._defs.scan()
-            replaced = check_clash(defs, parsed.name, parsed.uuid)
+            replaced = self._defs.check_clash(parsed.name, parsed.uuid)
             incoming = self._incoming.holder(parsed.name, parsed.uuid)
             if incoming is not None:
                 raise JobActive(f"domain '{incoming.domain_name}' is being migrated to this host")
             if self._jobs.held_locked(parsed.uuid):
                 raise job_busy(parsed.name)
-            self._defs.write(parsed, defs)
+            self._defs.write(parsed)
         log.info("domain_defined", name=parsed.name, uuid=parsed.uuid, replaced=replaced)
         return replaced
 
@@ -178,8 +177,7 @@ class HostStore:
         lock, held by the caller (Confirm with UNDEFINE_SOURCE runs inside the job).
         """
         with self._lock.held():
-            defs = self._defs.scan()
-            d = find_in(defs, key)
+            d = self._defs.find(key)
             if d is None:
                 raise _not_found(key)
             own_job = job is not None and job.owned_by(self._jobs) and job.uuid == d.uuid
@@ -189,7 +187,7 @@ class HostStore:
                 d.name, d.uuid
             ):
                 raise JobActive(f"cannot undefine domain '{d.name}': a migration job is running")
-            self._defs.remove(d.uuid, defs)
+            self._defs.remove(d.uuid)
         log.info("domain_undefined", name=d.name, uuid=d.uuid)
         return d
 
@@ -211,7 +209,7 @@ class HostStore:
         """Remove the job lock files no job holds, of domains not defined here and not in
         ``keep`` (the running ones); returns how many went (common/joblock.py)."""
         with self._lock.held():
-            defined = frozenset(d.uuid for d in self._defs.scan())
+            defined = self._defs.uuids()
             removed = self._jobs.sweep(defined | keep)
         if removed:
             log.debug("job_locks_swept", count=removed)
