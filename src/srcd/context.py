@@ -15,7 +15,7 @@ from vmmigrate.common.config import DaemonConfig
 from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import HostBusy
 from vmmigrate.common.failpoints import Failpoints
-from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.hypervisor import QMPHypervisor, RuntimeRecord
 from vmmigrate.common.observe import Observability
 from vmmigrate.common.rpc import open_channel
 from vmmigrate.common.shutdown import ShutdownGate
@@ -184,12 +184,13 @@ class SourceContext:
         task.add_done_callback(self.background.discard)
         return task
 
-    def transient_domains(self) -> list[DomainDef]:
+    def transient_domains(self, records: list[RuntimeRecord] | None = None) -> list[DomainDef]:
         """Running domains with no definition here (they arrived by a live migration
-        without --persistent): their running XML is all there is."""
+        without --persistent): their running XML is all there is. ``records``: the
+        runtime records, if the caller has just read them."""
         return [
             parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
-            for rec in self.hypervisor.records()
+            for rec in (self.hypervisor.records() if records is None else records)
             if rec.xml and self.store.find(rec.uuid) is None
         ]
 
