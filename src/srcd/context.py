@@ -26,6 +26,8 @@ from vmmigrate.srcd.jobs import CompletedJob, SourceJobTable
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
+_Stub = tuple[grpc.aio.Channel, pb_grpc.MigrationDestinationServiceStub]
+
 
 class PeerPool:
     """One long-lived channel per destination address, so migrations reuse warm
@@ -47,6 +49,7 @@ class PeerPool:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._caps: dict[str, tuple[float, pb.CapabilitiesResponse]] = {}
+        self._stubs: dict[str, _Stub] = {}  # by address, with the channel it was built on
 
     def cached_caps(self, address: str) -> pb.CapabilitiesResponse | None:
         entry = self._caps.get(address)
@@ -81,7 +84,14 @@ class PeerPool:
         return channel
 
     def destination(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
-        return pb_grpc.MigrationDestinationServiceStub(self._channel(address))
+        """The stub on ``address``'s channel (built once per channel: a stub makes one
+        callable per method)."""
+        channel = self._channel(address)
+        stub = self._stubs.get(address)
+        if stub is None or stub[0] is not channel:
+            stub = (channel, pb_grpc.MigrationDestinationServiceStub(channel))
+            self._stubs[address] = stub
+        return stub[1]
 
     def tunnel_bytes(self, address: str) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
         """The TunnelBytes stream to ``address``, on the same channel as the stub's calls;
@@ -93,6 +103,7 @@ class PeerPool:
     async def reconnect(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
         """Drop the channel to ``address`` and open a fresh one."""
         self._caps.pop(address, None)
+        self._stubs.pop(address, None)
         old = self._channels.pop(address, None)
         if old is not None:
             await old.close(None)
@@ -100,6 +111,7 @@ class PeerPool:
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
+        self._stubs.clear()
         for channel in channels.values():
             await channel.close(None)
         for task in list(self._retiring):
