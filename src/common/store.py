@@ -208,6 +208,7 @@ class HostStore:
     def sweep_job_locks(self, keep: frozenset[str] = frozenset()) -> int:
         """Remove the job lock files no job holds, of domains not defined here and not in
         ``keep`` (the running ones); returns how many went (common/joblock.py)."""
+        self._defs.uuids()  # a first full scan (10,000 parses) not under the store lock
         with self._lock.held():
             defined = self._defs.uuids()
             removed = self._jobs.sweep(defined | keep)
