@@ -131,6 +131,7 @@ class Definitions:
         self._lock = lock
         self._max_xml_bytes = max_xml_bytes
         self._mu = threading.RLock()
+        self._writers = 0  # changes of this process under way (it holds the store lock)
         self._index = _Index()
         # (generation, directory inode, directory mtime_ns) the index is current for
         self._seen: DirState | None = None
@@ -182,10 +183,14 @@ class Definitions:
     def _refresh(self) -> None:
         """Bring the index up to date (``_mu`` held)."""
         generation = self._lock.read_generation()
+        seen = self._seen
+        if generation % 2 and self._writers and seen is not None:
+            # The change under way is this process's own (it holds the store lock, so no
+            # other process is changing anything): the view from just before it stands.
+            return
         with storage_errors("list", self.directory):
             dst = os.stat(self.directory)
         now = (generation, dst.st_ino, dst.st_mtime_ns)
-        seen = self._seen
         if seen is not None and generation % 2 == 0:
             if seen == now:
                 return
@@ -308,13 +313,18 @@ class Definitions:
     def _changing(self, *file_names: str) -> Iterator[None]:
         """A change of these files (store lock held), logged for the other readers; this
         process's view takes in its own change the same way (no file is parsed again:
-        the writer puts what it wrote in the index first)."""
+        the writer puts what it wrote in the index first). The view's own lock is not
+        held across the file operations (an fsync): a reader of this process meanwhile
+        gets the view as it was before the change, or with it."""
         with self._mu:
             self._refresh()
-            try:
-                with self._lock.changing(self.directory, file_names):
-                    yield
-            finally:
+            self._writers += 1
+        try:
+            with self._lock.changing(self.directory, file_names):
+                yield
+        finally:
+            with self._mu:
+                self._writers -= 1
                 self._refresh()
 
     def write(self, d: DomainDef) -> None:
@@ -324,7 +334,8 @@ class Definitions:
             atomic_write(path, d.xml.encode("utf-8"), mtime_ns=time.time_ns())
             with contextlib.suppress(OSError):
                 st = os.stat(path)
-                self._index.put(path.name, ((st.st_ino, st.st_mtime_ns, st.st_size), d))
+                with self._mu:
+                    self._index.put(path.name, ((st.st_ino, st.st_mtime_ns, st.st_size), d))
 
     def remove(self, uuid: str) -> None:
         """Remove the definition of ``uuid`` (canonical); the caller holds the store
@@ -332,7 +343,8 @@ class Definitions:
         path = self.path(uuid)
         with self._changing(path.name):
             durable_unlink(path)
-            self._index.drop(path.name)
+            with self._mu:
+                self._index.drop(path.name)
 
 
 def _plain_name(file_name: str) -> bool:

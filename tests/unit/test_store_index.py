@@ -4,10 +4,12 @@ changes from the store lock's change log (common/storelock.py) instead of re-sca
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vmmigrate.common import definitions
@@ -154,3 +156,37 @@ def test_many_domains_one_lookup_reads_no_other_file(tmp_path: Path) -> None:
     finally:
         os.stat = os_stat  # type: ignore[assignment]
     assert len(calls) <= 3, calls  # the directory, and the one file the log names
+
+
+def test_a_reader_does_not_wait_for_a_write_of_its_own_process(
+    tmp_path: Path, rescans: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event loop looks definitions up while a thread of the same daemon writes one
+    (its fsync may take long): it gets the view from before the write, at once, and no
+    full scan."""
+    store = HostStore(tmp_path)
+    store.define(mkdef("a", U1))
+    assert names(store) == ["a"]
+    rescans.clear()
+    entered, release = threading.Event(), threading.Event()
+    real_write = definitions.atomic_write
+
+    def slow_write(*args: Any, **kwargs: Any) -> None:
+        entered.set()
+        assert release.wait(10)
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(definitions, "atomic_write", slow_write)
+    writer = threading.Thread(target=store.define, args=(mkdef("b", U2),))
+    writer.start()
+    try:
+        assert entered.wait(10)
+        t0 = time.monotonic()
+        assert store.lookup("a").uuid == U1
+        assert store.find("b") is None  # not written yet
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        release.set()
+        writer.join(10)
+    assert store.lookup("b").uuid == U2
+    assert rescans == []
