@@ -42,6 +42,10 @@ from vmmigrate.common.uuids import canonical_uuid_or_none
 _StatKey = tuple[int, int, int]  # (inode, mtime_ns, size)
 _Cached = tuple[_StatKey, DomainDef | None]  # None: unreadable, reported once
 
+# How long another process's change of domains/ is taken to be under way (readers keep
+# their view meanwhile) before it counts as left half-done (readers re-scan), seconds.
+ODD_GRACE = 1.0
+
 
 def find_in(defs: Sequence[DomainDef], key: str) -> DomainDef | None:
     """By name, else by UUID (any case, with or without dashes)."""
@@ -132,6 +136,7 @@ class Definitions:
         self._max_xml_bytes = max_xml_bytes
         self._mu = threading.RLock()
         self._writers = 0  # changes of this process under way (it holds the store lock)
+        self._odd: tuple[int, float] | None = None  # an odd generation, first seen when
         self._index = _Index()
         # (generation, directory inode, directory mtime_ns) the index is current for
         self._seen: DirState | None = None
@@ -184,10 +189,8 @@ class Definitions:
         """Bring the index up to date (``_mu`` held)."""
         generation = self._lock.read_generation()
         seen = self._seen
-        if generation % 2 and self._writers and seen is not None:
-            # The change under way is this process's own (it holds the store lock, so no
-            # other process is changing anything): the view from just before it stands.
-            return
+        if generation % 2 and seen is not None and self._in_flight(generation):
+            return  # a change under way: the view from just before it stands
         with storage_errors("list", self.directory):
             dst = os.stat(self.directory)
         now = (generation, dst.st_ino, dst.st_mtime_ns)
@@ -211,6 +214,21 @@ class Definitions:
             self._seen = now
         else:
             self._seen = None
+
+    def _in_flight(self, generation: int) -> bool:
+        """Is the change that made the generation odd still under way (rather than left
+        half-done by a writer that died)? This process's own is (it holds the store lock);
+        another process's is if this thread does not hold the store lock (it would get it
+        only once that writer was gone) and the generation turned odd less than
+        ODD_GRACE seconds ago (a live writer takes milliseconds)."""
+        if self._writers:
+            return True
+        if self._lock.held_here():
+            return False
+        now = time.monotonic()
+        if self._odd is None or self._odd[0] != generation:
+            self._odd = (generation, now)
+        return now - self._odd[1] < ODD_GRACE
 
     def _restat(self, file_name: str) -> None:
         """Look at one file again (the log named it)."""

@@ -9,8 +9,9 @@ and one or two fsyncs, never across an RPC.
 
 The generation counter lives in the first 8 bytes of the lock file: every change of
 ``domains/`` is bracketed by it (odd while a change is under way, so a writer that dies
-half-way leaves every reader re-scanning, never trusting). It needs no durability: caches do
-not outlive the processes that share it.
+half-way leaves every reader re-scanning, never trusting, once the change has been odd for
+longer than a live writer takes: common/definitions.py's ODD_GRACE). It needs no
+durability: caches do not outlive the processes that share it.
 
 After it, the change log: a count of entries (bytes 8-16), then a ring of LOG_SLOTS entries,
 one per file a change touched: the generation the change ended at, the directory's inode
@@ -58,6 +59,7 @@ class StoreLock:
         self.path = path
         self._state_dir = state_dir
         self._tlock = threading.Lock()
+        self._owner: int | None = None  # the thread holding the lock
         self._pid = os.getpid()
         self._fd = self._open()
         # what else must forget this process's state in a forked child (held job locks)
@@ -78,6 +80,7 @@ class StoreLock:
             return
         self._pid = os.getpid()
         self._tlock = threading.Lock()
+        self._owner = None
         for hook in self._fork_hooks:
             hook()
         if self._fd >= 0:
@@ -95,10 +98,16 @@ class StoreLock:
                 raise StorageError(f"the store at {self._state_dir} is closed")
             with storage_errors("lock", self.path):
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            self._owner = threading.get_ident()
             try:
                 yield
             finally:
+                self._owner = None
                 fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def held_here(self) -> bool:
+        """Does the calling thread hold the store lock?"""
+        return self._owner == threading.get_ident()
 
     def close(self) -> None:
         """Close the lock file (idempotent); the store refuses every locked call after."""

@@ -190,3 +190,36 @@ def test_a_reader_does_not_wait_for_a_write_of_its_own_process(
         writer.join(10)
     assert store.lookup("b").uuid == U2
     assert rescans == []
+
+
+def test_another_process_write_under_way_is_not_waited_for_nor_rescanned(
+    tmp_path: Path, rescans: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change by the host's other daemon is under way (the generation is odd): a reader
+    keeps its view (the change has not completed) instead of re-reading every file, and
+    takes the change in once it has completed."""
+    writer = HostStore(tmp_path)
+    reader = HostStore(tmp_path)  # as the other daemon: a view and a lock file of its own
+    writer.define(mkdef("a", U1))
+    assert names(reader) == names(writer) == ["a"]
+    rescans.clear()
+    entered, release = threading.Event(), threading.Event()
+    real_write = definitions.atomic_write
+
+    def slow_write(*args: Any, **kwargs: Any) -> None:
+        entered.set()
+        assert release.wait(10)
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(definitions, "atomic_write", slow_write)
+    thread = threading.Thread(target=writer.define, args=(mkdef("b", U2),))
+    thread.start()
+    try:
+        assert entered.wait(10)
+        assert reader._lock.read_generation() % 2 == 1
+        assert names(reader) == ["a"]
+    finally:
+        release.set()
+        thread.join(10)
+    assert names(reader) == ["a", "b"]
+    assert rescans == []
