@@ -366,10 +366,10 @@ class Definitions:
 
 
 def _plain_name(file_name: str) -> bool:
-    """A definition's file name (not a temp file, no path)."""
+    """A definition's file name (not a temp file; no path: the log's names are checked
+    too)."""
     return (
         file_name.endswith(".xml")
         and not file_name.startswith(TEMP_PREFIX)
         and "/" not in file_name
-        and file_name not in (".xml",)
     )
