@@ -36,7 +36,6 @@ log = structlog.get_logger("vmmigrate.store")
 TEMP_PREFIX = ".tmp-"
 
 # A context manager around the one step of a write that changes a directory's content
-Bracket = Callable[[], contextlib.AbstractContextManager[object]]
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -93,7 +92,6 @@ def atomic_write(
     *,
     mtime_ns: int | None = None,
     durable: bool = True,
-    renaming: Bracket = contextlib.nullcontext,
 ) -> None:
     """Replace ``path`` with ``data`` atomically and durably.
 
@@ -108,9 +106,6 @@ def atomic_write(
 
     ``durable=False`` keeps the atomicity (readers see the old or the new content, never a
     mix) but skips both fsyncs: for records whose loss in a crash is harmless.
-
-    ``renaming()`` brackets the rename alone, the one step that changes the directory's
-    content (the host store's generation counter: common/storelock.py), not the flushes.
     """
     directory = path.parent
     tmp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
@@ -127,8 +122,7 @@ def atomic_write(
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            with renaming():
-                os.replace(tmp, path)
+            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -210,7 +204,6 @@ def atomic_write_many(
     items: Sequence[WriteItem],
     *,
     after_rename: Callable[[int], None] | None = None,
-    renaming: Bracket = contextlib.nullcontext,
 ) -> None:
     """:func:`atomic_write` for many files, with one flush covering them all (group commit):
     every temp file is written, then made durable by one ``syncfs(2)`` of their file system
@@ -223,27 +216,22 @@ def atomic_write_many(
     ``after_rename(i)`` runs after the i-th rename (a failpoint)."""
     if len(items) == 1:
         path, data, mtime_ns = items[0]
-        atomic_write(path, data, mtime_ns=mtime_ns, renaming=renaming)
+        atomic_write(path, data, mtime_ns=mtime_ns)
         if after_rename is not None:
             after_rename(0)
         return
     temps = _write_temps(items)
-    with renaming():
-        _rename_all(temps, after_rename)
+    _rename_all(temps, after_rename)
     for directory in dict.fromkeys(path.parent for _, path in temps):
         fsync_dir(directory)
 
 
-def durable_unlink(
-    path: Path, *, durable: bool = True, renaming: Bracket = contextlib.nullcontext
-) -> bool:
+def durable_unlink(path: Path, *, durable: bool = True) -> bool:
     """Remove ``path`` and make the removal durable. False if it did not exist.
-    ``durable=False``: a plain unlink, for records that may harmlessly come back.
-    ``renaming()`` brackets the unlink alone (see :func:`atomic_write`)."""
+    ``durable=False``: a plain unlink, for records that may harmlessly come back."""
     with storage_errors("remove", path):
         try:
-            with renaming():
-                os.unlink(path)
+            os.unlink(path)
         except FileNotFoundError:
             return False
         if durable:

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import structlog
-from vmmigrate.common.definitions import Definitions, check_clash, find_in
+from vmmigrate.common.definitions import Definitions
 from vmmigrate.common.domainxml import DomainDef, validate_name
 from vmmigrate.common.errors import InvalidArgument, OperationInvalid
 from vmmigrate.common.joblock import JobLocks, job_busy
@@ -75,7 +75,7 @@ class Reservations:
                     f"migration id '{rec.migration_id}' is already in use by a {mine.role} "
                     f"job for domain '{mine.domain_name}'"
                 )
-            replaces = check_clash(self._defs.scan(), name, uuid)
+            replaces = self._defs.check_clash(name, uuid)
             if self._busy(name, uuid, rec.migration_id):
                 raise job_busy(name)
             rec = dataclasses.replace(rec, role=Role.DESTINATION, domain_uuid=uuid)
@@ -99,11 +99,10 @@ class Reservations:
         parsed = self._defs.validated(d)
         with self._lock.held():
             self._own(migration_id)
-            defs = self._defs.scan()
-            replaced = check_clash(defs, parsed.name, parsed.uuid)
+            replaced = self._defs.check_clash(parsed.name, parsed.uuid)
             if self._busy(parsed.name, parsed.uuid, migration_id):
                 raise job_busy(parsed.name)
-            self._defs.write(parsed, defs)
+            self._defs.write(parsed)
         log.info(
             "domain_persisted",
             migration_id=migration_id,
@@ -124,14 +123,13 @@ class Reservations:
         results: list[tuple[DomainDef | None, bool] | Exception] = []
         todo: list[tuple[int, DomainDef, str]] = []
         with self._lock.held():
-            defs = list(self._defs.scan())
             for i, (migration_id, d) in enumerate(items):
                 try:
                     validate_migration_id(migration_id)
                     parsed = self._defs.validated(d)
                     self._own(migration_id)
-                    previous = find_in(defs, parsed.uuid)
-                    replaced = check_clash(defs, parsed.name, parsed.uuid)
+                    previous = self._defs.find(parsed.uuid)
+                    replaced = self._defs.check_clash(parsed.name, parsed.uuid)
                     if self._busy(parsed.name, parsed.uuid, migration_id) or any(
                         t.uuid == parsed.uuid or t.name == parsed.name for _, t, _ in todo
                     ):
@@ -143,7 +141,7 @@ class Reservations:
                 todo.append((i, parsed, migration_id))
             if todo:
                 try:
-                    self._defs.write_many([d for _, d, _ in todo], defs, after_rename)
+                    self._defs.write_many([d for _, d, _ in todo], after_rename)
                 except Exception as exc:
                     for i, _, _ in todo:
                         results[i] = exc
@@ -163,11 +161,10 @@ class Reservations:
         validate_migration_id(migration_id)
         with self._lock.held():
             rec = self._own(migration_id)
-            defs = self._defs.scan()
             if previous is not None:
-                self._defs.write(previous, defs)
+                self._defs.write(previous)
             else:
-                self._defs.remove(require_uuid(rec.domain_uuid, "domain uuid"), defs)
+                self._defs.remove(require_uuid(rec.domain_uuid, "domain uuid"))
         log.warning("incoming_persist_undone", migration_id=migration_id)
 
     def release(self, migration_id: str) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
-from vmmigrate.common.definitions import Definitions, check_clash, find_in
+from vmmigrate.common.definitions import Definitions
 from vmmigrate.common.domainxml import DEFAULT_MAX_XML_BYTES, DomainDef
 from vmmigrate.common.durable import clean_temp_files, storage_errors
 from vmmigrate.common.errors import JobActive, NoDomain, OperationInvalid
@@ -149,7 +149,7 @@ class HostStore:
 
     def find(self, key: str) -> DomainDef | None:
         """By name, else by UUID (any case, with or without dashes)."""
-        return find_in(self._defs.scan(), key)
+        return self._defs.find(key)
 
     def lookup(self, key: str) -> DomainDef:
         d = self.find(key)
@@ -161,14 +161,13 @@ class HostStore:
         """Persist a definition; True if it replaced one with the same name and UUID."""
         parsed = self._defs.validated(d)
         with self._lock.held():
-            defs = self._defs.scan()
-            replaced = check_clash(defs, parsed.name, parsed.uuid)
+            replaced = self._defs.check_clash(parsed.name, parsed.uuid)
             incoming = self._incoming.holder(parsed.name, parsed.uuid)
             if incoming is not None:
                 raise JobActive(f"domain '{incoming.domain_name}' is being migrated to this host")
             if self._jobs.held_locked(parsed.uuid):
                 raise job_busy(parsed.name)
-            self._defs.write(parsed, defs)
+            self._defs.write(parsed)
         log.info("domain_defined", name=parsed.name, uuid=parsed.uuid, replaced=replaced)
         return replaced
 
@@ -183,10 +182,11 @@ class HostStore:
             raise got
         return got
 
-    def _undefinable(self, defs: Sequence[DomainDef], key: str, job: JobLock | None) -> DomainDef:
-        """undefine's checks (store lock held): the definition to remove, or the error."""
-        d = find_in(defs, key)
-        if d is None:
+    def _undefinable(self, key: str, job: JobLock | None, gone: set[str]) -> DomainDef:
+        """undefine's checks (store lock held): the definition to remove, or the error
+        (``gone``: the UUIDs this group removes already)."""
+        d = self._defs.find(key)
+        if d is None or d.uuid in gone:
             raise _not_found(key)
         own_job = job is not None and job.owned_by(self._jobs) and job.uuid == d.uuid
         # An incoming migration that will replace this definition counts as a running
@@ -205,11 +205,10 @@ class HostStore:
         or that item's error (a failed removal is every removed item's)."""
         results: list[DomainDef | Exception] = []
         with self._lock.held():
-            defs = self._defs.scan()
             gone: set[str] = set()
             for key, job in items:
                 try:
-                    d = self._undefinable([x for x in defs if x.uuid not in gone], key, job)
+                    d = self._undefinable(key, job, gone)
                 except Exception as exc:
                     results.append(exc)
                     continue
@@ -217,7 +216,7 @@ class HostStore:
                 results.append(d)
             if gone:
                 try:
-                    self._defs.remove_many(sorted(gone), defs)
+                    self._defs.remove_many(sorted(gone))
                 except Exception as exc:
                     return [r if isinstance(r, Exception) else exc for r in results]
         for r in results:
@@ -242,8 +241,9 @@ class HostStore:
     def sweep_job_locks(self, keep: frozenset[str] = frozenset()) -> int:
         """Remove the job lock files no job holds, of domains not defined here and not in
         ``keep`` (the running ones); returns how many went (common/joblock.py)."""
+        self._defs.uuids()  # a first full scan (10,000 parses) not under the store lock
         with self._lock.held():
-            defined = frozenset(d.uuid for d in self._defs.scan())
+            defined = self._defs.uuids()
             removed = self._jobs.sweep(defined | keep)
         if removed:
             log.debug("job_locks_swept", count=removed)

@@ -9,8 +9,19 @@ and one or two fsyncs, never across an RPC.
 
 The generation counter lives in the first 8 bytes of the lock file: every change of
 ``domains/`` is bracketed by it (odd while a change is under way, so a writer that dies
-half-way leaves every reader re-scanning, never trusting). It needs no durability: caches do
-not outlive the processes that share it.
+half-way leaves every reader re-scanning, never trusting, once the change has been odd for
+longer than a live writer takes: common/definitions.py's ODD_GRACE). It needs no
+durability: caches do not outlive the processes that share it.
+
+After it, the change log: a count of entries (bytes 8-16), then a ring of LOG_SLOTS entries,
+one per file a change touched: the generation the change ended at, the directory's inode
+and its mtime before and after the change, and the file's name. A reader that saw
+generation g0 (and the directory's inode and mtime then) learns from it which files changed
+since, instead of re-reading every file's status (common/definitions.py): only if the log
+has an entry for every generation since g0 and the directory's mtimes chain from what the
+reader saw to what it sees now, so that nothing changed the directory outside the store.
+Entries are written before the generation turns even, and a reader checks that the
+generation did not move while it read them.
 
 Not fork-safe beyond the basics: a forked child reopens the lock file, but should make its
 own store.
@@ -21,8 +32,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -30,6 +42,14 @@ from vmmigrate.common.durable import storage_errors
 from vmmigrate.common.errors import StorageError
 
 log = structlog.get_logger("vmmigrate.store")
+
+# generation after the change, directory inode, directory mtime_ns before and after, name
+_ENTRY = struct.Struct("<QQQQ48s")
+LOG_SLOTS = 1024
+_COUNT_AT = 8
+_RING_AT = 16
+DirState = tuple[int, int, int]  # (generation, directory inode, directory mtime_ns)
+_Entry = tuple[int, int, int, str]  # (directory inode, mtime_ns before, after, file name)
 
 
 class StoreLock:
@@ -39,6 +59,7 @@ class StoreLock:
         self.path = path
         self._state_dir = state_dir
         self._tlock = threading.Lock()
+        self._owner: int | None = None  # the thread holding the lock
         self._pid = os.getpid()
         self._fd = self._open()
         # what else must forget this process's state in a forked child (held job locks)
@@ -59,6 +80,7 @@ class StoreLock:
             return
         self._pid = os.getpid()
         self._tlock = threading.Lock()
+        self._owner = None
         for hook in self._fork_hooks:
             hook()
         if self._fd >= 0:
@@ -76,10 +98,16 @@ class StoreLock:
                 raise StorageError(f"the store at {self._state_dir} is closed")
             with storage_errors("lock", self.path):
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            self._owner = threading.get_ident()
             try:
                 yield
             finally:
+                self._owner = None
                 fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def held_here(self) -> bool:
+        """Does the calling thread hold the store lock?"""
+        return self._owner == threading.get_ident()
 
     def close(self) -> None:
         """Close the lock file (idempotent); the store refuses every locked call after."""
@@ -105,15 +133,119 @@ class StoreLock:
             os.pwrite(self._fd, value.to_bytes(8, "little"), 0)
 
     @contextlib.contextmanager
-    def changing(self) -> Iterator[None]:
-        """Bracket a change of ``domains/`` (lock held): the generation is odd inside."""
+    def changing(self, directory: Path | None = None, names: Sequence[str] = ()) -> Iterator[None]:
+        """Bracket a change of ``domains/`` (lock held): the generation is odd inside. With
+        ``directory``, the change is logged: the ``names`` of the files it touched in it
+        (none: readers re-scan the whole directory), whether the change succeeded or not
+        (a reader re-reads each file's status, so logging a file that did not change costs
+        one stat)."""
+        before = _dir_stat(directory) if directory is not None else None
         g = self.read_generation()
         self.write_generation(g + 1 if g % 2 == 0 else g + 2)
         try:
             yield
         finally:
             try:
-                self.write_generation(self.read_generation() + 1)
+                end = self.read_generation() + 1
+                if directory is not None:
+                    self._log(end, directory, before, names)
+                self.write_generation(end)
             except StorageError as exc:
                 # Left odd: every reader keeps re-scanning, which is slow but right.
                 log.warning("store_generation_unwritten", error=str(exc))
+
+    # ------------------------------------------------------------------ change log
+
+    def _read_count(self) -> int:
+        data = os.pread(self._fd, 8, _COUNT_AT)
+        return int.from_bytes(data, "little") if len(data) == 8 else 0
+
+    def _log(
+        self,
+        generation: int,
+        directory: Path,
+        before: tuple[int, int] | None,
+        names: Sequence[str],
+    ) -> None:
+        after = _dir_stat(directory)
+        ino = after[0] if after is not None else 0
+        m_before = before[1] if before is not None and before[0] == ino else 0
+        m_after = after[1] if after is not None else 0
+        # a change too large for the ring (or of unknown files) is logged as "re-scan"
+        encoded = [n.encode() for n in names]
+        if not encoded or len(encoded) > LOG_SLOTS // 4 or any(len(n) > 48 for n in encoded):
+            encoded = [b""]
+        count = self._read_count()
+        with storage_errors("write", self.path):
+            for name in encoded:
+                slot = _RING_AT + (count % LOG_SLOTS) * _ENTRY.size
+                entry = _ENTRY.pack(generation, ino, m_before, m_after, name)
+                os.pwrite(self._fd, entry, slot)
+                count += 1
+            os.pwrite(self._fd, count.to_bytes(8, "little"), _COUNT_AT)
+
+    def changes_since(self, seen: DirState, now: DirState) -> list[str] | None:
+        """The names of the files changed between two states of the directory (each as
+        (generation, inode, mtime_ns), ``now`` read after the generation), or None if the
+        log cannot tell (then re-scan): a generation without entries, an entry that says
+        "re-scan", a directory changed outside the store, or a writer at work meanwhile."""
+        g0, g1 = seen[0], now[0]
+        if g0 % 2 or g1 % 2 or g1 < g0 or (g1 - g0) // 2 > LOG_SLOTS // 2:
+            return None
+        if g1 == g0:
+            return [] if seen == now else None
+        try:
+            groups = self._entries(g0, g1)
+            names = _chain(groups, seen, now) if groups is not None else None
+            if names is None or self.read_generation() != g1:
+                return None
+        except (OSError, UnicodeDecodeError):
+            return None
+        return names
+
+    def _entries(self, g0: int, g1: int) -> dict[int, list[_Entry]] | None:
+        """The log's entries of the generations after ``g0`` up to ``g1``, by generation
+        (each group in the order written); None if the log is torn."""
+        count = self._read_count()
+        groups: dict[int, list[_Entry]] = {}
+        for k in range(count - 1, max(count - LOG_SLOTS, 0) - 1, -1):
+            raw = os.pread(self._fd, _ENTRY.size, _RING_AT + (k % LOG_SLOTS) * _ENTRY.size)
+            if len(raw) != _ENTRY.size:
+                return None
+            gen, ino, m_before, m_after, name = _ENTRY.unpack(raw)
+            if gen <= g0:
+                break
+            if gen <= g1:
+                entry = (ino, m_before, m_after, name.rstrip(b"\0").decode())
+                groups.setdefault(gen, []).insert(0, entry)
+        return groups
+
+
+def _dir_stat(directory: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _chain(groups: dict[int, list[_Entry]], seen: DirState, now: DirState) -> list[str] | None:
+    """The files named by one log entry group per generation from ``seen`` to ``now``, if
+    the groups are all there and the directory's (inode, mtime) chain through them."""
+    ino, mtime = seen[1], seen[2]
+    names: list[str] = []
+    for gen in range(seen[0] + 2, now[0] + 1, 2):
+        group = groups.get(gen)
+        if not group:
+            return None
+        g_ino, m_before, m_after, _ = group[0]
+        if g_ino != ino or m_before != mtime or not m_before:
+            return None
+        for _, _, _, name in group:
+            if not name:
+                return None
+            names.append(name)
+        mtime = m_after
+    if (ino, mtime) != (now[1], now[2]):
+        return None
+    return list(dict.fromkeys(names))

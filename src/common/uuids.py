@@ -22,10 +22,23 @@ _SEPARATORS = re.compile(r"[- ]")
 
 def canonical_uuid_or_none(text: str) -> str | None:
     """``text`` as a canonical UUID, or None if virUUIDParse would refuse it."""
+    if len(text) == 36 and text in _CANONICAL:  # the common case: already canonical
+        return text
     m = _UUID_RE.match(text)
     if m is None:
         return None
-    return str(uuidlib.UUID(hex=_SEPARATORS.sub("", m.group(1))))
+    canonical = str(uuidlib.UUID(hex=_SEPARATORS.sub("", m.group(1))))
+    if canonical == text:
+        if len(_CANONICAL) >= _CANONICAL_MAX:
+            _CANONICAL.clear()
+        _CANONICAL.add(text)
+    return canonical
+
+
+# UUIDs seen in canonical form already (a domain's is checked on every phase of its
+# migrations): answered without the regular expression and uuid.UUID. Bounded.
+_CANONICAL: set[str] = set()
+_CANONICAL_MAX = 16384
 
 
 def same_uuid(a: str, b: str) -> bool:

@@ -66,7 +66,8 @@ def parse_untrusted(
         raise error(f"{what} is empty")
     # Refuse any DTD before libxml2 sees it: domain XML and cookies never carry one, and
     # internal subsets are how entity bombs and external entities (XXE) arrive.
-    if b"<!DOCTYPE" in raw.upper() or b"<!ENTITY" in raw.upper():
+    upper = raw.upper()
+    if b"<!DOCTYPE" in upper or b"<!ENTITY" in upper:
         raise error(f"{what} must not contain a DTD or entity declarations")
     try:
         root = etree.fromstring(raw, _parser())
@@ -74,21 +75,22 @@ def parse_untrusted(
         raise error(f"malformed {what}: {exc.msg}") from exc
     if root is None:
         raise error(f"malformed {what}: no root element")
-    depth = _depth(root, max_depth)
-    if depth > max_depth:
+    if _deeper_than(root, max_depth):
         raise error(f"{what} nests too deeply (more than {max_depth} levels)")
     return root
 
 
-def _depth(root: etree._Element, limit: int) -> int:
-    """Depth of the element tree, stopping early once past ``limit``."""
-    deepest = 0
-    stack: list[tuple[etree._Element, int]] = [(root, 1)]
-    while stack:
-        el, d = stack.pop()
-        if d > deepest:
-            deepest = d
-            if deepest > limit:
-                return deepest
-        stack.extend((child, d + 1) for child in el)
-    return deepest
+_DEPTH_PROBES: dict[int, etree.XPath] = {}
+
+
+def _deeper_than(root: etree._Element, limit: int) -> bool:
+    """Does any node below ``root`` that is not text (an element, a comment, a processing
+    instruction) sit more than ``limit`` levels deep, ``root`` being level 1? One compiled
+    XPath, evaluated by libxml2: no Python loop over the tree."""
+    probe = _DEPTH_PROBES.get(limit)
+    if probe is None:
+        if limit < 1:
+            return True
+        path = "/*" * limit + "/node()[not(self::text())]"
+        probe = _DEPTH_PROBES[limit] = etree.XPath(f"boolean({path})")
+    return bool(probe(root))

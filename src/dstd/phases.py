@@ -107,7 +107,7 @@ def _definitions(ctx: DestinationContext, req: PrepareInput) -> tuple[DomainDef,
         check_abi_stable(received, persist, new_name=new_name)
     # before anything is reserved or started: both would run here (one now, one when
     # started again), so both must be what this host allows
-    for d in (received, persist):
+    for d in (received,) if persist is received else (received, persist):
         ctx.hypervisor.check_definition(d)
     return received, persist
 

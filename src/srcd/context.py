@@ -16,7 +16,7 @@ from vmmigrate.common.domainxml import DomainDef, parse_domain
 from vmmigrate.common.errors import HostBusy
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.groupcommit import GroupCommit, offloader
-from vmmigrate.common.hypervisor import QMPHypervisor
+from vmmigrate.common.hypervisor import QMPHypervisor, RuntimeRecord
 from vmmigrate.common.observe import Observability
 from vmmigrate.common.rpc import open_channel
 from vmmigrate.common.shutdown import ShutdownGate
@@ -27,6 +27,8 @@ from vmmigrate.srcd.jobs import CompletedJob, SourceJobTable
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
+
+_Stub = tuple[grpc.aio.Channel, pb_grpc.MigrationDestinationServiceStub]
 
 
 class PeerPool:
@@ -56,6 +58,7 @@ class PeerPool:
         self._retiring: set[asyncio.Task[None]] = set()
         self._caps: dict[str, tuple[float, pb.CapabilitiesResponse]] = {}
         self._batchers: dict[str, DestinationBatcher] = {}
+        self._stubs: dict[str, _Stub] = {}  # by address, with the channel it was built on
 
     def cached_caps(self, address: str) -> pb.CapabilitiesResponse | None:
         entry = self._caps.get(address)
@@ -90,7 +93,14 @@ class PeerPool:
         return channel
 
     def destination(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
-        return pb_grpc.MigrationDestinationServiceStub(self._channel(address))
+        """The stub on ``address``'s channel (built once per channel: a stub makes one
+        callable per method)."""
+        channel = self._channel(address)
+        stub = self._stubs.get(address)
+        if stub is None or stub[0] is not channel:
+            stub = (channel, pb_grpc.MigrationDestinationServiceStub(channel))
+            self._stubs[address] = stub
+        return stub[1]
 
     def batcher(self, address: str) -> DestinationBatcher:
         """The coalescing Prepare/Finish lanes to ``address`` (srcd/batcher.py), on the
@@ -117,6 +127,7 @@ class PeerPool:
     async def reconnect(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
         """Drop the channel to ``address`` and open a fresh one."""
         self._caps.pop(address, None)
+        self._stubs.pop(address, None)
         old = self._channels.pop(address, None)
         if old is not None:
             await old.close(None)
@@ -124,6 +135,7 @@ class PeerPool:
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
+        self._stubs.clear()
         for channel in channels.values():
             await channel.close(None)
         for task in list(self._retiring):
@@ -218,12 +230,13 @@ class SourceContext:
         task.add_done_callback(self.background.discard)
         return task
 
-    def transient_domains(self) -> list[DomainDef]:
+    def transient_domains(self, records: list[RuntimeRecord] | None = None) -> list[DomainDef]:
         """Running domains with no definition here (they arrived by a live migration
-        without --persistent): their running XML is all there is."""
+        without --persistent): their running XML is all there is. ``records``: the
+        runtime records, if the caller has just read them."""
         return [
             parse_domain(rec.xml, generate_uuid=False, max_bytes=len(rec.xml.encode()) + 1)
-            for rec in self.hypervisor.records()
+            for rec in (self.hypervisor.records() if records is None else records)
             if rec.xml and self.store.find(rec.uuid) is None
         ]
 
