@@ -122,6 +122,13 @@ class HostStore:
         self._incoming = Reservations(self._lock, self._journal, self._defs, self._jobs)
         with self._lock.held():
             self._lock.init_generation()
+            if self._lock.read_generation() % 2:
+                # Odd with the store lock held: a writer died half-way through a change of
+                # domains/ (e.g. a group commit cut between its renames). Close it as a
+                # change of unknown files, so that the other daemon's view re-reads the
+                # directory now rather than after its grace for a live writer.
+                with self._lock.changing(self.state_dir / "domains"):
+                    log.warning("store_change_left_half_done")
             for d in dirs[:4]:
                 n = clean_temp_files(d)
                 if n:

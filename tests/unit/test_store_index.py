@@ -223,3 +223,23 @@ def test_another_process_write_under_way_is_not_waited_for_nor_rescanned(
         thread.join(10)
     assert names(reader) == ["a", "b"]
     assert rescans == []
+
+
+def test_a_restart_closes_a_change_its_dead_writer_left_half_done(tmp_path: Path) -> None:
+    """A daemon killed in the middle of a change (a group commit cut between its renames)
+    leaves the counter odd; the daemon's restart, holding the store lock, closes it, and the
+    host's other daemon sees the renamed files at its next look, not after its grace for
+    a live writer."""
+    other = HostStore(tmp_path)
+    dead = HostStore(tmp_path)
+    dead.define(mkdef("before", U1))
+    assert names(other) == ["before"]
+    lock = dead._lock
+    with lock.held():
+        lock.write_generation(lock.read_generation() + 1)  # the change began...
+        (tmp_path / "domains" / f"{U2}.xml").write_text(mkdef("renamed", U2).xml)
+    dead.close()  # ...and its writer died
+    assert other._lock.read_generation() % 2 == 1
+    restarted = HostStore(tmp_path)
+    assert restarted._lock.read_generation() % 2 == 0
+    assert names(other) == ["before", "renamed"]
