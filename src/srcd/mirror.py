@@ -229,6 +229,12 @@ class Mirrors:
         errors = await self._wait_ended()
         if errors:
             raise Assessment(MirrorState.FAILED, *errors[0]).failure()
+        # Ended in step with the guest paused: all of it is on the destination. The look
+        # before the cancel may still count what the guest wrote just before its pause
+        # (QEMU's ready mirror flushes it as it completes), and domjobinfo --completed
+        # reports a finished copy, as libvirt does.
+        total = self.job.mirror.get("total", 0)
+        self.job.mirror = {"total": total, "transferred": total, "remaining": 0}
         await self._release()
         log.info("mirrors_completed", migration_id=self.job.migration_id, **self.job.mirror)
 

@@ -86,3 +86,31 @@ def test_recovery_yanks_the_leftover_nodes_before_removing_them() -> None:
     assert [i["node-name"] for i in yanked["instances"]] == NODES  # not the disk's own node
     assert names.index("yank") < names.index("blockdev-del")
     assert [a for c, a in mon.sent if c == "blockdev-del"] == [{"node-name": n} for n in NODES]
+
+
+class ReadyMonitor(FakeMonitor):
+    """Mirrors in step, the last look still counting what the guest wrote just before its
+    pause (QEMU flushes it as the ready job completes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs = {c.export: "ready" for c in (VDA, VDB)}
+
+    async def execute(self, command: str, arguments: Any = None, timeout: float = 10) -> Any:
+        got = await super().execute(command, arguments, timeout)
+        if command == "query-jobs":
+            for j in got:
+                j.update({"total-progress": 1 << 20, "current-progress": (1 << 20) - 65536})
+        return got
+
+
+def test_a_copy_completed_in_step_reports_nothing_remaining() -> None:
+    job = SimpleNamespace(copies=(VDA, VDB), migration_id="m1", mirror={})
+    mirrors = Mirrors(SimpleNamespace(), job, {})  # type: ignore[arg-type]
+    mon = ReadyMonitor()
+    mirrors._mon = mon  # type: ignore[assignment]
+    mirrors.jobs = [VDA.export, VDB.export]
+    mirrors.nodes = list(NODES)
+    asyncio.run(mirrors.complete())
+    assert job.mirror == {"total": 2 << 20, "transferred": 2 << 20, "remaining": 0}
+    assert mon.names().count("block-job-cancel") == 2
