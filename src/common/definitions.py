@@ -49,32 +49,6 @@ _Cached = tuple[_StatKey, DomainDef | None]  # None: unreadable, reported once
 ODD_GRACE = 1.0
 
 
-def find_in(defs: Sequence[DomainDef], key: str) -> DomainDef | None:
-    """By name, else by UUID (any case, with or without dashes)."""
-    for d in defs:
-        if d.name == key:
-            return d
-    u = canonical_uuid_or_none(key)
-    if u is not None:
-        for d in defs:
-            if d.uuid == u:
-                return d
-    return None
-
-
-def check_clash(defs: Sequence[DomainDef], name: str, uuid: str) -> bool:
-    """libvirt's virDomainObjListAdd clash rules; True if (name, uuid) is defined."""
-    for other in defs:
-        if other.uuid == uuid:
-            if other.name != name:
-                raise DomainExists(f"domain '{other.name}' is already defined with uuid {uuid}")
-            return True
-    for other in defs:
-        if other.name == name:
-            raise DomainExists(f"domain '{name}' already exists with uuid {other.uuid}")
-    return False
-
-
 class _Index:
     """The parsed definitions of ``domains/``, by file name, by UUID and by name."""
 
@@ -107,7 +81,7 @@ class _Index:
                 del self.by_name[d.name]
 
     def find(self, key: str) -> DomainDef | None:
-        """By name, else by UUID (any case, with or without dashes): find_in's rules."""
+        """By name, else by UUID (any case, with or without dashes)."""
         named = self.by_name.get(key)
         if named:
             return next(iter(named.values()))
@@ -115,7 +89,7 @@ class _Index:
         return self.by_uuid.get(u) if u is not None else None
 
     def check_clash(self, name: str, uuid: str) -> bool:
-        """check_clash's rules, by index."""
+        """libvirt's virDomainObjListAdd clash rules; True if (name, uuid) is defined."""
         other = self.by_uuid.get(uuid)
         if other is not None:
             if other.name != name:
