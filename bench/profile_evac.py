@@ -45,7 +45,7 @@ async def run(args: argparse.Namespace, out: Path, a: Host, b: Host) -> int:
         spies = {}
         for key, pid in pids.items():
             cmd = [exe, "record", "--pid", str(pid), "--rate", str(args.rate), "--format",
-                   "raw", "--output", str(out / f"{key}.folded"), "--nonblocking"]  # fmt: skip
+                   "raw", "--output", str(out / f"{key}.folded"), "--nonblocking", "--gil"]  # fmt: skip
             spies[key] = subprocess.Popen(
                 cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
             )
