@@ -316,7 +316,12 @@ class HostStore:
                     f"migration id '{rec.migration_id}' is already in use by a {old.role} "
                     f"job for domain '{old.domain_name}'"
                 )
-            self._journal.write(dataclasses.replace(rec, role=role), durable=durable)
+            rec = dataclasses.replace(rec, role=role)
+            if role == Role.DESTINATION:  # a source record changes no reservation
+                with self._incoming.index.changing(rec.migration_id, rec):
+                    self._journal.write(rec, durable=durable)
+            else:
+                self._journal.write(rec, durable=durable)
 
     def journal_get(self, migration_id: str) -> JobRecord | None:
         validate_migration_id(migration_id)
@@ -333,7 +338,7 @@ class HostStore:
         A finished job's record need not go durably: if it comes back after a crash,
         recovery finds the job already complete and drops it again."""
         validate_migration_id(migration_id)
-        with self._lock.held():
+        with self._lock.held(), self._incoming.index.changing(migration_id, None):
             self._journal.remove(migration_id, durable=durable)
 
     # ------------------------------------------------------------------ outcomes
