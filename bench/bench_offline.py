@@ -333,6 +333,45 @@ async def latency(
 # evacuation throughput
 
 
+async def evacuate_many(
+    hosts: dict[str, Host], names: list[str], frm: str, to: str, parallel: int,
+    tls: Path | None = None,
+) -> dict[str, Any]:
+    """Migrate ``names`` frm -> to in one MigrateMany call (what migctl evacuate sends),
+    from a warm channel: the daemons' part of ``migctl evacuate --offline``."""
+    ch = open_bench_channel(hosts[frm].src, tls)
+    errors: list[str] = []
+    ok = 0
+    try:
+        await asyncio.wait_for(ch.channel_ready(), 20)
+        dom = pb_grpc.DomainServiceStub(ch)
+        start = pb.MigrateManyStart(
+            dest_uri=hosts[to].dst, flags=int(MigrateFlag.PEER2PEER), domains=names,
+            selection=pb.SELECT_OFFLINE, parallel=parallel,
+        )
+        t0 = time.perf_counter()
+        call = dom.MigrateMany(iter([pb.MigrateManyRequest(start=start)]), timeout=1800)
+        async for msg in call:
+            for r in msg.results:
+                if r.HasField("error"):
+                    errors.append(f"{r.domain}: {r.error.code}: {r.error.message}")
+                else:
+                    ok += 1
+        wall = time.perf_counter() - t0
+    finally:
+        await ch.close(None)
+    return {
+        "direction": f"{frm}->{to}",
+        "clients": parallel,
+        "ok": ok,
+        "errors": len(errors),
+        "first_errors": errors[:5],
+        "wall_s": round(wall, 3),
+        "migr_per_s": round(ok / wall, 1),
+        "lat_ms": {},
+    }
+
+
 async def evacuate(
     hosts: dict[str, Host], names: list[str], frm: str, to: str, clients: int,
     tls: Path | None = None,
