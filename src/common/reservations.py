@@ -150,13 +150,22 @@ class Reservations:
                     for i, _, _ in todo:
                         results[i] = exc
                     return results
-        for i, d, migration_id in todo:
+        if len(todo) == 1:
+            i, d, migration_id = todo[0]
             log.info(
                 "domain_persisted",
                 migration_id=migration_id,
                 name=d.name,
                 uuid=d.uuid,
                 replaced=results[i][1],  # type: ignore[index]
+            )
+        elif todo:  # a group commit: one line for the group (logging is per-domain CPU)
+            log.info(
+                "domains_persisted",
+                count=len(todo),
+                migration_ids=[m for _, _, m in todo],
+                names=[d.name for _, d, _ in todo],
+                replaced=[d.name for i, d, _ in todo if results[i][1]],  # type: ignore[index]
             )
         return results
 

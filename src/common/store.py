@@ -226,9 +226,16 @@ class HostStore:
                     self._defs.remove_many(sorted(gone))
                 except Exception as exc:
                     return [r if isinstance(r, Exception) else exc for r in results]
-        for r in results:
-            if not isinstance(r, Exception):
-                log.info("domain_undefined", name=r.name, uuid=r.uuid)
+        removed = [r for r in results if not isinstance(r, Exception)]
+        if len(removed) == 1:
+            log.info("domain_undefined", name=removed[0].name, uuid=removed[0].uuid)
+        elif removed:  # a group commit: one line for the group (logging is per-domain CPU)
+            log.info(
+                "domains_undefined",
+                count=len(removed),
+                names=[r.name for r in removed],
+                uuids=[r.uuid for r in removed],
+            )
         return results
 
     # ------------------------------------------------------------------ source job lock
