@@ -37,8 +37,9 @@ class Reservations:
 
     def holder(self, name: str | None, uuid: str, *, ignore: str | None = None) -> JobRecord | None:
         """The incoming migration (other than ``ignore``) that reserved name or uuid."""
-        held = self._lock.held_here()
-        for rec in self.index.records() if held else self._journal.read_all():
+        if self._lock.held_here():
+            return self.index.holder(name, uuid, ignore)
+        for rec in self._journal.read_all():
             if rec.role != Role.DESTINATION or rec.migration_id == ignore:
                 continue
             if rec.domain_name == name or same_uuid(rec.domain_uuid, uuid):

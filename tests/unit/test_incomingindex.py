@@ -77,3 +77,20 @@ def test_a_writer_that_died_half_way_means_a_scan_each_time(
     b.reserve_incoming(incoming("m9", "vm9", "d1a2a3a4-b1b2-4c1c-8d1d-e1e2e3e4e5e6"))
     with pytest.raises(JobActive):
         a.define(mkdef("vm9", "d1a2a3a4-b1b2-4c1c-8d1d-e1e2e3e4e5e6"))
+
+
+def test_holder_by_name_or_any_spelling_of_the_uuid(two: tuple[HostStore, HostStore]) -> None:
+    a, b = two
+    b.reserve_incoming(incoming("m5", "vm5", U2))
+    idx = a._incoming.index
+    with a._lock.held():
+        assert idx.holder("vm5", U3, None) is not None  # by name
+        got = idx.holder(None, U2.upper().replace("-", ""), None)  # by UUID, any spelling
+        assert got is not None and got.migration_id == "m5"
+        assert idx.holder("vm5", U2, "m5") is None  # its own migration is not a holder
+        assert idx.holder("other", U1, None) is None
+    a.release_incoming("m5")  # released through the other store: gone from both views
+    with a._lock.held():
+        assert idx.holder("vm5", U2, None) is None
+    with b._lock.held():  # (one at a time: the two stores share one lock file)
+        assert b._incoming.index.holder("vm5", U2, None) is None
