@@ -129,8 +129,9 @@ def test_daemon_killed_midway_through_a_migrate_many(
         b.start_dstd()
     settled(a, b, timeout=90)
     wait_until(lambda: len(a.names()) + len(b.names()) == MANY, 30, "every domain settled")
-    on_a, _ = _one_owner_each(a, b, names)
-    assert on_a  # some had not moved (the rest may have, before the crash or in recovery)
+    # where each ended depends on where the crash cut it (recovery finishes those whose
+    # Finish had succeeded): the point is one owner each
+    _one_owner_each(a, b, names)
     r = a.migctl("evacuate", "--offline", b.dst, check=False, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert a.names() == [] and sorted(b.names()) == sorted(names)
