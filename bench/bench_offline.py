@@ -15,10 +15,12 @@ Phases:
             srcd.Confirm itself: migctl.managed's sequence, with warm channels), and once
             more with migctl.managed.migrate as migctl runs it (a new channel to the
             destination per migration).
-  evac      --domains domains defined on A, all migrated A -> B with T concurrent clients
-            (each its own channel, the domains split between them), then B -> A, for every
-            T in --clients; after each direction both hosts are listed and every domain must
-            be on exactly one host (the expected one).
+  evac      --domains domains defined on A, all migrated A -> B, then B -> A, for every T
+            in --clients, by two paths interleaved: one MigrateMany call with --parallel T
+            (what migctl evacuate sends; path "many"), and one Migrate per domain from T
+            concurrent clients (each its own channel, the domains split between them; path
+            "unary"); after each direction both hosts are listed and every domain must be
+            on exactly one host (the expected one).
 
 With --profile DIR an extra, separately reported p2p loop runs with py-spy attached to the
 four daemons (py-spy must be on PATH or in the venv); its numbers are not the clean ones.
@@ -333,6 +335,45 @@ async def latency(
 # evacuation throughput
 
 
+async def evacuate_many(
+    hosts: dict[str, Host], names: list[str], frm: str, to: str, parallel: int,
+    tls: Path | None = None,
+) -> dict[str, Any]:
+    """Migrate ``names`` frm -> to in one MigrateMany call (what migctl evacuate sends),
+    from a warm channel: the daemons' part of ``migctl evacuate --offline``."""
+    ch = open_bench_channel(hosts[frm].src, tls)
+    errors: list[str] = []
+    ok = 0
+    try:
+        await asyncio.wait_for(ch.channel_ready(), 20)
+        dom = pb_grpc.DomainServiceStub(ch)
+        start = pb.MigrateManyStart(
+            dest_uri=hosts[to].dst, flags=int(MigrateFlag.PEER2PEER), domains=names,
+            selection=pb.SELECT_OFFLINE, parallel=parallel,
+        )
+        t0 = time.perf_counter()
+        call = dom.MigrateMany(iter([pb.MigrateManyRequest(start=start)]), timeout=1800)
+        async for msg in call:
+            for r in msg.results:
+                if r.HasField("error"):
+                    errors.append(f"{r.domain}: {r.error.code}: {r.error.message}")
+                else:
+                    ok += 1
+        wall = time.perf_counter() - t0
+    finally:
+        await ch.close(None)
+    return {
+        "direction": f"{frm}->{to}",
+        "clients": parallel,
+        "ok": ok,
+        "errors": len(errors),
+        "first_errors": errors[:5],
+        "wall_s": round(wall, 3),
+        "migr_per_s": round(ok / wall, 1),
+        "lat_ms": {},
+    }
+
+
 async def evacuate(
     hosts: dict[str, Host], names: list[str], frm: str, to: str, clients: int,
     tls: Path | None = None,
@@ -420,23 +461,32 @@ async def define_all(client: Client, names: list[str]) -> float:
 
 
 async def throughput(
-    client: Client, pids: dict[str, int], n_domains: int, levels: list[int]
+    client: Client, pids: dict[str, int], n_domains: int, levels: list[int],
+    paths: Sequence[str] = ("many", "unary"),
 ) -> dict[str, Any]:
+    """Evacuations of ``n_domains`` A -> B and back at each level, by each path, interleaved:
+    ``many`` one MigrateMany call with --parallel = level (what migctl evacuate sends),
+    ``unary`` one Migrate RPC per domain from level concurrent clients."""
     names = [f"evac-{i:04d}" for i in range(n_domains)]
     define_s = await define_all(client, names)
     runs = []
     for t in levels:
-        for frm, to in (("A", "B"), ("B", "A")):
-            with CpuMeter(pids) as cpu:
-                r = await evacuate(client.hosts, names, frm, to, t, client.tls)
-            r["cpu_ms_per_migration"] = cpu.per_migration_ms(max(r["ok"], 1))
-            r["verify"] = await verify_placement(client, names, to)
-            runs.append(r)
-            print(
-                f"  {t:2d} client(s) {frm}->{to}: {r['migr_per_s']:7.1f} migrations/s"
-                f"  ({r['ok']} ok, {r['errors']} errors, placement ok={r['verify']['ok']})",
-                flush=True,
-            )
+        for path in paths:
+            for frm, to in (("A", "B"), ("B", "A")):
+                with CpuMeter(pids) as cpu:
+                    if path == "many":
+                        r = await evacuate_many(client.hosts, names, frm, to, t, client.tls)
+                    else:
+                        r = await evacuate(client.hosts, names, frm, to, t, client.tls)
+                r["path"] = path
+                r["cpu_ms_per_migration"] = cpu.per_migration_ms(max(r["ok"], 1))
+                r["verify"] = await verify_placement(client, names, to)
+                runs.append(r)
+                print(
+                    f"  {path:5} {t:2d} {frm}->{to}: {r['migr_per_s']:7.1f} migrations/s"
+                    f"  ({r['ok']} ok, {r['errors']} errors, placement ok={r['verify']['ok']})",
+                    flush=True,
+                )
     return {"domains": n_domains, "define_all_s": round(define_s, 3), "runs": runs}
 
 

@@ -3,7 +3,9 @@
 A -> B by --clients concurrent clients (bench_offline's evac), with py-spy recording the
 four daemons; writes one folded-stack file per daemon into DIR and prints the rate.
 
-    .venv/bin/python -m bench.profile_evac DIR [--domains 1000] [--clients 16]
+    .venv/bin/python -m bench.profile_evac DIR [--domains 1000] [--clients 16] [--many]
+
+--many: one MigrateMany call instead (what migctl evacuate sends), --clients its --parallel.
 
 A profiling aid, not a clean benchmark (py-spy slows the daemons it samples).
 """
@@ -25,6 +27,7 @@ from bench.bench_offline import (
     daemon_pids,
     define_all,
     evacuate,
+    evacuate_many,
     find_py_spy,
     two_hosts,
 )
@@ -50,7 +53,10 @@ async def run(args: argparse.Namespace, out: Path, a: Host, b: Host) -> int:
                 cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
             )
         await asyncio.sleep(2.0)
-        r = await evacuate(client.hosts, names, "A", "B", args.clients)
+        if args.many:
+            r = await evacuate_many(client.hosts, names, "A", "B", args.clients)
+        else:
+            r = await evacuate(client.hosts, names, "A", "B", args.clients)
         for p in spies.values():
             p.send_signal(signal.SIGINT)
         for p in spies.values():
@@ -67,6 +73,8 @@ def main() -> int:
     ap.add_argument("--domains", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--rate", type=int, default=500)
+    ap.add_argument("--many", action="store_true",
+                    help="one MigrateMany call (migctl evacuate's path), --clients its parallel")
     add_host_options(ap)
     args = ap.parse_args()
     out = Path(args.out)

@@ -61,6 +61,7 @@ _WHAT: Final = {
     "Suspend": "suspending a domain",
     "Resume": "resuming a domain",
     "Migrate": "migrating a domain",
+    "MigrateMany": "migrating domains",
     "AbortJob": "aborting a job",
     "SetMaxSpeed": "setting the migration speed",
     "SetMaxDowntime": "setting the migration downtime",

@@ -16,6 +16,7 @@ import structlog
 from vmmigrate.common.definitions import Definitions
 from vmmigrate.common.domainxml import DomainDef, validate_name
 from vmmigrate.common.errors import InvalidArgument, OperationInvalid
+from vmmigrate.common.incomingindex import IncomingIndex
 from vmmigrate.common.joblock import JobLocks, job_busy
 from vmmigrate.common.journal import JobRecord, Journal, Role, validate_migration_id
 from vmmigrate.common.storelock import StoreLock
@@ -32,9 +33,12 @@ class Reservations:
         self._journal = journal
         self._defs = definitions
         self._jobs = jobs
+        self.index = IncomingIndex(lock, journal)  # the reservations, without a scan each time
 
     def holder(self, name: str | None, uuid: str, *, ignore: str | None = None) -> JobRecord | None:
         """The incoming migration (other than ``ignore``) that reserved name or uuid."""
+        if self._lock.held_here():
+            return self.index.holder(name, uuid, ignore)
         for rec in self._journal.read_all():
             if rec.role != Role.DESTINATION or rec.migration_id == ignore:
                 continue
@@ -83,7 +87,8 @@ class Reservations:
                 rec = dataclasses.replace(rec, started_unix=mine.started_unix)
             # Not fsync'd: a reservation lost in a crash was never a definition, and the
             # restarted dstd drops reservations anyway. Both daemons still see it at once.
-            self._journal.write(rec, durable=False)
+            with self.index.changing(rec.migration_id, rec):
+                self._journal.write(rec, durable=False)
         log.debug(
             "incoming_reserved",
             migration_id=rec.migration_id,
@@ -146,13 +151,22 @@ class Reservations:
                     for i, _, _ in todo:
                         results[i] = exc
                     return results
-        for i, d, migration_id in todo:
+        if len(todo) == 1:
+            i, d, migration_id = todo[0]
             log.info(
                 "domain_persisted",
                 migration_id=migration_id,
                 name=d.name,
                 uuid=d.uuid,
                 replaced=results[i][1],  # type: ignore[index]
+            )
+        elif todo:  # a group commit: one line for the group (logging is per-domain CPU)
+            log.info(
+                "domains_persisted",
+                count=len(todo),
+                migration_ids=[m for _, _, m in todo],
+                names=[d.name for _, d, _ in todo],
+                replaced=[d.name for i, d, _ in todo if results[i][1]],  # type: ignore[index]
             )
         return results
 
@@ -174,4 +188,5 @@ class Reservations:
             rec = self._journal.read(migration_id)
             if rec is not None and rec.role == Role.DESTINATION:
                 # a reservation that comes back after a crash is dropped at start-up
-                self._journal.remove(migration_id, durable=False)
+                with self.index.changing(migration_id, None):
+                    self._journal.remove(migration_id, durable=False)

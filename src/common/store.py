@@ -226,9 +226,16 @@ class HostStore:
                     self._defs.remove_many(sorted(gone))
                 except Exception as exc:
                     return [r if isinstance(r, Exception) else exc for r in results]
-        for r in results:
-            if not isinstance(r, Exception):
-                log.info("domain_undefined", name=r.name, uuid=r.uuid)
+        removed = [r for r in results if not isinstance(r, Exception)]
+        if len(removed) == 1:
+            log.info("domain_undefined", name=removed[0].name, uuid=removed[0].uuid)
+        elif removed:  # a group commit: one line for the group (logging is per-domain CPU)
+            log.info(
+                "domains_undefined",
+                count=len(removed),
+                names=[r.name for r in removed],
+                uuids=[r.uuid for r in removed],
+            )
         return results
 
     # ------------------------------------------------------------------ source job lock
@@ -316,7 +323,12 @@ class HostStore:
                     f"migration id '{rec.migration_id}' is already in use by a {old.role} "
                     f"job for domain '{old.domain_name}'"
                 )
-            self._journal.write(dataclasses.replace(rec, role=role), durable=durable)
+            rec = dataclasses.replace(rec, role=role)
+            if role == Role.DESTINATION:  # a source record changes no reservation
+                with self._incoming.index.changing(rec.migration_id, rec):
+                    self._journal.write(rec, durable=durable)
+            else:
+                self._journal.write(rec, durable=durable)
 
     def journal_get(self, migration_id: str) -> JobRecord | None:
         validate_migration_id(migration_id)
@@ -333,7 +345,7 @@ class HostStore:
         A finished job's record need not go durably: if it comes back after a crash,
         recovery finds the job already complete and drops it again."""
         validate_migration_id(migration_id)
-        with self._lock.held():
+        with self._lock.held(), self._incoming.index.changing(migration_id, None):
             self._journal.remove(migration_id, durable=durable)
 
     # ------------------------------------------------------------------ outcomes

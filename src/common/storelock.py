@@ -23,6 +23,11 @@ reader saw to what it sees now, so that nothing changed the directory outside th
 Entries are written before the generation turns even, and a reader checks that the
 generation did not move while it read them.
 
+After the ring, at JOURNAL_GEN_AT, a second counter for ``jobs/``: every write or removal
+that can change the set of incoming reservations is bracketed by it (odd while under way),
+so that a process's index of them (common/incomingindex.py) is known current without a
+scan of ``jobs/`` while the counter is even and where the process left it.
+
 Not fork-safe beyond the basics: a forked child reopens the lock file, but should make its
 own store.
 """
@@ -48,6 +53,7 @@ _ENTRY = struct.Struct("<QQQQ48s")
 LOG_SLOTS = 1024
 _COUNT_AT = 8
 _RING_AT = 16
+JOURNAL_GEN_AT = _RING_AT + LOG_SLOTS * _ENTRY.size
 DirState = tuple[int, int, int]  # (generation, directory inode, directory mtime_ns)
 _Entry = tuple[int, int, int, str]  # (directory inode, mtime_ns before, after, file name)
 
@@ -131,6 +137,15 @@ class StoreLock:
     def write_generation(self, value: int) -> None:
         with storage_errors("write", self.path):
             os.pwrite(self._fd, value.to_bytes(8, "little"), 0)
+
+    def read_journal_generation(self) -> int:
+        """The ``jobs/`` counter (odd, never trusted, until a first change writes it)."""
+        data = os.pread(self._fd, 8, JOURNAL_GEN_AT)
+        return int.from_bytes(data, "little") if len(data) == 8 else 1
+
+    def write_journal_generation(self, value: int) -> None:
+        with storage_errors("write", self.path):
+            os.pwrite(self._fd, value.to_bytes(8, "little"), JOURNAL_GEN_AT)
 
     @contextlib.contextmanager
     def changing(self, directory: Path | None = None, names: Sequence[str] = ()) -> Iterator[None]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import enum
 import signal
 import sys
 from collections import deque
@@ -44,38 +43,28 @@ from vmmigrate.common.errors import (
     NoDomain,
     OperationAborted,
     OperationInvalid,
-    PeerUnavailable,
-    PermissionDenied,
-    SameHost,
-    Unauthenticated,
     VmmigrateError,
     libvirt_text,
 )
+from vmmigrate.common.evacuation import (
+    STARTED_HERE,
+    STOPS_EVACUATION,
+    Selection,
+    stopped_by,
+)
+from vmmigrate.common.evacuation import domain_flags as shared_domain_flags
 from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.migctl import evacstream
 from vmmigrate.migctl.rules import check_stream_options
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 INACTIVE = pb.DOMAIN_STATE_SHUTOFF
-# flags that only mean something for a live migration (the memory stream), dropped from
-# the offline ones
-LIVE_ONLY = MigrateFlag.TUNNELLED | MigrateFlag.AUTO_CONVERGE | MigrateFlag.UNSAFE
-# errors about the destination or the hosts, not the domain: every later migration would
-# fail the same way (ShuttingDown is a PeerUnavailable)
-STOPS_EVACUATION = (SameHost, PeerUnavailable, Unauthenticated, PermissionDenied)
 
 
 class EvacuateUsageError(Exception):
     """A command line refused before any daemon is called (migctl prints it as a usage
     error)."""
-
-
-class Selection(enum.Enum):
-    """Which domains move, and how (--live, --offline, or neither)."""
-
-    ALL = "all"
-    LIVE = "live"
-    OFFLINE = "offline"
 
 
 @dataclass(frozen=True)
@@ -119,17 +108,7 @@ def domain_flags(
 ) -> MigrateFlag:
     """The flags of one domain's migration, from its state when its turn comes; raises
     OperationInvalid (the reason it is not moved) when the selection leaves it here."""
-    active = state != INACTIVE
-    if selection is Selection.LIVE and not active:
-        raise OperationInvalid("domain is not running")
-    if selection is Selection.OFFLINE and active:
-        raise OperationInvalid("domain is running: evacuate --offline moves inactive domains")
-    flags = base | (MigrateFlag.LIVE if active else MigrateFlag.OFFLINE)
-    if not active:
-        flags &= ~LIVE_ONLY
-    if persistent:
-        flags |= MigrateFlag.PERSIST_DEST | MigrateFlag.UNDEFINE_SOURCE
-    return flags
+    return shared_domain_flags(selection, state != INACTIVE, persistent, base)
 
 
 @dataclass(frozen=True)
@@ -297,7 +276,7 @@ class Evacuation:
             self._record(outcome, True)
             if outcome.error is not None and isinstance(outcome.error, STOPS_EVACUATION):
                 text = libvirt_text(outcome.error)
-                self.stop(OperationAborted(f"evacuation stopped by an earlier error: {text}"))
+                self.stop(OperationAborted(stopped_by(text)))
 
     def _record(self, outcome: Outcome, was_running: bool) -> None:
         self.outcomes.append(outcome)
@@ -338,10 +317,7 @@ class Evacuation:
             await self.s.rpc(self.s.dom.GetInfo, pb.DomainRequest(domain=target.uuid))
         except NoDomain:
             return
-        raise OperationInvalid(
-            "domain was started here during its offline migration: its definition was "
-            "copied to the destination, but it still runs on this host"
-        )
+        raise OperationInvalid(STARTED_HERE)
 
 
 async def targets(s: Any, names: list[str] | None) -> tuple[list[Target], list[Outcome]]:
@@ -370,13 +346,51 @@ async def targets(s: Any, names: list[str] | None) -> tuple[list[Target], list[O
 async def evacuate(
     a: argparse.Namespace, s: Any, dest: str, migrate_timeout: float, out: TextIO
 ) -> int:
-    """The command: select, migrate, report. Returns the exit status."""
+    """The command: select, migrate, report. Returns the exit status. Through srcd's
+    MigrateMany stream; one Migrate per domain if srcd has no MigrateMany."""
     opts = options(a)
+    with contextlib.suppress(evacstream.Unimplemented):
+        return await _by_stream(a, s, dest, opts, migrate_timeout=migrate_timeout, out=out)
     todo, missing = await targets(s, a.domains)
     progress = Progress(out, len(todo) + len(missing), out.isatty())
     for outcome in missing:
         progress.ended(outcome, False)
     outcomes = missing + await Evacuation(s, dest, opts, migrate_timeout).run(todo, progress)
+    return _report(outcomes, dest, progress, out)
+
+
+_SELECTIONS = {
+    Selection.ALL: pb.SELECT_ALL,
+    Selection.LIVE: pb.SELECT_LIVE,
+    Selection.OFFLINE: pb.SELECT_OFFLINE,
+}
+
+
+async def _by_stream(
+    a: argparse.Namespace, s: Any, dest: str, opts: Options, *, migrate_timeout: float, out: TextIO
+) -> int:
+    """The whole evacuation in one MigrateMany call (raises evacstream.Unimplemented)."""
+    if a.domains is None:
+        r = await s.rpc(s.dom.List, pb.ListRequest(all=True))
+        expected = [e.domain.name for e in r.domains]
+    else:
+        expected = list(dict.fromkeys(a.domains))
+    start = pb.MigrateManyStart(
+        dest_uri=dest,
+        flags=int(opts.flags),
+        params=opts.params,
+        selection=_SELECTIONS[opts.selection],
+        domains=a.domains or [],
+        parallel=opts.parallel,
+    )
+    progress = Progress(out, len(expected), out.isatty())
+    deadline = evacstream.stream_deadline(migrate_timeout, len(expected), opts.parallel)
+    run = evacstream.StreamEvacuation(s, start, deadline)
+    outcomes = await run.run(progress, Outcome, expected)
+    return _report(outcomes, dest, progress, out)
+
+
+def _report(outcomes: list[Outcome], dest: str, progress: Progress, out: TextIO) -> int:
     progress.close()
     for line in summary(outcomes, dest):
         print(line, file=out)

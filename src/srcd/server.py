@@ -29,7 +29,7 @@ from vmmigrate.common.phase import Phase, require
 from vmmigrate.common.rpc import Deadline
 from vmmigrate.common.store import HostStore
 from vmmigrate.common.tls import daemon_tls
-from vmmigrate.srcd import phases, relay
+from vmmigrate.srcd import evacuate, phases, relay
 from vmmigrate.srcd.context import OutgoingSlots, PeerPool, SourceContext
 from vmmigrate.srcd.domains import DomainAPI, domain_ref, emulator_gone
 from vmmigrate.srcd.jobs import SourceJob, SourceJobTable, SourceParams
@@ -111,6 +111,20 @@ class DomainService(pb_grpc.DomainServiceServicer):
             dest_domain=result.dest_domain,
             phases=list(result.phases),
         )
+
+    async def MigrateMany(
+        self, requests: AsyncIterator[pb.MigrateManyRequest], context: Any
+    ) -> AsyncIterator[pb.MigrateManyProgress]:
+        """Host evacuation (srcd/evacuate.py): a stream, not unary, so not under @handler;
+        a refused request is translated the same way (each domain's error travels in its
+        result, with its code)."""
+        with structlog.contextvars.bound_contextvars(rpc="MigrateMany", role="source"):
+            try:
+                async for msg in evacuate.migrate_many(self.ctx, requests):
+                    yield msg
+            except (OSError, VmmigrateError) as exc:
+                count_refusal(self, exc)
+                await abort_with(context, exc, log)
 
     @handler
     async def Start(self, request: pb.DomainRequest, context: Any) -> pb.DomainResponse:

@@ -82,3 +82,57 @@ def test_source_killed_with_a_finish_batch_answered(fresh_hosts: tuple[Host, Hos
     if on_a:  # those whose Finish had not been sent: the next run moves them
         assert _evacuate(a, b) == 0
     assert a.names() == [] and sorted(b.names()) == sorted(names)
+
+
+MANY = 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("daemon", "failpoint"),
+    [
+        ("srcd", "srcd.begin.after_journal"),
+        ("srcd", "srcd.confirm.after_undefine"),
+        ("dstd", "dstd.prepare.after_reserve"),
+        ("dstd", "dstd.finish.after_outcome"),
+    ],
+)
+def test_daemon_killed_midway_through_a_migrate_many(
+    fresh_hosts: tuple[Host, Host], daemon: str, failpoint: str
+) -> None:
+    """One MigrateMany (migctl evacuate) of 40 inactive domains, up to 40 in flight and
+    batched; the source's srcd or the destination's dstd is killed at a failpoint hit on
+    about one migration in ten, so some domains have moved, some are in flight (journalled
+    at Begin, reserved, defined, undefined) and some not started. migctl reports every
+    domain (those it had no answer for with the broken stream's error) and exits 1; once
+    the daemon is back and recovery has run, each domain is defined on exactly one host,
+    and a second evacuation moves the rest."""
+    a, b = fresh_hosts
+    env = {"VMMIGRATE_FAILPOINTS": f"{failpoint}=crash@10", "VMMIGRATE_FAILPOINT_SEED": "12"}
+    a.start(env=env if daemon == "srcd" else None)
+    b.start(env=env if daemon == "dstd" else None)
+    names = [f"many-{i:02d}" for i in range(MANY)]
+    for nm in names:
+        a.define(sample_domain_xml(nm, str(uuidlib.uuid4())), f"{nm}.xml")
+    r = a.migctl("evacuate", "--offline", "--parallel", str(MANY), b.dst, check=False,
+                 timeout=180)
+    assert r.returncode == 1, r.stdout
+    summary = [line for line in r.stdout.splitlines() if line.startswith("Evacuation to ")]
+    assert len(summary) == 1 and summary[0].endswith(" not moved")
+    host = a if daemon == "srcd" else b
+    proc = host.srcd if daemon == "srcd" else host.dstd
+    assert proc is not None
+    assert proc.proc.wait(timeout=30) == 137
+    if daemon == "srcd":
+        a.start_srcd()
+    else:
+        b.start_dstd()
+    settled(a, b, timeout=90)
+    wait_until(lambda: len(a.names()) + len(b.names()) == MANY, 30, "every domain settled")
+    # where each ended depends on where the crash cut it (recovery finishes those whose
+    # Finish had succeeded): the point is one owner each
+    _one_owner_each(a, b, names)
+    r = a.migctl("evacuate", "--offline", b.dst, check=False, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert a.names() == [] and sorted(b.names()) == sorted(names)
+    assert a.journal() == [] and b.journal() == []

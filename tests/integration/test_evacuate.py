@@ -13,8 +13,12 @@ import sys
 import time
 import uuid as uuidlib
 
+import grpc
 from helpers.hosts import Host, sample_domain_xml, wait_until
 from helpers.live import runs_on_exactly_one, start_domain, state
+
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 
 
 def _define(h: Host, name: str, u: str | None = None) -> str:
@@ -235,3 +239,65 @@ def test_second_ctrl_c_aborts_the_running_migration(fresh_hosts: tuple[Host, Hos
     assert sorted(a.names()) == ["evac-j-off", "evac-j-run"] and b.names() == []
     assert a.journal() == [] and b.journal() == []
     a.migctl("destroy", "evac-j-run")
+
+
+def test_many_inactive_domains_move_in_one_stream_and_batches(
+    fresh_hosts: tuple[Host, Host],
+) -> None:
+    """migctl evacuate sends one MigrateMany: srcd runs the 120 offline migrations itself,
+    many in flight at once (with --parallel 2), so their Prepares and Finishes reach dstd
+    in PrepareBatch/FinishBatch calls; every domain ends on exactly one host, each an
+    ordinary p2p migration in the source's history."""
+    a, b = fresh_hosts
+    a.start()
+    b.start()
+    names = [f"evac-m-{i:03d}" for i in range(120)]
+    for name in names:
+        _define(a, name)
+    r = a.migctl("evacuate", "--parallel", "2", b.dst, check=False)
+    assert r.returncode == 0, r.stderr
+    assert _summary(r.stdout)[0] == f"Evacuation to {b.dst}: 120 moved, 0 not moved"
+    assert a.names() == [] and sorted(b.names()) == names
+    assert a.journal() == [] and b.journal() == [] and a.domain_files() == []
+    assert a.srcd is not None and b.dstd is not None
+    srcd_log = [json.loads(line) for line in a.srcd.output().splitlines() if line.startswith("{")]
+    started = [e for e in srcd_log if e.get("event") == "evacuation_started"]
+    assert len(started) == 1 and started[0]["domains"] == 120 and started[0]["parallel"] == 2
+    assert not any(e.get("rpc") == "Migrate" for e in srcd_log)  # no per-domain RPC
+    dstd_log = [json.loads(line) for line in b.dstd.output().splitlines() if line.startswith("{")]
+    # most Finishes came in batches, their definitions written in groups (one line each)
+    groups = [e for e in dstd_log if e.get("event") == "domains_persisted"]
+    assert sum(e["count"] for e in groups) >= 60
+    assert all(e.get("batch") for e in groups)
+    jobs = [j for j in json.loads(a.migctl("jobs", "--json").stdout) if j["role"] == "source"]
+    assert sorted({(j["kind"], j["mode"], j["result"]) for j in jobs}) == [
+        ("offline", "p2p", "completed")]
+    assert len(jobs) == 120
+
+
+def test_migrate_many_refuses_a_bad_request_before_anything_moves(
+    fresh_hosts: tuple[Host, Host],
+) -> None:
+    """A MigrateMany whose first message is not a start, or whose start is bad, ends with
+    INVALID_ARGUMENT and moves nothing."""
+    a, b = fresh_hosts
+    a.start()
+    b.start()
+    _define(a, "evac-bad-0")
+    bad = [
+        pb.MigrateManyRequest(stop=True),
+        pb.MigrateManyRequest(start=pb.MigrateManyStart(dest_uri=b.dst, parallel=0)),
+        pb.MigrateManyRequest(start=pb.MigrateManyStart(parallel=1)),
+        pb.MigrateManyRequest(start=pb.MigrateManyStart(dest_uri=b.dst, parallel=1,
+                                                        flags=1)),  # LIVE: srcd's choice
+    ]
+    with grpc.insecure_channel(a.src) as ch:
+        stub = pb_grpc.DomainServiceStub(ch)
+        for msg in bad:
+            try:
+                list(stub.MigrateMany(iter([msg]), timeout=10))
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+            else:
+                raise AssertionError(f"accepted: {msg}")
+    assert a.names() == ["evac-bad-0"] and b.names() == []

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 from vmmigrate.common import errors
 from vmmigrate.common.flags import MigrateFlag
@@ -265,6 +267,26 @@ class Source:
     async def AbortJob(self, request: pb.AbortJobRequest) -> pb.DomainResponse:
         self.aborted.append(request.domain)
         return pb.DomainResponse()
+
+    def MigrateMany(self, timeout: float) -> Any:
+        """An older srcd: no MigrateMany, so migctl falls back to one Migrate per domain
+        (these tests are that path's; tests/unit/test_evacstream.py has the stream's)."""
+        return _Unimplemented()
+
+
+class _Unimplemented:
+    async def write(self, msg: Any) -> None:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(), "Method not found!")
+
+    def __aiter__(self) -> Any:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        pass
 
 
 class Session:

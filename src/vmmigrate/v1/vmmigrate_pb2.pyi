@@ -65,6 +65,30 @@ DOMAIN_STATE_CRASHED: DomainState.ValueType  # 6
 DOMAIN_STATE_PMSUSPENDED: DomainState.ValueType  # 7
 Global___DomainState: _TypeAlias = DomainState  # noqa: Y015
 
+class _EvacuateSelection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EvacuateSelectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EvacuateSelection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SELECT_ALL: _EvacuateSelection.ValueType  # 0
+    SELECT_LIVE: _EvacuateSelection.ValueType  # 1
+    SELECT_OFFLINE: _EvacuateSelection.ValueType  # 2
+
+class EvacuateSelection(_EvacuateSelection, metaclass=_EvacuateSelectionEnumTypeWrapper):
+    """MigrateMany (host evacuation). Which domains move, and how: SELECT_ALL moves running (and
+    paused) domains live and inactive ones offline; SELECT_LIVE only running ones,
+    SELECT_OFFLINE only inactive ones (the others end with an error saying why). A persistent
+    domain moves with PERSIST_DEST | UNDEFINE_SOURCE. flags are the base p2p flags of every
+    live migration (an offline one drops TUNNELLED, AUTO_CONVERGE, UNSAFE); params apply to
+    live migrations only.
+    """
+
+SELECT_ALL: EvacuateSelection.ValueType  # 0
+SELECT_LIVE: EvacuateSelection.ValueType  # 1
+SELECT_OFFLINE: EvacuateSelection.ValueType  # 2
+Global___EvacuateSelection: _TypeAlias = EvacuateSelection  # noqa: Y015
+
 @_typing.final
 class PhaseHeader(_message.Message):
     """---------------------------------------------------------------------------------------
@@ -523,6 +547,145 @@ class MigrateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MigrateResponse: _TypeAlias = MigrateResponse  # noqa: Y015
+
+@_typing.final
+class MigrateManyStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEST_URI_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    SELECTION_FIELD_NUMBER: _builtins.int
+    DOMAINS_FIELD_NUMBER: _builtins.int
+    PARALLEL_FIELD_NUMBER: _builtins.int
+    dest_uri: _builtins.str
+    """destination dstd address, HOST:PORT"""
+    flags: _builtins.int
+    selection: Global___EvacuateSelection.ValueType
+    parallel: _builtins.int
+    """migrations at once (live ones count one each)"""
+    @_builtins.property
+    def params(self) -> Global___MigrationParams: ...
+    @_builtins.property
+    def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """names or UUIDs; empty = every domain on the host"""
+
+    def __init__(
+        self,
+        *,
+        dest_uri: _builtins.str = ...,
+        flags: _builtins.int = ...,
+        params: Global___MigrationParams | None = ...,
+        selection: Global___EvacuateSelection.ValueType = ...,
+        domains: _abc.Iterable[_builtins.str] | None = ...,
+        parallel: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest_uri", b"dest_uri", "domains", b"domains", "flags", b"flags", "parallel", b"parallel", "params", b"params", "selection", b"selection"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateManyStart: _TypeAlias = MigrateManyStart  # noqa: Y015
+
+@_typing.final
+class MigrateManyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    ABORT_LIVE_FIELD_NUMBER: _builtins.int
+    stop: _builtins.bool
+    """start no new migration; the rest end as not moved"""
+    abort_live: _builtins.bool
+    """abort the running live migrations (domjobabort)"""
+    @_builtins.property
+    def start(self) -> Global___MigrateManyStart:
+        """first message, exactly once"""
+
+    def __init__(
+        self,
+        *,
+        start: Global___MigrateManyStart | None = ...,
+        stop: _builtins.bool = ...,
+        abort_live: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort_live", b"abort_live", "msg", b"msg", "start", b"start", "stop", b"stop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_live", b"abort_live", "msg", b"msg", "start", b"start", "stop", b"stop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["start", "stop", "abort_live"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___MigrateManyRequest: _TypeAlias = MigrateManyRequest  # noqa: Y015
+
+@_typing.final
+class MigrateManyResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """the domain's name (or the name asked for, if unknown)"""
+    kind: _builtins.str
+    """"live", "offline", or "" (it never started)"""
+    migration_id: _builtins.str
+    @_builtins.property
+    def error(self) -> Global___ItemStatus:
+        """unset: moved"""
+
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        error: Global___ItemStatus | None = ...,
+        migration_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "error", b"error", "kind", b"kind", "migration_id", b"migration_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateManyResult: _TypeAlias = MigrateManyResult  # noqa: Y015
+
+@_typing.final
+class MigrateManyProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    STARTED_LIVE_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """set in the first message: the domains in the run"""
+    started: _builtins.int
+    """migrations started since the previous message"""
+    started_live: _builtins.int
+    """of ``started``, the live migrations"""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigrateManyResult]:
+        """domains ended since the previous message"""
+
+    def __init__(
+        self,
+        *,
+        total: _builtins.int = ...,
+        started: _builtins.int = ...,
+        results: _abc.Iterable[Global___MigrateManyResult] | None = ...,
+        started_live: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "started", b"started", "started_live", b"started_live", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateManyProgress: _TypeAlias = MigrateManyProgress  # noqa: Y015
 
 @_typing.final
 class JobInfo(_message.Message):

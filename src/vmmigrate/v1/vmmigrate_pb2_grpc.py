@@ -69,6 +69,11 @@ class DomainServiceStub:
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateResponse.FromString,
                 _registered_method=True)
+        self.MigrateMany = channel.stream_stream(
+                '/vmmigrate.v1.DomainService/MigrateMany',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateManyRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateManyProgress.FromString,
+                _registered_method=True)
         self.Start = channel.unary_unary(
                 '/vmmigrate.v1.DomainService/Start',
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.DomainRequest.SerializeToString,
@@ -172,6 +177,17 @@ class DomainServiceServicer:
 
     def Migrate(self, request, context):
         """Peer-to-peer migration: srcd drives Begin, Prepare, Perform, Finish, Confirm itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateMany(self, request_iterator, context):
+        """Host evacuation: many domains to one destination in one call (migctl evacuate). The
+        first request names them (MigrateManyStart); later ones may ask srcd to start no new
+        migration (stop) or to abort the running live ones. srcd streams who started and, as
+        each domain ends, its result. Each domain is one p2p migration with every guarantee of
+        Migrate; offline ones share srcd's batched calls to the destination.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -289,6 +305,11 @@ def add_DomainServiceServicer_to_server(servicer, server):
                     servicer.Migrate,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateResponse.SerializeToString,
+            ),
+            'MigrateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.MigrateMany,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateManyRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateManyProgress.SerializeToString,
             ),
             'Start': grpc.unary_unary_rpc_method_handler(
                     servicer.Start,
@@ -540,6 +561,33 @@ class DomainService:
             '/vmmigrate.v1.DomainService/Migrate',
             vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateRequest.SerializeToString,
             vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vmmigrate.v1.DomainService/MigrateMany',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateManyRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.MigrateManyProgress.FromString,
             options,
             channel_credentials,
             insecure,

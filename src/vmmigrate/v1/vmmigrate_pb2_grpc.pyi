@@ -58,6 +58,13 @@ class DomainServiceStub:
     DumpXML: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DumpXMLRequest, _vmmigrate_pb2.DumpXMLResponse]
     Migrate: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.MigrateRequest, _vmmigrate_pb2.MigrateResponse]
     """Peer-to-peer migration: srcd drives Begin, Prepare, Perform, Finish, Confirm itself."""
+    MigrateMany: _grpc.StreamStreamMultiCallable[_vmmigrate_pb2.MigrateManyRequest, _vmmigrate_pb2.MigrateManyProgress]
+    """Host evacuation: many domains to one destination in one call (migctl evacuate). The
+    first request names them (MigrateManyStart); later ones may ask srcd to start no new
+    migration (stop) or to abort the running live ones. srcd streams who started and, as
+    each domain ends, its result. Each domain is one p2p migration with every guarantee of
+    Migrate; offline ones share srcd's batched calls to the destination.
+    """
     Start: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]
     """Running domains."""
     Destroy: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]
@@ -85,6 +92,13 @@ class DomainServiceAsyncStub(DomainServiceStub):
     DumpXML: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DumpXMLRequest, _vmmigrate_pb2.DumpXMLResponse]  # type: ignore[assignment]
     Migrate: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.MigrateRequest, _vmmigrate_pb2.MigrateResponse]  # type: ignore[assignment]
     """Peer-to-peer migration: srcd drives Begin, Prepare, Perform, Finish, Confirm itself."""
+    MigrateMany: _aio.StreamStreamMultiCallable[_vmmigrate_pb2.MigrateManyRequest, _vmmigrate_pb2.MigrateManyProgress]  # type: ignore[assignment]
+    """Host evacuation: many domains to one destination in one call (migctl evacuate). The
+    first request names them (MigrateManyStart); later ones may ask srcd to start no new
+    migration (stop) or to abort the running live ones. srcd streams who started and, as
+    each domain ends, its result. Each domain is one p2p migration with every guarantee of
+    Migrate; offline ones share srcd's batched calls to the destination.
+    """
     Start: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
     """Running domains."""
     Destroy: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.DomainRequest, _vmmigrate_pb2.DomainResponse]  # type: ignore[assignment]
@@ -151,6 +165,19 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_vmmigrate_pb2.MigrateResponse, _abc.Awaitable[_vmmigrate_pb2.MigrateResponse]]:
         """Peer-to-peer migration: srcd drives Begin, Prepare, Perform, Finish, Confirm itself."""
+
+    @_abc_1.abstractmethod
+    def MigrateMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_vmmigrate_pb2.MigrateManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_vmmigrate_pb2.MigrateManyProgress], _abc.AsyncIterator[_vmmigrate_pb2.MigrateManyProgress]]:
+        """Host evacuation: many domains to one destination in one call (migctl evacuate). The
+        first request names them (MigrateManyStart); later ones may ask srcd to start no new
+        migration (stop) or to abort the running live ones. srcd streams who started and, as
+        each domain ends, its result. Each domain is one p2p migration with every guarantee of
+        Migrate; offline ones share srcd's batched calls to the destination.
+        """
 
     @_abc_1.abstractmethod
     def Start(
