@@ -1205,6 +1205,11 @@ class MigrationDestinationServiceStub:
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchResponse.FromString,
                 _registered_method=True)
+        self.PrepareFinish = channel.unary_unary(
+                '/vmmigrate.v1.MigrationDestinationService/PrepareFinish',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.FromString,
+                _registered_method=True)
 
 
 class MigrationDestinationServiceServicer:
@@ -1249,6 +1254,13 @@ class MigrationDestinationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareFinish(self, request, context):
+        """An offline migration's Prepare then Finish in one call (see PrepareFinishRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationDestinationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1281,6 +1293,11 @@ def add_MigrationDestinationServiceServicer_to_server(servicer, server):
                     servicer.FinishBatch,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchResponse.SerializeToString,
+            ),
+            'PrepareFinish': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareFinish,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1445,6 +1462,33 @@ class MigrationDestinationService:
             '/vmmigrate.v1.MigrationDestinationService/FinishBatch',
             vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchRequest.SerializeToString,
             vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareFinish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.MigrationDestinationService/PrepareFinish',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.FromString,
             options,
             channel_credentials,
             insecure,

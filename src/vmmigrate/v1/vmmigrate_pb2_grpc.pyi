@@ -338,6 +338,8 @@ class MigrationDestinationServiceStub:
     PrepareBatch: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareBatchRequest, _vmmigrate_pb2.PrepareBatchResponse]
     """Many offline migrations' Prepare / Finish in one call (see PrepareBatchRequest)."""
     FinishBatch: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishBatchRequest, _vmmigrate_pb2.FinishBatchResponse]
+    PrepareFinish: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareFinishRequest, _vmmigrate_pb2.PrepareFinishResponse]
+    """An offline migration's Prepare then Finish in one call (see PrepareFinishRequest)."""
 
 @_typing.type_check_only
 class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
@@ -352,6 +354,8 @@ class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
     PrepareBatch: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareBatchRequest, _vmmigrate_pb2.PrepareBatchResponse]  # type: ignore[assignment]
     """Many offline migrations' Prepare / Finish in one call (see PrepareBatchRequest)."""
     FinishBatch: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishBatchRequest, _vmmigrate_pb2.FinishBatchResponse]  # type: ignore[assignment]
+    PrepareFinish: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareFinishRequest, _vmmigrate_pb2.PrepareFinishResponse]  # type: ignore[assignment]
+    """An offline migration's Prepare then Finish in one call (see PrepareFinishRequest)."""
 
 class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -399,6 +403,14 @@ class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vmmigrate_pb2.FinishBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vmmigrate_pb2.FinishBatchResponse, _abc.Awaitable[_vmmigrate_pb2.FinishBatchResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PrepareFinish(
+        self,
+        request: _vmmigrate_pb2.PrepareFinishRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.PrepareFinishResponse, _abc.Awaitable[_vmmigrate_pb2.PrepareFinishResponse]]:
+        """An offline migration's Prepare then Finish in one call (see PrepareFinishRequest)."""
 
 def add_MigrationDestinationServiceServicer_to_server(servicer: MigrationDestinationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
