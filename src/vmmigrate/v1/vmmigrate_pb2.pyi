@@ -1143,6 +1143,29 @@ class RelayFinishRequest(_message.Message):
 Global___RelayFinishRequest: _TypeAlias = RelayFinishRequest  # noqa: Y015
 
 @_typing.final
+class RelayPrepareFinishRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEST_ADDRESS_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    dest_address: _builtins.str
+    @_builtins.property
+    def request(self) -> Global___PrepareFinishRequest: ...
+    def __init__(
+        self,
+        *,
+        dest_address: _builtins.str = ...,
+        request: Global___PrepareFinishRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest_address", b"dest_address", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayPrepareFinishRequest: _TypeAlias = RelayPrepareFinishRequest  # noqa: Y015
+
+@_typing.final
 class CapabilitiesRequest(_message.Message):
     """---------------------------------------------------------------------------------------
     MigrationDestinationService (dstd)

@@ -914,6 +914,11 @@ class MigrationSourceServiceStub:
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayFinishRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.FromString,
                 _registered_method=True)
+        self.DestinationPrepareFinish = channel.unary_unary(
+                '/vmmigrate.v1.MigrationSourceService/DestinationPrepareFinish',
+                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayPrepareFinishRequest.SerializeToString,
+                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.FromString,
+                _registered_method=True)
 
 
 class MigrationSourceServiceServicer:
@@ -959,6 +964,14 @@ class MigrationSourceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DestinationPrepareFinish(self, request, context):
+        """dstd's PrepareFinish, relayed (an offline migration's Prepare and Finish in one call);
+        UNIMPLEMENTED when this srcd, or the dstd, has no such call: send the two.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationSourceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -991,6 +1004,11 @@ def add_MigrationSourceServiceServicer_to_server(servicer, server):
                     servicer.DestinationFinish,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayFinishRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.SerializeToString,
+            ),
+            'DestinationPrepareFinish': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestinationPrepareFinish,
+                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayPrepareFinishRequest.FromString,
+                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1155,6 +1173,33 @@ class MigrationSourceService:
             '/vmmigrate.v1.MigrationSourceService/DestinationFinish',
             vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayFinishRequest.SerializeToString,
             vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestinationPrepareFinish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmigrate.v1.MigrationSourceService/DestinationPrepareFinish',
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayPrepareFinishRequest.SerializeToString,
+            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -257,6 +257,10 @@ class MigrationSourceServiceStub:
     """
     DestinationPrepare: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareRequest, _vmmigrate_pb2.PrepareResponse]
     DestinationFinish: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayFinishRequest, _vmmigrate_pb2.FinishResponse]
+    DestinationPrepareFinish: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareFinishRequest, _vmmigrate_pb2.PrepareFinishResponse]
+    """dstd's PrepareFinish, relayed (an offline migration's Prepare and Finish in one call);
+    UNIMPLEMENTED when this srcd, or the dstd, has no such call: send the two.
+    """
 
 @_typing.type_check_only
 class MigrationSourceServiceAsyncStub(MigrationSourceServiceStub):
@@ -272,6 +276,10 @@ class MigrationSourceServiceAsyncStub(MigrationSourceServiceStub):
     """
     DestinationPrepare: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareRequest, _vmmigrate_pb2.PrepareResponse]  # type: ignore[assignment]
     DestinationFinish: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayFinishRequest, _vmmigrate_pb2.FinishResponse]  # type: ignore[assignment]
+    DestinationPrepareFinish: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareFinishRequest, _vmmigrate_pb2.PrepareFinishResponse]  # type: ignore[assignment]
+    """dstd's PrepareFinish, relayed (an offline migration's Prepare and Finish in one call);
+    UNIMPLEMENTED when this srcd, or the dstd, has no such call: send the two.
+    """
 
 class MigrationSourceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -320,6 +328,16 @@ class MigrationSourceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vmmigrate_pb2.RelayFinishRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vmmigrate_pb2.FinishResponse, _abc.Awaitable[_vmmigrate_pb2.FinishResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DestinationPrepareFinish(
+        self,
+        request: _vmmigrate_pb2.RelayPrepareFinishRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vmmigrate_pb2.PrepareFinishResponse, _abc.Awaitable[_vmmigrate_pb2.PrepareFinishResponse]]:
+        """dstd's PrepareFinish, relayed (an offline migration's Prepare and Finish in one call);
+        UNIMPLEMENTED when this srcd, or the dstd, has no such call: send the two.
+        """
 
 def add_MigrationSourceServiceServicer_to_server(servicer: MigrationSourceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
