@@ -25,10 +25,17 @@ The first error is the one reported; with none, a Finish that returned no domain
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
-from vmmigrate.common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
+from vmmigrate.common.errors import (
+    OperationFailed,
+    PeerUnavailable,
+    ShuttingDown,
+    Timeout,
+    VmmigrateError,
+)
 from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -195,15 +202,19 @@ class Coordinator:
             return None
         try:
             both = await dest.prepare_finish(begun, destflags)
-        except (PeerUnavailable, Timeout) as exc:
-            # Lost: Prepare and Finish may both have run there. Settled as a lost Finish,
-            # asked as Finish(cancelled): its first answer if it ran, else it cancels.
-            self.phases += ["prepare", "finish"]
-            lost = self.source.finish_unknown(exc, lambda: dest.finish(destflags, b"", True))
-            if lost is not None:
-                raise lost from exc
-            return await self._ask_cancel(destflags, exc)
         except BaseException as exc:
+            # a graceful stop's refusal (ShuttingDown) came before anything ran there
+            if isinstance(exc, (PeerUnavailable, Timeout)) and not isinstance(exc, ShuttingDown):
+                # Lost: Prepare and Finish may both have run there. Settled as a lost
+                # Finish, asked as Finish(cancelled): its first answer if it ran, else it
+                # cancels.
+                self.phases += ["prepare", "finish"]
+                lost = self.source.finish_unknown(
+                    exc, functools.partial(dest.finish, destflags, b"", True)
+                )
+                if lost is not None:
+                    raise lost from exc
+                return await self._ask_cancel(destflags, exc)
             self.phases.append("prepare")
             await self.source.abandon()
             await dest.prepare_failed(exc, destflags)

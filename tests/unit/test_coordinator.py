@@ -326,3 +326,17 @@ def test_lost_one_call_is_settled_by_a_cancel() -> None:
     assert fakes.asked is not None
     assert asyncio.run(fakes.asked()) == Finished(DOMAIN, b"finish-cookie")
     assert fakes.calls[-1] == "finish(True, )"
+
+
+def test_one_call_refused_by_a_graceful_stop_is_a_failed_prepare() -> None:
+    """ShuttingDown (UNAVAILABLE) is the gate's refusal before anything ran there: the
+    source job ends as after a failed Prepare, nothing is left to settle."""
+    from vmmigrate.common.errors import ShuttingDown
+
+    refused = ShuttingDown("daemon is shutting down")
+    fakes = OneCallFakes(Script(flags=OFFLINE, fail={"prepare_finish": refused}))
+    coordinator = Coordinator(fakes, fakes, OFFLINE)
+    with pytest.raises(ShuttingDown):
+        asyncio.run(coordinator.run())
+    assert fakes.calls == [*ONE, "abandon", "prepare_failed"]
+    assert fakes.asked is None and coordinator.phases == ["begin", "prepare"]
