@@ -73,3 +73,48 @@ def test_destination_with_old_protocol(hosts: tuple[Host, Host], domname: str,
     assert r.stderr.splitlines()[-1].endswith(
         "Destination libvirt does not support peer-to-peer migration protocol")
     assert servicer.prepares == 0 and domname in a.names()
+
+
+class OlderDestination(pb_grpc.MigrationDestinationServiceServicer):
+    """A dstd from before PrepareFinish: forwards capabilities, Prepare and Finish to a real
+    dstd, and answers PrepareFinish UNIMPLEMENTED (grpc's default for a missing method)."""
+
+    def __init__(self, real: str) -> None:
+        self.channel = grpc.insecure_channel(real, options=[("grpc.enable_http_proxy", 0)])
+        self.stub = pb_grpc.MigrationDestinationServiceStub(self.channel)
+        self.calls: list[str] = []
+
+    def GetCapabilities(self, request: pb.CapabilitiesRequest, context: grpc.ServicerContext) -> pb.CapabilitiesResponse:
+        return self.stub.GetCapabilities(request, timeout=10)
+
+    def Prepare(self, request: pb.PrepareRequest, context: grpc.ServicerContext) -> pb.PrepareResponse:
+        self.calls.append("Prepare")
+        return self.stub.Prepare(request, timeout=10)
+
+    def Finish(self, request: pb.FinishRequest, context: grpc.ServicerContext) -> pb.FinishResponse:
+        self.calls.append("Finish")
+        return self.stub.Finish(request, timeout=10)
+
+
+@pytest.mark.parametrize("mode", [["--p2p"], []], ids=["p2p", "client-driven"])
+def test_destination_without_prepare_finish_gets_two_calls(
+        hosts: tuple[Host, Host], domname: str, mode: list[str]) -> None:
+    """An older dstd answers PrepareFinish UNIMPLEMENTED (relayed as such by srcd for a
+    client-driven migration): the same migration goes through as Prepare and Finish."""
+    a, b = hosts
+    servicer = OlderDestination(b.dst)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_MigrationDestinationServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.3:0")
+    server.start()
+    try:
+        a.define(sample_domain_xml(domname), f"{domname}.xml")
+        a.migctl("migrate", "--offline", "--persistent", "--undefinesource", *mode, domname,
+                 f"127.0.0.3:{port}")
+    finally:
+        server.stop(grace=None)
+        servicer.channel.close()
+    assert servicer.calls == ["Prepare", "Finish"]
+    assert domname in b.names() and domname not in a.names()
+    assert a.journal() == [] and b.journal() == []
+    b.migctl("undefine", domname)

@@ -213,3 +213,130 @@ def test_finished_round_trip() -> None:
     assert Finished.from_pb(pb.FinishResponse()) == Finished(None)
     assert Finished.from_pb(Finished(DOMAIN, b"c").to_pb()) == Finished(DOMAIN, b"c")
     assert not Finished(None).to_pb().HasField("domain")
+
+
+# --- offline, Prepare and Finish in one call (dstd's PrepareFinish) ----------------------
+
+E_UNKNOWN_THERE = "unimplemented"  # the destination has no such call: nothing ran
+
+
+class OneCallFakes(Fakes):
+    """A destination that takes an offline Prepare and Finish in one call; the script's
+    "prepare_finish" step fails the call itself (Prepare's error, or a lost answer),
+    "finish" fails Finish inside it."""
+
+    def one_call(self, flags: MigrateFlag) -> bool:
+        return True
+
+    async def prepare_finish(
+        self, begun: Begun, flags: MigrateFlag
+    ) -> tuple[Prepared, Finished | VmmigrateError] | None:
+        assert flags == destination_flags(self.script.flags)
+        if self.script.fail.get("prepare_finish") == E_UNKNOWN_THERE:
+            self.calls.append("prepare_finish(unimplemented)")
+            return None
+        await self._step("prepare_finish")
+        prepared = Prepared(b"prepare-cookie", "")
+        failure = self.script.fail.get("finish")
+        if isinstance(failure, VmmigrateError):
+            return prepared, failure
+        if failure == NO_DOMAIN:
+            return prepared, Finished(None)
+        return prepared, Finished(DOMAIN, b"finish-cookie")
+
+
+ONE = ["check", "begin", "prepare_finish"]
+
+BPF = ["begin", "prepare", "finish"]
+
+ONE_CALL_MATRIX: list[tuple[str, Script, list[str], object, list[str]]] = [
+    # name, script -> calls, error (or OK: the domain), the phases reported
+    ("offline ok in one call: no after_prepare, no perform", Script(flags=OFFLINE),
+     [*ONE, "after_finish", "confirm(False, finish-cookie)"], OK, [*BPF, "confirm"]),
+    ("prepare fails: abandon, no finish, no confirm",
+     Script(flags=OFFLINE, fail={"prepare_finish": E_PREPARE}),
+     [*ONE, "abandon", "prepare_failed"], E_PREPARE, ["begin", "prepare"]),
+    ("lost: settled as a lost Finish (asked as a cancel), no confirm",
+     Script(flags=OFFLINE, fail={"prepare_finish": E_LOST}),
+     [*ONE, "finish_unknown"], "lost: ", BPF),
+    ("lost, the side goes on: asked at once as a cancel, which finds the domain there",
+     Script(flags=OFFLINE, unknown_is_error=False, fail={"prepare_finish": E_LOST}),
+     [*ONE, "finish_unknown", "finish(True, )", "confirm(False, finish-cookie)"], OK,
+     [*BPF, "confirm"]),
+    ("lost, the side goes on, the cancel finds nothing: confirm cancelled",
+     Script(flags=OFFLINE, unknown_is_error=False,
+            fail={"prepare_finish": E_LOST, "finish": NO_DOMAIN}),
+     [*ONE, "finish_unknown", "finish(True, )", "confirm(True, )"], E_LOST, [*BPF, "confirm"]),
+    ("lost, the side goes on, the cancel is lost too: asked later, confirm cancelled",
+     Script(flags=OFFLINE, unknown_is_error=False,
+            fail={"prepare_finish": E_LOST, "finish": E_LOST}),
+     [*ONE, "finish_unknown", "finish(True, )", "finish_failed", "confirm(True, )"], E_LOST,
+     [*BPF, "confirm"]),
+    ("finish fails: let go there, confirm cancelled",
+     Script(flags=OFFLINE, fail={"finish": E_FINISH}),
+     [*ONE, "finish_failed", "after_finish", "confirm(True, )"], E_FINISH, [*BPF, "confirm"]),
+    ("finish returns no domain", Script(flags=OFFLINE, fail={"finish": NO_DOMAIN}),
+     [*ONE, "after_finish", "confirm(True, )"],
+     "migration failed: the destination did not return a domain", [*BPF, "confirm"]),
+    ("after finish fails: reported, the domain still confirmed",
+     Script(flags=OFFLINE, fail={"after_finish": E_AFTER_FINISH}),
+     [*ONE, "after_finish", "confirm(False, finish-cookie)"], E_AFTER_FINISH,
+     [*BPF, "confirm"]),
+    ("not known there: the two calls, as before",
+     Script(flags=OFFLINE, fail={"prepare_finish": E_UNKNOWN_THERE}),
+     ["check", "begin", "prepare_finish(unimplemented)", "prepare", "after_prepare",
+      "finish(False, )", "after_finish", "confirm(False, finish-cookie)"], OK,
+     [*BPF, "confirm"]),
+    ("live: never in one call", Script(),
+     [*HEAD, "perform", "finish(False, perform-cookie)", "after_finish",
+      "confirm(False, finish-cookie)"], OK, ["begin", "prepare", "perform", "finish", "confirm"]),
+]
+
+
+@pytest.mark.parametrize(("script", "calls", "error", "phases"),
+                         [row[1:] for row in ONE_CALL_MATRIX],
+                         ids=[row[0] for row in ONE_CALL_MATRIX])
+def test_one_call_failure_matrix(
+    script: Script, calls: list[str], error: object, phases: list[str]
+) -> None:
+    fakes = OneCallFakes(script)
+    coordinator = Coordinator(fakes, fakes, script.flags)
+    try:
+        result: pb.DomainRef | BaseException = asyncio.run(coordinator.run())
+    except VmmigrateError as exc:
+        result = exc
+    assert fakes.calls == calls
+    if error == OK:
+        assert result == DOMAIN
+    elif isinstance(error, str):
+        assert isinstance(result, OperationFailed)
+        assert str(result).startswith(error)
+    else:
+        assert result is error
+    assert coordinator.phases == phases
+
+
+def test_lost_one_call_is_settled_by_a_cancel() -> None:
+    """A lost PrepareFinish may have finished there: it is asked as Finish(cancelled),
+    which answers the first Finish's domain if it ran (and cancels it otherwise)."""
+    fakes = OneCallFakes(Script(flags=OFFLINE, fail={"prepare_finish": E_LOST}))
+    with pytest.raises(OperationFailed) as caught:
+        asyncio.run(Coordinator(fakes, fakes, OFFLINE).run())
+    assert caught.value.__cause__ is E_LOST
+    assert fakes.asked is not None
+    assert asyncio.run(fakes.asked()) == Finished(DOMAIN, b"finish-cookie")
+    assert fakes.calls[-1] == "finish(True, )"
+
+
+def test_one_call_refused_by_a_graceful_stop_is_a_failed_prepare() -> None:
+    """ShuttingDown (UNAVAILABLE) is the gate's refusal before anything ran there: the
+    source job ends as after a failed Prepare, nothing is left to settle."""
+    from vmmigrate.common.errors import ShuttingDown
+
+    refused = ShuttingDown("daemon is shutting down")
+    fakes = OneCallFakes(Script(flags=OFFLINE, fail={"prepare_finish": refused}))
+    coordinator = Coordinator(fakes, fakes, OFFLINE)
+    with pytest.raises(ShuttingDown):
+        asyncio.run(coordinator.run())
+    assert fakes.calls == [*ONE, "abandon", "prepare_failed"]
+    assert fakes.asked is None and coordinator.phases == ["begin", "prepare"]
