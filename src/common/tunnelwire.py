@@ -44,14 +44,15 @@ EOF = b""
 # CREDIT_WINDOW bytes sent but not yet handed over: without a bound, gRPC's buffers and
 # windows may hold many MiB, all of which must cross after the source emulator's
 # switch-over, with the guest paused; and with credit srcd knows when every byte is over,
-# so Finish need not wait for the stream to close. 3 MiB: since the source emulator
-# writes to a unix socket (srcd/tunnel.py), the window is most of what is in flight at its
-# completion; 3 MiB halved the pause beyond QEMU's downtime against 8 MiB (12 against 23
-# ms, medians of 12 migrations each, alternated) at the same throughput, and 2 MiB
-# measured no better than 3 (docs/PERFORMANCE.md, "The tunnelled pause").
+# so Finish need not wait for the stream to close. 8 MiB: 4 MiB stalled the pipeline
+# (dstd's relay alone holds up to 3 MiB), and 8 MiB gave the shortest pauses and the best
+# throughput of 4, 8 and no credit (bench_live, docs/PERFORMANCE.md). Measured again once
+# the source emulator wrote to a unix socket (issue 12): 2, 3, 4 and 6 MiB gave no pause
+# shorter beyond the noise, and 3 MiB cost 15 % of the throughput on a quiet machine
+# (docs/PERFORMANCE.md, "The pause after QEMU's completion").
 FRAME_DATA = b"\x00"
 FRAME_CREDIT = b"\x01"
-CREDIT_WINDOW = 3 * 1024 * 1024
+CREDIT_WINDOW = 8 * 1024 * 1024
 # dstd credits at most once per CREDIT_STEP delivered (and once at the end), not once per
 # socket write (often 64-256 KiB): fewer messages for the same bound
 CREDIT_STEP = 1024 * 1024
