@@ -46,7 +46,10 @@ EOF = b""
 # switch-over, with the guest paused; and with credit srcd knows when every byte is over,
 # so Finish need not wait for the stream to close. 8 MiB: 4 MiB stalled the pipeline
 # (dstd's relay alone holds up to 3 MiB), and 8 MiB gave the shortest pauses and the best
-# throughput of 4, 8 and no credit (bench_live, docs/PERFORMANCE.md).
+# throughput of 4, 8 and no credit (bench_live, docs/PERFORMANCE.md). Measured again once
+# the source emulator wrote to a unix socket (issue 12): 2, 3, 4 and 6 MiB gave no pause
+# shorter beyond the noise, and 3 MiB cost 15 % of the throughput on a quiet machine
+# (docs/PERFORMANCE.md, "The pause after QEMU's completion").
 FRAME_DATA = b"\x00"
 FRAME_CREDIT = b"\x01"
 CREDIT_WINDOW = 8 * 1024 * 1024

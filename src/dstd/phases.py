@@ -566,6 +566,30 @@ async def _wait_incoming_done(ctx: DestinationContext, job: IncomingJob) -> None
         raise OperationFailed("incoming migration did not complete before the deadline")
 
 
+async def _resume_then_persist(ctx: DestinationContext, job: IncomingJob) -> None:
+    """The guest runs again (unless PAUSED), then its definition is persisted (with
+    PERSIST_DEST): the persist's flush is not part of the guest's pause.
+
+    Safe because the FINISH3 record, on disk before this, holds the definition: a dstd
+    that stops between the two finds FINISH3 and a running emulator, and completes the
+    Finish, persisting it (dstd/recovery.py; libvirt: FINISH3 and running -> keep). A
+    persist that fails after the resume fails Finish as the outcome's write after it
+    always could: the emulator is killed before the answer, and the source, still
+    paused, resumes (one runner at any instant). The events keep libvirt's order
+    (Defined, then Resumed)."""
+    resumed = False
+    if MigrateFlag.PAUSED not in job.flags:
+        try:
+            await ctx.hypervisor.execute(job.target.uuid, "cont")
+        except QMPError as exc:
+            raise OperationFailed(f"resume operation failed: {exc}") from exc
+        resumed = True
+    if MigrateFlag.PERSIST_DEST in job.flags:
+        await _persist(ctx, job)
+    if resumed:
+        ctx.obs.events.emit(job.target.name, job.target.uuid, events.RESUMED_MIGRATED)
+
+
 async def finish_live(
     ctx: DestinationContext, job: IncomingJob, cancelled: bool, cookie: bytes
 ) -> pb.FinishResponse:
@@ -604,14 +628,7 @@ async def finish_live(
         emit = ctx.obs.events.emit
         emit(job.target.name, job.target.uuid, events.STARTED_MIGRATED)
         job.announced = True
-        if MigrateFlag.PERSIST_DEST in job.flags:
-            await _persist(ctx, job)
-        if MigrateFlag.PAUSED not in job.flags:
-            try:
-                await ctx.hypervisor.execute(job.target.uuid, "cont")
-            except QMPError as exc:
-                raise OperationFailed(f"resume operation failed: {exc}") from exc
-            emit(job.target.name, job.target.uuid, events.RESUMED_MIGRATED)
+        await _resume_then_persist(ctx, job)
         answer = await finished_answer(ctx, job, active=True)
         keep = True
         await ctx.failpoints.hit("dstd.finish.after_outcome")

@@ -254,12 +254,14 @@ class LocalSource:
         return await perform_live(self.ctx, job, uri=prepared.uri, probe=dest.probe, nbd=nbd)
 
     def _tunnel(self) -> SourceTunnel:
-        dest = self.dest
+        dest, hv = self.dest, self.ctx.hypervisor
         return SourceTunnel(
             self.ctx.peers.tunnel_bytes(dest.address),
             dest.address,
             dest.migration_id,
             max(dest.deadline.remaining(), 1.0),
+            path=str(hv.socket_dir / f"{self.job.domain.uuid}.tunnel-out"),
+            emulator_gid=hv.emulator_gid(),
         )
 
     def _nbd_tunnel(self, prepared: Prepared) -> NbdTunnel | None:

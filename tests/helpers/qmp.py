@@ -21,11 +21,15 @@ class QMP:
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rwb")
-        greeting = json.loads(self.file.readline())
-        assert "QMP" in greeting
-        self.cmd("qmp_capabilities")
+        try:  # an emulator not listening yet (or gone): no socket left open behind
+            self.sock.connect(path)
+            self.file = self.sock.makefile("rwb")
+            greeting = json.loads(self.file.readline())
+            assert "QMP" in greeting
+            self.cmd("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
 
     def cmd(self, name: str, **arguments: Any) -> Any:
         msg: dict[str, Any] = {"execute": name}

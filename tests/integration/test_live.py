@@ -23,7 +23,7 @@ from helpers.live import (
     start_domain,
     state,
 )
-from helpers.qmp import runtime_record
+from helpers.qmp import qmp_for, runtime_record
 
 LIVE = ("migrate", "--live", "--persistent")
 
@@ -301,3 +301,40 @@ def test_restarted_daemons_reattach_to_running_domains(fresh_hosts: tuple[Host, 
     a.migctl(*LIVE, "--p2p", "--undefinesource", "survivor", b.dst)
     assert state(b, "survivor") == "running" and not alive(rec["pid"])
     b.migctl("destroy", "survivor")
+
+
+def test_destination_resumes_before_it_persists(fresh_hosts: tuple[Host, Host],
+                                                domname: str) -> None:
+    """Live Finish resumes the guest before it writes the definition (the flush is not
+    part of the pause): with the persist held back (a failpoint's delay), the destination's
+    emulator already runs while no definition is on its disk yet; the migration then ends
+    as always, the definition persisted and the events in libvirt's order."""
+    a, b = fresh_hosts
+    a.start()
+    b.start(env={"VMMIGRATE_FAILPOINTS": "dstd.finish.before_persist=delay(3000)"})
+    u = start_domain(a, domname)
+    results: list[int] = []
+    mig = threading.Thread(target=lambda: results.append(a.migctl(
+        *LIVE, "--p2p", "--undefinesource", domname, b.dst, check=False).returncode))
+    mig.start()
+    try:
+        seen = ""
+        until = time.monotonic() + 60
+        while time.monotonic() < until and seen != "running":
+            time.sleep(0.05)
+            if runtime_record(b.state_dir, u) is None:
+                continue
+            try:
+                with qmp_for(b.state_dir, u) as q:
+                    seen = str(q.cmd("query-status").get("status", ""))
+            except OSError:
+                continue
+        assert seen == "running"
+        assert b.domain_files() == []  # the persist waits in its failpoint
+    finally:
+        mig.join(timeout=60)
+    assert results == [0]
+    assert b.names() == [domname] and a.names() == []
+    assert len(b.domain_files()) == 1
+    assert state(b, domname) == "running"
+    assert runs_on_exactly_one(a, b, u) == "B"
