@@ -73,7 +73,9 @@ def test_destination_disk_full_during_finish(tmp_path: Path) -> None:
     untouched, the destination holds no half-written config and no reservation."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    # room, once the filler is gone, for the retry's reservation, definition and outcome (a
+    # record and its atomic rewrite of 120 kB each) and the store lock's pages
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], check=True)
     a = Host("A", "127.0.0.2", tmp_path / "A")
     b = Host("B", "127.0.0.3", tmp_path / "B")
     b.state_dir = mnt / "state"
