@@ -515,7 +515,7 @@ async def profile(
         spies[key] = subprocess.Popen(
             [
                 exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-                "--output", str(out_dir / f"{key}.folded"), "--nonblocking", "--gil",
+                "--output", str(out_dir / f"{key}.folded"), "--nonblocking",
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         )  # fmt: skip

@@ -15,27 +15,16 @@ destination over gRPC (srcd/p2p.py); client-driven, migctl drives both over gRPC
                                is reported, with no Confirm; any other failure is kept
     Confirm                    cancelled = Finish returned no domain; never raises
 
-Offline, a destination may take Prepare and Finish in one call (OneCallDestination): a
-Prepare failure is handled as above, Finish's as above, and a lost answer as a lost Finish
-(Finish may have run there), asked again as Finish(cancelled).
-
 The first error is the one reported; with none, a Finish that returned no domain fails.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
-from vmmigrate.common.errors import (
-    OperationFailed,
-    PeerUnavailable,
-    ShuttingDown,
-    Timeout,
-    VmmigrateError,
-)
+from vmmigrate.common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from vmmigrate.common.flags import SOURCE_ONLY, MigrateFlag
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
@@ -143,21 +132,6 @@ class DestinationSide(Protocol):
         """Finish failed (here or there): let go of the incoming job if it still holds."""
 
 
-@runtime_checkable
-class OneCallDestination(DestinationSide, Protocol):
-    """A destination that can run an offline migration's Prepare and Finish in one call
-    (dstd's PrepareFinish), when :meth:`one_call` says so for this migration."""
-
-    def one_call(self, flags: MigrateFlag) -> bool: ...
-
-    async def prepare_finish(
-        self, begun: Begun, flags: MigrateFlag
-    ) -> tuple[Prepared, Finished | VmmigrateError] | None:
-        """Prepare's and Finish's results (or Finish's error); raises Prepare's error, or
-        PeerUnavailable / Timeout when the answer was lost; None: not known there, nothing
-        ran."""
-
-
 class Coordinator:
     """One migration's v3 sequence over a source side and a destination side."""
 
@@ -173,15 +147,10 @@ class Coordinator:
         begun = await self.source.begin()
         self.phases.append("begin")
         destflags = destination_flags(begun.flags)
-        done = await self._one_call(begun, destflags) if begun.offline else None
-        if done is not None:
-            (finished, error), confirm = done, True
-        else:
-            prepared = await self._prepare(begun, destflags)
-            performed = await self._perform(begun, prepared)
-            finished, error = await self._finish(destflags, performed)
-            confirm = performed.confirm
-        if confirm:
+        prepared = await self._prepare(begun, destflags)
+        performed = await self._perform(begun, prepared)
+        finished, error = await self._finish(destflags, performed)
+        if performed.confirm:
             self.phases.append("confirm")
             # after Finish, "cancelled" means only: Finish returned no domain
             await self.source.confirm(finished.domain is None, finished.cookie)
@@ -190,62 +159,6 @@ class Coordinator:
         if finished.domain is None:
             raise OperationFailed("migration failed: the destination did not return a domain")
         return finished.domain
-
-    async def _one_call(
-        self, begun: Begun, destflags: MigrateFlag
-    ) -> tuple[Finished, VmmigrateError | None] | None:
-        """Offline, with a destination that takes Prepare and Finish in one call (Perform
-        is skipped and nothing runs between them): Finish's result and the first error, or
-        None to run the two phases one by one (not offered, or not known there)."""
-        dest = self.dest
-        if not isinstance(dest, OneCallDestination) or not dest.one_call(destflags):
-            return None
-        try:
-            both = await dest.prepare_finish(begun, destflags)
-        except BaseException as exc:
-            # a graceful stop's refusal (ShuttingDown) came before anything ran there
-            if isinstance(exc, (PeerUnavailable, Timeout)) and not isinstance(exc, ShuttingDown):
-                # Lost: Prepare and Finish may both have run there. Settled as a lost
-                # Finish, asked as Finish(cancelled): its first answer if it ran, else it
-                # cancels.
-                self.phases += ["prepare", "finish"]
-                lost = self.source.finish_unknown(
-                    exc, functools.partial(dest.finish, destflags, b"", True)
-                )
-                if lost is not None:
-                    raise lost from exc
-                return await self._ask_cancel(destflags, exc)
-            self.phases.append("prepare")
-            await self.source.abandon()
-            await dest.prepare_failed(exc, destflags)
-            raise
-        if both is None:
-            return None
-        self.phases += ["prepare", "finish"]
-        finished, error = Finished(None), None
-        if isinstance(both[1], VmmigrateError):
-            error = both[1]
-            dest.finish_failed(destflags)
-        else:
-            finished = both[1]
-        try:
-            await self.source.after_finish()
-        except VmmigrateError as exc:
-            error = error or exc
-        return finished, error
-
-    async def _ask_cancel(
-        self, destflags: MigrateFlag, exc: VmmigrateError
-    ) -> tuple[Finished, VmmigrateError | None]:
-        """A lost PrepareFinish that the source side does not settle itself: ask now, as
-        Finish(cancelled) (a domain there: it finished, and Confirm says so); no answer
-        either: the cancel is asked again in the background, and Confirm cancels."""
-        try:
-            finished = await self.dest.finish(destflags, b"", True)
-        except VmmigrateError:
-            self.dest.finish_failed(destflags)
-            return Finished(None), exc
-        return finished, (None if finished.domain is not None else exc)
 
     async def _prepare(self, begun: Begun, destflags: MigrateFlag) -> Prepared:
         self.phases.append("prepare")

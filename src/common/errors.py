@@ -167,12 +167,6 @@ class OperationFailed(VmmigrateError):
     code = grpc.StatusCode.INTERNAL
 
 
-class Unimplemented(VmmigrateError):
-    """The peer has no such call (an older daemon): the caller falls back to another."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
 class Unauthenticated(VmmigrateError):
     """libvirt's VIR_ERR_AUTH_FAILED: the peer's certificate does not say who it is."""
 

@@ -103,10 +103,6 @@ class Failpoints:
     def __bool__(self) -> bool:
         return bool(self._armed)
 
-    def armed(self, name: str) -> bool:
-        """Is an action armed at ``name`` (whether or not it would fire this time)?"""
-        return name in self._armed
-
     def hit_sync(self, name: str) -> None:
         """:meth:`hit` from blocking code (a worker thread): a delay sleeps the thread."""
         action = self._fire(name)

@@ -23,7 +23,6 @@ STARTS_MIGRATION = frozenset(
         "/vmmigrate.v1.MigrationDestinationService/Prepare",
         "/vmmigrate.v1.MigrationDestinationService/PrepareTunnel",
         "/vmmigrate.v1.MigrationDestinationService/PrepareBatch",
-        "/vmmigrate.v1.MigrationDestinationService/PrepareFinish",
     }
 )
 MESSAGE = "daemon is shutting down"

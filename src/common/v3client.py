@@ -8,21 +8,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import grpc
-import grpc.aio
 from vmmigrate.common.caps import check_destination
 from vmmigrate.common.coordinator import Begun, Finished, Prepared
-from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
-from vmmigrate.common.rpc import (
-    LOST_ANSWER_RETRY,
-    Deadline,
-    call,
-    call_retrying,
-    retry_busy,
-    translate,
-    translate_status,
-)
+from vmmigrate.common.rpc import LOST_ANSWER_RETRY, Deadline, call, call_retrying, retry_busy
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
@@ -39,15 +28,6 @@ def phase_header(
         cookie=cookie,
         deadline_unix_ms=deadline_unix_ms,
     )
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
-def status_code(value: int) -> grpc.StatusCode:
-    """A status code carried as its number (a batch item's, a PrepareFinish's Finish)."""
-    code = _CODES.get(value, grpc.StatusCode.UNKNOWN)
-    return grpc.StatusCode.UNKNOWN if code == grpc.StatusCode.OK else code
 
 
 def finish_request(
@@ -157,54 +137,6 @@ class RemoteDestination:
             self.deadline,
         )
         return Prepared(cookie=response.cookie, uri=response.uri)
-
-    async def prepare_finish(
-        self, begun: Begun, flags: MigrateFlag
-    ) -> tuple[Prepared, Finished | VmmigrateError] | None:
-        """An offline migration's Prepare and Finish in one PrepareFinish call: Prepare's
-        result and Finish's (or its error); None when the destination has no such call
-        (nothing ran: send the two). Prepare's failure is raised, as :meth:`prepare`'s; a
-        lost answer (PeerUnavailable, Timeout) is not retried: Finish may have run there,
-        and only Finish(cancelled) by migration id can tell (the caller settles it)."""
-        self.dest_name = self.params.dest_name or begun.domain_name
-        await self._before("prepare")
-        header = phase_header(self.migration_id, flags, begun.cookie, self.deadline.unix_ms)
-        request = pb.PrepareFinishRequest(
-            prepare=pb.PrepareRequest(
-                header=header, domain_xml=begun.domain_xml, params=self.params
-            ),
-            finish=finish_request(
-                self.migration_id,
-                flags,
-                dest_name=self.dest_name,
-                cancelled=False,
-                deadline_unix_ms=self.deadline.unix_ms,
-                params=self.params,
-            ),
-        )
-        method: Any = self.stub.PrepareFinish  # type: ignore[union-attr]
-        timeout = self.deadline.rpc_timeout(self.rpc_timeout)
-
-        async def attempt() -> pb.PrepareFinishResponse | None:
-            try:
-                answer: pb.PrepareFinishResponse = await method(request, timeout=timeout)
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    return None
-                raise translate(err, self.address, DEST) from None
-            return answer
-
-        # a busy destination (a host limit, from Prepare: nothing ran) is asked again
-        answer = await retry_busy(attempt, self.deadline)
-        if answer is None:
-            return None
-        prepared = Prepared(cookie=answer.prepare.cookie, uri=answer.prepare.uri)
-        if answer.HasField("finish_error"):
-            st = answer.finish_error
-            return prepared, translate_status(
-                status_code(st.code), st.message, st.error_class or None, self.address, DEST
-            )
-        return prepared, Finished.from_pb(answer.finish)
 
     async def prepare_failed(self, exc: BaseException, flags: MigrateFlag) -> None:
         """Nothing to undo by default."""

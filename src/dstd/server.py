@@ -20,10 +20,10 @@ from vmmigrate.common import tunnelwire
 from vmmigrate.common.authz import DSTD_POLICY
 from vmmigrate.common.caps import PROTOCOL_VERSION
 from vmmigrate.common.config import DaemonConfig
-from vmmigrate.common.daemon import abort_with, count_refusal, grpc_server, rpc_handler
-from vmmigrate.common.errors import InvalidArgument, VmmigrateError
+from vmmigrate.common.daemon import abort_with, grpc_server, rpc_handler
+from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.failpoints import Failpoints
-from vmmigrate.common.flags import MigrateFlag, parse_flags
+from vmmigrate.common.flags import parse_flags
 from vmmigrate.common.hypervisor import hypervisor_for
 from vmmigrate.common.observe import Observability, serving_metrics
 from vmmigrate.common.rpc import Deadline
@@ -150,26 +150,6 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
             ]
         )
 
-    @handler
-    async def PrepareFinish(
-        self, request: pb.PrepareFinishRequest, context: Any
-    ) -> pb.PrepareFinishResponse:
-        """An offline migration's Prepare, then its Finish, in one call: each runs as its
-        single RPC would (its own journal steps, its own failpoints); Prepare's failure is
-        the call's status, Finish's is carried in the answer (finish_error)."""
-        _check_prepare_finish(request)
-        prepared = await self._prepare(request.prepare, context, tunnel_rpc=False)
-        try:
-            finished = await self._finish(request.finish)
-        except Exception as exc:
-            count_refusal(self, exc)
-            if isinstance(exc, VmmigrateError):
-                log.info("rpc_failed", rpc="Finish", code=exc.code.name, error=exc.message)
-            else:
-                log.exception("rpc_crashed", rpc="Finish")
-            return pb.PrepareFinishResponse(prepare=prepared, finish_error=batch.item_status(exc))
-        return pb.PrepareFinishResponse(prepare=prepared, finish=finished)
-
     async def TunnelBytes(
         self, request_iterator: AsyncIterator[bytes], context: Any
     ) -> AsyncIterator[bytes]:
@@ -187,19 +167,6 @@ class MigrationDestinationService(pb_grpc.MigrationDestinationServiceServicer):
                     yield data
             except VmmigrateError as exc:
                 await abort_with(context, exc, log)
-
-
-def _check_prepare_finish(request: pb.PrepareFinishRequest) -> None:
-    """PrepareFinish is for an offline migration's Prepare and its (not cancelled) Finish,
-    of one migration id; refused before anything runs otherwise."""
-    mid = request.prepare.header.migration_id
-    if request.finish.header.migration_id != mid:
-        raise InvalidArgument("PrepareFinish: Prepare and Finish name different migrations")
-    flags = parse_flags(request.prepare.header.flags, "prepare")
-    if MigrateFlag.OFFLINE not in flags or MigrateFlag.TUNNELLED in flags:
-        raise InvalidArgument("PrepareFinish is for offline migrations only")
-    if request.finish.cancelled:
-        raise InvalidArgument("PrepareFinish with a cancelled Finish")
 
 
 def _fingerprint(request: pb.PrepareRequest, tunnel_rpc: bool) -> str:

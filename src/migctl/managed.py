@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-from vmmigrate.common.coordinator import AskFinish, Begun, Coordinator, Finished, Prepared
+from vmmigrate.common.coordinator import AskFinish, Begun, Coordinator, Prepared
 from vmmigrate.common.errors import OperationFailed, VmmigrateError
 from vmmigrate.common.flags import MigrateFlag, check_api_flags
 from vmmigrate.common.rpc import LOST_ANSWER_RETRY, Deadline, call, call_retrying
@@ -91,39 +91,6 @@ class RelayedDestination:
         relayed = pb.RelayFinishRequest(dest_address=self._address, request=request)
         finished: pb.FinishResponse = await self._source.DestinationFinish(relayed, timeout=timeout)
         return finished
-
-    async def PrepareFinish(
-        self, request: pb.PrepareFinishRequest, *, timeout: float
-    ) -> pb.PrepareFinishResponse:
-        relayed = pb.RelayPrepareFinishRequest(dest_address=self._address, request=request)
-        answer: pb.PrepareFinishResponse = await self._source.DestinationPrepareFinish(
-            relayed, timeout=timeout
-        )
-        return answer
-
-
-class ManagedDestination(RemoteDestination):
-    """The destination of a client-driven migration (through the source's relay): an
-    offline migration's Prepare and Finish in one relayed PrepareFinish (nothing runs
-    between them here either), unless the source or the destination lacks it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.unsupported = False
-
-    def one_call(self, flags: MigrateFlag) -> bool:
-        return (
-            MigrateFlag.OFFLINE in flags
-            and MigrateFlag.TUNNELLED not in flags
-            and not self.unsupported
-        )
-
-    async def prepare_finish(
-        self, begun: Begun, flags: MigrateFlag
-    ) -> tuple[Prepared, Finished | VmmigrateError] | None:
-        both = await super().prepare_finish(begun, flags)
-        self.unsupported = both is None
-        return both
 
 
 class RemoteSource:
@@ -249,7 +216,7 @@ async def _run(
         migration_id=mid,
         deadline=deadline,
     )
-    destination = ManagedDestination(
+    destination = RemoteDestination(
         dest,
         address=dest_address,
         migration_id=mid,

@@ -91,11 +91,6 @@ class Lane(Generic[Req, Resp]):
         self._returned = asyncio.Event()  # set when a call in flight returns
         self.batches_sent = 0  # batch calls made (tests, metrics)
 
-    @property
-    def idle(self) -> bool:
-        """Nothing queued and no call in flight (a new call would go at once, alone)."""
-        return not self._queue and not self._in_flight
-
     async def __call__(self, request: Req, *, timeout: float) -> Resp:
         if not self.supported:
             response: Resp = await self._single()(request, timeout=timeout)

@@ -31,28 +31,6 @@ from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
 _Stub = tuple[grpc.aio.Channel, pb_grpc.MigrationDestinationServiceStub]
 
 
-@dataclasses.dataclass
-class OneCalls:
-    """PrepareFinish calls (an offline migration's Prepare and Finish in one) per
-    destination: how many are in flight, and the peers that answered UNIMPLEMENTED."""
-
-    in_flight: dict[str, int] = dataclasses.field(default_factory=dict)
-    unsupported: set[str] = dataclasses.field(default_factory=set)
-
-    def busy(self, address: str) -> bool:
-        return self.in_flight.get(address, 0) > 0
-
-    def started(self, address: str) -> None:
-        self.in_flight[address] = self.in_flight.get(address, 0) + 1
-
-    def ended(self, address: str) -> None:
-        left = self.in_flight.get(address, 0) - 1
-        if left > 0:
-            self.in_flight[address] = left
-        else:
-            self.in_flight.pop(address, None)
-
-
 class PeerPool:
     """One long-lived channel per destination address, so migrations reuse warm
     connections (gRPC reconnects by itself after a peer restarts). With ``tls``, channels
@@ -81,7 +59,6 @@ class PeerPool:
         self._caps: dict[str, tuple[float, pb.CapabilitiesResponse]] = {}
         self._batchers: dict[str, DestinationBatcher] = {}
         self._stubs: dict[str, _Stub] = {}  # by address, with the channel it was built on
-        self.one_calls = OneCalls()
 
     def cached_caps(self, address: str) -> pb.CapabilitiesResponse | None:
         entry = self._caps.get(address)

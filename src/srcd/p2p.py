@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 from vmmigrate.common.caps import check_destination
-from vmmigrate.common.coordinator import AskFinish, Begun, Coordinator, Finished, Prepared
+from vmmigrate.common.coordinator import AskFinish, Begun, Coordinator, Prepared
 from vmmigrate.common.errors import OperationFailed, PeerUnavailable, Timeout, VmmigrateError
 from vmmigrate.common.flags import MigrateFlag
 from vmmigrate.common.phase import Phase
@@ -37,14 +37,6 @@ from vmmigrate.srcd.tunnel import NbdTunnel, SourceTunnel
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 log = structlog.get_logger("vmmigrate.srcd.p2p")
-
-# srcd's failpoints between Prepare and Finish: armed, a migration sends the two calls
-_BETWEEN_PHASES = (
-    "srcd.prepare.after",
-    "srcd.finish.before",
-    "srcd.prepare.batch_answered",
-    "srcd.finish.batch_answered",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,34 +91,6 @@ class P2PDestination(RemoteDestination):
             caps = await self.capabilities()
         self.ctx.peers.remember_caps(self.address, caps)
         check_destination(caps.protocol_version, caps.offline, flags)
-
-    def one_call(self, flags: MigrateFlag) -> bool:
-        """Prepare and Finish in one PrepareFinish call: offline, with nothing else under
-        way to that dstd (concurrent migrations coalesce in the batcher's lanes instead:
-        one round trip each for many), to a dstd that has it, and with no srcd failpoint
-        armed between the two phases (the fault matrix crashes srcd there)."""
-        peers, address = self.ctx.peers, self.address
-        if MigrateFlag.OFFLINE not in flags or MigrateFlag.TUNNELLED in flags:
-            return False
-        if address in peers.one_calls.unsupported or peers.one_calls.busy(address):
-            return False
-        if any(self.ctx.failpoints.armed(name) for name in _BETWEEN_PHASES):
-            return False
-        batcher = peers.batcher(address)
-        return batcher.prepare.idle and batcher.finish.idle
-
-    async def prepare_finish(
-        self, begun: Begun, flags: MigrateFlag
-    ) -> tuple[Prepared, Finished | VmmigrateError] | None:
-        calls = self.ctx.peers.one_calls
-        calls.started(self.address)
-        try:
-            both = await super().prepare_finish(begun, flags)
-        finally:
-            calls.ended(self.address)
-        if both is None:
-            calls.unsupported.add(self.address)  # an older dstd: two calls from now on
-        return both
 
     def prepare_method(self, flags: MigrateFlag) -> Any:
         # offline: through the per-destination batcher, coalesced with the other offline

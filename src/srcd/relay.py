@@ -13,12 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import grpc
-import grpc.aio
 from vmmigrate.common.address import DEFAULT_DSTD_PORT, format_hostport, parse_hostport
-from vmmigrate.common.errors import InvalidArgument, Unimplemented
+from vmmigrate.common.errors import InvalidArgument
 from vmmigrate.common.flags import MigrateFlag
-from vmmigrate.common.rpc import call, translate
+from vmmigrate.common.rpc import call
 from vmmigrate.common.v3client import DEST
 from vmmigrate.srcd.context import SourceContext
 
@@ -97,21 +95,3 @@ async def finish(
         ctx, request.dest_address, lambda d: d.Finish, request.request, context
     )
     return finished
-
-
-async def prepare_finish(
-    ctx: SourceContext, request: pb.RelayPrepareFinishRequest, context: Any
-) -> pb.PrepareFinishResponse:
-    """dstd's PrepareFinish; a dstd without it is answered UNIMPLEMENTED again (the client
-    sends Prepare and Finish instead), never as a failed Prepare."""
-    address = _address(request.dest_address)
-    method: Any = ctx.peers.destination(address).PrepareFinish
-    try:
-        answer: pb.PrepareFinishResponse = await method(
-            request.request, timeout=_timeout(ctx, context)
-        )
-    except grpc.aio.AioRpcError as err:
-        if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-            raise Unimplemented(f"{DEST} '{address}' has no PrepareFinish") from None
-        raise translate(err, address, DEST) from None
-    return answer

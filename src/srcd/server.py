@@ -265,12 +265,6 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
         return await relay.finish(self.ctx, request, context)
 
     @handler
-    async def DestinationPrepareFinish(
-        self, request: pb.RelayPrepareFinishRequest, context: Any
-    ) -> pb.PrepareFinishResponse:
-        return await relay.prepare_finish(self.ctx, request, context)
-
-    @handler
     async def Begin(self, request: pb.BeginRequest, context: Any) -> pb.BeginResponse:
         h = request.header
         flags = parse_flags(h.flags, "begin")

@@ -1306,29 +1306,6 @@ class RelayFinishRequest(_message.Message):
 Global___RelayFinishRequest: _TypeAlias = RelayFinishRequest  # noqa: Y015
 
 @_typing.final
-class RelayPrepareFinishRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DEST_ADDRESS_FIELD_NUMBER: _builtins.int
-    REQUEST_FIELD_NUMBER: _builtins.int
-    dest_address: _builtins.str
-    @_builtins.property
-    def request(self) -> Global___PrepareFinishRequest: ...
-    def __init__(
-        self,
-        *,
-        dest_address: _builtins.str = ...,
-        request: Global___PrepareFinishRequest | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest_address", b"dest_address", "request", b"request"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RelayPrepareFinishRequest: _TypeAlias = RelayPrepareFinishRequest  # noqa: Y015
-
-@_typing.final
 class CapabilitiesRequest(_message.Message):
     """---------------------------------------------------------------------------------------
     MigrationDestinationService (dstd)
@@ -1671,72 +1648,6 @@ class FinishBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FinishBatchResponse: _TypeAlias = FinishBatchResponse  # noqa: Y015
-
-@_typing.final
-class PrepareFinishRequest(_message.Message):
-    """PrepareFinish: an offline migration's Prepare and then its Finish, in one round trip
-    (srcd's p2p driver: offline, Perform is skipped, so nothing happens between the two).
-    dstd runs them exactly as the two single RPCs, one after the other, each journaled as
-    its own step. Prepare failed (or nothing ran): the call ends with the status Prepare
-    would have ended with. Prepare succeeded: the answer carries Prepare's response and
-    Finish's, or the status Finish would have ended with (finish_error). A lost answer is
-    settled as a lost Finish: Finish(cancelled) by migration id answers with the first
-    Finish's answer if it ran, else cancels (and refuses a late PrepareFinish). Offline and
-    not cancelled only (INVALID_ARGUMENT otherwise); the two headers carry the same
-    migration id. A dstd without it answers UNIMPLEMENTED, and srcd sends the two RPCs.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PREPARE_FIELD_NUMBER: _builtins.int
-    FINISH_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def prepare(self) -> Global___PrepareRequest: ...
-    @_builtins.property
-    def finish(self) -> Global___FinishRequest: ...
-    def __init__(
-        self,
-        *,
-        prepare: Global___PrepareRequest | None = ...,
-        finish: Global___FinishRequest | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finish", b"finish", "prepare", b"prepare"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish", b"finish", "prepare", b"prepare"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PrepareFinishRequest: _TypeAlias = PrepareFinishRequest  # noqa: Y015
-
-@_typing.final
-class PrepareFinishResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PREPARE_FIELD_NUMBER: _builtins.int
-    FINISH_FIELD_NUMBER: _builtins.int
-    FINISH_ERROR_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def prepare(self) -> Global___PrepareResponse: ...
-    @_builtins.property
-    def finish(self) -> Global___FinishResponse: ...
-    @_builtins.property
-    def finish_error(self) -> Global___ItemStatus: ...
-    def __init__(
-        self,
-        *,
-        prepare: Global___PrepareResponse | None = ...,
-        finish: Global___FinishResponse | None = ...,
-        finish_error: Global___ItemStatus | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finish", b"finish", "finish_error", b"finish_error", "finish_result", b"finish_result", "prepare", b"prepare"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish", b"finish", "finish_error", b"finish_error", "finish_result", b"finish_result", "prepare", b"prepare"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_finish_result: _TypeAlias = _typing.Literal["finish", "finish_error"]  # noqa: Y015
-    _WhichOneofArgType_finish_result: _TypeAlias = _typing.Literal["finish_result", b"finish_result"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_finish_result) -> _WhichOneofReturnType_finish_result | None: ...
-
-Global___PrepareFinishResponse: _TypeAlias = PrepareFinishResponse  # noqa: Y015
 
 @_typing.final
 class TunnelData(_message.Message):

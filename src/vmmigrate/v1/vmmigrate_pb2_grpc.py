@@ -962,11 +962,6 @@ class MigrationSourceServiceStub:
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayFinishRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.FromString,
                 _registered_method=True)
-        self.DestinationPrepareFinish = channel.unary_unary(
-                '/vmmigrate.v1.MigrationSourceService/DestinationPrepareFinish',
-                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayPrepareFinishRequest.SerializeToString,
-                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.FromString,
-                _registered_method=True)
 
 
 class MigrationSourceServiceServicer:
@@ -1012,14 +1007,6 @@ class MigrationSourceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def DestinationPrepareFinish(self, request, context):
-        """dstd's PrepareFinish, relayed (an offline migration's Prepare and Finish in one call);
-        UNIMPLEMENTED when this srcd, or the dstd, has no such call: send the two.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_MigrationSourceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1052,11 +1039,6 @@ def add_MigrationSourceServiceServicer_to_server(servicer, server):
                     servicer.DestinationFinish,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayFinishRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishResponse.SerializeToString,
-            ),
-            'DestinationPrepareFinish': grpc.unary_unary_rpc_method_handler(
-                    servicer.DestinationPrepareFinish,
-                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayPrepareFinishRequest.FromString,
-                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1231,33 +1213,6 @@ class MigrationSourceService:
             metadata,
             _registered_method=True)
 
-    @staticmethod
-    def DestinationPrepareFinish(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vmmigrate.v1.MigrationSourceService/DestinationPrepareFinish',
-            vmmigrate_dot_v1_dot_vmmigrate__pb2.RelayPrepareFinishRequest.SerializeToString,
-            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
 
 class MigrationDestinationServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -1297,11 +1252,6 @@ class MigrationDestinationServiceStub:
                 '/vmmigrate.v1.MigrationDestinationService/FinishBatch',
                 request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchRequest.SerializeToString,
                 response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchResponse.FromString,
-                _registered_method=True)
-        self.PrepareFinish = channel.unary_unary(
-                '/vmmigrate.v1.MigrationDestinationService/PrepareFinish',
-                request_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishRequest.SerializeToString,
-                response_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.FromString,
                 _registered_method=True)
 
 
@@ -1347,13 +1297,6 @@ class MigrationDestinationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PrepareFinish(self, request, context):
-        """An offline migration's Prepare then Finish in one call (see PrepareFinishRequest).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_MigrationDestinationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1386,11 +1329,6 @@ def add_MigrationDestinationServiceServicer_to_server(servicer, server):
                     servicer.FinishBatch,
                     request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchRequest.FromString,
                     response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchResponse.SerializeToString,
-            ),
-            'PrepareFinish': grpc.unary_unary_rpc_method_handler(
-                    servicer.PrepareFinish,
-                    request_deserializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishRequest.FromString,
-                    response_serializer=vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1555,33 +1493,6 @@ class MigrationDestinationService:
             '/vmmigrate.v1.MigrationDestinationService/FinishBatch',
             vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchRequest.SerializeToString,
             vmmigrate_dot_v1_dot_vmmigrate__pb2.FinishBatchResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PrepareFinish(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vmmigrate.v1.MigrationDestinationService/PrepareFinish',
-            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishRequest.SerializeToString,
-            vmmigrate_dot_v1_dot_vmmigrate__pb2.PrepareFinishResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -284,10 +284,6 @@ class MigrationSourceServiceStub:
     """
     DestinationPrepare: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareRequest, _vmmigrate_pb2.PrepareResponse]
     DestinationFinish: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayFinishRequest, _vmmigrate_pb2.FinishResponse]
-    DestinationPrepareFinish: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareFinishRequest, _vmmigrate_pb2.PrepareFinishResponse]
-    """dstd's PrepareFinish, relayed (an offline migration's Prepare and Finish in one call);
-    UNIMPLEMENTED when this srcd, or the dstd, has no such call: send the two.
-    """
 
 @_typing.type_check_only
 class MigrationSourceServiceAsyncStub(MigrationSourceServiceStub):
@@ -303,10 +299,6 @@ class MigrationSourceServiceAsyncStub(MigrationSourceServiceStub):
     """
     DestinationPrepare: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareRequest, _vmmigrate_pb2.PrepareResponse]  # type: ignore[assignment]
     DestinationFinish: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayFinishRequest, _vmmigrate_pb2.FinishResponse]  # type: ignore[assignment]
-    DestinationPrepareFinish: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.RelayPrepareFinishRequest, _vmmigrate_pb2.PrepareFinishResponse]  # type: ignore[assignment]
-    """dstd's PrepareFinish, relayed (an offline migration's Prepare and Finish in one call);
-    UNIMPLEMENTED when this srcd, or the dstd, has no such call: send the two.
-    """
 
 class MigrationSourceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -356,16 +348,6 @@ class MigrationSourceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_vmmigrate_pb2.FinishResponse, _abc.Awaitable[_vmmigrate_pb2.FinishResponse]]: ...
 
-    @_abc_1.abstractmethod
-    def DestinationPrepareFinish(
-        self,
-        request: _vmmigrate_pb2.RelayPrepareFinishRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_vmmigrate_pb2.PrepareFinishResponse, _abc.Awaitable[_vmmigrate_pb2.PrepareFinishResponse]]:
-        """dstd's PrepareFinish, relayed (an offline migration's Prepare and Finish in one call);
-        UNIMPLEMENTED when this srcd, or the dstd, has no such call: send the two.
-        """
-
 def add_MigrationSourceServiceServicer_to_server(servicer: MigrationSourceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class MigrationDestinationServiceStub:
@@ -383,8 +365,6 @@ class MigrationDestinationServiceStub:
     PrepareBatch: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareBatchRequest, _vmmigrate_pb2.PrepareBatchResponse]
     """Many offline migrations' Prepare / Finish in one call (see PrepareBatchRequest)."""
     FinishBatch: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishBatchRequest, _vmmigrate_pb2.FinishBatchResponse]
-    PrepareFinish: _grpc.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareFinishRequest, _vmmigrate_pb2.PrepareFinishResponse]
-    """An offline migration's Prepare then Finish in one call (see PrepareFinishRequest)."""
 
 @_typing.type_check_only
 class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
@@ -399,8 +379,6 @@ class MigrationDestinationServiceAsyncStub(MigrationDestinationServiceStub):
     PrepareBatch: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareBatchRequest, _vmmigrate_pb2.PrepareBatchResponse]  # type: ignore[assignment]
     """Many offline migrations' Prepare / Finish in one call (see PrepareBatchRequest)."""
     FinishBatch: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.FinishBatchRequest, _vmmigrate_pb2.FinishBatchResponse]  # type: ignore[assignment]
-    PrepareFinish: _aio.UnaryUnaryMultiCallable[_vmmigrate_pb2.PrepareFinishRequest, _vmmigrate_pb2.PrepareFinishResponse]  # type: ignore[assignment]
-    """An offline migration's Prepare then Finish in one call (see PrepareFinishRequest)."""
 
 class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -448,14 +426,6 @@ class MigrationDestinationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vmmigrate_pb2.FinishBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vmmigrate_pb2.FinishBatchResponse, _abc.Awaitable[_vmmigrate_pb2.FinishBatchResponse]]: ...
-
-    @_abc_1.abstractmethod
-    def PrepareFinish(
-        self,
-        request: _vmmigrate_pb2.PrepareFinishRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_vmmigrate_pb2.PrepareFinishResponse, _abc.Awaitable[_vmmigrate_pb2.PrepareFinishResponse]]:
-        """An offline migration's Prepare then Finish in one call (see PrepareFinishRequest)."""
 
 def add_MigrationDestinationServiceServicer_to_server(servicer: MigrationDestinationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
