@@ -97,6 +97,14 @@ def bounded_message(message: str) -> str:
     return message
 
 
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """A status code carried as its number (a batch item's, an evacuation result's)."""
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, Sequence[tuple[str, str]]]:
     """The gRPC status a server answers with for ``exc`` (pure: no server objects)."""
     if isinstance(exc, VmmigrateError):

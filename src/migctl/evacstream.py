@@ -19,13 +19,11 @@ from typing import Any
 import grpc
 import grpc.aio
 from vmmigrate.common.errors import VmmigrateError
-from vmmigrate.common.rpc import translate, translate_status
+from vmmigrate.common.rpc import status_code, translate, translate_status
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
 DAEMON = "daemon"  # as migctl/main.py names srcd in its errors
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class Unimplemented(Exception):
@@ -34,7 +32,7 @@ class Unimplemented(Exception):
 
 def outcome_error(status: pb.ItemStatus, peer: str) -> VmmigrateError:
     """A domain's error as migctl would have got it from its own Migrate call."""
-    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    code = status_code(status.code)
     return translate_status(code, status.message, status.error_class or None, peer, DAEMON)
 
 

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 import grpc.aio
 from vmmigrate.common.errors import Timeout
-from vmmigrate.common.rpc import translate, translate_status
+from vmmigrate.common.rpc import status_code, translate, translate_status
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -217,11 +217,8 @@ class Lane(Generic[Req, Resp]):
         await asyncio.gather(*(one(w) for w in items))
 
 
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
 def _status_code(value: int) -> grpc.StatusCode:
-    code = _CODES.get(value, grpc.StatusCode.UNKNOWN)
+    code = status_code(value)
     return grpc.StatusCode.UNKNOWN if code == grpc.StatusCode.OK else code
 
 

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
-import grpc
 import structlog
 from vmmigrate.common.errors import (
     InvalidArgument,
@@ -46,6 +45,7 @@ from vmmigrate.common.evacuation import (
     stopped_by,
 )
 from vmmigrate.common.flags import MigrateFlag, check_api_flags, parse_flags
+from vmmigrate.common.rpc import status_code
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.domains import DomainAPI
 from vmmigrate.srcd.jobs import SourceParams
@@ -65,13 +65,6 @@ _SELECTIONS = {
     pb.SELECT_LIVE: Selection.LIVE,
     pb.SELECT_OFFLINE: Selection.OFFLINE,
 }
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
-def _code(value: int) -> grpc.StatusCode:
-    return _CODES.get(value, grpc.StatusCode.UNKNOWN)
 
 
 def item_status(exc: VmmigrateError) -> pb.ItemStatus:
@@ -229,7 +222,7 @@ class Evacuation:
         self._report(result)
         if result.HasField("error"):
             st = result.error
-            exc = error_from_status(_code(st.code), st.message, st.error_class or None)
+            exc = error_from_status(status_code(st.code), st.message, st.error_class or None)
             if isinstance(exc, STOPS_EVACUATION):
                 self.stop(OperationAborted(stopped_by(libvirt_text(exc))))
 
