@@ -90,6 +90,21 @@ def daemon_main(
     return 0
 
 
+def _dump_tasks(log: Any) -> None:
+    """SIGUSR1: every asyncio task of the daemon, with where it waits, in the log (what a
+    stuck migration is waiting for, without stopping anything)."""
+    for task in asyncio.all_tasks():
+        frames: list[str] = []
+        coro: Any = task.get_coro()
+        while coro is not None and len(frames) < 24:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                name = "/".join(frame.f_code.co_filename.rsplit("/", 2)[-2:])
+                frames.append(f"{name}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        log.info("task_dump", task=task.get_name(), stack=frames)
+
+
 async def _serve(prog: str, config: DaemonConfig, server_factory: ServerFactory) -> None:
     log = structlog.get_logger(f"vmmigrate.{prog}")
     stop = asyncio.Event()
@@ -101,6 +116,7 @@ async def _serve(prog: str, config: DaemonConfig, server_factory: ServerFactory)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks, log)
     async with server_factory(config) as (address, ctx):
         log.info(
             "daemon_ready",

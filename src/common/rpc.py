@@ -163,13 +163,37 @@ def translate_status(
     return error_from_status(code, f"{what} '{peer}': {details}", None)
 
 
+def cancelled_by_others() -> bool:
+    """Whether a CancelledError just caught was not meant for the running task: grpc
+    raises it in whoever awaits a call that its channel cancelled (the channel closed
+    under the call), while a cancellation of the task itself counts in ``cancelling()``."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+def channel_gone(peer: str, what: str) -> PeerUnavailable:
+    return PeerUnavailable(
+        f"unable to connect to {what} '{peer}': the connection was closed during the call"
+    )
+
+
 @contextlib.asynccontextmanager
 async def translated(peer: str, what: str) -> AsyncIterator[None]:
-    """Translate gRPC errors raised inside the block (the one place on the client side)."""
+    """Translate gRPC errors raised inside the block (the one place on the client side).
+    A call its channel cancelled, or one made on a channel closed meanwhile (another
+    migration reconnected to the peer), is the peer's unavailability, never the calling
+    task's cancellation: a CancelledError there would end a migration (or a whole
+    evacuation stream) without an answer."""
     try:
         yield
     except grpc.aio.AioRpcError as err:
         raise translate(err, peer, what) from err
+    except grpc.aio.UsageError as err:
+        raise channel_gone(peer, what) from err
+    except asyncio.CancelledError:
+        if cancelled_by_others():
+            raise channel_gone(peer, what) from None
+        raise
 
 
 class Deadline:

@@ -26,10 +26,20 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
-from vmmigrate.common.errors import Timeout
-from vmmigrate.common.rpc import status_code, translate, translate_status
+import structlog
+from vmmigrate.common.errors import OperationFailed, Timeout, VmmigrateError
+from vmmigrate.common.rpc import (
+    cancelled_by_others,
+    channel_gone,
+    status_code,
+    translate,
+    translate_status,
+    translated,
+)
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
+
+log = structlog.get_logger("vmmigrate.srcd.batcher")
 
 Req = TypeVar("Req", pb.PrepareRequest, pb.FinishRequest)
 Resp = TypeVar("Resp", pb.PrepareResponse, pb.FinishResponse)
@@ -151,6 +161,13 @@ class Lane(Generic[Req, Resp]):
         self._returned.set()
 
     async def _send(self, items: list[_Waiting[Req, Resp]]) -> None:
+        try:
+            await self._send_items(items)
+        except Exception as exc:  # a bug: each caller gets an error, none waits it out
+            log.exception("batch_call_failed", peer=self.peer, what=self.what)
+            _fail(items, OperationFailed(f"{self.what} '{self.peer}': internal error ({exc!r})"))
+
+    async def _send_items(self, items: list[_Waiting[Req, Resp]]) -> None:
         items = [w for w in items if not w.future.done()]
         if not items:
             return
@@ -166,10 +183,14 @@ class Lane(Generic[Req, Resp]):
                 self.supported = False  # an older dstd: single calls from now on
                 await self._send_singly(items)
                 return
-            error = translate(err, self.peer, self.what)
-            for w in items:
-                if not w.future.done():
-                    w.future.set_exception(error)
+            _fail(items, translate(err, self.peer, self.what))
+            return
+        except (grpc.aio.UsageError, asyncio.CancelledError) as exc:
+            # the channel closed under the call (a reconnect): every item's unavailability
+            if isinstance(exc, asyncio.CancelledError) and not cancelled_by_others():
+                _fail(items, Timeout(f"{self.what} '{self.peer}': the call was cancelled"))
+                raise
+            _fail(items, channel_gone(self.peer, self.what))
             return
         self.batches_sent += 1
         if self._answered is not None:
@@ -206,15 +227,21 @@ class Lane(Generic[Req, Resp]):
 
         async def one(w: _Waiting[Req, Resp]) -> None:
             try:
-                response = await self._single()(w.request, timeout=w.timeout)
-            except grpc.aio.AioRpcError as err:
-                if not w.future.done():
-                    w.future.set_exception(translate(err, self.peer, self.what))
+                async with translated(self.peer, self.what):
+                    response = await self._single()(w.request, timeout=w.timeout)
+            except VmmigrateError as exc:
+                _fail([w], exc)
                 return
             if not w.future.done():
                 w.future.set_result(response)
 
         await asyncio.gather(*(one(w) for w in items))
+
+
+def _fail(items: Sequence[_Waiting[Req, Resp]], error: VmmigrateError) -> None:
+    for w in items:
+        if not w.future.done():
+            w.future.set_exception(error)
 
 
 def _status_code(value: int) -> grpc.StatusCode:

@@ -80,9 +80,14 @@ class PeerPool:
         self._generation = self._tls.generation
         channels, self._channels = self._channels, {}
         for old in channels.values():
-            task = asyncio.ensure_future(old.close(self.RETIRE_GRACE))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retire(old)
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        """Close ``channel`` once the calls it carries have ended (each has its deadline):
+        closing it at once would cancel other migrations' calls in flight on it."""
+        task = asyncio.ensure_future(channel.close(self.RETIRE_GRACE))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         self._rotated()
@@ -124,13 +129,22 @@ class PeerPool:
             tunnelwire.METHOD, request_serializer=None, response_deserializer=None
         )
 
-    async def reconnect(self, address: str) -> pb_grpc.MigrationDestinationServiceStub:
-        """Drop the channel to ``address`` and open a fresh one."""
+    async def reconnect(
+        self, address: str, stale: Any = None
+    ) -> pb_grpc.MigrationDestinationServiceStub:
+        """Open a fresh channel to ``address`` for the calls from now on (no reconnect
+        backoff after a peer restart); the old one is retired, not closed under the calls
+        other migrations have in flight on it. ``stale``: the stub the caller failed on;
+        when another migration has replaced it already, its replacement is used (many
+        migrations failing together open one new channel, not one each)."""
+        current = self._stubs.get(address)
+        if stale is not None and current is not None and current[1] is not stale:
+            return self.destination(address)
         self._caps.pop(address, None)
         self._stubs.pop(address, None)
         old = self._channels.pop(address, None)
         if old is not None:
-            await old.close(None)
+            self._retire(old)
         return self.destination(address)
 
     async def close(self) -> None:

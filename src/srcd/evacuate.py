@@ -32,6 +32,7 @@ from vmmigrate.common.errors import (
     InvalidArgument,
     NoDomain,
     OperationAborted,
+    OperationFailed,
     OperationInvalid,
     VmmigrateError,
     error_from_status,
@@ -45,7 +46,7 @@ from vmmigrate.common.evacuation import (
     stopped_by,
 )
 from vmmigrate.common.flags import MigrateFlag, check_api_flags, parse_flags
-from vmmigrate.common.rpc import status_code
+from vmmigrate.common.rpc import cancelled_by_others, status_code
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.domains import DomainAPI
 from vmmigrate.srcd.jobs import SourceParams
@@ -261,7 +262,23 @@ class Evacuation:
             return pb.MigrateManyResult(
                 domain=target.name, kind=kind, error=item_status(exc), migration_id=mid
             )
+        except asyncio.CancelledError:
+            if not cancelled_by_others():
+                raise
+            return self._broke(target, kind, mid, "cancelled")
+        except Exception as exc:  # a bug: this domain's failure, never the whole stream's
+            log.exception("evacuation_domain_failed", domain=target.name, migration_id=mid)
+            return self._broke(target, kind, mid, repr(exc))
         return pb.MigrateManyResult(domain=target.name, kind=kind, migration_id=mid)
+
+    @staticmethod
+    def _broke(target: Target, kind: str, mid: str, what: str) -> pb.MigrateManyResult:
+        error = OperationFailed(
+            f"migration of domain '{target.name}' failed: internal error ({what})"
+        )
+        return pb.MigrateManyResult(
+            domain=target.name, kind=kind, error=item_status(error), migration_id=mid
+        )
 
     def _check_gone(self, target: Target) -> None:
         """After an offline migration with --undefinesource the definition is gone from

@@ -346,3 +346,22 @@ def test_reflection_lists_services(fresh_hosts: tuple[Host, Host], tmp_path: Pat
             services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
         assert wanted <= services
         assert {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+
+
+def test_sigusr1_logs_every_task_and_changes_nothing(fresh_hosts: tuple[Host, Host]) -> None:
+    """SIGUSR1 (docs/ARCHITECTURE.md, systemd): each daemon logs one task_dump line per
+    asyncio task, with where it waits, and goes on serving."""
+    a, _ = fresh_hosts
+    a.start()
+    assert a.srcd is not None and a.dstd is not None
+    for proc in (a.srcd, a.dstd):
+        proc.proc.send_signal(signal.SIGUSR1)
+    for proc in (a.srcd, a.dstd):
+        wait_until(lambda p=proc: "task_dump" in p.output(), 10, "a task dump")
+        dumps = [json.loads(line) for line in proc.output().splitlines()
+                 if line.startswith("{") and '"task_dump"' in line]
+        assert dumps and all(isinstance(d["stack"], list) for d in dumps)
+        assert any(d["stack"] for d in dumps)  # the daemon's own tasks, with their frames
+        assert proc.proc.poll() is None
+    a.define(sample_domain_xml("after-usr1", str(uuidlib.uuid4())), "after-usr1.xml")
+    assert a.names() == ["after-usr1"]
