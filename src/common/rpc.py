@@ -31,6 +31,8 @@ from vmmigrate.common.errors import (
     error_from_status,
 )
 
+from vmmigrate.v1 import vmmigrate_pb2 as pb
+
 if TYPE_CHECKING:  # migctl's start-up need not import the TLS module for plaintext
     from vmmigrate.common.tls import TlsFiles
 
@@ -95,6 +97,14 @@ def bounded_message(message: str) -> str:
         if size > budget:
             return f"{message[:i]}... ({len(message)} characters, cut)"
     return message
+
+
+def item_status(exc: BaseException) -> pb.ItemStatus:
+    """The status a single RPC would have ended with for ``exc`` (code, message, error
+    class), as one item of a batch's answer or one domain of an evacuation's results."""
+    code, message, metadata = status_of(exc)
+    error_class = next((v for k, v in metadata if k == ERROR_CLASS_KEY), "")
+    return pb.ItemStatus(code=code.value[0], message=message, error_class=error_class)
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}

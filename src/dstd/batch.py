@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import structlog
 from vmmigrate.common.daemon import count_refusal
-from vmmigrate.common.errors import ERROR_CLASS_KEY, InvalidArgument, VmmigrateError
-from vmmigrate.common.rpc import status_of
+from vmmigrate.common.errors import InvalidArgument, VmmigrateError
+from vmmigrate.common.rpc import item_status
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 
@@ -24,13 +24,6 @@ MAX_BATCH_ITEMS = 512  # items per batch call (srcd sends at most 64)
 
 Item = TypeVar("Item", pb.PrepareRequest, pb.FinishRequest)
 Answer = TypeVar("Answer", pb.PrepareResponse, pb.FinishResponse)
-
-
-def item_status(exc: BaseException) -> pb.ItemStatus:
-    """The status the single RPC would have aborted with, as a batch item."""
-    code, message, metadata = status_of(exc)
-    error_class = next((v for k, v in metadata if k == ERROR_CLASS_KEY), "")
-    return pb.ItemStatus(code=code.value[0], message=message, error_class=error_class)
 
 
 async def run_items(

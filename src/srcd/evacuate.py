@@ -46,7 +46,7 @@ from vmmigrate.common.evacuation import (
     stopped_by,
 )
 from vmmigrate.common.flags import MigrateFlag, check_api_flags, parse_flags
-from vmmigrate.common.rpc import cancelled_by_others, status_code
+from vmmigrate.common.rpc import cancelled_by_others, item_status, status_code
 from vmmigrate.srcd.context import SourceContext
 from vmmigrate.srcd.domains import DomainAPI
 from vmmigrate.srcd.jobs import SourceParams
@@ -66,13 +66,6 @@ _SELECTIONS = {
     pb.SELECT_LIVE: Selection.LIVE,
     pb.SELECT_OFFLINE: Selection.OFFLINE,
 }
-
-
-def item_status(exc: VmmigrateError) -> pb.ItemStatus:
-    """A domain's error as its Migrate would have ended (code, text, error class)."""
-    return pb.ItemStatus(
-        code=exc.code.value[0], message=exc.message, error_class=type(exc).__name__
-    )
 
 
 @dataclasses.dataclass(frozen=True)
