@@ -7,7 +7,7 @@ import collections
 import dataclasses
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc.aio
 from vmmigrate.common import tunnelwire
@@ -27,6 +27,8 @@ from vmmigrate.srcd.jobs import CompletedJob, SourceJobTable
 
 from vmmigrate.v1 import vmmigrate_pb2 as pb
 from vmmigrate.v1 import vmmigrate_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 _Stub = tuple[grpc.aio.Channel, pb_grpc.MigrationDestinationServiceStub]
 
@@ -156,6 +158,15 @@ class PeerPool:
             task.cancel()
 
 
+def _kept_done(kept: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        kept.discard(task)
+        if not task.cancelled():
+            task.exception()  # seen: the migration logged its own end; its RPC may be gone
+
+    return done
+
+
 class OutgoingSlots:
     """The host limit on outgoing migrations (max_outgoing, 0 = none): a migration beyond
     it waits for a slot, in arrival order, until its deadline."""
@@ -217,6 +228,7 @@ class SourceContext:
     completed_jobs: dict[str, CompletedJob] = dataclasses.field(default_factory=dict)
     # Tasks that outlive an RPC (settling a migration whose Finish answer was lost).
     background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+    kept: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
     # Closed on SIGTERM: new migrations are refused while those in flight finish.
     gate: ShutdownGate = dataclasses.field(default_factory=ShutdownGate)
     # when housekeeping last removed unused job lock files (0: at its first tick)
@@ -235,6 +247,15 @@ class SourceContext:
     def migrations_in_flight(self) -> int:
         """Jobs a graceful stop waits for: running or parked ones, and settling tasks."""
         return len(self.jobs) + len(self.background)
+
+    def keep(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """``work`` as a task kept referenced until it ends (a task only the event loop
+        knows of may be collected while it waits): a migration an RPC shields so that it
+        runs to its end if the client goes away. Counted as its job, not as background."""
+        task = asyncio.ensure_future(work)
+        self.kept.add(task)
+        task.add_done_callback(_kept_done(self.kept))
+        return task
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` in the background, beyond the RPC that started it (kept referenced

@@ -246,7 +246,7 @@ class Evacuation:
                 self._changed.set()
             try:
                 # runs to its end even if the client goes away (as Migrate's)
-                await asyncio.shield(asyncio.ensure_future(migration.run()))
+                await asyncio.shield(self.ctx.keep(migration.run()))
             finally:
                 self.live.discard(target.uuid)
             if MigrateFlag.UNDEFINE_SOURCE in flags and not active:

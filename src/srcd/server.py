@@ -105,7 +105,7 @@ class DomainService(pb_grpc.DomainServiceServicer):
         structlog.contextvars.bind_contextvars(migration_id=migration.migration_id)
         # The migration runs to its end (Finish, Confirm) even if the client goes away:
         # a half-run sequence would leave the destination reserved.
-        result = await asyncio.shield(asyncio.ensure_future(migration.run()))
+        result = await asyncio.shield(self.ctx.keep(migration.run()))
         return pb.MigrateResponse(
             migration_id=result.migration_id,
             dest_domain=result.dest_domain,
@@ -318,7 +318,7 @@ class MigrationSourceService(pb_grpc.MigrationSourceServiceServicer):
             # storage copy: the destination's NBD server, from Prepare's cookie
             nbd = nbd_server(self.ctx, job, cookie, uri) if job.copies else None
             return await asyncio.shield(
-                asyncio.ensure_future(perform_live(self.ctx, job, uri=uri, nbd=nbd))
+                self.ctx.keep(perform_live(self.ctx, job, uri=uri, nbd=nbd))
             )
         except VmmigrateError:
             # managed mode: a failed Perform restores the source and ends the job itself;
