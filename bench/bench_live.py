@@ -647,6 +647,15 @@ def emulator_log_tail(host: Host, uuid: str, lines: int = 3) -> list[str]:
     return []
 
 
+def emulator_startup_ms(to: Host, mid: str) -> float | None:
+    """The destination emulator's start-up inside this migration (dstd's emulator_started:
+    exec to its monitor answering), ms; None from a dstd that does not log it."""
+    for e in log_events(to, "dstd", mid):
+        if e.get("event") == "emulator_started" and e.get("startup_ms") is not None:
+            return float(e["startup_ms"])
+    return None
+
+
 def perform_completed(frm: Host, mid: str) -> dict[str, Any]:
     for e in log_events(frm, "srcd", mid):
         if e.get("event") == "perform_completed":
@@ -830,6 +839,7 @@ class Bench:
         # re-reads query-migrate until they are there. Zeros would mean it gave up: flag them
         stats_missing = total_ms == 0
         words_ok = await asyncio.to_thread(self.ram_check, to)
+        dst_startup = emulator_startup_ms(to, mid)
         row: dict[str, Any] = {
             "mode": "tunnelled" if tunnelled else "direct",
             "client": client,
@@ -853,6 +863,12 @@ class Bench:
             "ram_words_ok": words_ok,
             "machine_busy_pct": machine_busy,
             "overhead_ms": None if stats_missing else round(wall * 1e3 - total_ms, 1),
+            "dst_emulator_startup_ms": dst_startup,
+            # wall outside QEMU's transfer, less the destination QEMU's own start-up in
+            # this very migration (what is left is the daemons', migctl's and gRPC's)
+            "overhead_minus_dst_startup_ms": None
+            if stats_missing or dst_startup is None
+            else round(wall * 1e3 - total_ms - dst_startup, 1),
             "daemon_cpu_s": cpu,
             "timeline_ms": timeline(frm, to, mid, t_unix),
         }
@@ -1071,6 +1087,8 @@ RAW_KEYS = (
 VM_KEYS = (
     "wall_ms",
     "overhead_ms",
+    "dst_emulator_startup_ms",
+    "overhead_minus_dst_startup_ms",
     "job_elapsed_ms",
     "total_ms",
     "downtime_ms",

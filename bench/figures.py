@@ -299,12 +299,21 @@ def live(run: Run) -> None:
     run.set("direct_mb_s", th["direct_MBps"] or None, why)
     run.set("tunnelled_mb_s", th["tunnelled_MBps"] or None, "no successful tunnelled migration")
     startup = migctl_startup_ms(run.sizes.oneshot_reps)
-    qemu = dst_qemu_startup_ms(r["raw"])
-    run.set("migctl_startup_ms", startup)
-    run.set("live_dst_qemu_startup_ms", qemu, "no raw baseline")
     over = med(dm, "overhead_ms")
     run.set("live_wall_minus_qemu_ms", over, why)
-    left = None if over is None or qemu is None else over - qemu - startup
+    own = med(dm, "overhead_minus_dst_startup_ms")
+    if own is not None:
+        # the destination QEMU's start-up as it happened in each migration (dstd's
+        # emulator_started): only migctl's start-up is measured apart
+        qemu = med(dm, "dst_emulator_startup_ms")
+        run.data["live_startup_source"] = "in-run"
+        left: float | None = own - startup
+    else:  # a dstd that does not log it: the raw baselines' bare QEMUs
+        qemu = dst_qemu_startup_ms(r["raw"])
+        run.data["live_startup_source"] = "raw"
+        left = None if over is None or qemu is None else over - qemu - startup
+    run.set("migctl_startup_ms", startup)
+    run.set("live_dst_qemu_startup_ms", qemu, "no raw baseline")
     if left is not None and left < 0:
         # the baselines are measured apart from the migrations (bare QEMUs, `migctl
         # --version`): on a loaded machine they can take longer than the same steps took
@@ -547,7 +556,10 @@ def notes(run: Run) -> list[str]:
         "is its own downtime statistic (CPUs stopped to resumed, libvirt's clock)",
         f"overhead = wall - QEMU total-time ({fmt_ms(m.get('live_wall_minus_qemu_ms'))}) after "
         f"subtracting the destination QEMU's start-up ({fmt_ms(m.get('live_dst_qemu_startup_ms'))}, "
-        f"the median of the raw baselines' bare QEMUs with the same command line) and "
+        + ("each migration's own, from dstd's emulator_started (exec to monitor), median"
+           if run.data.get("live_startup_source") == "in-run" else
+           "the median of the raw baselines' bare QEMUs with the same command line")
+        + ") and "
         f"migctl's start-up "
         f"({fmt_ms(m.get('migctl_startup_ms'))}, `migctl --version`)",
         "throughput: vmmigrate's is RAM transferred / QEMU's total-time; libvirt's is QEMU's "

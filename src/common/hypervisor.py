@@ -783,6 +783,7 @@ class QMPHypervisor:
         taps = await asyncio.to_thread(self._prepare_qemu, d) if kind == "qemu" else []
         try:
             cpus = qemuargv.host_cpus(d) if kind == "qemu" else None
+            spawned = time.monotonic()
             proc = await asyncio.to_thread(_spawn, argv, logfile, self.settings.policy, cpus)
         except BaseException:
             await asyncio.to_thread(_delete_taps, taps)
@@ -809,6 +810,7 @@ class QMPHypervisor:
             # (or the other daemon of the host) finds the emulator and can stop it.
             await asyncio.to_thread(atomic_write, self._path(d.uuid), rec.to_json())
             await self._wait_monitor(rec, proc)
+            startup = time.monotonic() - spawned  # the emulator's own: exec to its monitor
             await self._initial_memory(d, rec)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
@@ -825,6 +827,7 @@ class QMPHypervisor:
             pid=proc.pid,
             emulator=kind,
             incoming=incoming or None,
+            startup_ms=round(startup * 1e3, 1),
         )
         return rec
 

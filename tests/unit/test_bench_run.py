@@ -238,6 +238,24 @@ def test_live_figures_and_the_overhead(tmp_path: Path, monkeypatch: pytest.Monke
     assert run.data["live"]["direct"][0] == {"wall_ms": 800.0, "pause_ms": 95.0}
 
 
+def test_the_overhead_uses_each_migrations_own_destination_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With dstd's emulator_started start-up in the rows, the overhead subtracts it per
+    migration (not the raw baselines' bare QEMUs); only migctl's start-up comes from apart."""
+    result = live_json([800.0, 700.0, 900.0])
+    direct = result["summary"]["direct_migctl"]
+    direct["dst_emulator_startup_ms"] = {"n": 3, "median": 280.0}
+    direct["overhead_minus_dst_startup_ms"] = {"n": 3, "median": 190.0}
+    fake_live(monkeypatch, result)
+    run = figures.Run(figures.QUICK, tmp_path, None)
+    figures.live(run)
+    m = run.metrics
+    assert m["live_overhead_ms"] == 190.0 - 150.0
+    assert m["live_dst_qemu_startup_ms"] == 280.0
+    assert any("each migration's own" in n for n in figures.notes(run))
+
+
 def test_live_without_a_successful_migration_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_live(monkeypatch, live_json([], errors=["UNAVAILABLE: dstd gone"]))
     run = figures.Run(figures.QUICK, tmp_path, None)
