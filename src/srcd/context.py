@@ -131,8 +131,8 @@ class PeerPool:
             tunnelwire.METHOD, request_serializer=None, response_deserializer=None
         )
 
-    async def reconnect(
-        self, address: str, stale: Any = None
+    def reconnect(
+        self, address: str, stale: object = None
     ) -> pb_grpc.MigrationDestinationServiceStub:
         """Open a fresh channel to ``address`` for the calls from now on (no reconnect
         backoff after a peer restart); the old one is retired, not closed under the calls
@@ -156,15 +156,6 @@ class PeerPool:
             await channel.close(None)
         for task in list(self._retiring):
             task.cancel()
-
-
-def _kept_done(kept: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    def done(task: asyncio.Task[Any]) -> None:
-        kept.discard(task)
-        if not task.cancelled():
-            task.exception()  # seen: the migration logged its own end; its RPC may be gone
-
-    return done
 
 
 class OutgoingSlots:
@@ -254,8 +245,13 @@ class SourceContext:
         runs to its end if the client goes away. Counted as its job, not as background."""
         task = asyncio.ensure_future(work)
         self.kept.add(task)
-        task.add_done_callback(_kept_done(self.kept))
+        task.add_done_callback(self._kept_ended)
         return task
+
+    def _kept_ended(self, task: asyncio.Task[Any]) -> None:
+        self.kept.discard(task)
+        if not task.cancelled():
+            task.exception()  # seen: the migration logged its own end; its RPC may be gone
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` in the background, beyond the RPC that started it (kept referenced

@@ -87,7 +87,7 @@ class P2PDestination(RemoteDestination):
         try:
             caps = await self.capabilities()
         except PeerUnavailable:
-            self.stub = await self.ctx.peers.reconnect(self.address, stale=self.stub)
+            self.stub = self.ctx.peers.reconnect(self.address, stale=self.stub)
             caps = await self.capabilities()
         self.ctx.peers.remember_caps(self.address, caps)
         check_destination(caps.protocol_version, caps.offline, flags)
@@ -114,7 +114,7 @@ class P2PDestination(RemoteDestination):
             self.cancel_later(flags)
         if isinstance(exc, PeerUnavailable):
             # the next migration asks the peer afresh, on a fresh channel
-            await self.ctx.peers.reconnect(self.address, stale=self.stub)
+            self.ctx.peers.reconnect(self.address, stale=self.stub)
 
     def finish_failed(self, flags: MigrateFlag) -> None:
         # Finish failed (here or there): make sure the destination lets go of the

@@ -149,11 +149,11 @@ async def _reconnect_retires_the_old_channel_and_opens_one_for_many_callers() ->
                 call(_method(old), b"", timeout=1.5, peer=address, what=WHAT)
             )
             await asyncio.wait_for(handler.arrived.wait(), 10)
-            fresh = await pool.reconnect(address, stale=stale)
+            fresh = pool.reconnect(address, stale=stale)
             assert fresh is not stale and pool._channels[address] is not old
             # a second migration that failed on the same stale stub gets the fresh one: no
             # second channel (which would retire the first one's fresh channel in turn)
-            assert await pool.reconnect(address, stale=stale) is fresh
+            assert pool.reconnect(address, stale=stale) is fresh
             # the call in flight on the old channel runs to its own end (its deadline here),
             # not cancelled by the reconnect
             with pytest.raises(Timeout):
