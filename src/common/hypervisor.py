@@ -32,12 +32,10 @@ import hashlib
 import json
 import os
 import pwd
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -58,6 +56,7 @@ from vmmigrate.common.errors import (
     OperationInvalid,
     StorageError,
 )
+from vmmigrate.common.hostpaths import temp_dir, which
 from vmmigrate.common.qmp import QMPClient, QMPError, QMPExecuteError
 
 log = structlog.get_logger("vmmigrate.hypervisor")
@@ -431,7 +430,7 @@ def qemu_binary(d: DomainDef, settings: EmulatorSettings) -> str:
     """The QEMU binary that runs ``d`` here (its <emulator>, else ``qemu_binary`` looked up
     in PATH), refused with libvirt's text when it is not an executable file."""
     binary = d.emulator or settings.qemu_binary
-    found = shutil.which(binary)  # an absolute path is checked as it is
+    found = which(binary)  # an absolute path is checked as it is
     if found is None:
         why = "Permission denied" if os.path.isfile(binary) else "No such file or directory"
         raise HostResourceMissing(f"Cannot find QEMU binary {binary}: {why}")
@@ -504,7 +503,7 @@ def socket_dir_for(run_dir: Path, emulator_gid: int | None = None) -> Path:
         return run_dir
     digest = hashlib.sha256(os.fsencode(run_dir.resolve())).hexdigest()[:16]
     suffix = "" if emulator_gid is None else "-emu"
-    d = Path(tempfile.gettempdir()) / f"vmmigrate-{digest}{suffix}"
+    d = Path(temp_dir()) / f"vmmigrate-{digest}{suffix}"
     d.mkdir(mode=0o700, exist_ok=True)
     # The temp dir is everyone's: a directory someone else made (or a symlink) in its place
     # must not become where emulators' monitors are.
@@ -558,10 +557,10 @@ def _spawn(
     them before QEMU's exec."""
     cwd: str | None = None
     if cpus is not None:
-        taskset = shutil.which("taskset") or "/usr/bin/taskset"
+        taskset = which("taskset") or "/usr/bin/taskset"
         argv = [taskset, "--cpu-list", ",".join(str(c) for c in sorted(cpus)), *argv]
     if policy.drops_privileges:
-        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        setpriv = which("setpriv") or "/usr/bin/setpriv"
         argv = [
             setpriv,
             f"--reuid={policy.uid}",

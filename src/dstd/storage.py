@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import shutil
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from vmmigrate.common.disks import STORAGE_COPY, Disk, domain_disks
 from vmmigrate.common.domainxml import DomainDef
 from vmmigrate.common.errors import ConfigUnsupported, OperationFailed
 from vmmigrate.common.flags import MigrateFlag
+from vmmigrate.common.hostpaths import which
 from vmmigrate.common.hypervisor import EmulatorPolicy
 from vmmigrate.common.qmp import QMPError
 
@@ -175,7 +175,7 @@ def qemu_img_create_args(disk: IncomingDisk) -> list[str]:
 
 
 async def _qemu_img(disk: IncomingDisk) -> None:
-    binary = shutil.which("qemu-img")
+    binary = which("qemu-img")
     if binary is None:
         raise OperationFailed(f"cannot create disk '{disk.path}': qemu-img is not installed")
     proc = await asyncio.create_subprocess_exec(
