@@ -20,10 +20,11 @@ from vmmigrate.common import tunnelwire
 from vmmigrate.common.authz import DSTD_POLICY
 from vmmigrate.common.caps import PROTOCOL_VERSION
 from vmmigrate.common.config import DaemonConfig
-from vmmigrate.common.daemon import abort_with, grpc_server, rpc_handler
+from vmmigrate.common.daemon import abort_with, grpc_server, release_freed_memory, rpc_handler
 from vmmigrate.common.errors import VmmigrateError
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import parse_flags
+from vmmigrate.common.hostcheck import offers_warmed
 from vmmigrate.common.hypervisor import hypervisor_for
 from vmmigrate.common.observe import Observability, serving_metrics
 from vmmigrate.common.rpc import Deadline
@@ -236,16 +237,19 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Desti
         )
 
     try:
-        async with grpc_server(
-            config,
-            register,
-            ("vmmigrate.v1.MigrationDestinationService", tunnelwire.SERVICE),
-            lambda: _housekeeping(ctx),
-            gate=ctx.gate,
-            tls=tls,
-            on_refused=obs.metrics.refused,
-            policy=DSTD_POLICY,
-        ) as address:
+        async with (
+            grpc_server(
+                config,
+                register,
+                ("vmmigrate.v1.MigrationDestinationService", tunnelwire.SERVICE),
+                lambda: _housekeeping(ctx),
+                gate=ctx.gate,
+                tls=tls,
+                on_refused=obs.metrics.refused,
+                policy=DSTD_POLICY,
+            ) as address,
+            offers_warmed(hypervisor.settings, release_freed_memory),
+        ):
             with serving_metrics(obs, config.metrics_listen):
                 yield address, ctx
     finally:

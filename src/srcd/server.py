@@ -19,10 +19,17 @@ from vmmigrate.common import events
 from vmmigrate.common.address import check_migration_uri
 from vmmigrate.common.authz import SRCD_POLICY
 from vmmigrate.common.config import DaemonConfig
-from vmmigrate.common.daemon import abort_with, count_refusal, grpc_server, rpc_handler
+from vmmigrate.common.daemon import (
+    abort_with,
+    count_refusal,
+    grpc_server,
+    release_freed_memory,
+    rpc_handler,
+)
 from vmmigrate.common.errors import InvalidArgument, OperationInvalid, VmmigrateError
 from vmmigrate.common.failpoints import Failpoints
 from vmmigrate.common.flags import MigrateFlag, check_api_flags, parse_flags
+from vmmigrate.common.hostcheck import offers_warmed
 from vmmigrate.common.hypervisor import hypervisor_for
 from vmmigrate.common.observe import Observability, serving_metrics
 from vmmigrate.common.phase import Phase, require
@@ -395,16 +402,19 @@ async def running_server(config: DaemonConfig) -> AsyncIterator[tuple[str, Sourc
         pb_grpc.add_MigrationSourceServiceServicer_to_server(MigrationSourceService(ctx), server)
 
     try:
-        async with grpc_server(
-            config,
-            register,
-            ("vmmigrate.v1.DomainService", "vmmigrate.v1.MigrationSourceService"),
-            lambda: _housekeeping(ctx),
-            gate=ctx.gate,
-            tls=tls,
-            on_refused=ctx.obs.metrics.refused,
-            policy=SRCD_POLICY,
-        ) as address:
+        async with (
+            grpc_server(
+                config,
+                register,
+                ("vmmigrate.v1.DomainService", "vmmigrate.v1.MigrationSourceService"),
+                lambda: _housekeeping(ctx),
+                gate=ctx.gate,
+                tls=tls,
+                on_refused=ctx.obs.metrics.refused,
+                policy=SRCD_POLICY,
+            ) as address,
+            offers_warmed(ctx.hypervisor.settings, release_freed_memory),
+        ):
             with serving_metrics(ctx.obs, config.metrics_listen):
                 yield address, ctx
     finally:

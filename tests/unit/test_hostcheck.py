@@ -5,6 +5,7 @@ answers (and the real binary where it is installed); sysfs is a directory of the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -25,9 +26,11 @@ from vmmigrate.common.errors import (
 )
 from vmmigrate.common.hostcheck import (
     check_runnable,
+    offers_warmed,
     parse_cpu_help,
     parse_machine_help,
     qemu_offer,
+    warm_qemu_offer,
 )
 from vmmigrate.common.hypervisor import EmulatorPolicy, EmulatorSettings
 
@@ -175,6 +178,30 @@ def test_a_failing_probe_is_an_error_and_not_remembered(tmp_path: Path) -> None:
         check_runnable(domain(), qemu_settings(binary))
     (where / "machine-help").write_text(MACHINE_HELP)
     check_runnable(domain(), qemu_settings(binary))
+
+
+def test_the_default_binary_is_asked_once_at_start_when_allowed(tmp_path: Path) -> None:
+    """A daemon asks its default QEMU binary in the background while it serves, so that
+    the first Prepare finds the answers; a binary not allowed, or not installed, is not run."""
+    where = tmp_path / "q"
+    binary = fake_qemu(where)
+    allowed = EmulatorPolicy(allowed=frozenset({str(binary)}))
+
+    async def serve(settings: EmulatorSettings) -> None:
+        async with offers_warmed(settings):
+            for _ in range(200):  # the probe runs in a thread: wait for it (at most 10 s)
+                if len(calls(where)) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+
+    assert warm_qemu_offer(qemu_settings(binary, policy=EmulatorPolicy())) is None
+    assert calls(where) == []  # not allowed: never run
+    assert warm_qemu_offer(qemu_settings(tmp_path / "missing", policy=allowed)) is None
+    assert calls(where) == []
+    asyncio.run(serve(qemu_settings(binary, policy=allowed)))
+    assert calls(where) == ["-machine", "-cpu"]
+    check_runnable(domain(), qemu_settings(binary, policy=allowed))
+    assert calls(where) == ["-machine", "-cpu"]  # the first check was answered from memory
 
 
 # ------------------------------------------------------------------------ the emulator
