@@ -63,7 +63,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import bench_evacuate, bench_live, bench_offline, bench_tunnel
+from bench import bench_evacuate, bench_grpc_floor, bench_live, bench_offline, bench_tunnel
 from bench import figures_report as report
 from bench.bench_guest import DEFAULT_LAB, libvirt_version, open_lab
 from bench.figures_lab import LabRunner, median_or_none, rss_mb
@@ -90,10 +90,11 @@ class Sizes:
     scale_domains: int
     scale_n: int  # timed p2p migrations at each domain count
     oneshot_reps: int
+    floor_n: int  # calls per shape of the stack's floor
 
 
-FULL = Sizes(200, 20, 1000, 1000, 5, 5, 512, 5, 10000, 100, 15)
-QUICK = Sizes(30, 5, 150, 60, 2, 1, 256, 2, 2000, 30, 5)
+FULL = Sizes(200, 20, 1000, 1000, 5, 5, 512, 5, 10000, 100, 15, 1000)
+QUICK = Sizes(30, 5, 150, 60, 2, 1, 256, 2, 2000, 30, 5, 200)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +236,18 @@ def offline(run: Run) -> None:
     best(run, "evac_best_per_s", rates, f"no evacuation run moved every domain (exit {rc})")
     best(run, "evac_unary_best_per_s", run.data["evac_unary"],
          f"no per-domain Migrate evacuation moved every domain (exit {rc})")  # fmt: skip
+
+
+def floor(run: Run) -> None:
+    """The offline call shapes with no work in them (bench_grpc_floor, with the flushes):
+    what Python on grpc.aio costs before any of our code runs."""
+    for shape, key in (("p2p", "floor_p2p_p50_ms"), ("client", "floor_managed_p50_ms")):
+        out = run.work / f"floor-{shape}.json"
+        argv = ["--n", str(run.sizes.floor_n), "--shape", shape, "--fsync", "--json", str(out)]
+        rc = run.quiet(f"floor-{shape}", bench_grpc_floor.main, argv)
+        if rc != 0:
+            raise RuntimeError(f"bench_grpc_floor --shape {shape} exited {rc}")
+        run.set(key, read_json(out)["p50_ms"])
 
 
 def evacuate(run: Run) -> None:
@@ -465,6 +478,7 @@ STEPS = (
           "evac_unary_best_per_s"), offline),
     Step("lv_offline", "libvirt",
          ("libvirt_offline_p2p_p50_ms", "libvirt_offline_managed_p50_ms"), lv_offline),
+    Step("floor", "vmmigrate", ("floor_p2p_p50_ms", "floor_managed_p50_ms"), floor),
     Step("lv_evac", "libvirt", ("libvirt_evac_best_per_s",), lv_evac),
     Step("evacuate", "vmmigrate", ("evac_migctl_best_per_s",), evacuate),
     Step("live", "vmmigrate",

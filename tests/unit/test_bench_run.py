@@ -5,6 +5,7 @@ JSON line."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -325,3 +326,34 @@ def test_bench_run_is_an_executable_launcher() -> None:
                        timeout=120)  # fmt: skip
     assert "--quick" in r.stdout and "--no-libvirt" in r.stdout
     assert "steps: " + ", ".join(figures.STEP_NAMES) in r.stdout.replace("\n", " ")
+
+
+@pytest.mark.parametrize("shape", ["p2p", "client"])
+def test_the_stacks_floor_is_measured_with_real_processes(tmp_path: Path, shape: str) -> None:
+    """bench_grpc_floor runs its three parties as processes on loopback, times every call
+    sequence, and leaves none of its processes behind."""
+    from bench import bench_grpc_floor
+
+    out = tmp_path / "floor.json"
+    before = set(_children())
+    argv = ["--n", "30", "--warmup", "3", "--shape", shape, "--fsync", "--json", str(out)]
+    assert bench_grpc_floor.main(argv) == 0
+    got = json.loads(out.read_text())
+    assert got["shape"] == shape and got["fsync"] is True and got["n"] == 30
+    assert 0 < got["min_ms"] <= got["p50_ms"] <= got["p90_ms"] <= got["p99_ms"]
+    assert set(_children()) <= before
+
+
+def _children() -> list[int]:
+    """This process's children (from /proc)."""
+    me = str(os.getpid())
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[1] == me:
+                kids.append(int(entry.name))
+    return kids
