@@ -11,7 +11,9 @@ the disk paths and interfaces of the destination's definition)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,3 +215,30 @@ def test_start_is_refused_with_the_same_texts(
     assert "does not support machine type 'pc-i440fx-7.1'" in refused_text(r), r.stderr
     assert list((b.state_dir / "run").glob(f"{u}*")) == []
     b.migctl("undefine", domname)
+
+
+def test_each_daemon_asks_its_qemu_once_it_serves(qemu_hosts: tuple[Host, Host]) -> None:
+    """Both daemons of A ask the installed QEMU what it offers in the background once they
+    serve (one qemu_probed line each), so the first Prepare or start does not wait for it;
+    B's binary is a wrapper the emulator allowlist does not name: it is not run at start."""
+    a, b = qemu_hosts
+    assert QEMU is not None
+    want = os.path.normpath(QEMU)
+    deadline = time.monotonic() + 30
+    while True:
+        probed = {
+            kind: [e for e in d.events() if e.get("event") == "qemu_probed"]
+            for kind, d in (("srcd", a.srcd), ("dstd", a.dstd))
+            if d is not None
+        }
+        if all(len(v) == 1 for v in probed.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert set(probed) == {"srcd", "dstd"}
+    for kind, lines in probed.items():
+        assert [e["binary"] for e in lines] == [want], (kind, lines)
+        assert 0 < float(lines[0]["ms"]) < 30_000  # type: ignore[arg-type]
+    for d in (b.srcd, b.dstd):
+        assert d is not None
+        events = d.events()
+        assert not [e for e in events if e.get("event") in ("qemu_probed", "qemu_probe_failed")]
