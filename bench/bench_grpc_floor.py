@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -60,25 +61,36 @@ def _flush(directory: str, with_file: bool) -> None:
         os.close(dfd)
 
 
-async def _serve_b(fsync_dir: str | None) -> None:
-    async def prepare(req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return req
+Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
-    async def finish(req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        if fsync_dir:
-            await asyncio.to_thread(_flush, fsync_dir, True)
-        return req
 
+async def _serve(address: str, methods: dict[str, Handler]) -> None:
+    """Serve ``methods`` (bytes in, bytes out) on ``address``; print the port once up."""
     server = grpc.aio.server()
     handlers = {
-        "Prepare": grpc.unary_unary_rpc_method_handler(prepare, _ident, _ident),
-        "Finish": grpc.unary_unary_rpc_method_handler(finish, _ident, _ident),
+        name: grpc.unary_unary_rpc_method_handler(fn, _ident, _ident)
+        for name, fn in methods.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.3:0")
+    port = server.add_insecure_port(f"{address}:0")
     await server.start()
     print(port, flush=True)
     await server.wait_for_termination()
+
+
+def _echo(fsync_dir: str | None = None, with_file: bool = False) -> Handler:
+    """A handler answering with its request, after a flush in ``fsync_dir`` if given."""
+
+    async def handle(req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        if fsync_dir:
+            await asyncio.to_thread(_flush, fsync_dir, with_file)
+        return req
+
+    return handle
+
+
+async def _serve_b(fsync_dir: str | None) -> None:
+    await _serve("127.0.0.3", {"Prepare": _echo(), "Finish": _echo(fsync_dir, with_file=True)})
 
 
 async def _serve_a(b_port: int, fsync_dir: str | None) -> None:
@@ -93,24 +105,7 @@ async def _serve_a(b_port: int, fsync_dir: str | None) -> None:
             await asyncio.to_thread(_flush, fsync_dir, False)
         return out
 
-    async def begin(req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        return req
-
-    async def confirm(req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        if fsync_dir:
-            await asyncio.to_thread(_flush, fsync_dir, False)
-        return req
-
-    server = grpc.aio.server()
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(fn, _ident, _ident)
-        for name, fn in (("Migrate", migrate), ("Begin", begin), ("Confirm", confirm))
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.2:0")
-    await server.start()
-    print(port, flush=True)
-    await server.wait_for_termination()
+    await _serve("127.0.0.2", {"Migrate": migrate, "Begin": _echo(), "Confirm": _echo(fsync_dir)})
 
 
 def _party(role: str, b_port: int, fsync_dir: str | None) -> tuple[subprocess.Popen[str], int]:
