@@ -7,6 +7,12 @@ starts at once (a lone write waits for nothing, and costs what it did before); w
 runs, the items that arrive queue up and go together in the next. Each caller resumes only
 when the flush that covered its item has ended (its write is durable), and gets its own
 result or its own error: the batch function answers per item.
+
+``inline``: when it says the daemon has nothing else in flight (one migration alone), an
+item that finds no flush running and nothing queued is written in the caller's own thread,
+on the event loop: the thread hand-off costs a lone migration more than the small write
+itself (docs/PERFORMANCE.md), and with nothing else in flight there is nobody for the
+write to hold up.
 """
 
 from __future__ import annotations
@@ -35,14 +41,24 @@ class GroupCommit(Generic[Item, Result]):
         self,
         run: Callable[[Sequence[Item]], Sequence[Result | BaseException]],
         max_group: int = MAX_GROUP,
+        *,
+        inline: Callable[[], bool] | None = None,
     ) -> None:
         self._run = run
         self._max = max_group
+        self._inline = inline
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.flushes = 0  # groups run (tests, figures)
 
     async def submit(self, item: Item) -> Result:
+        if (
+            self._inline is not None
+            and not self._queue
+            and self._flusher is None
+            and self._inline()
+        ):
+            return self._run_inline(item)
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_retrieved)
         self._queue.append((item, fut))
@@ -50,6 +66,14 @@ class GroupCommit(Generic[Item, Result]):
             self._flusher = asyncio.ensure_future(self._flush_all())
         # the write goes on if the caller is cancelled: its flush is shared
         return await asyncio.shield(fut)
+
+    def _run_inline(self, item: Item) -> Result:
+        """One item's flush where the caller is (see ``inline``)."""
+        self.flushes += 1
+        res = self._run([item])[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
 
     async def _flush_all(self) -> None:
         try:
@@ -88,9 +112,10 @@ def _call_each(fns: Sequence[Callable[[], Any]]) -> list[Any]:
     return results
 
 
-def offloader() -> GroupCommit[Callable[[], Any], Any]:
+def offloader(inline: Callable[[], bool] | None = None) -> GroupCommit[Callable[[], Any], Any]:
     """Blocking store calls that need no flush of their own (a plain unlink, a write that
     is not fsync'd), off the event loop, several coroutines' in one thread hand-off: on a
     busy file system even an unlink can wait milliseconds for the journal commit another
-    writer's flush forced, and on the event loop that wait stalls every migration."""
-    return GroupCommit(_call_each)
+    writer's flush forced, and on the event loop that wait stalls every migration (with
+    nothing else in flight, ``inline`` keeps them on it: see the module docstring)."""
+    return GroupCommit(_call_each, inline=inline)

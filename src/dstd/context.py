@@ -52,8 +52,10 @@ class DestinationContext:
         ) -> list[tuple[DomainDef | None, bool] | Exception]:
             return store.persist_incoming_many(items, lambda i: midway(i, len(items)))
 
-        self.persists = GroupCommit(persist)
-        self.outcome_commits = GroupCommit(store.outcome_put_many)
+        # one incoming migration alone: its writes need no thread hand-off (groupcommit.py)
+        alone = self.incoming.alone
+        self.persists = GroupCommit(persist, inline=alone)
+        self.outcome_commits = GroupCommit(store.outcome_put_many, inline=alone)
 
     def migrations_in_flight(self) -> int:
         """Incoming migrations a graceful stop waits for (prepared, not finished yet)."""

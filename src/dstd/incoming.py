@@ -103,13 +103,18 @@ class IncomingTable:
         self._store = store
         self._hv = hypervisor
         self._ports = ports
-        self._offload = offloader()
+        self._offload = offloader(inline=self.alone)
         self._jobs: dict[str, IncomingJob] = {}
         # called with each job that ends (history and metrics); set by the server
         self.on_drop: Callable[[IncomingJob], None] | None = None
 
     def __len__(self) -> int:
         return len(self._jobs)
+
+    def alone(self) -> bool:
+        """At most one incoming migration: its small store writes need no thread hand-off
+        (common/groupcommit.py, ``inline``)."""
+        return len(self._jobs) <= 1
 
     def __contains__(self, migration_id: str) -> bool:
         return migration_id in self._jobs

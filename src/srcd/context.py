@@ -232,12 +232,17 @@ class SourceContext:
     offload: GroupCommit[Callable[[], Any], Any] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        self.undefines = GroupCommit(self.store.undefine_many)
-        self.offload = offloader()
+        self.undefines = GroupCommit(self.store.undefine_many, inline=self.alone)
+        self.offload = offloader(inline=self.alone)
 
     def migrations_in_flight(self) -> int:
         """Jobs a graceful stop waits for: running or parked ones, and settling tasks."""
         return len(self.jobs) + len(self.background)
+
+    def alone(self) -> bool:
+        """At most one migration in flight: its small store writes need no thread hand-off
+        (common/groupcommit.py, ``inline``)."""
+        return self.migrations_in_flight() <= 1
 
     def keep(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """``work`` as a task kept referenced until it ends (a task only the event loop

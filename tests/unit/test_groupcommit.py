@@ -77,6 +77,44 @@ def test_each_item_gets_its_own_error_and_a_crash_of_run_is_everyones() -> None:
     assert all(isinstance(g, OSError) for g in got[4:])
 
 
+def test_inline_runs_a_lone_item_in_the_callers_thread_only_when_told_and_free() -> None:
+    """``inline``: a lone item with no flush running is written on the event loop's own
+    thread (no hand-off) while the predicate says so; otherwise it goes to a worker thread,
+    and items that queue behind a running flush still go together."""
+    threads: list[tuple[list[int], int]] = []
+    release = threading.Event()
+    alone = [True]
+
+    def run(items: Sequence[int]) -> list[int | BaseException]:
+        threads.append((list(items), threading.get_ident()))
+        if items[0] == 0:
+            release.wait(5)
+        if 7 in items:
+            raise OSError("disk gone")
+        return [ValueError("bad") if i == 5 else i * 10 for i in items]
+
+    async def go() -> tuple[int, object, object, list[int]]:
+        gc = GroupCommit(run, inline=lambda: alone[0])
+        one = await gc.submit(1)  # alone, nothing running: inline
+        errs = await asyncio.gather(gc.submit(5), return_exceptions=True)  # its own error
+        crash = await asyncio.gather(gc.submit(7), return_exceptions=True)
+        alone[0] = False
+        slow = asyncio.ensure_future(gc.submit(0))  # not alone: a worker thread
+        await asyncio.sleep(0.01)
+        alone[0] = True
+        rest = [asyncio.ensure_future(gc.submit(i)) for i in (2, 3)]  # a flush runs: queued
+        await asyncio.sleep(0.01)
+        release.set()
+        return one, errs[0], crash[0], [await slow, *await asyncio.gather(*rest)]
+
+    loop_thread = threading.get_ident()
+    one, err, crash, later = asyncio.run(go())
+    assert one == 10 and later == [0, 20, 30]
+    assert isinstance(err, ValueError) and isinstance(crash, OSError)
+    assert [items for items, _ in threads] == [[1], [5], [7], [0], [2, 3]]
+    assert [t == loop_thread for _, t in threads] == [True, True, True, False, False]
+
+
 def _temps(d: Path) -> list[str]:
     return [n for n in os.listdir(d) if n.startswith(TEMP_PREFIX)]
 
