@@ -8,6 +8,7 @@ class in the trailing metadata), as the handlers' own errors are.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,10 +36,11 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return None
         return self.wrap(handler, str(handler_call_details.method))
 
+    @abc.abstractmethod
     def wrap(self, handler: Any, method: str) -> Any:
         """``handler`` is grpc's RpcMethodHandler, a namedtuple (its stubs do not say so):
-        ``_replace`` swaps its fields. ``method`` is the full name, /package.Service/Method."""
-        raise NotImplementedError
+        ``_replace`` swaps its fields. ``method`` is the full name, /package.Service/Method.
+        Each interceptor says how (an interceptor without it cannot be made)."""
 
 
 async def refuse(context: Any, exc: VmmigrateError, on_refused: OnRefused | None = None) -> None:
